@@ -1,0 +1,1 @@
+"""Aggregation: the stage protocol, the pipeline, the mean and the server optimisers."""

@@ -1,0 +1,304 @@
+"""The pipeline contract: stages with a client half and a server half, aggregators, server optimisers.
+
+A :class:`Pipeline` is the ordered stages (client halves in order, server halves in reverse,
+so that encode/decode and mask/unmask pair up), one :class:`Aggregator` and one
+:class:`ServerOptimizer`. State is explicit: ``init`` returns it, every server half returns
+the new state, and the round loop keeps it for the checkpoint. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from consortium.errors import PipelineError
+from consortium.types import Layout, Update
+
+__all__ = [
+    "Aggregate",
+    "Aggregator",
+    "BufferedAggregator",
+    "ClientContext",
+    "Pipeline",
+    "RoundContext",
+    "ServerOptimizer",
+    "Stage",
+    "StageState",
+    "StreamingAggregator",
+    "pipeline",
+]
+
+StageState = dict[str, Any]
+"""A stage's state: tensors and JSON-able values, checkpointed as they are."""
+
+INDIVIDUAL = "individual_updates"
+SUM_ONLY = "sum_only"
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What the server side of a stage may know about the round."""
+
+    round: int
+    seed: int
+    population: int
+    sampled: int
+    layout: Layout
+
+
+@dataclass(frozen=True)
+class ClientContext:
+    """What the client half of a stage may know: the round, the client and its seed."""
+
+    round: int
+    client_id: str
+    seed: int
+
+
+@dataclass
+class Aggregate:
+    """The combined update of one round.
+
+    Attributes:
+        delta: the aggregated delta (for the mean: ``Σ wᵢ Δᵢ / Σ wᵢ``).
+        weight: total weight ``Σ wᵢ``.
+        count: number of updates combined.
+        extras: per-name **sums** of the updates' extras.
+        info: what a stage wants recorded this round (flagged clients, clip norm ...).
+    """
+
+    delta: torch.Tensor
+    weight: float
+    count: int
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """One step of the pipeline.
+
+    Required: ``name``, ``needs``, ``gives`` and ``init(layout) -> state``. Optional halves
+    (define the ones the stage has):
+
+    - ``broadcast(state) -> dict``: what the clients need from the server state (sent in the task);
+    - ``client(update, payload, ctx) -> Update``: runs on the client, in list order;
+    - ``receive(update, state, ctx) -> Update``: runs on the server on each update as it arrives,
+      before aggregation, in reverse order (decoding);
+    - ``server(aggregate, state, ctx) -> (Aggregate, state)``: runs on the aggregate, reverse order.
+
+    ``needs`` and ``gives`` are capability names checked when the pipeline is built.
+    """
+
+    name: str
+    needs: frozenset[str]
+    gives: frozenset[str]
+
+    def init(self, layout: Layout) -> StageState: ...
+
+
+class Aggregator(Protocol):
+    """Combines the round's updates into one :class:`Aggregate`."""
+
+    name: str
+    needs: frozenset[str]
+
+
+class StreamingAggregator(Aggregator, Protocol):
+    """Constant memory: ``start``, ``accumulate`` each update, ``finalize``; works under SecAgg."""
+
+    def start(self, layout: Layout) -> Any: ...
+
+    def accumulate(self, acc: Any, update: Update) -> Any: ...
+
+    def finalize(self, acc: Any) -> Aggregate: ...
+
+
+class BufferedAggregator(Aggregator, Protocol):
+    """Needs every update at once, stacked to an ``[n, d]`` matrix (median, Krum ...)."""
+
+    def aggregate(self, updates: list[Update], *, ctx: RoundContext) -> Aggregate: ...
+
+
+class ServerOptimizer(Protocol):
+    """Turns the round's aggregated delta into a step of the global model (Reddi et al. 2021)."""
+
+    name: str
+
+    def init(self, layout: Layout) -> StageState: ...
+
+    def step(
+        self, params: torch.Tensor, delta: torch.Tensor, state: StageState
+    ) -> tuple[torch.Tensor, StageState]: ...
+
+
+@dataclass(frozen=True)
+class PipelineState:
+    stages: tuple[StageState, ...]
+    optimizer: StageState
+
+
+class Pipeline:
+    """Ordered stages + an aggregator + a server optimiser, validated when built."""
+
+    def __init__(
+        self,
+        stages: Iterable[Stage] = (),
+        *,
+        aggregator: Aggregator | None = None,
+        optimizer: ServerOptimizer | None = None,
+    ) -> None:
+        from consortium.aggregation.mean import weighted_mean
+        from consortium.aggregation.optimizers import sgd
+
+        self.stages: tuple[Stage, ...] = tuple(stages)
+        self.aggregator: Aggregator = aggregator if aggregator is not None else weighted_mean()
+        self.optimizer: ServerOptimizer = optimizer if optimizer is not None else sgd(lr=1.0)
+        self._validate()
+
+    # -- building -----------------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        for stage in self.stages:
+            if not isinstance(stage, Stage):
+                raise PipelineError(
+                    f"{stage!r} is not a pipeline stage: a stage needs name, needs, gives and "
+                    "init(layout); aggregators and server optimisers go in their own slots"
+                )
+        available = {INDIVIDUAL}
+        for stage in self.stages:
+            missing = set(stage.needs) - available
+            if missing:
+                raise PipelineError(
+                    f"stage {stage.name!r} needs {sorted(missing)}, which no earlier stage gives; "
+                    f"put a stage that gives it before {stage.name!r}"
+                )
+            available |= set(stage.gives)
+            if SUM_ONLY in stage.gives:
+                available.discard(INDIVIDUAL)
+        missing = set(self.aggregator.needs) - available
+        if missing:
+            hidden = " (a secure-aggregation stage hides individual updates)" if (
+                INDIVIDUAL in missing
+            ) else ""
+            raise PipelineError(
+                f"aggregator {self.aggregator.name!r} needs {sorted(missing)}, which the stages "
+                f"before it do not give{hidden}; use a streaming aggregator such as "
+                "weighted_mean() or remove the stage"
+            )
+        is_streaming = all(hasattr(self.aggregator, m) for m in ("start", "accumulate", "finalize"))
+        if not is_streaming and not hasattr(self.aggregator, "aggregate"):
+            raise PipelineError(
+                f"{self.aggregator!r} is not an aggregator: it needs start/accumulate/finalize "
+                "(streaming) or aggregate(updates) (buffered)"
+            )
+
+    @property
+    def streaming(self) -> bool:
+        return hasattr(self.aggregator, "accumulate")
+
+    # -- running ------------------------------------------------------------------------------
+
+    def init(self, layout: Layout) -> PipelineState:
+        return PipelineState(
+            stages=tuple(s.init(layout) for s in self.stages),
+            optimizer=self.optimizer.init(layout),
+        )
+
+    def broadcast(self, state: PipelineState) -> tuple[dict[str, Any], ...]:
+        """Per-stage payloads the clients need (sent inside the task)."""
+        return tuple(
+            s.broadcast(st) if hasattr(s, "broadcast") else {}  # type: ignore[attr-defined]
+            for s, st in zip(self.stages, state.stages)
+        )
+
+    def client(
+        self, update: Update, payloads: tuple[Mapping[str, Any], ...], ctx: ClientContext
+    ) -> Update:
+        """Run the client halves, in order."""
+        for stage, payload in zip(self.stages, payloads):
+            if hasattr(stage, "client"):
+                update = stage.client(update, payload, ctx)  # type: ignore[attr-defined]
+        return update
+
+    def aggregate(
+        self, updates: Iterable[Update], state: PipelineState, ctx: RoundContext
+    ) -> tuple[Aggregate | None, PipelineState]:
+        """Decode each update, aggregate, then run the server halves in reverse order.
+
+        Returns ``(None, state)`` when there is no update to aggregate.
+        """
+        receivers = [
+            (s, st) for s, st in reversed(list(zip(self.stages, state.stages))) if hasattr(s, "receive")
+        ]
+
+        def received(u: Update) -> Update:
+            for s, st in receivers:
+                u = s.receive(u, st, ctx)  # type: ignore[attr-defined]
+            return u
+
+        agg: Aggregate | None
+        if self.streaming:
+            acc = None
+            n = 0
+            for u in updates:
+                u = received(u)
+                if acc is None:
+                    acc = self.aggregator.start(ctx.layout)  # type: ignore[attr-defined]
+                acc = self.aggregator.accumulate(acc, u)  # type: ignore[attr-defined]
+                n += 1
+            agg = self.aggregator.finalize(acc) if n else None  # type: ignore[attr-defined]
+        else:
+            buffered = [received(u) for u in updates]
+            agg = (
+                self.aggregator.aggregate(buffered, ctx=ctx)  # type: ignore[attr-defined]
+                if buffered
+                else None
+            )
+        if agg is None:
+            return None, state
+        new_states = list(state.stages)
+        for i in reversed(range(len(self.stages))):
+            stage = self.stages[i]
+            if hasattr(stage, "server"):
+                agg, new_states[i] = stage.server(agg, new_states[i], ctx)  # type: ignore[attr-defined]
+        return agg, PipelineState(tuple(new_states), state.optimizer)
+
+    def step(
+        self, params: torch.Tensor, delta: torch.Tensor, state: PipelineState
+    ) -> tuple[torch.Tensor, PipelineState]:
+        """Apply the server optimiser to the global parameters."""
+        new_params, opt_state = self.optimizer.step(params, delta, state.optimizer)
+        return new_params, PipelineState(state.stages, opt_state)
+
+    def describe(self) -> str:
+        parts = [s.name for s in self.stages] + [self.aggregator.name, self.optimizer.name]
+        return " → ".join(parts)
+
+
+def pipeline(*parts: Any) -> Pipeline:
+    """Build a :class:`Pipeline` from parts in any order, optax-``chain`` style.
+
+    Stages keep their relative order; at most one aggregator and one server optimiser may be
+    given (defaults: ``weighted_mean()`` and ``sgd(lr=1.0)``).
+
+    Raises:
+        PipelineError: two aggregators or two optimisers, or stages that cannot combine.
+    """
+    stages: list[Stage] = []
+    aggregator = optimizer = None
+    for part in parts:
+        if hasattr(part, "step") and hasattr(part, "init") and not hasattr(part, "gives"):
+            if optimizer is not None:
+                raise PipelineError(f"two server optimisers given: {optimizer.name!r} and {part.name!r}")
+            optimizer = part
+        elif hasattr(part, "accumulate") or hasattr(part, "aggregate"):
+            if aggregator is not None:
+                raise PipelineError(f"two aggregators given: {aggregator.name!r} and {part.name!r}")
+            aggregator = part
+        else:
+            stages.append(part)
+    return Pipeline(stages, aggregator=aggregator, optimizer=optimizer)

@@ -1,0 +1,108 @@
+"""The Algorithm contract: what a client optimises locally and what the server does with it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from consortium.aggregation.base import Aggregate, RoundContext, StageState
+from consortium.client.training import (
+    LocalTraining,
+    TrainHooks,
+    planned_steps,
+    steps_for_work,
+    train_locally,
+)
+from consortium.data.base import Split
+from consortium.types import Layout, Parameters, Update
+
+__all__ = ["Algorithm", "LocalResult", "TrainContext", "local_update"]
+
+
+@dataclass
+class TrainContext:
+    """Everything a client's local training sees.
+
+    Attributes:
+        module: the model, already holding the global parameters.
+        global_params: the global parameters as received.
+        data: the client's training split.
+        settings: local optimiser settings.
+        loss_fn: the loss.
+        seed: seed for this client and round.
+        work: fraction of the planned steps to do (stragglers do less).
+        payload: tensors the algorithm's server side sent (``make_payload``).
+        client_state: this client's persistent state (mutable; survives rounds).
+    """
+
+    client_id: str
+    module: torch.nn.Module
+    global_params: Parameters
+    data: Split
+    settings: LocalTraining
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    seed: int
+    work: float = 1.0
+    payload: dict[str, torch.Tensor] = field(default_factory=dict)
+    client_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    delta: torch.Tensor
+    steps: int
+    mean_loss: float
+    examples: int
+
+
+@runtime_checkable
+class Algorithm(Protocol):
+    """A federated optimisation algorithm, split into its client and server halves."""
+
+    name: str
+
+    def init_server(self, layout: Layout) -> StageState:
+        """The server's algorithm state (for example SCAFFOLD's control variate)."""
+        ...
+
+    def make_payload(self, state: StageState) -> dict[str, torch.Tensor]:
+        """Tensors sent to every client with the task."""
+        ...
+
+    def train(self, ctx: TrainContext) -> Update:
+        """Train locally and return the update (client state is updated in ``ctx``)."""
+        ...
+
+    def server_step(
+        self, aggregate: Aggregate, state: StageState, ctx: RoundContext
+    ) -> tuple[torch.Tensor, StageState]:
+        """Turn the round's aggregate into the delta handed to the server optimiser."""
+        ...
+
+
+def local_update(ctx: TrainContext, hooks: TrainHooks | None = None) -> LocalResult:
+    """Run local training from the global model and return ``local − global``."""
+    steps = steps_for_work(planned_steps(len(ctx.data), ctx.settings), ctx.work)
+    stats = train_locally(
+        ctx.module, ctx.data, ctx.settings, loss_fn=ctx.loss_fn, seed=ctx.seed, steps=steps,
+        hooks=hooks,
+    )
+    local = Parameters.from_module(ctx.module).vector
+    return LocalResult(
+        delta=local - ctx.global_params.vector,
+        steps=stats.steps,
+        mean_loss=stats.mean_loss,
+        examples=stats.examples,
+    )
+
+
+def split_like(vector: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Cut a flat vector into views shaped like ``params`` (layout order = parameter order)."""
+    out, offset = [], 0
+    for p in params:
+        out.append(vector[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return out

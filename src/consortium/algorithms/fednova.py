@@ -1,0 +1,65 @@
+"""FedNova: normalised averaging that removes the bias of unequal local steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from consortium.aggregation.base import Aggregate, RoundContext, StageState
+from consortium.algorithms.base import TrainContext, local_update
+from consortium.errors import ConfigError
+from consortium.types import Layout, Update
+
+__all__ = ["FedNova", "normalising_factor"]
+
+_A = "fednova.weighted_a"
+
+
+def normalising_factor(steps: int, momentum: float) -> float:
+    """``a_i`` for ``steps`` local SGD steps with momentum ρ (Wang et al. 2020, §4):
+    ``a = τ`` for plain SGD, ``a = [τ − ρ(1 − ρ^τ)/(1 − ρ)] / (1 − ρ)`` with momentum."""
+    if momentum == 0:
+        return float(steps)
+    rho = momentum
+    return (steps - rho * (1 - rho**steps) / (1 - rho)) / (1 - rho)
+
+
+@dataclass(frozen=True)
+class FedNova:
+    """Federated Normalised Averaging.
+
+    Wang, Liu, Liang, Joshi, Poor. "Tackling the Objective Inconsistency Problem in
+    Heterogeneous Federated Optimization", NeurIPS 2020. Client i sends ``d_i = Δ_i / a_i``;
+    the server steps by ``τ_eff · Σ p_i d_i`` with ``τ_eff = Σ p_i a_i`` and ``p_i = n_i / n``.
+    With equal ``a_i`` this is FedAvg.
+    """
+
+    name: str = "fednova"
+
+    def init_server(self, layout: Layout) -> StageState:
+        return {}
+
+    def make_payload(self, state: StageState) -> dict[str, torch.Tensor]:
+        return {}
+
+    def train(self, ctx: TrainContext) -> Update:
+        if ctx.settings.optimizer != "sgd":
+            raise ConfigError(
+                "FedNova's normalisation is defined for local SGD (with or without momentum); "
+                "set algorithm.optimizer = \"sgd\""
+            )
+        r = local_update(ctx)
+        a = normalising_factor(r.steps, ctx.settings.momentum)
+        weight = float(r.examples)
+        return Update(
+            ctx.client_id, r.delta / a, weight,
+            metrics={"train_loss": r.mean_loss, "steps": float(r.steps)},
+            extras={_A: torch.tensor([weight * a])},
+        )
+
+    def server_step(
+        self, aggregate: Aggregate, state: StageState, ctx: RoundContext
+    ) -> tuple[torch.Tensor, StageState]:
+        tau_eff = float(aggregate.extras[_A][0]) / aggregate.weight
+        return tau_eff * aggregate.delta, state

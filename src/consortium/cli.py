@@ -1,0 +1,141 @@
+"""The ``consortium`` command. Exit codes live only here.
+
+Exit codes: 0 success; 1 an unexpected internal error (a bug: please report it);
+2 bad input (configuration, data, model, checkpoint) with a one-line message; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from consortium.errors import ConsortiumError
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="consortium",
+        description="Federated learning and analytics: simulate on a laptop, deploy between sites.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run",
+        help="run a simulation (no CONFIG: heart disease across four hospitals)",
+        description="Run a federated simulation. Without CONFIG, the embedded default runs: "
+        "heart-disease prediction across the four hospitals of the UCI Heart Disease data.",
+    )
+    run.add_argument("config", nargs="?", help="experiment TOML file")
+    run.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, read as TOML (--set rounds=5 --set model.name=mlp)",
+    )
+    run.add_argument("--out", help="run directory (default runs/<name>-<timestamp>)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-report", action="store_true", help="skip report.html and plots")
+    sub.add_parser("datasets", help="list the built-in data sets and partitioners")
+    sub.add_parser("algorithms", help="list algorithms, server optimisers, models and executors")
+    return p
+
+
+def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for name, text in rows:
+        table.add_row(name, text)
+    Console().print(table)
+
+
+def _cmd_datasets() -> int:
+    from consortium.data import DATASETS, PARTITIONS
+
+    _print_table("data sets", list(DATASETS.items()))
+    _print_table("partitioners", list(PARTITIONS.items()))
+    return EXIT_OK
+
+
+def _cmd_algorithms() -> int:
+    from consortium.aggregation.optimizers import SERVER_OPTIMIZERS
+    from consortium.algorithms import ALGORITHMS
+    from consortium.executors import EXECUTORS
+    from consortium.models import MODELS
+
+    _print_table("algorithms", list(ALGORITHMS.items()))
+    _print_table("server optimisers", list(SERVER_OPTIMIZERS.items()))
+    _print_table("models", list(MODELS.items()))
+    _print_table("executors", list(EXECUTORS.items()))
+    return EXIT_OK
+
+
+def _fmt(v: Any) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def _print_results(summary: dict[str, Any], run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from consortium.reporting.report import results_table_rows
+
+    table = Table(title=f"{summary['name']}: {summary['rounds']} rounds, {summary['clients']} clients")
+    table.add_column("metric")
+    table.add_column("federated", justify="right")
+    table.add_column("local only", justify="right")
+    table.add_column("pooled", justify="right")
+    for row in results_table_rows(summary):
+        table.add_row(row[0], *(_fmt(v) for v in row[1:]))
+    console = Console()
+    console.print(table)
+    console.print(f"run directory: {run_dir}")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from consortium.config import load_config
+    from consortium.simulation import simulate
+
+    if args.resume:
+        if args.config or args.overrides or args.out:
+            raise ConsortiumError(
+                "--resume continues a run exactly as it was configured; do not combine it with "
+                "a CONFIG, --set or --out"
+            )
+        result = simulate(resume=args.resume, progress=not args.no_progress, report=not args.no_report)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        result = simulate(cfg, out=out, progress=not args.no_progress, report=not args.no_report)
+    assert result.run_dir is not None
+    _print_results(result.summary, result.run_dir)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "datasets":
+            return _cmd_datasets()
+        if args.command == "algorithms":
+            return _cmd_algorithms()
+        return _cmd_run(args)
+    except ConsortiumError as exc:
+        print(f"consortium: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("consortium: interrupted; continue with --resume RUN_DIR", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

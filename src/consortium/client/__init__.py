@@ -1,0 +1,1 @@
+"""The client side: local training, evaluation, per-client state."""

@@ -1,0 +1,82 @@
+"""SiteClient: one site's side of a round — train on a task, evaluate the global model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from consortium.aggregation.base import ClientContext, Pipeline
+from consortium.algorithms.base import Algorithm, TrainContext
+from consortium.client.evaluation import evaluate_model
+from consortium.client.state import ClientStateStore
+from consortium.client.training import LocalTraining
+from consortium.data.base import ClientData
+from consortium.errors import ConsortiumError
+from consortium.messages import EvaluationResult, Result, Task
+
+__all__ = ["SiteClient"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class SiteClient:
+    """Holds one site's data and runs its tasks. The same code runs in simulation and, behind
+    a transport, in a real deployment."""
+
+    def __init__(
+        self,
+        client_id: str,
+        data: ClientData,
+        *,
+        model_factory: Callable[[], torch.nn.Module],
+        algorithm: Algorithm,
+        pipeline: Pipeline,
+        settings: LocalTraining,
+        loss_fn: LossFn,
+        num_classes: int,
+        state: ClientStateStore,
+    ) -> None:
+        self.client_id = client_id
+        self.data = data
+        self.model_factory = model_factory
+        self.algorithm = algorithm
+        self.pipeline = pipeline
+        self.settings = settings
+        self.loss_fn = loss_fn
+        self.num_classes = num_classes
+        self.state = state
+
+    def fit(self, task: Task, *, module: torch.nn.Module | None = None) -> Result:
+        """Train on the task; a ``ConsortiumError`` becomes a :class:`Result` with ``error``."""
+        module = module if module is not None else self.model_factory()
+        task.parameters.load_into(module)
+        ctx = TrainContext(
+            client_id=self.client_id,
+            module=module,
+            global_params=task.parameters,
+            data=self.data.train,
+            settings=self.settings,
+            loss_fn=self.loss_fn,
+            seed=task.seed,
+            work=task.work,
+            payload=task.payload,
+            client_state=self.state.get(self.client_id),
+        )
+        try:
+            update = self.algorithm.train(ctx)
+            update = self.pipeline.client(
+                update, task.stage_payloads, ClientContext(task.round, self.client_id, task.seed)
+            )
+        except ConsortiumError as exc:
+            return Result(task.round, self.client_id, None, error=str(exc))
+        return Result(task.round, self.client_id, update)
+
+    def evaluate(self, task: Task, *, module: torch.nn.Module | None = None) -> EvaluationResult:
+        """Evaluate the task's global model on this site's test split."""
+        module = module if module is not None else self.model_factory()
+        task.parameters.load_into(module)
+        metrics = evaluate_model(
+            module, self.data.test, loss_fn=self.loss_fn, num_classes=self.num_classes
+        )
+        return EvaluationResult(task.round, self.client_id, len(self.data.test), metrics)

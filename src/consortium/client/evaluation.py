@@ -1,0 +1,103 @@
+"""Evaluation metrics: loss, accuracy, balanced accuracy and AUC (binary tasks)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from consortium.data.base import Split
+
+__all__ = ["auc_binary", "evaluate_model", "summarise_clients"]
+
+
+def auc_binary(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve by the Mann–Whitney rank statistic (ties get half credit).
+
+    Returns NaN when only one class is present (AUC is undefined there).
+    """
+    scores = scores.double()
+    pos = labels == 1
+    n_pos = int(pos.sum())
+    n_neg = int(labels.numel() - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = torch.argsort(scores)
+    sorted_scores = scores[order]
+    ranks = torch.empty_like(scores)
+    # average ranks over ties
+    i = 0
+    n = scores.numel()
+    while i < n:
+        j = i
+        while j + 1 < n and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    rank_sum = float(ranks[pos].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+@torch.no_grad()
+def evaluate_model(
+    module: torch.nn.Module,
+    data: Split,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    num_classes: int,
+    batch_size: int = 4096,
+) -> dict[str, float]:
+    """Loss, accuracy, balanced accuracy (mean per-class recall) and, for 2 classes, AUC."""
+    module.eval()
+    n = len(data)
+    if n == 0:
+        return {}
+    outputs = torch.cat([module(data.x[i : i + batch_size]) for i in range(0, n, batch_size)])
+    y = data.y
+    loss = float(loss_fn(outputs, y))
+    pred = outputs.argmax(dim=1)
+    correct = pred == y
+    recalls = [float(correct[y == c].double().mean()) for c in range(num_classes) if (y == c).any()]
+    metrics = {
+        "loss": loss,
+        "accuracy": float(correct.double().mean()),
+        "balanced_accuracy": sum(recalls) / len(recalls),
+    }
+    if num_classes == 2 and outputs.ndim == 2 and outputs.shape[1] == 2:
+        score = outputs[:, 1] - outputs[:, 0]  # the log-odds of class 1
+        metrics["auc"] = auc_binary(score, y)
+    return metrics
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
+
+
+def summarise_clients(
+    per_client: Mapping[str, Mapping[str, float]], sizes: Mapping[str, int]
+) -> dict[str, float | None]:
+    """Weighted mean over clients (by test examples) plus min, 10th percentile and median.
+
+    Metrics undefined at a client (NaN AUC on a one-class test split) are left out of that
+    metric's mean; a metric undefined everywhere is ``None``.
+    """
+    names = sorted({k for m in per_client.values() for k in m})
+    out: dict[str, float | None] = {}
+    for name in names:
+        vals = [
+            (float(m[name]), sizes[c])
+            for c, m in per_client.items()
+            if name in m and not math.isnan(m[name])
+        ]
+        if not vals:
+            out[name] = None
+            continue
+        weight = sum(w for _, w in vals)
+        out[name] = sum(v * w for v, w in vals) / weight if weight else None
+        if name != "loss":
+            xs = [v for v, _ in vals]
+            out[f"{name}_min"] = min(xs)
+            out[f"{name}_p10"] = _quantile(xs, 0.1)
+            out[f"{name}_median"] = _quantile(xs, 0.5)
+    return out

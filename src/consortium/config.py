@@ -1,0 +1,331 @@
+"""Experiment configuration: frozen dataclasses, TOML in and out, ``--set a.b=c`` overrides.
+
+Every key is declared here with its type and allowed values; an unknown key, a wrong type
+or a value outside its range raises :class:`ConfigError` naming the key, the value found
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from consortium.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "AlgorithmConfig",
+    "DataConfig",
+    "EvaluationConfig",
+    "ExecutorConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "SamplingConfig",
+    "ServerConfig",
+    "SimulationConfig",
+    "apply_overrides",
+    "load_config",
+    "parse_override",
+]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["heart-disease", "synthetic", "digits", "breast-cancer", "csv", "parquet"] = (
+        "heart-disease"
+    )
+    partition: Literal["natural", "iid", "dirichlet", "shards", "quantity"] = "natural"
+    clients: int = 4
+    alpha: float = 0.5
+    beta: float = 1.0
+    shards_per_client: int = 2
+    quantity_sigma: float = 1.0
+    samples_per_client: int = 0
+    test_fraction: float = 0.25
+    path: str = ""
+    target: str = ""
+    site_column: str = ""
+    server_test_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "logistic"
+    hidden: tuple[int, ...] = (64,)
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    name: Literal["fedavg", "fedprox", "scaffold", "fednova"] = "fedavg"
+    local_epochs: int = 1
+    local_steps: int = 0
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    mu: float = 0.01
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    clients_per_round: int = 0
+    fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    optimizer: Literal["sgd", "avgm", "adam", "yogi", "adagrad"] = "sgd"
+    lr: float = 0.0  # 0 = the optimiser's default: 1.0 for sgd/avgm, 0.01 for adam/yogi/adagrad
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    kind: Literal["auto", "sequential"] = "auto"
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    baselines: tuple[Literal["local", "pooled"], ...] = ()
+    every: int = 1
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Systems heterogeneity: ``stragglers`` of each round's clients do less local work."""
+
+    stragglers: float = 0.0
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    rounds: int = 10
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def __post_init__(self) -> None:
+        _check_ranges(self)
+
+    # -- conversions -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
+        return _build(cls, data, prefix="")
+
+
+def _check_ranges(cfg: ExperimentConfig) -> None:
+    def need(cond: bool, key: str, value: Any, allowed: str) -> None:
+        if not cond:
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected {allowed}")
+
+    need(cfg.rounds >= 1, "rounds", cfg.rounds, "an integer >= 1")
+    d = cfg.data
+    need(d.clients >= 1, "data.clients", d.clients, "an integer >= 1")
+    need(d.alpha > 0, "data.alpha", d.alpha, "a number > 0")
+    need(d.beta >= 0, "data.beta", d.beta, "a number >= 0")
+    need(d.shards_per_client >= 1, "data.shards_per_client", d.shards_per_client, "an integer >= 1")
+    need(d.quantity_sigma >= 0, "data.quantity_sigma", d.quantity_sigma, "a number >= 0")
+    need(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "a number in (0, 1)")
+    need(
+        0 <= d.server_test_fraction < 1,
+        "data.server_test_fraction",
+        d.server_test_fraction,
+        "a number in [0, 1)",
+    )
+    a = cfg.algorithm
+    need(a.local_epochs >= 1, "algorithm.local_epochs", a.local_epochs, "an integer >= 1")
+    need(a.local_steps >= 0, "algorithm.local_steps", a.local_steps, "0 (use epochs) or >= 1")
+    need(a.batch_size >= 1, "algorithm.batch_size", a.batch_size, "an integer >= 1")
+    need(a.lr > 0, "algorithm.lr", a.lr, "a number > 0")
+    need(0 <= a.momentum < 1, "algorithm.momentum", a.momentum, "a number in [0, 1)")
+    need(a.weight_decay >= 0, "algorithm.weight_decay", a.weight_decay, "a number >= 0")
+    need(a.mu >= 0, "algorithm.mu", a.mu, "a number >= 0")
+    s = cfg.sampling
+    need(s.clients_per_round >= 0, "sampling.clients_per_round", s.clients_per_round, "an integer >= 0")
+    need(0 <= s.fraction <= 1, "sampling.fraction", s.fraction, "a number in (0, 1]")
+    if s.clients_per_round and s.fraction:
+        raise ConfigError(
+            "sampling.clients_per_round and sampling.fraction are both set; set only one of them"
+        )
+    v = cfg.server
+    need(v.lr >= 0, "server.lr", v.lr, "a number > 0 (or 0 for the optimiser's default)")
+    need(0 <= v.momentum < 1, "server.momentum", v.momentum, "a number in [0, 1)")
+    need(0 <= v.beta1 < 1, "server.beta1", v.beta1, "a number in [0, 1)")
+    need(0 <= v.beta2 < 1, "server.beta2", v.beta2, "a number in [0, 1)")
+    need(v.tau > 0, "server.tau", v.tau, "a number > 0")
+    need(cfg.evaluation.every >= 1, "evaluation.every", cfg.evaluation.every, "an integer >= 1")
+    need(
+        0 <= cfg.simulation.stragglers <= 1,
+        "simulation.stragglers",
+        cfg.simulation.stragglers,
+        "a fraction in [0, 1]",
+    )
+
+
+# -- building and checking ----------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected {_type_name(tp)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected {_type_name(tp)}")
+        inner = typing.get_args(tp)[0]
+        return tuple(_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise AssertionError("unions are not used in the config")  # our own invariant
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected a string")
+        return value
+    raise AssertionError(f"unsupported config type {tp}")  # our own invariant
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{prefix.rstrip('.')}] must be a table, found {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"section [{prefix.rstrip('.')}]" if prefix else "the top level"
+        raise ConfigError(
+            f"unknown key '{prefix}{unknown[0]}' in {where}; allowed keys: {', '.join(sorted(known))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(tp, value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+# -- overrides ------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b=value``; the value is read as TOML, and a bare word is a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, for example --set rounds=5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: the key before '=' is empty")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``--set`` overrides applied."""
+    out = _deep_copy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
+
+
+def default_config_dict() -> dict[str, Any]:
+    """The embedded default experiment: heart disease across four hospitals."""
+    from importlib.resources import files
+
+    text = files("consortium").joinpath("default.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read an experiment file (or the embedded default), apply overrides and validate."""
+    data = read_toml(path) if path is not None else default_config_dict()
+    data = apply_overrides(data, overrides or [])
+    return ExperimentConfig.from_dict(data)

@@ -1,0 +1,42 @@
+"""The sequential executor: every client in this process, one after another."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+from consortium.client.app import SiteClient
+from consortium.messages import EvaluationResult, Result, Task
+
+__all__ = ["SequentialExecutor"]
+
+
+class SequentialExecutor:
+    """Runs tasks in order in this process, reusing one scratch model per model factory."""
+
+    name = "sequential"
+
+    def __init__(self) -> None:
+        self._scratch: dict[int, torch.nn.Module] = {}
+
+    def _module(self, client: SiteClient) -> torch.nn.Module:
+        key = id(client.model_factory)
+        if key not in self._scratch:
+            self._scratch[key] = client.model_factory()
+        return self._scratch[key]
+
+    def fit(self, tasks: Sequence[Task], clients: Mapping[str, SiteClient]) -> Iterator[Result]:
+        for task in tasks:
+            client = clients[task.client_id]
+            yield client.fit(task, module=self._module(client))
+
+    def evaluate(
+        self, tasks: Sequence[Task], clients: Mapping[str, SiteClient]
+    ) -> Iterator[EvaluationResult]:
+        for task in tasks:
+            client = clients[task.client_id]
+            yield client.evaluate(task, module=self._module(client))
+
+    def close(self) -> None:
+        self._scratch.clear()

@@ -1,0 +1,1 @@
+"""The server side: the round loop, sampling, evaluation, checkpoints and baselines."""

@@ -1,0 +1,147 @@
+"""The round loop: the one place where sampler, algorithm, executor, pipeline and callbacks meet."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from consortium.aggregation.base import Pipeline, PipelineState, RoundContext, StageState
+from consortium.algorithms.base import Algorithm
+from consortium.client.app import SiteClient
+from consortium.errors import ClientError
+from consortium.executors.base import Executor
+from consortium.messages import Result, Task
+from consortium.reporting.callbacks import CallbackList
+from consortium.seeds import derive_seed
+from consortium.server.evaluation import Evaluator
+from consortium.server.heterogeneity import Stragglers
+from consortium.server.sampling import Sampler
+from consortium.types import Parameters
+
+__all__ = ["RunState", "Server"]
+
+
+@dataclass
+class RunState:
+    """Everything the server needs to continue a run (checkpointed after every round)."""
+
+    round: int
+    params: Parameters
+    pipeline: PipelineState
+    algorithm: StageState
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+    per_client: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class Server:
+    """Runs federated rounds. Knows the roles only through their contracts."""
+
+    def __init__(
+        self,
+        *,
+        clients: Mapping[str, SiteClient],
+        algorithm: Algorithm,
+        pipeline: Pipeline,
+        sampler: Sampler,
+        executor: Executor,
+        evaluator: Evaluator,
+        seed: int,
+        stragglers: Stragglers | None = None,
+        callbacks: CallbackList | None = None,
+        eval_every: int = 1,
+    ) -> None:
+        self.clients = clients
+        self.algorithm = algorithm
+        self.pipeline = pipeline
+        self.sampler = sampler
+        self.executor = executor
+        self.evaluator = evaluator
+        self.seed = seed
+        self.stragglers = stragglers or Stragglers(0.0)
+        self.callbacks = callbacks or CallbackList()
+        self.eval_every = eval_every
+
+    def init_state(self, params: Parameters) -> RunState:
+        return RunState(
+            round=0,
+            params=params,
+            pipeline=self.pipeline.init(params.layout),
+            algorithm=self.algorithm.init_server(params.layout),
+        )
+
+    def run(self, state: RunState, *, rounds: int) -> RunState:
+        """Run rounds ``state.round + 1 … rounds``."""
+        self.callbacks.on_run_start(state.round, rounds)
+        while state.round < rounds:
+            state, record = self.run_round(state, last=state.round + 1 == rounds)
+            self.callbacks.on_round_end(record, state)
+        return state
+
+    def run_round(self, state: RunState, *, last: bool = False) -> tuple[RunState, dict[str, Any]]:
+        start = time.perf_counter()
+        rnd = state.round + 1
+        ids = list(self.clients)
+        participants = self.sampler.sample(rnd, ids, seed=self.seed)
+        work = self.stragglers.work(rnd, participants, seed=self.seed)
+        payload = self.algorithm.make_payload(state.algorithm)
+        stage_payloads = self.pipeline.broadcast(state.pipeline)
+        tasks = [
+            Task(
+                round=rnd, client_id=cid, parameters=state.params,
+                seed=derive_seed(self.seed, "client", rnd, cid), payload=payload,
+                stage_payloads=stage_payloads, work=work[cid],
+            )
+            for cid in participants
+        ]
+        results: list[Result] = []
+        ctx = RoundContext(
+            round=rnd, seed=derive_seed(self.seed, "server", rnd), population=len(ids),
+            sampled=len(participants), layout=state.params.layout,
+        )
+
+        def successful():
+            for r in self.executor.fit(tasks, self.clients):
+                results.append(r)
+                if r.update is not None:
+                    yield r.update
+
+        aggregate, pipeline_state = self.pipeline.aggregate(successful(), state.pipeline, ctx)
+        updates = [r.update for r in results if r.update is not None]
+        failed = {r.client_id: r.error for r in results if r.update is None}
+        if aggregate is None:
+            first = next(iter(failed.values()), "no client was sampled")
+            raise ClientError(f"round {rnd}: no client returned an update; first error: {first}")
+        delta, algorithm_state = self.algorithm.server_step(aggregate, state.algorithm, ctx)
+        new_vector, pipeline_state = self.pipeline.step(state.params.vector, delta, pipeline_state)
+        params = state.params.replace(new_vector)
+
+        total_w = sum(u.weight for u in updates)
+        record: dict[str, Any] = {
+            "round": rnd,
+            "clients": len(updates),
+            "train_loss": (
+                sum(u.metrics.get("train_loss", 0.0) * u.weight for u in updates) / total_w
+                if total_w else None
+            ),
+        }
+        per_client = state.per_client
+        if rnd % self.eval_every == 0 or last:
+            metrics, per_client = self.evaluator.evaluate(
+                rnd, params, executor=self.executor, clients=self.clients
+            )
+            record.update(metrics)
+        record["bytes_up"] = sum(r.nbytes for r in results)
+        record["bytes_down"] = sum(t.nbytes for t in tasks)
+        record["epsilon"] = None
+        if failed:
+            record["failed"] = failed
+        record.update(aggregate.info)
+        record["wall_s"] = time.perf_counter() - start
+        new_state = RunState(
+            round=rnd, params=params, pipeline=pipeline_state, algorithm=algorithm_state,
+            last_metrics={k: v for k, v in record.items() if k != "failed"},
+            per_client=per_client,
+        )
+        return new_state, record

@@ -1,0 +1,262 @@
+"""``simulate``: build a federation from an experiment config and run it in this process."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from consortium.aggregation.base import Pipeline
+from consortium.aggregation.mean import weighted_mean
+from consortium.aggregation.optimizers import server_optimizer
+from consortium.algorithms import Algorithm, build_algorithm
+from consortium.client.app import SiteClient
+from consortium.client.state import ClientStateStore
+from consortium.client.training import LocalTraining
+from consortium.config import ExperimentConfig, load_config, read_toml
+from consortium.data.base import FederatedDataset
+from consortium.errors import CheckpointError, ConfigError
+from consortium.executors import Executor, build_executor
+from consortium.models.zoo import check_fits, model_factory as zoo_factory
+from consortium.reporting.callbacks import CallbackList, MetricsLog, ProgressBar, read_metrics
+from consortium.seeds import derive_seed
+from consortium.server.baselines import local_baseline, pooled_baseline
+from consortium.server.checkpoint import Checkpointer, load_checkpoint
+from consortium.server.evaluation import Evaluator
+from consortium.server.heterogeneity import Stragglers
+from consortium.server.loop import RunState, Server
+from consortium.server.sampling import Sampler, UniformSampler
+from consortium.types import Parameters
+
+__all__ = ["SimulationResult", "simulate"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_NOT_METRICS = {"round", "clients", "train_loss", "bytes_up", "bytes_down", "epsilon", "wall_s", "failed"}
+
+
+@dataclass
+class SimulationResult:
+    """What a simulation returns: per-round history, the summary, and the final model."""
+
+    config: ExperimentConfig
+    history: list[dict[str, Any]]
+    summary: dict[str, Any]
+    params: Parameters
+    model: torch.nn.Module
+    run_dir: Path | None = None
+    per_client: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class _History:
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = records
+
+    def on_round_end(self, record: dict[str, Any], state: Any) -> None:
+        self.records.append(dict(record))
+
+
+def _resolve_config(config: ExperimentConfig | dict | str | Path | None, overrides: Sequence[str]):
+    if isinstance(config, ExperimentConfig):
+        if overrides:
+            from consortium.config import apply_overrides
+
+            return ExperimentConfig.from_dict(apply_overrides(config.to_dict(), list(overrides)))
+        return config
+    if isinstance(config, dict):
+        from consortium.config import apply_overrides
+
+        return ExperimentConfig.from_dict(apply_overrides(config, list(overrides)))
+    return load_config(config, list(overrides))
+
+
+def simulate(
+    config: ExperimentConfig | dict | str | Path | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    progress: bool = False,
+    dataset: FederatedDataset | None = None,
+    model: Callable[[], torch.nn.Module] | None = None,
+    algorithm: Algorithm | None = None,
+    pipeline: Pipeline | None = None,
+    sampler: Sampler | None = None,
+    executor: Executor | None = None,
+    loss_fn: LossFn | None = None,
+    callbacks: Sequence[object] = (),
+    report: bool = True,
+) -> SimulationResult:
+    """Run a federated simulation.
+
+    Args:
+        config: an :class:`ExperimentConfig`, a dict, a TOML path, or ``None`` for the embedded
+            heart-disease default.
+        overrides: ``"section.key=value"`` strings, as ``--set`` on the command line.
+        out: run directory to write (``config.toml``, ``metrics.jsonl``, ``summary.json``,
+            ``model.safetensors``, ``report.html``, ``checkpoint/``); ``None`` writes nothing.
+        resume: a run directory to continue from its last checkpoint (its ``config.toml``
+            is used; ``config`` must then be ``None``).
+        dataset, model, algorithm, pipeline, sampler, executor, loss_fn: objects that replace
+            what the config would build (``model`` is a zero-argument factory).
+        callbacks: extra objects with ``on_run_start`` / ``on_round_end`` / ``on_run_end``.
+
+    Raises:
+        ConsortiumError: any configuration, data, model or checkpoint problem.
+    """
+    if resume is not None:
+        if config is not None:
+            raise ConfigError("give either a config or resume=RUN_DIR, not both")
+        out = Path(resume)
+        if not (out / "config.toml").exists():
+            raise CheckpointError(f"{str(out)!r} is not a run directory: it has no config.toml")
+        cfg = ExperimentConfig.from_dict(read_toml(out / "config.toml"))
+        if overrides:
+            raise ConfigError("--set cannot change a run that is resumed; start a new run instead")
+    else:
+        cfg = _resolve_config(config, overrides)
+    run_dir = Path(out) if out is not None else None
+    if run_dir is not None and resume is None and (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} already holds a run; resume it with --resume "
+            f"{run_dir} or choose another --out"
+        )
+
+    if dataset is None:
+        from consortium.data import load_dataset
+
+        dataset = load_dataset(cfg.data, seed=cfg.seed)
+    loss_fn = loss_fn or torch.nn.functional.cross_entropy
+    factory = model or zoo_factory(
+        cfg.model.name, dataset.input_shape, dataset.num_classes, hidden=cfg.model.hidden
+    )
+    torch.manual_seed(derive_seed(cfg.seed, "init") % (2**31))
+    init_module = factory()
+    check_fits(init_module, dataset.input_shape, dataset.num_classes, name=cfg.model.name)
+    init = Parameters.from_module(init_module)
+
+    algorithm = algorithm or build_algorithm(cfg.algorithm.name, mu=cfg.algorithm.mu)
+    s = cfg.server
+    pipeline = pipeline or Pipeline(
+        aggregator=weighted_mean(),
+        optimizer=server_optimizer(
+            s.optimizer, lr=s.lr, momentum=s.momentum, beta1=s.beta1, beta2=s.beta2, tau=s.tau
+        ),
+    )
+    sampler = sampler or UniformSampler(cfg.sampling.clients_per_round, cfg.sampling.fraction)
+    per_round = sampler.size(len(dataset.clients)) if hasattr(sampler, "size") else len(dataset.clients)
+    executor = executor or build_executor(cfg.executor.kind)
+    a = cfg.algorithm
+    settings = LocalTraining(
+        epochs=a.local_epochs, steps=a.local_steps, batch_size=a.batch_size, lr=a.lr,
+        optimizer=a.optimizer, momentum=a.momentum, weight_decay=a.weight_decay,
+    )
+
+    store = ClientStateStore()
+    history: list[dict[str, Any]] = []
+    state: RunState | None = None
+    if resume is not None:
+        state, store = load_checkpoint(run_dir / "checkpoint")  # type: ignore[operator]
+        log = MetricsLog(run_dir / "metrics.jsonl")  # type: ignore[operator]
+        log.truncate_after(state.round)
+        history = read_metrics(log.path) if log.path.exists() else []
+
+    clients = {
+        cid: SiteClient(
+            cid, data, model_factory=factory, algorithm=algorithm, pipeline=pipeline,
+            settings=settings, loss_fn=loss_fn, num_classes=dataset.num_classes, state=store,
+        )
+        for cid, data in dataset.clients.items()
+    }
+    evaluator = Evaluator(factory, loss_fn, dataset.num_classes, dataset.server_test)
+
+    cbs: list[object] = [_History(history)]
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume is None:
+            (run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+        cbs += [MetricsLog(run_dir / "metrics.jsonl"), Checkpointer(run_dir / "checkpoint", store)]
+    if progress:
+        cbs.append(ProgressBar(cfg.name))
+    cbs += list(callbacks)
+    callback_list = CallbackList(cbs)
+
+    server = Server(
+        clients=clients, algorithm=algorithm, pipeline=pipeline, sampler=sampler,
+        executor=executor, evaluator=evaluator, seed=cfg.seed,
+        stragglers=Stragglers(cfg.simulation.stragglers), callbacks=callback_list,
+        eval_every=cfg.evaluation.every,
+    )
+    if state is None:
+        state = server.init_state(init)
+    before_s = sum(float(r.get("wall_s") or 0.0) for r in history)
+    started = time.perf_counter()
+    try:
+        state = server.run(state, rounds=cfg.rounds)
+    finally:
+        executor.close()
+
+    baselines: dict[str, dict[str, Any]] = {}
+    for name in cfg.evaluation.baselines:
+        common = dict(
+            model_factory=factory, init=init, settings=settings, loss_fn=loss_fn,
+            rounds=cfg.rounds, seed=cfg.seed,
+        )
+        if name == "local":
+            metrics, _ = local_baseline(dataset, **common)  # type: ignore[arg-type]
+        else:
+            metrics, _ = pooled_baseline(dataset, per_round_clients=per_round, **common)  # type: ignore[arg-type]
+        baselines[name] = {k: v for k, v in metrics.items()}
+
+    final = {k: v for k, v in state.last_metrics.items() if k not in _NOT_METRICS}
+    summary: dict[str, Any] = {
+        "name": cfg.name,
+        "rounds": state.round,
+        "final": final,
+        "privacy": {"epsilon": None, "delta": None, "accountant": None},
+        "baselines": baselines,
+        "per_client": state.per_client,
+        # A resumed run adds the rounds before the stop (their wall time is in the log).
+        "duration_s": before_s + (time.perf_counter() - started),
+        "algorithm": algorithm.name,
+        "pipeline": pipeline.describe(),
+        "clients": len(dataset.clients),
+    }
+    final_model = factory()
+    state.params.load_into(final_model)
+    if run_dir is not None:
+        _write_outputs(run_dir, summary, state.params, report=report)
+    callback_list.on_run_end(summary)
+    return SimulationResult(
+        config=cfg, history=history, summary=summary, params=state.params, model=final_model,
+        run_dir=run_dir, per_client=state.per_client,
+    )
+
+
+def _write_outputs(run_dir: Path, summary: dict[str, Any], params: Parameters, *, report: bool) -> None:
+    from safetensors.torch import save_file
+
+    (run_dir / "summary.json").write_text(
+        json.dumps(_finite(summary), indent=2), encoding="utf-8"
+    )
+    save_file({k: v.contiguous() for k, v in params.tensors().items()}, str(run_dir / "model.safetensors"))
+    if report:
+        from consortium.reporting.report import write_report
+
+        write_report(run_dir)
+
+
+def _finite(obj: Any) -> Any:
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
