@@ -22,7 +22,8 @@ from consortium.config import ExperimentConfig, load_config, read_toml
 from consortium.data.base import FederatedDataset
 from consortium.errors import CheckpointError, ConfigError
 from consortium.executors import Executor, build_executor
-from consortium.models.zoo import check_fits, model_factory as zoo_factory
+from consortium.models.zoo import check_fits
+from consortium.models.zoo import model_factory as zoo_factory
 from consortium.reporting.callbacks import CallbackList, MetricsLog, ProgressBar, read_metrics
 from consortium.seeds import derive_seed
 from consortium.server.baselines import local_baseline, pooled_baseline
@@ -202,10 +203,10 @@ def simulate(
 
     baselines: dict[str, dict[str, Any]] = {}
     for name in cfg.evaluation.baselines:
-        common = dict(
-            model_factory=factory, init=init, settings=settings, loss_fn=loss_fn,
-            rounds=cfg.rounds, seed=cfg.seed,
-        )
+        common: dict[str, Any] = {
+            "model_factory": factory, "init": init, "settings": settings, "loss_fn": loss_fn,
+            "rounds": cfg.rounds, "seed": cfg.seed,
+        }
         if name == "local":
             metrics, _ = local_baseline(dataset, **common)  # type: ignore[arg-type]
         else:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Layout", "Parameters", "Update", "TensorSpec"]
+__all__ = ["Layout", "Parameters", "TensorSpec", "Update"]
 
 
 @dataclass(frozen=True)

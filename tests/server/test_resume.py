@@ -40,7 +40,7 @@ def test_resume_equals_uninterrupted(tmp_path) -> None:
     resumed = simulate(resume=tmp_path / "cut", dataset=toy, report=False)
     assert torch.equal(resumed.params.vector, whole.params.vector)
     assert [r["round"] for r in resumed.history] == [1, 2, 3, 4]
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]  # noqa: E731
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]
     assert strip(resumed.history) == strip(whole.history)
     assert resumed.summary["final"] == whole.summary["final"]
 

@@ -22,7 +22,7 @@ from consortium.aggregation.base import StageState
 from consortium.errors import ConfigError
 from consortium.types import Layout
 
-__all__ = ["SERVER_OPTIMIZERS", "adagrad", "adam", "avgm", "sgd", "yogi", "server_optimizer"]
+__all__ = ["SERVER_OPTIMIZERS", "adagrad", "adam", "avgm", "server_optimizer", "sgd", "yogi"]
 
 
 def _check(name: str, value: float, low: float, high: float | None = None) -> None:

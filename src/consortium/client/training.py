@@ -58,7 +58,8 @@ def planned_steps(num_examples: int, settings: LocalTraining) -> int:
 
 def steps_for_work(planned: int, work: float) -> int:
     """Steps a client does when asked for a fraction ``work`` of its planned steps (≥ 1)."""
-    return max(1, min(planned, math.ceil(work * planned)))
+    # Rounding first keeps float noise (0.07 · 100 = 7.000000000000001) from adding a step.
+    return max(1, min(planned, math.ceil(round(work * planned, 9))))
 
 
 def make_optimizer(params: list[torch.nn.Parameter], settings: LocalTraining) -> torch.optim.Optimizer:

@@ -119,7 +119,7 @@ def check_fits(model: nn.Module, input_shape: Sequence[int], num_classes: int, *
     try:
         with torch.no_grad():
             out = model(probe)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "does not fit"
+    except Exception as exc:
         raise ModelError(
             f"model {name!r} does not accept the data's examples of shape {tuple(input_shape)}: {exc}"
         ) from exc

@@ -1,0 +1,1 @@
+"""Run reporting: the metrics log, plots and the HTML report."""

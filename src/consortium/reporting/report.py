@@ -1,0 +1,317 @@
+"""The HTML report of a run: results beside baselines, curves, per-client and per-round tables."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from consortium.reporting.plots import write_plots
+
+__all__ = ["format_value", "results_table_rows", "write_report"]
+
+# The metrics a reader looks for first; any others follow alphabetically.
+_LEADING_METRICS = ("accuracy", "balanced_accuracy", "auc", "loss")
+
+ResultsRow = tuple[str, float | None, float | None, float | None]
+
+_CSS = """
+body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222;
+       max-width: 1000px; margin: 2em auto; padding: 0 1em; }
+h1 { margin-bottom: 0.2em; }
+.meta, .note { color: #666; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.8em; text-align: left; }
+thead th { border-bottom: 2px solid #999; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.figures { display: flex; flex-wrap: wrap; gap: 1em; }
+figure { margin: 0; }
+figure img { max-width: 100%; width: 480px; border: 1px solid #eee; }
+details { margin: 1em 0; }
+summary { cursor: pointer; font-weight: 600; }
+.scroll { overflow-x: auto; }
+pre { background: #f6f8fa; padding: 1em; overflow-x: auto; }
+"""
+
+
+def write_report(run_dir: str | Path, *, plots: bool = True) -> Path:
+    """Write ``report.html`` (and its ``plots/``) for a run directory and return its path.
+
+    Reads ``config.toml``, ``metrics.jsonl`` and ``summary.json`` (see DESIGN.md §4). A
+    missing or empty ``metrics.jsonl`` or a missing ``summary.json`` gives a report that says
+    so; lines of ``metrics.jsonl`` that are not JSON objects (a run killed mid-write leaves a
+    truncated last line) are skipped and counted. Every value read from the files is escaped.
+    Images are referenced relative to the report, so the directory can be moved as a whole.
+
+    Args:
+        run_dir: the run directory written by ``consortium run``.
+        plots: draw the curves with matplotlib; ``False`` writes the tables only.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a directory.
+        ValueError: ``summary.json`` exists but is not a JSON object.
+        MissingExtraError: ``plots`` is true and matplotlib is not installed.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(
+            f"run directory {str(run_dir)!r} does not exist; pass the directory that "
+            "`consortium run` wrote (its --out, by default runs/<name>-<timestamp>)"
+        )
+    history, skipped = _read_history(run_dir / "metrics.jsonl")
+    summary = _read_summary(run_dir / "summary.json")
+    config = _read_text(run_dir / "config.toml")
+    images = write_plots(run_dir, history, summary) if plots else []
+    page = _render_page(
+        run_dir, history=history, skipped=skipped, summary=summary, config=config, images=images
+    )
+    path = run_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def results_table_rows(summary: Mapping[str, Any]) -> list[ResultsRow]:
+    """Rows ``(metric, federated, local only, pooled)`` of a run's results table.
+
+    Metrics come from ``summary["final"]`` and both baselines; they are ordered
+    ``accuracy``, ``balanced_accuracy``, ``auc``, ``loss``, then the others alphabetically.
+    A value that is missing, null or not a number is ``None``; a ``summary`` without
+    ``baselines`` gives ``None`` in both baseline columns.
+    """
+    final = _mapping(summary.get("final"))
+    baselines = _mapping(summary.get("baselines"))
+    local = _mapping(baselines.get("local"))
+    pooled = _mapping(baselines.get("pooled"))
+    names = sorted({*final, *local, *pooled}, key=_metric_order)
+    return [
+        (name, _number(final.get(name)), _number(local.get(name)), _number(pooled.get(name)))
+        for name in names
+    ]
+
+
+def format_value(value: object) -> str:
+    """Format one metric or counter for a table, as plain (unescaped) text.
+
+    ``None`` is an em dash; integers get thousands separators; floats four decimals, or three
+    significant digits when very small or very large (``1e-05``, ``2.5e+06``).
+    """
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value == 0 or 1e-3 <= abs(value) < 1e6:
+            return f"{value:.4f}"
+        return f"{value:.3g}"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _metric_order(name: str) -> tuple[int, str]:
+    if name in _LEADING_METRICS:
+        return (_LEADING_METRICS.index(name), "")
+    return (len(_LEADING_METRICS), name)
+
+
+def _read_history(path: Path) -> tuple[list[dict[str, Any]], int]:
+    if not path.is_file():
+        return [], 0
+    rows: list[dict[str, Any]] = []
+    skipped = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            skipped += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            skipped += 1
+    return rows, skipped
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}); it is written at the end of a run, so the "
+            "run may have been interrupted while writing it; delete it to report the rounds only"
+        ) from error
+    if not isinstance(summary, dict):
+        raise ValueError(
+            f"{path} should hold a JSON object (name, rounds, final, ...), "
+            f"found a {type(summary).__name__}"
+        )
+    return summary
+
+
+def _read_text(path: Path) -> str | None:
+    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+
+
+def _render_page(
+    run_dir: Path,
+    *,
+    history: Sequence[Mapping[str, Any]],
+    skipped: int,
+    summary: Mapping[str, Any],
+    config: str | None,
+    images: Sequence[Path],
+) -> str:
+    name = str(summary.get("name") or run_dir.name)
+    sections = [
+        f"<h1>{_e(name)}</h1>",
+        f'<p class="meta">{_e(_meta_line(history, summary))}</p>',
+        _results_section(summary),
+        f"<p><strong>Privacy:</strong> {_e(_privacy_line(summary))}</p>",
+        _rounds_notice(history, skipped),
+        _figures_section(run_dir, images),
+        _per_client_section(summary),
+        _rounds_section(history),
+        _config_section(config),
+    ]
+    body = "\n".join(section for section in sections if section)
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{_e(name)} — consortium report</title>\n"
+        f"<style>{_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
+
+
+def _meta_line(history: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> str:
+    rounds = summary.get("rounds")
+    parts = [f"{format_value(rounds if isinstance(rounds, int) else len(history))} rounds"]
+    duration = _number(summary.get("duration_s"))
+    if duration is not None:
+        parts.append(f"{duration:.1f} s")
+    return " · ".join(parts)
+
+
+def _results_section(summary: Mapping[str, Any]) -> str:
+    rows = results_table_rows(summary)
+    if not rows:
+        return '<h2>Results</h2>\n<p class="note">No final results were recorded.</p>'
+    table = _table(
+        ("metric", "federated", "local only", "pooled"),
+        [[metric, *(format_value(value) for value in values)] for metric, *values in rows],
+        numeric_from=1,
+    )
+    return f"<h2>Results</h2>\n{table}"
+
+
+def _privacy_line(summary: Mapping[str, Any]) -> str:
+    if "privacy" not in summary:
+        return "not recorded (summary.json is missing or has no privacy entry)."
+    privacy = _mapping(summary.get("privacy"))
+    epsilon = _number(privacy.get("epsilon"))
+    if epsilon is None:
+        return "no differential privacy (no ε was accounted for this run)."
+    delta = _number(privacy.get("delta"))
+    guarantee = f"(ε = {format_value(epsilon)}, δ = {format_value(delta)})"
+    if delta is None:
+        guarantee = f"ε = {format_value(epsilon)}"
+    accountant = privacy.get("accountant")
+    suffix = f", accounted with {accountant}" if accountant else ""
+    return f"{guarantee}-differential privacy{suffix}."
+
+
+def _rounds_notice(history: Sequence[Mapping[str, Any]], skipped: int) -> str:
+    notes = []
+    if not history:
+        notes.append("No rounds were recorded (metrics.jsonl is missing or empty).")
+    if skipped:
+        notes.append(f"{skipped} line(s) of metrics.jsonl were not JSON objects and were skipped.")
+    return "\n".join(f'<p class="note">{_e(note)}</p>' for note in notes)
+
+
+def _figures_section(run_dir: Path, images: Sequence[Path]) -> str:
+    if not images:
+        return ""
+    figures = []
+    for image in images:
+        source = image.relative_to(run_dir).as_posix()
+        caption = image.stem.replace("_", " ")
+        figures.append(
+            f'<figure><img src="{_e(source)}" alt="{_e(caption)} per round">'
+            f"<figcaption>{_e(caption)}</figcaption></figure>"
+        )
+    return '<h2>Curves</h2>\n<div class="figures">\n' + "\n".join(figures) + "\n</div>"
+
+
+def _per_client_section(summary: Mapping[str, Any]) -> str:
+    per_client = _mapping(summary.get("per_client"))
+    if not per_client:
+        return ""
+    results = {str(client): _mapping(values) for client, values in per_client.items()}
+    metrics = sorted(
+        {metric for values in results.values() for metric in values}, key=_metric_order
+    )
+    rows = [
+        [client, *(format_value(values.get(metric)) for metric in metrics)]
+        for client, values in results.items()
+    ]
+    table = _table(("client", *metrics), rows, numeric_from=1)
+    return f'<h2>Per client</h2>\n<div class="scroll">{table}</div>'
+
+
+def _rounds_section(history: Sequence[Mapping[str, Any]]) -> str:
+    if not history:
+        return ""
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    columns.sort(key=lambda key: key != "round")  # stable: round first, the rest as logged
+    rows = [[format_value(row.get(column)) for column in columns] for row in history]
+    table = _table(columns, rows, numeric_from=0)
+    return (
+        f"<details>\n<summary>Per-round metrics ({len(history)} rounds)</summary>\n"
+        f'<div class="scroll">{table}</div>\n</details>'
+    )
+
+
+def _config_section(config: str | None) -> str:
+    if config is None:
+        return '<h2>Configuration</h2>\n<p class="note">config.toml was not found.</p>'
+    return f"<h2>Configuration</h2>\n<pre>{_e(config)}</pre>"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, numeric_from: int) -> str:
+    """An HTML table of plain-text cells; columns from ``numeric_from`` on are right-aligned."""
+    head = "".join(f"<th>{_e(cell)}</th>" for cell in header)
+    body = "\n".join(
+        "<tr>"
+        + "".join(
+            f'<td class="num">{_e(cell)}</td>' if index >= numeric_from else f"<td>{_e(cell)}</td>"
+            for index, cell in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
