@@ -52,6 +52,8 @@ def test_config_toml_reruns_the_same_experiment(tmp_path) -> None:
         (["--set", "algorithm.lr=abc"], "algorithm.lr"),
         (["--set", "sampling.clients_per_round=9"], "only 4 clients"),
         (["missing.toml"], "does not exist"),
+        (["--set", "algorithm.name=fednova", "--set", "algorithm.optimizer=adam"], "needs local optimizer 'sgd'"),
+        (["--set", "data.partition=iid"], "four real hospitals"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, fragment) -> None:

@@ -95,7 +95,11 @@ def _print_results(summary: dict[str, Any], run_dir: Path) -> None:
     table.add_column("local only", justify="right")
     table.add_column("pooled", justify="right")
     for row in results_table_rows(summary):
-        table.add_row(row[0], *(_fmt(v) for v in row[1:]))
+        name = row[0]
+        if name.endswith(("_p10", "_median")) or (name.endswith("_min") and name != "accuracy_min"):
+            continue  # the full distribution is in summary.json and report.html
+        label = "accuracy, worst site" if name == "accuracy_min" else name
+        table.add_row(label, *(_fmt(v) for v in row[1:]))
     console = Console()
     console.print(table)
     console.print(f"run directory: {run_dir}")

@@ -157,6 +157,9 @@ def simulate(
         optimizer=a.optimizer, momentum=a.momentum, weight_decay=a.weight_decay,
     )
 
+    check = getattr(algorithm, "check_settings", None)
+    if check is not None:
+        check(settings)  # fail before round 1, not inside every client
     store = ClientStateStore()
     history: list[dict[str, Any]] = []
     state: RunState | None = None

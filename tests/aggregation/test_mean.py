@@ -71,8 +71,13 @@ def test_extras_are_summed_not_averaged() -> None:
 
 def test_accumulating_does_not_alias_the_first_updates_extras() -> None:
     first = vec(1.0, 1.0)
-    mean_of([Update("a", vec(0.0, 0.0), 1.0, extras={"k": first}),
-             Update("b", vec(0.0, 0.0), 1.0, extras={"k": vec(2.0, 2.0)})], 2)
+    mean_of(
+        [
+            Update("a", vec(0.0, 0.0), 1.0, extras={"k": first}),
+            Update("b", vec(0.0, 0.0), 1.0, extras={"k": vec(2.0, 2.0)}),
+        ],
+        2,
+    )
     assert first.tolist() == [1.0, 1.0]
 
 
@@ -110,10 +115,7 @@ def test_order_of_accumulation_does_not_change_the_result() -> None:
 
 def test_random_updates_in_shuffled_orders_agree() -> None:
     g = torch.Generator().manual_seed(0)
-    updates = [
-        Update(f"c{i}", torch.randn(50, generator=g), float(1 + i % 7))
-        for i in range(30)
-    ]
+    updates = [Update(f"c{i}", torch.randn(50, generator=g), float(1 + i % 7)) for i in range(30)]
     reference = mean_of(updates, 50).delta
     for seed in range(5):
         perm = torch.randperm(len(updates), generator=torch.Generator().manual_seed(seed))

@@ -113,7 +113,7 @@ class BufferedMedian:
 
 @dataclass(frozen=True)
 class Shift:
-    """Encodes by adding ``k`` on the client, decodes by subtracting it; adds ``k`` on the server."""
+    """Adds ``k`` on the client, subtracts it on receipt; adds ``k`` on the server."""
 
     k: float
     name: str = "shift"
@@ -135,7 +135,7 @@ class Shift:
 
 @dataclass(frozen=True)
 class Scale:
-    """Encodes by multiplying by ``k`` on the client, decodes by dividing; multiplies on the server."""
+    """Multiplies by ``k`` on the client, divides on receipt; multiplies on the server."""
 
     k: float
     name: str = "scale"
@@ -176,24 +176,38 @@ def secure_sum() -> Capability:
 
 def test_client_halves_in_list_order_server_halves_in_reverse() -> None:
     log: list[tuple[str, ...]] = []
-    p = Pipeline([Recorder("A", log), Recorder("B", log), Recorder("C", log)],
-                 aggregator=RecordingMean(log))
+    p = Pipeline(
+        [Recorder("A", log), Recorder("B", log), Recorder("C", log)], aggregator=RecordingMean(log)
+    )
     state = p.init(SMALL)
     payloads = p.broadcast(state)
-    updates = [p.client(Update(cid, vec(1.0, 2.0), 1.0), payloads, client_ctx(cid))
-               for cid in ("u1", "u2")]
+    updates = [
+        p.client(Update(cid, vec(1.0, 2.0), 1.0), payloads, client_ctx(cid)) for cid in ("u1", "u2")
+    ]
     assert log == [
-        ("client", "A", "u1", "A"), ("client", "B", "u1", "B"), ("client", "C", "u1", "C"),
-        ("client", "A", "u2", "A"), ("client", "B", "u2", "B"), ("client", "C", "u2", "C"),
+        ("client", "A", "u1", "A"),
+        ("client", "B", "u1", "B"),
+        ("client", "C", "u1", "C"),
+        ("client", "A", "u2", "A"),
+        ("client", "B", "u2", "B"),
+        ("client", "C", "u2", "C"),
     ]
     log.clear()
     agg, new_state = p.aggregate(iter(updates), state, round_ctx())
     # each update is decoded (receive halves, reverse order) before it is accumulated
     assert log == [
-        ("receive", "C", "u1"), ("receive", "B", "u1"), ("receive", "A", "u1"), ("accumulate", "u1"),
-        ("receive", "C", "u2"), ("receive", "B", "u2"), ("receive", "A", "u2"), ("accumulate", "u2"),
+        ("receive", "C", "u1"),
+        ("receive", "B", "u1"),
+        ("receive", "A", "u1"),
+        ("accumulate", "u1"),
+        ("receive", "C", "u2"),
+        ("receive", "B", "u2"),
+        ("receive", "A", "u2"),
+        ("accumulate", "u2"),
         ("finalize",),
-        ("server", "C"), ("server", "B"), ("server", "A"),
+        ("server", "C"),
+        ("server", "B"),
+        ("server", "A"),
     ]
     assert agg is not None and agg.count == 2
     assert [s["server_calls"] for s in new_state.stages] == [1, 1, 1]
@@ -207,11 +221,15 @@ def test_receive_halves_run_before_a_buffered_aggregator() -> None:
     updates = [Update(cid, vec(float(i), 0.0), 1.0) for i, cid in enumerate(("u1", "u2", "u3"))]
     agg, _ = p.aggregate(iter(updates), p.init(SMALL), round_ctx())
     assert log == [
-        ("receive", "B", "u1"), ("receive", "A", "u1"),
-        ("receive", "B", "u2"), ("receive", "A", "u2"),
-        ("receive", "B", "u3"), ("receive", "A", "u3"),
+        ("receive", "B", "u1"),
+        ("receive", "A", "u1"),
+        ("receive", "B", "u2"),
+        ("receive", "A", "u2"),
+        ("receive", "B", "u3"),
+        ("receive", "A", "u3"),
         ("aggregate", "u1", "u2", "u3"),
-        ("server", "B"), ("server", "A"),
+        ("server", "B"),
+        ("server", "A"),
     ]
     assert agg is not None and agg.delta.tolist() == [1.0, 0.0]
 
@@ -227,6 +245,12 @@ def test_encoding_and_decoding_pair_up_like_nested_wrappers() -> None:
     # Server halves in reverse: scale then shift, 2·x + 1 = (3, 5); a wrong order gives (4, 6).
     assert agg is not None and agg.delta.tolist() == [3.0, 5.0]
     assert new_state.stages[0]["total"].tolist() == [1.0]
+
+
+def test_client_halves_refuse_a_task_without_one_payload_per_stage() -> None:
+    p = Pipeline([Shift(1.0), Scale(2.0)])
+    with pytest.raises(PipelineError, match="1 stage payloads but the pipeline has 2 stages"):
+        p.client(Update("a", vec(1.0, 2.0), 1.0), ({},), client_ctx())
 
 
 def test_no_updates_gives_no_aggregate_and_leaves_the_state() -> None:
@@ -292,7 +316,9 @@ def test_a_stage_needing_what_no_earlier_stage_gives_raises() -> None:
         Pipeline([noise, clip])  # order matters: the giver must come first
 
 
-@pytest.mark.parametrize("part", [weighted_mean(), sgd(), object()], ids=["aggregator", "optimizer", "object"])
+@pytest.mark.parametrize(
+    "part", [weighted_mean(), sgd(), object()], ids=["aggregator", "optimizer", "object"]
+)
 def test_a_non_stage_in_the_stage_list_raises(part: Any) -> None:
     with pytest.raises(PipelineError, match="not a pipeline stage"):
         Pipeline([part])
@@ -374,7 +400,7 @@ def random_vector(n: int, seed: int) -> torch.Tensor:
 
 
 def checkpointed(state: Any) -> Any:
-    """``state`` written as a checkpoint is (safetensors for tensors, JSON for the rest) and read back."""
+    """``state`` written as a checkpoint (safetensors for tensors, JSON for the rest), read back."""
     tensors: dict[str, torch.Tensor] = {}
 
     def split(obj: Any, key: str) -> Any:
@@ -392,7 +418,11 @@ def checkpointed(state: Any) -> Any:
 
     def join(obj: Any) -> Any:
         if isinstance(obj, dict):
-            return back[obj["$tensor"]] if set(obj) == {"$tensor"} else {k: join(v) for k, v in obj.items()}
+            return (
+                back[obj["$tensor"]]
+                if set(obj) == {"$tensor"}
+                else {k: join(v) for k, v in obj.items()}
+            )
         if isinstance(obj, list):
             return [join(v) for v in obj]
         return obj
@@ -470,7 +500,9 @@ def check_optimizer(opt: Any) -> None:
 
     xs_a, end_a = run(opt.init(LAYOUT))
     xs_b, end_b = run(opt.init(LAYOUT))
-    assert all(torch.equal(a, b) for a, b in zip(xs_a, xs_b)) and same(end_a, end_b), "not deterministic"
+    assert all(torch.equal(a, b) for a, b in zip(xs_a, xs_b)) and same(end_a, end_b), (
+        "not deterministic"
+    )
     # resuming from a checkpointed state gives the same next step
     direct, _ = opt.step(x1, random_vector(d, 2), state1)
     resumed, _ = opt.step(x1, random_vector(d, 2), checkpointed(state1))
@@ -479,8 +511,12 @@ def check_optimizer(opt: Any) -> None:
 
 def updates_for(layout: Layout, seed: int, n: int = 4) -> list[Update]:
     return [
-        Update(f"c{i}", random_vector(layout.size, seed * 100 + i), float(i + 1),
-               extras={"e": random_vector(2, seed * 100 + 50 + i)})
+        Update(
+            f"c{i}",
+            random_vector(layout.size, seed * 100 + i),
+            float(i + 1),
+            extras={"e": random_vector(2, seed * 100 + 50 + i)},
+        )
         for i in range(n)
     ]
 
@@ -497,7 +533,9 @@ def check_aggregator(agg: Any, *, linear: bool) -> None:
     updates = updates_for(LAYOUT, 1)
     kept = [clone(u.delta) for u in updates]
     out = run(updates)
-    assert all(torch.equal(u.delta, k) for u, k in zip(updates, kept)), "aggregator changed an update"
+    assert all(torch.equal(u.delta, k) for u, k in zip(updates, kept)), (
+        "aggregator changed an update"
+    )
     assert out.delta.dtype == torch.float32 and out.delta.shape == (LAYOUT.size,)
     assert all(v.dtype == torch.float32 for v in out.extras.values())
     again = run(updates_for(LAYOUT, 1))
@@ -528,7 +566,9 @@ def check_stage(stage: Any) -> None:
         kept = clone(state0)
         agg = Aggregate(random_vector(LAYOUT.size, 3), 10.0, 4)
         out_a, state_a = stage.server(agg, state0, ctx)
-        out_b, state_b = stage.server(Aggregate(random_vector(LAYOUT.size, 3), 10.0, 4), state0, ctx)
+        out_b, state_b = stage.server(
+            Aggregate(random_vector(LAYOUT.size, 3), 10.0, 4), state0, ctx
+        )
         assert same(state0, kept), "server half changed the state it was given"
         assert out_a.delta.dtype == torch.float32 and out_a.delta.shape == (LAYOUT.size,)
         assert torch.equal(out_a.delta, out_b.delta) and same(state_a, state_b), "not deterministic"
@@ -563,7 +603,9 @@ def test_every_public_factory_of_the_aggregation_package_is_in_the_conformance_s
             if inspect.isfunction(getattr(module, name)) and name not in NOT_PARTS:
                 factories.add(name)
     missing = factories - set(CONFORMANCE)
-    assert not missing, f"add {sorted(missing)} to CONFORMANCE in tests/aggregation/test_pipeline.py"
+    assert not missing, (
+        f"add {sorted(missing)} to CONFORMANCE in tests/aggregation/test_pipeline.py"
+    )
 
 
 # The checks themselves must be able to fail.

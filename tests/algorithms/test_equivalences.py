@@ -7,6 +7,7 @@ end through ``simulate`` on a small synthetic data set with a logistic model.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,11 +15,20 @@ import pytest
 import torch
 
 from consortium import simulate
-from consortium.aggregation.base import Aggregate, Pipeline, RoundContext
-from consortium.algorithms import FedAvg, FedNova, Scaffold, TrainContext
+from consortium.aggregation.base import Pipeline, RoundContext
+from consortium.algorithms import (
+    ALGORITHMS,
+    FedAvg,
+    FedNova,
+    FedProx,
+    Scaffold,
+    TrainContext,
+    build_algorithm,
+)
 from consortium.algorithms.fednova import normalising_factor
 from consortium.client.training import LocalTraining
 from consortium.data.base import ClientData, FederatedDataset, Split
+from consortium.errors import ConfigError
 from consortium.types import Layout, Parameters, Update
 
 D = 3
@@ -87,13 +97,16 @@ def test_fedprox_with_mu_zero_is_fedavg_exactly() -> None:
 
 
 def test_fedprox_pulls_client_updates_towards_the_global_model() -> None:
-    logs = {}
-    for name, mu in (("fedavg", 0.01), ("fedprox", 1.0)):
+    logs, finals = {}, {}
+    for name in ("fedavg", "fedprox"):
         logs[name] = UpdateLog()
-        result = simulate(config(name, rounds=2, mu=mu, local_epochs=2), dataset=EQUAL,
-                          pipeline=Pipeline([logs[name]]))
-        logs[name].final = result.params.vector
-    assert far_apart(logs["fedprox"].final, logs["fedavg"].final)
+        result = simulate(
+            config(name, rounds=2, mu=1.0, local_epochs=2),  # FedAvg ignores mu
+            dataset=EQUAL,
+            pipeline=Pipeline([logs[name]]),
+        )
+        finals[name] = result.params.vector
+    assert far_apart(finals["fedprox"], finals["fedavg"])
     # Round 1 starts both from the same model with the same batches, so only the penalty differs.
     for cid in EQUAL.clients:
         prox, avg = logs["fedprox"].seen[(1, cid)], logs["fedavg"].seen[(1, cid)]
@@ -130,9 +143,14 @@ ONE_EXAMPLE = Split(torch.tensor([[2.0]]), torch.tensor([1]))
 def scaffold_context(*, steps: int, c: float, c_i: float, lr: float = 0.1) -> TrainContext:
     module = one_weight_model(1.0)
     return TrainContext(
-        client_id="a", module=module, global_params=Parameters.from_module(module),
-        data=ONE_EXAMPLE, settings=LocalTraining(steps=steps, batch_size=1, lr=lr),
-        loss_fn=half_squared_error, seed=0, payload={"c": torch.tensor([c])},
+        client_id="a",
+        module=module,
+        global_params=Parameters.from_module(module),
+        data=ONE_EXAMPLE,
+        settings=LocalTraining(steps=steps, batch_size=1, lr=lr),
+        loss_fn=half_squared_error,
+        seed=0,
+        payload={"c": torch.tensor([c])},
         client_state={"c_i": torch.tensor([c_i])},
     )
 
@@ -175,6 +193,56 @@ def test_scaffold_first_client_round_starts_from_zero_control_variate() -> None:
     # plain step: y = 1 - 0.1·2 = 0.8, c_i⁺ = 0 - 0 + 0.2/0.1 = 2
     assert update.delta.tolist() == pytest.approx([-0.2], abs=1e-6)
     assert ctx.client_state["c_i"].tolist() == pytest.approx([2.0], abs=1e-5)
+
+
+# -- frozen parameters ------------------------------------------------------------------------
+
+
+def frozen_body_and_head(
+    algorithm: Any, c: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train a two-layer model whose first layer is frozen, and the head alone on the frozen
+    layer's features; return both updates. The head's update must be the same in both."""
+    g = torch.Generator().manual_seed(0)
+    data = Split(torch.randn(16, 2, generator=g), torch.randint(0, 2, (16,), generator=g))
+    torch.manual_seed(0)
+    full = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    full[0].requires_grad_(False)
+    head = copy.deepcopy(full[1])
+    with torch.no_grad():
+        features = Split(full[0](data.x), data.y)
+    deltas = []
+    for module, split, payload in (
+        (full, data, {} if c is None else {"c": c}),
+        (head, features, {} if c is None else {"c": c[6:]}),  # the body's 6 entries come first
+    ):
+        deltas.append(
+            algorithm.train(
+                TrainContext(
+                    client_id="a",
+                    module=module,
+                    global_params=Parameters.from_module(module),
+                    data=split,
+                    settings=LocalTraining(steps=3, batch_size=8, lr=0.1),
+                    loss_fn=torch.nn.functional.cross_entropy,
+                    seed=0,
+                    payload=payload,
+                )
+            ).delta
+        )
+    return deltas[0], deltas[1]
+
+
+def test_fedprox_anchors_the_trainable_tensors_to_their_own_global_values() -> None:
+    full, head = frozen_body_and_head(FedProx(mu=10.0))
+    assert torch.equal(full[:6], torch.zeros(6))
+    assert torch.allclose(full[6:], head, atol=1e-6)
+
+
+def test_scaffold_corrects_each_trainable_tensor_with_its_own_control_variate() -> None:
+    full, head = frozen_body_and_head(Scaffold(), c=torch.arange(12.0) / 10)
+    assert torch.equal(full[:6], torch.zeros(6))
+    assert torch.allclose(full[6:], head, atol=1e-6)
 
 
 # -- FedNova ------------------------------------------------------------------------------------
@@ -225,9 +293,13 @@ def test_normalising_factor_is_what_torch_sgd_applies(steps: int, momentum: floa
     # With a constant gradient g, `steps` steps of SGD (momentum ρ) move by -lr · a · g.
     module = one_weight_model(0.0)
     ctx = TrainContext(
-        client_id="a", module=module, global_params=Parameters.from_module(module),
-        data=ONE_EXAMPLE, settings=LocalTraining(steps=steps, batch_size=1, lr=0.5, momentum=momentum),
-        loss_fn=lambda out, y: out.sum(), seed=0,  # gradient d(2w)/dw = 2
+        client_id="a",
+        module=module,
+        global_params=Parameters.from_module(module),
+        data=ONE_EXAMPLE,
+        settings=LocalTraining(steps=steps, batch_size=1, lr=0.5, momentum=momentum),
+        loss_fn=lambda out, y: out.sum(),  # output 2w, so g = 2 at every step
+        seed=0,
     )
     update = FedAvg().train(ctx)
     assert update.delta.item() / (-0.5 * 2) == pytest.approx(normalising_factor(steps, momentum))
@@ -239,11 +311,19 @@ def test_fednova_update_and_server_step_by_hand() -> None:
         out = []
         for algo in (FedNova(), FedAvg()):
             module = one_weight_model(1.0)
-            out.append(algo.train(TrainContext(
-                client_id=cid, module=module, global_params=Parameters.from_module(module),
-                data=data, settings=LocalTraining(steps=steps, batch_size=n, lr=0.1),
-                loss_fn=half_squared_error, seed=0,
-            )))
+            out.append(
+                algo.train(
+                    TrainContext(
+                        client_id=cid,
+                        module=module,
+                        global_params=Parameters.from_module(module),
+                        data=data,
+                        settings=LocalTraining(steps=steps, batch_size=n, lr=0.1),
+                        loss_fn=half_squared_error,
+                        seed=0,
+                    )
+                )
+            )
         return out[0], out[1]
 
     # Client a: 1 example, 1 step: Δ = -0.1·g(1) = -0.2.
@@ -267,6 +347,29 @@ def test_fednova_update_and_server_step_by_hand() -> None:
     assert delta.tolist() == pytest.approx([-0.2975], abs=1e-6)
     avg, _ = pipe.aggregate([avg_a, avg_b], pipe.init(layout), ctx)
     assert avg is not None and avg.delta.tolist() == pytest.approx([-0.29], abs=1e-6)
+
+
+# -- settings the algorithms refuse ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", [Scaffold(), FedNova()], ids=["scaffold", "fednova"])
+def test_algorithms_defined_for_local_sgd_refuse_adam(algorithm: Any) -> None:
+    ctx = scaffold_context(steps=1, c=0.0, c_i=0.0)
+    ctx.settings = LocalTraining(steps=1, batch_size=1, optimizer="adam")
+    with pytest.raises(ConfigError, match="sgd"):
+        algorithm.train(ctx)
+
+
+def test_fedprox_refuses_a_negative_mu() -> None:
+    with pytest.raises(ConfigError, match="algorithm.mu"):
+        FedProx(mu=-0.1)
+
+
+def test_build_algorithm_names() -> None:
+    assert {build_algorithm(name).name for name in ALGORITHMS} == set(ALGORITHMS)
+    assert build_algorithm("fedprox", mu=0.5) == FedProx(mu=0.5)
+    with pytest.raises(ConfigError, match="'fedsgd'"):
+        build_algorithm("fedsgd")
 
 
 # -- determinism --------------------------------------------------------------------------------

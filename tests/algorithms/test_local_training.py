@@ -45,8 +45,9 @@ def weights(module: torch.nn.Linear) -> tuple[list[float], float]:
 
 def test_one_full_batch_sgd_step_by_hand() -> None:
     module = linear()
-    stats = train_locally(module, DATA, LocalTraining(batch_size=2, lr=0.1), loss_fn=squared_error,
-                          seed=0, steps=1)
+    stats = train_locally(
+        module, DATA, LocalTraining(batch_size=2, lr=0.1), loss_fn=squared_error, seed=0, steps=1
+    )
     # outputs: 0.5·1 - 1·2 + 0.25 = -1.25 and 0.5·3 - 1·(-1) + 0.25 = 2.75
     # residuals r = (-1.25 - 1, 2.75 - 0) = (-2.25, 2.75);  loss = (2.25² + 2.75²)/2 = 6.3125
     # ∇w = (2/n) Σ r x = -2.25·(1, 2) + 2.75·(3, -1) = (6, -7.25);  ∇b = Σ r = 0.5
@@ -60,8 +61,14 @@ def test_one_full_batch_sgd_step_by_hand() -> None:
 
 def test_momentum_reaches_the_optimizer() -> None:
     module = linear()
-    train_locally(module, DATA, LocalTraining(batch_size=2, lr=0.1, momentum=0.5),
-                  loss_fn=output_sum, seed=0, steps=2)
+    train_locally(
+        module,
+        DATA,
+        LocalTraining(batch_size=2, lr=0.1, momentum=0.5),
+        loss_fn=output_sum,
+        seed=0,
+        steps=2,
+    )
     # buffer: g, then 0.5·g + g; total move 0.1·(1 + 1.5)·g = 0.25·g with g = ((4, 1), 2)
     # w = (0.5 - 1, -1 - 0.25) = (-0.5, -1.25);  b = 0.25 - 0.5 = -0.25   [no momentum: 0.2·g]
     w, b = weights(module)
@@ -71,8 +78,14 @@ def test_momentum_reaches_the_optimizer() -> None:
 
 def test_weight_decay_reaches_the_optimizer() -> None:
     module = linear()
-    train_locally(module, DATA, LocalTraining(batch_size=2, lr=0.1, weight_decay=0.5),
-                  loss_fn=output_sum, seed=0, steps=2)
+    train_locally(
+        module,
+        DATA,
+        LocalTraining(batch_size=2, lr=0.1, weight_decay=0.5),
+        loss_fn=output_sum,
+        seed=0,
+        steps=2,
+    )
     # step 1: ∇w = (4, 1) + 0.5·(0.5, -1) = (4.25, 0.5)  → w = (0.075, -1.05)
     #         ∇b = 2 + 0.5·0.25 = 2.125                  → b = 0.0375
     # step 2: ∇w = (4, 1) + 0.5·(0.075, -1.05) = (4.0375, 0.475) → w = (-0.32875, -1.0975)
@@ -84,7 +97,9 @@ def test_weight_decay_reaches_the_optimizer() -> None:
 
 def test_settings_reach_torch_optimizers() -> None:
     params = list(linear().parameters())
-    group = make_optimizer(params, LocalTraining(lr=0.3, momentum=0.7, weight_decay=0.01)).param_groups[0]
+    group = make_optimizer(
+        params, LocalTraining(lr=0.3, momentum=0.7, weight_decay=0.01)
+    ).param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.3, 0.7, 0.01)
     adam = make_optimizer(params, LocalTraining(optimizer="adam", lr=0.02, weight_decay=0.1))
     assert isinstance(adam, torch.optim.Adam)
@@ -131,9 +146,14 @@ def test_local_update_does_the_work_share_of_the_planned_steps() -> None:
     data = Split(torch.randn(40, 2, generator=g), torch.randint(0, 2, (40,), generator=g))
     module = torch.nn.Linear(2, 2)
     ctx = TrainContext(
-        client_id="a", module=module, global_params=Parameters.from_module(module), data=data,
-        settings=LocalTraining(epochs=2, batch_size=8), loss_fn=torch.nn.functional.cross_entropy,
-        seed=0, work=0.3,
+        client_id="a",
+        module=module,
+        global_params=Parameters.from_module(module),
+        data=data,
+        settings=LocalTraining(epochs=2, batch_size=8),
+        loss_fn=torch.nn.functional.cross_entropy,
+        seed=0,
+        work=0.3,
     )
     update = FedAvg().train(ctx)
     # planned 2·⌈40/8⌉ = 10, work 0.3 → 3 steps
@@ -154,13 +174,25 @@ def test_a_non_finite_loss_raises_client_error(bad: float) -> None:
     module = linear()
     before = weights(module)
     with pytest.raises(ClientError, match="lower"):
-        train_locally(module, DATA, LocalTraining(batch_size=2), seed=0, steps=3,
-                      loss_fn=lambda out, y: out.sum() * bad)
+        train_locally(
+            module,
+            DATA,
+            LocalTraining(batch_size=2),
+            seed=0,
+            steps=3,
+            loss_fn=lambda out, y: out.sum() * bad,
+        )
     assert weights(module) == before  # no step was taken with the bad loss
 
 
 def test_a_loss_that_blows_up_later_names_the_step() -> None:
     # A huge learning rate makes the squared error overflow to inf after a few steps.
     with pytest.raises(ClientError, match=r"after [1-9]\d* steps"):
-        train_locally(linear(), DATA, LocalTraining(batch_size=2, lr=1e6), loss_fn=squared_error,
-                      seed=0, steps=50)
+        train_locally(
+            linear(),
+            DATA,
+            LocalTraining(batch_size=2, lr=1e6),
+            loss_fn=squared_error,
+            seed=0,
+            steps=50,
+        )

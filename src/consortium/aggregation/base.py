@@ -218,7 +218,17 @@ class Pipeline:
     def client(
         self, update: Update, payloads: tuple[Mapping[str, Any], ...], ctx: ClientContext
     ) -> Update:
-        """Run the client halves, in order."""
+        """Run the client halves, in order.
+
+        Raises:
+            PipelineError: ``payloads`` does not hold one entry per stage (zip would silently
+                skip the client halves of the stages without one, a clipping stage among them).
+        """
+        if len(payloads) != len(self.stages):
+            raise PipelineError(
+                f"the task carries {len(payloads)} stage payloads but the pipeline has "
+                f"{len(self.stages)} stages; send Pipeline.broadcast(state) with the task"
+            )
         for stage, payload in zip(self.stages, payloads):
             if hasattr(stage, "client"):
                 update = stage.client(update, payload, ctx)  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ import torch
 
 from consortium.aggregation.base import Aggregate, RoundContext, StageState
 from consortium.algorithms.base import TrainContext, local_update
+from consortium.client.training import LocalTraining
 from consortium.errors import ConfigError
 from consortium.types import Layout, Update
 
@@ -43,17 +44,23 @@ class FedNova:
     def make_payload(self, state: StageState) -> dict[str, torch.Tensor]:
         return {}
 
-    def train(self, ctx: TrainContext) -> Update:
-        if ctx.settings.optimizer != "sgd":
+    def check_settings(self, settings: LocalTraining) -> None:
+        """Raise :class:`ConfigError` unless the local optimiser is plain SGD (momentum allowed)."""
+        if settings.optimizer != "sgd":
             raise ConfigError(
-                "FedNova's normalisation is defined for local SGD (with or without momentum); "
-                "set algorithm.optimizer = \"sgd\""
+                f"FedNova needs local optimizer 'sgd' (its normalisation is defined for local SGD, with or without momentum); found "
+                f'{settings.optimizer!r}. Set algorithm.optimizer = "sgd"'
             )
+
+    def train(self, ctx: TrainContext) -> Update:
+        self.check_settings(ctx.settings)
         r = local_update(ctx)
         a = normalising_factor(r.steps, ctx.settings.momentum)
         weight = float(r.examples)
         return Update(
-            ctx.client_id, r.delta / a, weight,
+            ctx.client_id,
+            r.delta / a,
+            weight,
             metrics={"train_loss": r.mean_loss, "steps": float(r.steps)},
             extras={_A: torch.tensor([weight * a])},
         )

@@ -37,9 +37,12 @@ class FedProx:
         return {}
 
     def hooks(self, ctx: TrainContext) -> TrainHooks:
+        params = list(ctx.module.parameters())
+        # The local loop hands the penalty only the trainable tensors; match them one to one.
         anchors = [
             a.detach().clone()
-            for a in split_like(ctx.global_params.vector, list(ctx.module.parameters()))
+            for a, p in zip(split_like(ctx.global_params.vector, params), params)
+            if p.requires_grad
         ]
         mu = self.mu
 

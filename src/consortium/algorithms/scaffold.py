@@ -8,7 +8,7 @@ import torch
 
 from consortium.aggregation.base import Aggregate, RoundContext, StageState
 from consortium.algorithms.base import TrainContext, local_update, split_like
-from consortium.client.training import TrainHooks
+from consortium.client.training import LocalTraining, TrainHooks
 from consortium.errors import ConfigError
 from consortium.types import Layout, Update
 
@@ -41,27 +41,35 @@ class Scaffold:
     def make_payload(self, state: StageState) -> dict[str, torch.Tensor]:
         return {"c": state["c"]}
 
-    def train(self, ctx: TrainContext) -> Update:
-        if ctx.settings.optimizer != "sgd":
+    def check_settings(self, settings: LocalTraining) -> None:
+        """Raise :class:`ConfigError` unless the local optimiser is plain SGD (momentum allowed)."""
+        if settings.optimizer != "sgd":
             raise ConfigError(
-                "SCAFFOLD needs local optimizer 'sgd' (its control variates assume SGD steps); "
-                "set algorithm.optimizer = \"sgd\""
+                f"SCAFFOLD needs local optimizer 'sgd' (its control variates assume SGD steps); found "
+                f'{settings.optimizer!r}. Set algorithm.optimizer = "sgd"'
             )
+
+    def train(self, ctx: TrainContext) -> Update:
+        self.check_settings(ctx.settings)
         c = ctx.payload["c"]
         c_i = ctx.client_state.get("c_i", torch.zeros_like(c))
         correction = c - c_i
         params = list(ctx.module.parameters())
-        parts = split_like(correction, params)
+        # The local loop hands the hook only the trainable tensors' gradients; match them.
+        parts = [k for k, p in zip(split_like(correction, params), params) if p.requires_grad]
 
         def correct(grads: list[torch.Tensor]) -> None:
             for g, k in zip(grads, parts):
-                g.add_(k)
+                if g is not None:  # a parameter the loss does not reach has no gradient
+                    g.add_(k)
 
         r = local_update(ctx, TrainHooks(correct_grad=correct))
         c_i_new = c_i - c - r.delta / (r.steps * ctx.settings.lr)
         ctx.client_state["c_i"] = c_i_new
         return Update(
-            ctx.client_id, r.delta, float(r.examples),
+            ctx.client_id,
+            r.delta,
+            float(r.examples),
             metrics={"train_loss": r.mean_loss, "steps": float(r.steps)},
             extras={_DC: c_i_new - c_i},
         )

@@ -74,6 +74,8 @@ def make_optimizer(params: list[torch.nn.Parameter], settings: LocalTraining) ->
 
 def batch_indices(n: int, steps: int, batch_size: int, *, seed: int) -> list[torch.Tensor]:
     """``steps`` mini-batches of indices, a fresh seeded permutation per pass over the data."""
+    if n <= 0:
+        raise ClientError("cannot train on 0 examples: this client has no training data")
     gen = torch.Generator().manual_seed(seed)
     out: list[torch.Tensor] = []
     while len(out) < steps:

@@ -35,7 +35,13 @@ def _evaluate_everywhere(
         if len(c.test) > 0
     }
     sizes = {cid: len(dataset.clients[cid].test) for cid in per_client}
-    return summarise_clients(per_client, sizes), per_client
+    metrics = summarise_clients(per_client, sizes)
+    if dataset.server_test is not None and len(dataset.server_test) > 0:
+        central = evaluate_model(
+            module, dataset.server_test, loss_fn=loss_fn, num_classes=dataset.num_classes
+        )
+        metrics.update({f"central_{k}": v for k, v in central.items()})
+    return metrics, per_client
 
 
 def local_baseline(
