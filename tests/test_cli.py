@@ -85,3 +85,24 @@ def test_console_script_entry_point_exit_code(tmp_path) -> None:
     )
     assert proc.returncode == 2
     assert "rounds = 0" in proc.stderr
+
+
+def test_resume_from_the_command_line(tmp_path, capsys) -> None:
+    from consortium import simulate
+
+    class StopAfterTwo:
+        def on_round_end(self, record, state) -> None:
+            if record["round"] == 2:
+                raise KeyboardInterrupt
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["run", "--out", str(whole), *FAST, "--set", "evaluation.baselines=[]"]) == 0
+    with pytest.raises(KeyboardInterrupt):
+        simulate(None, overrides=["rounds=3", "evaluation.baselines=[]"], out=cut,
+                 callbacks=[StopAfterTwo()], report=False)
+    assert not (cut / "summary.json").exists()
+    assert main(["run", "--resume", str(cut), "--no-progress"]) == 0
+    a = json.loads((whole / "summary.json").read_text())
+    b = json.loads((cut / "summary.json").read_text())
+    assert b["rounds"] == 3 and a["final"] == b["final"]
+    assert (cut / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()

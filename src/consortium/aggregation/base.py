@@ -93,9 +93,14 @@ class Stage(Protocol):
     ``needs`` and ``gives`` are capability names checked when the pipeline is built.
     """
 
-    name: str
-    needs: frozenset[str]
-    gives: frozenset[str]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def needs(self) -> frozenset[str]: ...
+
+    @property
+    def gives(self) -> frozenset[str]: ...
 
     def init(self, layout: Layout) -> StageState: ...
 
@@ -103,8 +108,11 @@ class Stage(Protocol):
 class Aggregator(Protocol):
     """Combines the round's updates into one :class:`Aggregate`."""
 
-    name: str
-    needs: frozenset[str]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def needs(self) -> frozenset[str]: ...
 
 
 class StreamingAggregator(Aggregator, Protocol):
@@ -126,7 +134,8 @@ class BufferedAggregator(Aggregator, Protocol):
 class ServerOptimizer(Protocol):
     """Turns the round's aggregated delta into a step of the global model (Reddi et al. 2021)."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def init(self, layout: Layout) -> StageState: ...
 

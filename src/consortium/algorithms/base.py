@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -62,7 +62,8 @@ class LocalResult:
 class Algorithm(Protocol):
     """A federated optimisation algorithm, split into its client and server halves."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def init_server(self, layout: Layout) -> StageState:
         """The server's algorithm state (for example SCAFFOLD's control variate)."""
@@ -99,7 +100,7 @@ def local_update(ctx: TrainContext, hooks: TrainHooks | None = None) -> LocalRes
     )
 
 
-def split_like(vector: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+def split_like(vector: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Cut a flat vector into views shaped like ``params`` (layout order = parameter order)."""
     out, offset = [], 0
     for p in params:

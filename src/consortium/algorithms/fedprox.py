@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +47,11 @@ class FedProx:
         ]
         mu = self.mu
 
-        def penalty(params: list[torch.Tensor]) -> torch.Tensor:
-            return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+        def penalty(params: Sequence[torch.Tensor]) -> torch.Tensor:
+            total = torch.zeros(())
+            for p, a in zip(params, anchors):
+                total = total + ((p - a) ** 2).sum()
+            return 0.5 * mu * total
 
         return TrainHooks(penalty=penalty if mu > 0 else None)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +59,7 @@ class Scaffold:
         # The local loop hands the hook only the trainable tensors' gradients; match them.
         parts = [k for k, p in zip(split_like(correction, params), params) if p.requires_grad]
 
-        def correct(grads: list[torch.Tensor]) -> None:
+        def correct(grads: Sequence[torch.Tensor | None]) -> None:
             for g, k in zip(grads, parts):
                 if g is not None:  # a parameter the loss does not reach has no gradient
                     g.add_(k)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +38,8 @@ class TrainHooks:
         correct_grad: rewrites the gradients in place after backward (SCAFFOLD).
     """
 
-    penalty: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
-    correct_grad: Callable[[list[torch.Tensor]], None] | None = None
+    penalty: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None
+    correct_grad: Callable[[Sequence[torch.Tensor | None]], None] | None = None
 
 
 @dataclass(frozen=True)

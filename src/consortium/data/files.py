@@ -307,7 +307,7 @@ def _sites(tables: list[_Table], site_column: str) -> list[_Table]:
                 name,
                 table.names,
                 values,
-                lambda i, rows=rows: table.where(int(rows[i])),
+                _row_locator(table, rows),
             )
         )
     return sites
@@ -384,3 +384,8 @@ def _label_key(v: Any) -> Any:
 
 def _sort_key(v: Any) -> tuple[int, Any]:
     return (0, v) if isinstance(v, (int, float)) else (1, v)
+
+
+def _row_locator(table: _Table, rows: np.ndarray) -> Callable[[int], str]:
+    """Where row ``i`` of a site cut from ``table`` sits in the original file."""
+    return lambda i: table.where(int(rows[i]))

@@ -139,9 +139,9 @@ def summarize_site(
             continue
         categories.append(frozenset())
         for i, t in enumerate(tables):
-            values = _numbers(t[:, j], col.name)
-            present = values[~np.isnan(values)]
-            has_missing[j] |= present.size < values.size
+            numbers = _numbers(t[:, j], col.name)
+            present = numbers[~np.isnan(numbers)]
+            has_missing[j] |= present.size < numbers.size
             binary[j] &= bool(np.isin(present, (0.0, 1.0)).all())
             if i == 0:
                 count[j] = present.size
