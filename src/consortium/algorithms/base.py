@@ -10,8 +10,8 @@ import torch
 
 from consortium.aggregation.base import Aggregate, RoundContext, StageState
 from consortium.client.training import (
+    LocalTerms,
     LocalTraining,
-    TrainHooks,
     planned_steps,
     steps_for_work,
     train_locally,
@@ -19,7 +19,7 @@ from consortium.client.training import (
 from consortium.data.base import Split
 from consortium.types import Layout, Parameters, Update
 
-__all__ = ["Algorithm", "LocalResult", "TrainContext", "local_update"]
+__all__ = ["Algorithm", "LocalResult", "TrainContext", "local_update", "train_with"]
 
 
 @dataclass
@@ -60,7 +60,13 @@ class LocalResult:
 
 @runtime_checkable
 class Algorithm(Protocol):
-    """A federated optimisation algorithm, split into its client and server halves."""
+    """A federated optimisation algorithm, split into its client and server halves.
+
+    The client half is two pure steps around the local loop, so that every executor
+    (sequential, vectorised, Ray, remote) runs the same algorithm: ``local_terms`` says what
+    to add to each local gradient, the executor runs local SGD, and ``make_update`` turns the
+    result into what the client sends (updating the client's state if the algorithm has any).
+    """
 
     @property
     def name(self) -> str: ...
@@ -73,8 +79,16 @@ class Algorithm(Protocol):
         """Tensors sent to every client with the task."""
         ...
 
-    def train(self, ctx: TrainContext) -> Update:
-        """Train locally and return the update (client state is updated in ``ctx``)."""
+    def check_settings(self, settings: LocalTraining) -> None:
+        """Raise :class:`ConfigError` if the local settings do not suit the algorithm."""
+        ...
+
+    def local_terms(self, ctx: TrainContext) -> LocalTerms:
+        """What to add to each local gradient (nothing for FedAvg)."""
+        ...
+
+    def make_update(self, ctx: TrainContext, result: LocalResult) -> Update:
+        """Build the client's update from its local result (may update ``ctx.client_state``)."""
         ...
 
     def server_step(
@@ -84,12 +98,12 @@ class Algorithm(Protocol):
         ...
 
 
-def local_update(ctx: TrainContext, hooks: TrainHooks | None = None) -> LocalResult:
+def local_update(ctx: TrainContext, terms: LocalTerms | None = None) -> LocalResult:
     """Run local training from the global model and return ``local − global``."""
     steps = steps_for_work(planned_steps(len(ctx.data), ctx.settings), ctx.work)
     stats = train_locally(
         ctx.module, ctx.data, ctx.settings, loss_fn=ctx.loss_fn, seed=ctx.seed, steps=steps,
-        hooks=hooks,
+        terms=terms,
     )
     local = Parameters.from_module(ctx.module).vector
     return LocalResult(
@@ -107,3 +121,9 @@ def split_like(vector: torch.Tensor, params: Sequence[torch.Tensor]) -> list[tor
         out.append(vector[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
     return out
+
+
+def train_with(algorithm: Algorithm, ctx: TrainContext) -> Update:
+    """One client's whole local half in this process: terms, local SGD, update."""
+    algorithm.check_settings(ctx.settings)
+    return algorithm.make_update(ctx, local_update(ctx, algorithm.local_terms(ctx)))

@@ -7,10 +7,19 @@ from dataclasses import dataclass
 import torch
 
 from consortium.aggregation.base import Aggregate, RoundContext, StageState
-from consortium.algorithms.base import TrainContext, local_update
+from consortium.algorithms.base import LocalResult, TrainContext, train_with
+from consortium.client.training import LocalTerms, LocalTraining
 from consortium.types import Layout, Update
 
-__all__ = ["FedAvg"]
+__all__ = ["FedAvg", "plain_update"]
+
+
+def plain_update(ctx: TrainContext, result: LocalResult) -> Update:
+    """The update FedAvg sends: the delta, weighted by the number of training examples."""
+    return Update(
+        ctx.client_id, result.delta, float(result.examples),
+        metrics={"train_loss": result.mean_loss, "steps": float(result.steps)},
+    )
 
 
 @dataclass(frozen=True)
@@ -29,12 +38,17 @@ class FedAvg:
     def make_payload(self, state: StageState) -> dict[str, torch.Tensor]:
         return {}
 
+    def check_settings(self, settings: LocalTraining) -> None:
+        pass
+
+    def local_terms(self, ctx: TrainContext) -> LocalTerms:
+        return LocalTerms()
+
+    def make_update(self, ctx: TrainContext, result: LocalResult) -> Update:
+        return plain_update(ctx, result)
+
     def train(self, ctx: TrainContext) -> Update:
-        r = local_update(ctx)
-        return Update(
-            ctx.client_id, r.delta, float(r.examples),
-            metrics={"train_loss": r.mean_loss, "steps": float(r.steps)},
-        )
+        return train_with(self, ctx)
 
     def server_step(
         self, aggregate: Aggregate, state: StageState, ctx: RoundContext

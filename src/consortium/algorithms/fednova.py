@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from consortium.aggregation.base import Aggregate, RoundContext, StageState
-from consortium.algorithms.base import TrainContext, local_update
-from consortium.client.training import LocalTraining
+from consortium.algorithms.base import LocalResult, TrainContext, train_with
+from consortium.client.training import LocalTerms, LocalTraining
 from consortium.errors import ConfigError
 from consortium.types import Layout, Update
 
@@ -52,18 +52,20 @@ class FedNova:
                 f'{settings.optimizer!r}. Set algorithm.optimizer = "sgd"'
             )
 
-    def train(self, ctx: TrainContext) -> Update:
-        self.check_settings(ctx.settings)
-        r = local_update(ctx)
-        a = normalising_factor(r.steps, ctx.settings.momentum)
-        weight = float(r.examples)
+    def local_terms(self, ctx: TrainContext) -> LocalTerms:
+        return LocalTerms()
+
+    def make_update(self, ctx: TrainContext, result: LocalResult) -> Update:
+        a = normalising_factor(result.steps, ctx.settings.momentum)
+        weight = float(result.examples)
         return Update(
-            ctx.client_id,
-            r.delta / a,
-            weight,
-            metrics={"train_loss": r.mean_loss, "steps": float(r.steps)},
+            ctx.client_id, result.delta / a, weight,
+            metrics={"train_loss": result.mean_loss, "steps": float(result.steps)},
             extras={_A: torch.tensor([weight * a])},
         )
+
+    def train(self, ctx: TrainContext) -> Update:
+        return train_with(self, ctx)
 
     def server_step(
         self, aggregate: Aggregate, state: StageState, ctx: RoundContext

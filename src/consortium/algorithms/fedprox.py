@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from consortium.aggregation.base import Aggregate, RoundContext, StageState
-from consortium.algorithms.base import TrainContext, local_update, split_like
-from consortium.client.training import TrainHooks
+from consortium.algorithms.base import LocalResult, TrainContext, train_with
+from consortium.algorithms.fedavg import plain_update
+from consortium.client.training import LocalTerms, LocalTraining
 from consortium.errors import ConfigError
 from consortium.types import Layout, Update
 
@@ -19,6 +19,9 @@ __all__ = ["FedProx"]
 @dataclass(frozen=True)
 class FedProx:
     """Local objective ``F_k(w) + (mu/2)·‖w − w_global‖²``; with ``mu = 0`` it is FedAvg.
+
+    The proximal term enters as its gradient ``mu·(w − w_global)``, added to each local
+    gradient; ``train_loss`` reports ``F_k`` alone.
 
     Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith. "Federated Optimization in Heterogeneous
     Networks", MLSys 2020.
@@ -37,30 +40,19 @@ class FedProx:
     def make_payload(self, state: StageState) -> dict[str, torch.Tensor]:
         return {}
 
-    def hooks(self, ctx: TrainContext) -> TrainHooks:
-        params = list(ctx.module.parameters())
-        # The local loop hands the penalty only the trainable tensors; match them one to one.
-        anchors = [
-            a.detach().clone()
-            for a, p in zip(split_like(ctx.global_params.vector, params), params)
-            if p.requires_grad
-        ]
-        mu = self.mu
+    def check_settings(self, settings: LocalTraining) -> None:
+        pass
 
-        def penalty(params: Sequence[torch.Tensor]) -> torch.Tensor:
-            total = torch.zeros(())
-            for p, a in zip(params, anchors):
-                total = total + ((p - a) ** 2).sum()
-            return 0.5 * mu * total
+    def local_terms(self, ctx: TrainContext) -> LocalTerms:
+        if self.mu == 0:
+            return LocalTerms()
+        return LocalTerms(prox_mu=self.mu, anchor=ctx.global_params.vector)
 
-        return TrainHooks(penalty=penalty if mu > 0 else None)
+    def make_update(self, ctx: TrainContext, result: LocalResult) -> Update:
+        return plain_update(ctx, result)
 
     def train(self, ctx: TrainContext) -> Update:
-        r = local_update(ctx, self.hooks(ctx))
-        return Update(
-            ctx.client_id, r.delta, float(r.examples),
-            metrics={"train_loss": r.mean_loss, "steps": float(r.steps)},
-        )
+        return train_with(self, ctx)
 
     def server_step(
         self, aggregate: Aggregate, state: StageState, ctx: RoundContext

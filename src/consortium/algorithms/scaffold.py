@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from consortium.aggregation.base import Aggregate, RoundContext, StageState
-from consortium.algorithms.base import TrainContext, local_update, split_like
-from consortium.client.training import LocalTraining, TrainHooks
+from consortium.algorithms.base import LocalResult, TrainContext, train_with
+from consortium.client.training import LocalTerms, LocalTraining
 from consortium.errors import ConfigError
 from consortium.types import Layout, Update
 
@@ -50,30 +49,24 @@ class Scaffold:
                 f'{settings.optimizer!r}. Set algorithm.optimizer = "sgd"'
             )
 
-    def train(self, ctx: TrainContext) -> Update:
-        self.check_settings(ctx.settings)
+    def local_terms(self, ctx: TrainContext) -> LocalTerms:
+        c = ctx.payload["c"]
+        c_i = ctx.client_state.get("c_i")
+        return LocalTerms(offset=c - c_i if c_i is not None else c.clone())
+
+    def make_update(self, ctx: TrainContext, result: LocalResult) -> Update:
         c = ctx.payload["c"]
         c_i = ctx.client_state.get("c_i", torch.zeros_like(c))
-        correction = c - c_i
-        params = list(ctx.module.parameters())
-        # The local loop hands the hook only the trainable tensors' gradients; match them.
-        parts = [k for k, p in zip(split_like(correction, params), params) if p.requires_grad]
-
-        def correct(grads: Sequence[torch.Tensor | None]) -> None:
-            for g, k in zip(grads, parts):
-                if g is not None:  # a parameter the loss does not reach has no gradient
-                    g.add_(k)
-
-        r = local_update(ctx, TrainHooks(correct_grad=correct))
-        c_i_new = c_i - c - r.delta / (r.steps * ctx.settings.lr)
+        c_i_new = c_i - c - result.delta / (result.steps * ctx.settings.lr)
         ctx.client_state["c_i"] = c_i_new
         return Update(
-            ctx.client_id,
-            r.delta,
-            float(r.examples),
-            metrics={"train_loss": r.mean_loss, "steps": float(r.steps)},
+            ctx.client_id, result.delta, float(result.examples),
+            metrics={"train_loss": result.mean_loss, "steps": float(result.steps)},
             extras={_DC: c_i_new - c_i},
         )
+
+    def train(self, ctx: TrainContext) -> Update:
+        return train_with(self, ctx)
 
     def server_step(
         self, aggregate: Aggregate, state: StageState, ctx: RoundContext

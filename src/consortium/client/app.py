@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from consortium.aggregation.base import ClientContext, Pipeline
-from consortium.algorithms.base import Algorithm, TrainContext
+from consortium.algorithms.base import Algorithm, TrainContext, train_with
 from consortium.client.evaluation import evaluate_model
 from consortium.client.state import ClientStateStore
 from consortium.client.training import LocalTraining
@@ -64,7 +64,7 @@ class SiteClient:
             client_state=self.state.get(self.client_id),
         )
         try:
-            update = self.algorithm.train(ctx)
+            update = train_with(self.algorithm, ctx)
             update = self.pipeline.client(
                 update, task.stage_payloads, ClientContext(task.round, self.client_id, task.seed)
             )

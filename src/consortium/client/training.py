@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +11,14 @@ import torch
 from consortium.data.base import Split
 from consortium.errors import ClientError
 
-__all__ = ["LocalTraining", "TrainHooks", "TrainStats", "planned_steps", "train_locally"]
+__all__ = [
+    "LocalTerms",
+    "LocalTraining",
+    "TrainStats",
+    "batch_matrix",
+    "planned_steps",
+    "train_locally",
+]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -30,16 +37,22 @@ class LocalTraining:
 
 
 @dataclass(frozen=True)
-class TrainHooks:
-    """What an algorithm changes in the local loop, as pure functions of the parameters.
+class LocalTerms:
+    """What an algorithm adds to each local gradient, as flat vectors over the model's layout:
+    ``g ← g + prox_mu·(w − anchor) + offset``.
 
-    Attributes:
-        penalty: added to the batch loss, given the module's parameter list (FedProx).
-        correct_grad: rewrites the gradients in place after backward (SCAFFOLD).
+    FedProx's proximal term is ``prox_mu`` with the global model as ``anchor``; SCAFFOLD's
+    drift correction is ``offset = c − c_i``. Being plain tensors (not closures), the same
+    terms drive the sequential loop and the vectorised executor.
     """
 
-    penalty: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None
-    correct_grad: Callable[[Sequence[torch.Tensor | None]], None] | None = None
+    prox_mu: float = 0.0
+    anchor: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.prox_mu != 0.0 or self.offset is not None
 
 
 @dataclass(frozen=True)
@@ -72,19 +85,41 @@ def make_optimizer(params: list[torch.nn.Parameter], settings: LocalTraining) ->
     raise ClientError(f"unknown local optimizer {settings.optimizer!r}; expected 'sgd' or 'adam'")
 
 
-def batch_indices(n: int, steps: int, batch_size: int, *, seed: int) -> list[torch.Tensor]:
-    """``steps`` mini-batches of indices, a fresh seeded permutation per pass over the data."""
+def batch_matrix(n: int, steps: int, batch_size: int, *, seed: int) -> torch.Tensor:
+    """Row ``s`` holds the example indices of step ``s`` (``-1`` pads a short last batch).
+
+    A fresh seeded permutation per pass over the data. Every executor draws batches from this
+    one function, which is what makes them train identically.
+    """
     if n <= 0:
         raise ClientError("cannot train on 0 examples: this client has no training data")
     gen = torch.Generator().manual_seed(seed)
-    out: list[torch.Tensor] = []
-    while len(out) < steps:
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n, batch_size):
-            out.append(perm[start : start + batch_size])
-            if len(out) == steps:
-                break
-    return out
+    per_epoch = math.ceil(n / batch_size)
+    epochs = math.ceil(steps / per_epoch)
+    padded = per_epoch * batch_size
+    out = torch.full((epochs, padded), -1, dtype=torch.int64)
+    for e in range(epochs):
+        out[e, :n] = torch.randperm(n, generator=gen)
+    return out.view(epochs * per_epoch, batch_size)[:steps]
+
+
+def batch_indices(n: int, steps: int, batch_size: int, *, seed: int) -> list[torch.Tensor]:
+    """The batches of :func:`batch_matrix` as a list of index tensors (no padding)."""
+    return [row[row >= 0] for row in batch_matrix(n, steps, batch_size, seed=seed)]
+
+
+def apply_terms(params: list[torch.nn.Parameter], terms: LocalTerms) -> None:
+    """Add ``terms`` to the gradients of ``params`` (all of the module's parameters, in order)."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        if p.grad is not None:
+            if terms.prox_mu and terms.anchor is not None:
+                anchor = terms.anchor[offset : offset + n].view_as(p)
+                p.grad.add_(p.detach() - anchor, alpha=terms.prox_mu)
+            if terms.offset is not None:
+                p.grad.add_(terms.offset[offset : offset + n].view_as(p))
+        offset += n
 
 
 def train_locally(
@@ -95,31 +130,29 @@ def train_locally(
     loss_fn: LossFn,
     seed: int,
     steps: int,
-    hooks: TrainHooks | None = None,
+    terms: LocalTerms | None = None,
 ) -> TrainStats:
     """Train ``module`` in place for ``steps`` mini-batch steps on ``data``.
 
     Raises:
         ClientError: the loss became NaN or infinite (lower the learning rate).
     """
-    hooks = hooks or TrainHooks()
-    params = [p for p in module.parameters() if p.requires_grad]
+    all_params = list(module.parameters())  # the order of Parameters' flat layout
+    params = [p for p in all_params if p.requires_grad]
     opt = make_optimizer(params, settings)
     module.train()
     total = 0.0
     for step, idx in enumerate(batch_indices(len(data), steps, settings.batch_size, seed=seed)):
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(module(data.x[idx]), data.y[idx])
-        if hooks.penalty is not None:
-            loss = loss + hooks.penalty(params)
         if not torch.isfinite(loss):
             raise ClientError(
                 f"the local loss became {loss.item()} after {step} steps; lower "
                 "algorithm.lr or check the data for extreme values"
             )
         loss.backward()
-        if hooks.correct_grad is not None:
-            hooks.correct_grad([p.grad for p in params])  # type: ignore[misc]
+        if terms is not None and terms.active:
+            apply_terms(all_params, terms)
         opt.step()
         total += float(loss.detach())
     return TrainStats(steps=steps, mean_loss=total / max(steps, 1), examples=len(data))

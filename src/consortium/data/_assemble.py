@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from consortium.data.base import ClientData, FederatedDataset, Split
+from consortium.data.base import FederatedDataset, PackedClients, Split
 from consortium.errors import DataError
 
 __all__ = ["ClientArrays", "assemble", "to_split"]
@@ -57,16 +57,16 @@ def assemble(
         _stack([c.x_test for c in clients], input_shape),
         np.concatenate([c.y_test for c in clients]),
     )
-    out: dict[str, ClientData] = {}
-    a = b = 0
-    for c in clients:
-        n_train, n_test = len(c.y_train), len(c.y_test)
-        out[c.client_id] = ClientData(
-            train=Split(train.x[a : a + n_train], train.y[a : a + n_train]),
-            test=Split(test.x[b : b + n_test], test.y[b : b + n_test]),
-        )
-        a, b = a + n_train, b + n_test
-    assert len(out) == len(clients), "client ids must be unique"
+    def offsets(sizes: list[int]) -> torch.Tensor:
+        return torch.cumsum(torch.tensor([0, *sizes], dtype=torch.int64), 0)
+
+    out = PackedClients(
+        [c.client_id for c in clients],
+        train=train,
+        test=test,
+        train_offsets=offsets([len(c.y_train) for c in clients]),
+        test_offsets=offsets([len(c.y_test) for c in clients]),
+    )
     return FederatedDataset(
         name=name,
         clients=out,
