@@ -94,7 +94,8 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class ExecutorConfig:
-    kind: Literal["auto", "sequential"] = "auto"
+    kind: Literal["auto", "sequential", "vectorized"] = "auto"
+    max_memory_mb: float = 1024.0
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(0 <= v.beta1 < 1, "server.beta1", v.beta1, "a number in [0, 1)")
     need(0 <= v.beta2 < 1, "server.beta2", v.beta2, "a number in [0, 1)")
     need(v.tau > 0, "server.tau", v.tau, "a number > 0")
+    need(cfg.executor.max_memory_mb > 0, "executor.max_memory_mb", cfg.executor.max_memory_mb, "a number > 0")
     need(cfg.evaluation.every >= 1, "evaluation.every", cfg.evaluation.every, "an integer >= 1")
     need(
         0 <= cfg.simulation.stragglers <= 1,

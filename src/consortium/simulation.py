@@ -15,7 +15,7 @@ from consortium.aggregation.base import Pipeline
 from consortium.aggregation.mean import weighted_mean
 from consortium.aggregation.optimizers import server_optimizer
 from consortium.algorithms import Algorithm, build_algorithm
-from consortium.client.app import SiteClient
+from consortium.client.pool import ClientPool
 from consortium.client.state import ClientStateStore
 from consortium.client.training import LocalTraining
 from consortium.config import ExperimentConfig, load_config, read_toml
@@ -150,7 +150,7 @@ def simulate(
     )
     sampler = sampler or UniformSampler(cfg.sampling.clients_per_round, cfg.sampling.fraction)
     per_round = sampler.size(len(dataset.clients)) if hasattr(sampler, "size") else len(dataset.clients)
-    executor = executor or build_executor(cfg.executor.kind)
+    executor = executor or build_executor(cfg.executor.kind, max_memory_mb=cfg.executor.max_memory_mb)
     a = cfg.algorithm
     settings = LocalTraining(
         epochs=a.local_epochs, steps=a.local_steps, batch_size=a.batch_size, lr=a.lr,
@@ -169,13 +169,10 @@ def simulate(
         log.truncate_after(state.round)
         history = read_metrics(log.path) if log.path.exists() else []
 
-    clients = {
-        cid: SiteClient(
-            cid, data, model_factory=factory, algorithm=algorithm, pipeline=pipeline,
-            settings=settings, loss_fn=loss_fn, num_classes=dataset.num_classes, state=store,
-        )
-        for cid, data in dataset.clients.items()
-    }
+    clients = ClientPool(
+        dataset.packed(), model_factory=factory, algorithm=algorithm, pipeline=pipeline,
+        settings=settings, loss_fn=loss_fn, num_classes=dataset.num_classes, state=store,
+    )
     evaluator = Evaluator(factory, loss_fn, dataset.num_classes, dataset.server_test)
 
     cbs: list[object] = [_History(history)]

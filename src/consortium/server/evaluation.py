@@ -38,10 +38,11 @@ class Evaluator:
         executor: Executor,
         clients: Mapping[str, SiteClient],
     ) -> tuple[dict[str, float | None], dict[str, dict[str, float]]]:
+        test_size = getattr(clients, "test_size", None)
         tasks = [
             Task(round=round, client_id=cid, parameters=params, seed=0)
-            for cid, c in clients.items()
-            if len(c.data.test) > 0
+            for cid in clients
+            if (test_size(cid) if test_size else len(clients[cid].data.test)) > 0
         ]
         per_client: dict[str, dict[str, float]] = {}
         sizes: dict[str, int] = {}

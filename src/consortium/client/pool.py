@@ -1,0 +1,62 @@
+"""ClientPool: every simulated client, built on demand from one packed data set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+
+from consortium.aggregation.base import Pipeline
+from consortium.algorithms.base import Algorithm
+from consortium.client.app import SiteClient
+from consortium.client.state import ClientStateStore
+from consortium.client.training import LocalTraining
+from consortium.data.base import PackedClients
+
+__all__ = ["ClientPool"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ClientPool(Mapping[str, SiteClient]):
+    """Client id → :class:`SiteClient`, made when looked up, so 10,000 clients cost no more
+    than their packed data. Batched executors read the shared parts (data, algorithm,
+    settings) from here directly."""
+
+    def __init__(
+        self,
+        packed: PackedClients,
+        *,
+        model_factory: Callable[[], torch.nn.Module],
+        algorithm: Algorithm,
+        pipeline: Pipeline,
+        settings: LocalTraining,
+        loss_fn: LossFn,
+        num_classes: int,
+        state: ClientStateStore,
+    ) -> None:
+        self.packed = packed
+        self.model_factory = model_factory
+        self.algorithm = algorithm
+        self.pipeline = pipeline
+        self.settings = settings
+        self.loss_fn = loss_fn
+        self.num_classes = num_classes
+        self.state = state
+        self._test_sizes = packed.test_sizes().tolist()
+
+    def __getitem__(self, client_id: str) -> SiteClient:
+        return SiteClient(
+            client_id, self.packed[client_id], model_factory=self.model_factory,
+            algorithm=self.algorithm, pipeline=self.pipeline, settings=self.settings,
+            loss_fn=self.loss_fn, num_classes=self.num_classes, state=self.state,
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.packed.client_ids)
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def test_size(self, client_id: str) -> int:
+        return int(self._test_sizes[self.packed.index(client_id)])
