@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from consortium.data._assemble import ClientArrays, assemble
@@ -31,6 +33,7 @@ def load_synthetic(
     seed: int,
     samples_per_client: int = 0,
     test_fraction: float = 0.25,
+    sizes: Sequence[int] | None = None,
 ) -> FederatedDataset:
     """Synthetic(alpha, beta) of Li et al. 2020, "Federated Optimization in Heterogeneous
     Networks" (FedProx), §5.1: 60 features, 10 classes, one generating model per client.
@@ -58,6 +61,7 @@ def load_synthetic(
         num_clients: number of clients (the paper uses 30).
         seed: the run seed.
         samples_per_client: a fixed size per client, or 0 for the paper's lognormal sizes.
+        sizes: explicit per-client sizes (length ``num_clients``), overriding both.
         test_fraction: the share of each client's examples held out for testing.
 
     Raises:
@@ -75,10 +79,16 @@ def load_synthetic(
             f"samples_per_client must be >= 0 (0 = the paper's lognormal sizes), found "
             f"{samples_per_client}"
         )
+    if sizes is not None and (len(sizes) != num_clients or min(sizes) < 1):
+        raise DataError(
+            f"sizes must give a size >= 1 for each of the {num_clients} clients, found "
+            f"{len(sizes)} sizes"
+        )
     clients = []
     for k in range(num_clients):
         rng = generator(seed, "synthetic", k)
-        x, y = _client_examples(rng, alpha=alpha, beta=beta, size=samples_per_client)
+        size = int(sizes[k]) if sizes is not None else samples_per_client
+        x, y = _client_examples(rng, alpha=alpha, beta=beta, size=size)
         keep, held = holdout(y, fraction=test_fraction, rng=rng)
         clients.append(ClientArrays(f"client-{k}", x[keep], y[keep], x[held], y[held]))
     return assemble(

@@ -31,6 +31,7 @@ from consortium.client.pool import ClientPool
 from consortium.client.training import LocalTerms, planned_steps, steps_for_work
 from consortium.client.training import batch_matrix as make_batches
 from consortium.errors import ConsortiumError
+from consortium.executors._linear_stack import LinearStack
 from consortium.executors.sequential import SequentialExecutor
 from consortium.messages import EvaluationResult, Result, Task
 from consortium.types import Layout, Parameters
@@ -72,6 +73,20 @@ def _forward_fn(module: torch.nn.Module, layout: Layout):  # type: ignore[no-unt
         return functional_call(module, params, (x,))
 
     return forward
+
+
+def _autograd_loss_and_grad(forward, params, x, y, valid, counts):  # type: ignore[no-untyped-def]
+    """Per-client mean cross-entropy and its gradient through ``vmap`` + one ``autograd.grad``
+    of the summed losses (client k's loss depends only on row k, so the gradient of the sum
+    is every client's own gradient)."""
+    p = params.detach().requires_grad_(True)
+    logits = forward(p, x)
+    ce = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
+    ).view(valid.shape)
+    per_client = (ce * valid).sum(1) / counts
+    (grad,) = torch.autograd.grad(per_client.sum(), p)
+    return per_client.detach(), grad
 
 
 @dataclass
@@ -221,7 +236,9 @@ class VectorizedExecutor:
         k = len(ranked)
         global_vec = ranked[0].task.parameters.vector
         layout = ranked[0].task.parameters.layout
-        forward = vmap(_forward_fn(self._scratch(pool), layout))
+        module = self._scratch(pool)
+        stack = LinearStack.match(module, layout)
+        forward = vmap(_forward_fn(module, layout))
         bs = settings.batch_size
         s_max = ranked[0].steps
         offsets = pool.packed.train_offsets
@@ -261,13 +278,10 @@ class VectorizedExecutor:
             safe = idx.clamp(min=0)
             xb, yb = x_all[safe], y_all[safe]
             counts = valid.sum(1)
-            p = params[:m].detach().requires_grad_(True)
-            logits = forward(p, xb)
-            ce = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="none"
-            ).view(m, bs)
-            per_client = (ce * valid).sum(1) / counts
-            (grad,) = torch.autograd.grad(per_client.sum(), p)
+            if stack is not None:
+                per_client, grad = stack.loss_and_grad(params[:m], xb, yb, valid, counts)
+            else:
+                per_client, grad = _autograd_loss_and_grad(forward, params[:m], xb, yb, valid, counts)
             with torch.no_grad():
                 finite = torch.isfinite(per_client)
                 failed[:m] |= ~finite
