@@ -7,6 +7,7 @@ or matplotlib; those load when a feature that needs them is used.
 from __future__ import annotations
 
 from consortium.aggregation.base import Aggregate, Pipeline, Stage, pipeline
+from consortium.aggregation.clipping import clip_by_l2_norm
 from consortium.aggregation.mean import weighted_mean
 from consortium.aggregation.optimizers import adagrad, adam, avgm, sgd, yogi
 from consortium.algorithms import FedAvg, FedNova, FedProx, Scaffold, build_algorithm
@@ -58,6 +59,7 @@ __all__ = [
     "adam",
     "avgm",
     "build_algorithm",
+    "clip_by_l2_norm",
     "load_config",
     "pipeline",
     "sgd",

@@ -24,6 +24,7 @@ from consortium.aggregation.base import (
     RoundContext,
     pipeline,
 )
+from consortium.aggregation.clipping import clip_by_l2_norm
 from consortium.aggregation.mean import weighted_mean
 from consortium.aggregation.optimizers import SERVER_OPTIMIZERS, adam, avgm, server_optimizer, sgd
 from consortium.errors import PipelineError
@@ -386,6 +387,7 @@ class Part:
 # Every public factory in consortium.aggregation must appear here (see the coverage test below).
 CONFORMANCE: dict[str, Part] = {
     "weighted_mean": Part(weighted_mean, linear=True),
+    "clip_by_l2_norm": Part(lambda: clip_by_l2_norm(0.5)),
     "sgd": Part(lambda: server_optimizer("sgd")),
     "avgm": Part(lambda: server_optimizer("avgm")),
     "adam": Part(lambda: server_optimizer("adam")),
