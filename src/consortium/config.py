@@ -94,8 +94,10 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class ExecutorConfig:
-    kind: Literal["auto", "sequential", "vectorized"] = "auto"
+    kind: Literal["auto", "sequential", "vectorized", "ray"] = "auto"
     max_memory_mb: float = 1024.0
+    address: str = ""  # ray: a cluster to connect to; "" starts a local Ray
+    workers: int = 0  # ray: groups run at once (and a local Ray's CPUs); 0 = every CPU
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,7 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(0 <= v.beta2 < 1, "server.beta2", v.beta2, "a number in [0, 1)")
     need(v.tau > 0, "server.tau", v.tau, "a number > 0")
     need(cfg.executor.max_memory_mb > 0, "executor.max_memory_mb", cfg.executor.max_memory_mb, "a number > 0")
+    need(cfg.executor.workers >= 0, "executor.workers", cfg.executor.workers, "an integer >= 0 (0: every CPU)")
     need(cfg.evaluation.every >= 1, "evaluation.every", cfg.evaluation.every, "an integer >= 1")
     need(
         0 <= cfg.simulation.stragglers <= 1,

@@ -26,7 +26,7 @@ from consortium.models.zoo import check_fits
 from consortium.models.zoo import model_factory as zoo_factory
 from consortium.reporting.callbacks import CallbackList, MetricsLog, ProgressBar, read_metrics
 from consortium.seeds import derive_seed
-from consortium.server.baselines import local_baseline, pooled_baseline
+from consortium.server.baselines import BaselineSetup, local_baseline, pooled_baseline
 from consortium.server.checkpoint import Checkpointer, load_checkpoint
 from consortium.server.evaluation import Evaluator
 from consortium.server.heterogeneity import Stragglers
@@ -150,7 +150,10 @@ def simulate(
     )
     sampler = sampler or UniformSampler(cfg.sampling.clients_per_round, cfg.sampling.fraction)
     per_round = sampler.size(len(dataset.clients)) if hasattr(sampler, "size") else len(dataset.clients)
-    executor = executor or build_executor(cfg.executor.kind, max_memory_mb=cfg.executor.max_memory_mb)
+    e = cfg.executor
+    executor = executor or build_executor(
+        e.kind, max_memory_mb=e.max_memory_mb, address=e.address, workers=e.workers
+    )
     a = cfg.algorithm
     settings = LocalTraining(
         epochs=a.local_epochs, steps=a.local_steps, batch_size=a.batch_size, lr=a.lr,
@@ -203,14 +206,11 @@ def simulate(
 
     baselines: dict[str, dict[str, Any]] = {}
     for name in cfg.evaluation.baselines:
-        common: dict[str, Any] = {
-            "model_factory": factory, "init": init, "settings": settings, "loss_fn": loss_fn,
-            "rounds": cfg.rounds, "seed": cfg.seed,
-        }
+        setup = BaselineSetup(factory, init, settings, loss_fn, cfg.rounds, cfg.seed)
         if name == "local":
-            metrics, _ = local_baseline(dataset, **common)  # type: ignore[arg-type]
+            metrics, _ = local_baseline(dataset, setup)
         else:
-            metrics, _ = pooled_baseline(dataset, per_round_clients=per_round, **common)  # type: ignore[arg-type]
+            metrics, _ = pooled_baseline(dataset, setup, per_round_clients=per_round)
         baselines[name] = {k: v for k, v in metrics.items()}
 
     final = {k: v for k, v in state.last_metrics.items() if k not in _NOT_METRICS}

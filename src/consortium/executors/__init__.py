@@ -4,22 +4,43 @@ from __future__ import annotations
 
 from consortium.errors import ConfigError
 from consortium.executors.base import Executor
+from consortium.executors.ray import RayExecutor
 from consortium.executors.sequential import SequentialExecutor
 from consortium.executors.vectorized import VectorizedExecutor
 
-__all__ = ["EXECUTORS", "Executor", "SequentialExecutor", "VectorizedExecutor", "build_executor"]
+__all__ = [
+    "EXECUTORS",
+    "Executor",
+    "RayExecutor",
+    "SequentialExecutor",
+    "VectorizedExecutor",
+    "build_executor",
+]
 
 EXECUTORS = {
     "auto": "vectorised where the model, loss and optimiser can be batched, else sequential",
     "sequential": "every client in this process, one after another",
     "vectorized": "a round's clients train together in one batched computation (torch.func)",
+    "ray": "groups of clients (vectorised within a group) as Ray tasks; pip install 'consortium[ray]'",
 }
 
 
-def build_executor(kind: str, *, max_memory_mb: float = 1024.0) -> Executor:
-    """The executor called ``kind`` (see :data:`EXECUTORS`)."""
+def build_executor(
+    kind: str, *, max_memory_mb: float = 1024.0, address: str = "", workers: int = 0
+) -> Executor:
+    """The executor called ``kind`` (see :data:`EXECUTORS`).
+
+    ``address`` and ``workers`` are the Ray executor's: a Ray cluster to connect to (``""``
+    starts a local Ray) and how many groups run at once (0: every CPU).
+
+    Raises:
+        ConfigError: an unknown ``kind``.
+        MissingExtraError: ``kind = "ray"`` without Ray installed.
+    """
     if kind in ("auto", "vectorized"):
         return VectorizedExecutor(max_memory_mb=max_memory_mb)
     if kind == "sequential":
         return SequentialExecutor()
+    if kind == "ray":
+        return RayExecutor(address=address, workers=workers, max_memory_mb=max_memory_mb)
     raise ConfigError(f"executor.kind = {kind!r} is not known; expected one of {', '.join(EXECUTORS)}")

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass
 
 import torch
 
 from consortium.client.evaluation import evaluate_model, summarise_clients
 from consortium.client.training import LocalTraining, planned_steps, train_locally
-from consortium.data.base import FederatedDataset
+from consortium.data.base import FederatedDataset, Split
 from consortium.seeds import derive_seed
 from consortium.types import Parameters
 
-__all__ = ["local_baseline", "pooled_baseline"]
+__all__ = ["BaselineSetup", "local_baseline", "pooled_baseline"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -44,54 +44,47 @@ def _evaluate_everywhere(
     return metrics, per_client
 
 
+@dataclass(frozen=True)
+class BaselineSetup:
+    """What both baselines share with the federated run: model, start, optimiser, budget."""
+
+    model_factory: Callable[[], torch.nn.Module]
+    init: Parameters
+    settings: LocalTraining
+    loss_fn: LossFn
+    rounds: int
+    seed: int
+
+    def train(self, data: Split, *, steps: int, seed: int) -> torch.nn.Module:
+        module = self.model_factory()
+        self.init.load_into(module)
+        train_locally(module, data, self.settings, loss_fn=self.loss_fn, seed=seed, steps=steps)
+        return module
+
+
 def local_baseline(
-    dataset: FederatedDataset,
-    *,
-    model_factory: Callable[[], torch.nn.Module],
-    init: Parameters,
-    settings: LocalTraining,
-    loss_fn: LossFn,
-    rounds: int,
-    seed: int,
+    dataset: FederatedDataset, setup: BaselineSetup
 ) -> tuple[dict[str, float | None], dict[str, dict[str, float]]]:
     """Each site trains alone from the same initial model and is evaluated on its own test split."""
     per_client: dict[str, dict[str, float]] = {}
     for cid, data in dataset.clients.items():
-        module = model_factory()
-        init.load_into(module)
         # Fixed-steps mode: a site alone does as many steps as it would in the federation.
-        steps = _budget(len(data.train), settings, rounds, 1)
-        train_locally(
-            module, data.train, settings, loss_fn=loss_fn, seed=derive_seed(seed, "local", cid),
-            steps=steps,
-        )
+        steps = _budget(len(data.train), setup.settings, setup.rounds, 1)
+        module = setup.train(data.train, steps=steps, seed=derive_seed(setup.seed, "local", cid))
         if len(data.test) > 0:
             per_client[cid] = evaluate_model(
-                module, data.test, loss_fn=loss_fn, num_classes=dataset.num_classes
+                module, data.test, loss_fn=setup.loss_fn, num_classes=dataset.num_classes
             )
     sizes = {cid: len(dataset.clients[cid].test) for cid in per_client}
     return summarise_clients(per_client, sizes), per_client
 
 
 def pooled_baseline(
-    dataset: FederatedDataset,
-    *,
-    model_factory: Callable[[], torch.nn.Module],
-    init: Parameters,
-    settings: LocalTraining,
-    loss_fn: LossFn,
-    rounds: int,
-    seed: int,
-    per_round_clients: int,
+    dataset: FederatedDataset, setup: BaselineSetup, *, per_round_clients: int
 ) -> tuple[dict[str, float | None], dict[str, dict[str, float]]]:
     """One model on the union of all training data (the upper reference, not a private option),
     evaluated on every site's test split like the federated model."""
     pooled = dataset.pooled_train()
-    module = model_factory()
-    init.load_into(module)
-    steps = _budget(len(pooled), settings, rounds, per_round_clients)
-    train_locally(
-        module, pooled, replace(settings), loss_fn=loss_fn, seed=derive_seed(seed, "pooled"),
-        steps=steps,
-    )
-    return _evaluate_everywhere(module, dataset, loss_fn)
+    steps = _budget(len(pooled), setup.settings, setup.rounds, per_round_clients)
+    module = setup.train(pooled, steps=steps, seed=derive_seed(setup.seed, "pooled"))
+    return _evaluate_everywhere(module, dataset, setup.loss_fn)
