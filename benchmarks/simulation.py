@@ -65,9 +65,13 @@ def make_data(workload: str, n: int, out: Path) -> Path:
         meta = {"model": "cnn", "rounds": 30, "fraction": 0.1, "local_epochs": 1,
                 "batch_size": 16, "lr": 0.05}
     packed = ds.packed()
+    from consortium.seeds import derive_seed
+
     meta.update(
         workload=workload, clients=n, clients_per_round=max(1, math.ceil(meta["fraction"] * n)),
         input_shape=list(ds.input_shape), num_classes=ds.num_classes, seed=0,
+        # the initial weights every system starts from: what consortium.simulate uses
+        init_seed=derive_seed(0, "init") % 2**31,
     )
     path = out / f"{workload}-{n}.npz"
     np.savez(
@@ -90,6 +94,12 @@ def load_npz(path: str):  # type: ignore[no-untyped-def]
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss
+    over from the parent across exec, which would charge the orchestrator's data to every
+    worker."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -97,10 +107,10 @@ def build_torch_model(meta: dict):  # type: ignore[no-untyped-def]
     """The model every system starts from: same architecture, same initial weights."""
     sys.path.insert(0, str(ROOT / "src"))
     from consortium.models import build_model
-    from consortium.seeds import derive_seed
 
-    seed = derive_seed(meta["seed"], "init") % 2**31  # what consortium.simulate uses
-    return build_model(meta["model"], tuple(meta["input_shape"]), meta["num_classes"], seed=seed)
+    return build_model(
+        meta["model"], tuple(meta["input_shape"]), meta["num_classes"], seed=meta["init_seed"]
+    )
 
 
 def pooled_accuracy(model, data) -> float:  # type: ignore[no-untyped-def]

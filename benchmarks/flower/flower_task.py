@@ -32,14 +32,14 @@ def load_meta(data: Any) -> dict[str, Any]:
 
 
 def build_model(meta: dict[str, Any]) -> nn.Module:
-    """The same two models as consortium's zoo, built after ``torch.manual_seed(meta['seed'])``.
+    """The same two models as consortium's zoo, built after ``torch.manual_seed(meta['init_seed'])``.
 
     Seeding before construction is what consortium's ``build_model`` does, so the initial
     global weights are the ones the other systems in the benchmark start from.
     """
     shape = tuple(int(v) for v in meta["input_shape"])
     k = int(meta["num_classes"])
-    torch.manual_seed(int(meta["seed"]))
+    torch.manual_seed(int(meta.get("init_seed", meta["seed"])))
     if meta["model"] == "logistic":
         return nn.Sequential(nn.Flatten(), nn.Linear(prod(shape), k))
     if meta["model"] == "cnn":

@@ -41,6 +41,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-report", action="store_true", help="skip report.html and plots")
+    priv = sub.add_parser("privacy", help="privacy accounting: epsilon of a mechanism, or calibrate noise")
+    psub = priv.add_subparsers(dest="privacy_command", required=True)
+    eps = psub.add_parser(
+        "epsilon", help="epsilon of T releases of a Poisson-sampled Gaussian, with both accountants"
+    )
+    eps.add_argument("--noise", type=float, required=True, help="noise multiplier z")
+    eps.add_argument("--rate", type=float, required=True, help="Poisson sampling rate q")
+    eps.add_argument("--steps", type=int, required=True, help="number of releases (rounds)")
+    eps.add_argument("--delta", type=float, default=1e-5)
+    cal = psub.add_parser("calibrate", help="the noise multiplier that reaches a target epsilon")
+    cal.add_argument("--epsilon", type=float, required=True, help="target epsilon")
+    cal.add_argument("--rate", type=float, required=True, help="Poisson sampling rate q")
+    cal.add_argument("--steps", type=int, required=True, help="number of releases (rounds)")
+    cal.add_argument("--delta", type=float, default=1e-5)
+    cal.add_argument("--accountant", choices=("rdp", "pld"), default="rdp")
     sub.add_parser("datasets", help="list the built-in data sets and partitioners")
     sub.add_parser("algorithms", help="list algorithms, server optimisers, models and executors")
     return p
@@ -63,6 +78,29 @@ def _cmd_datasets() -> int:
 
     _print_table("data sets", list(DATASETS.items()))
     _print_table("partitioners", list(PARTITIONS.items()))
+    return EXIT_OK
+
+
+def _cmd_privacy(args: argparse.Namespace) -> int:
+    from consortium.privacy.accountant import RoundMechanism, calibrate_noise, epsilon
+
+    if args.privacy_command == "epsilon":
+        m = RoundMechanism(args.noise, "poisson", rate=args.rate)
+        rows = [
+            (name, f"ε = {epsilon(m, args.steps, args.delta, name):.6g} at δ = {args.delta:g}")
+            for name in ("rdp", "pld")
+        ]
+        _print_table(
+            f"Poisson-sampled Gaussian: z = {args.noise:g}, q = {args.rate:g}, {args.steps} steps",
+            rows,
+        )
+        return EXIT_OK
+    z = calibrate_noise(args.epsilon, args.delta, args.steps, accountant=args.accountant,
+                        rate=args.rate)
+    m = RoundMechanism(z, "poisson", rate=args.rate)
+    reached = epsilon(m, args.steps, args.delta, args.accountant)
+    print(f"noise multiplier {z:.6g} gives ε = {reached:.6g} at δ = {args.delta:g} "
+          f"({args.accountant}, q = {args.rate:g}, {args.steps} steps)")
     return EXIT_OK
 
 
@@ -132,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_datasets()
         if args.command == "algorithms":
             return _cmd_algorithms()
+        if args.command == "privacy":
+            return _cmd_privacy(args)
         return _cmd_run(args)
     except ConsortiumError as exc:
         print(f"consortium: error: {exc}", file=sys.stderr)

@@ -29,6 +29,7 @@ __all__ = [
     "ExecutorConfig",
     "ExperimentConfig",
     "ModelConfig",
+    "PrivacyConfig",
     "SamplingConfig",
     "ServerConfig",
     "SimulationConfig",
@@ -114,6 +115,25 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Central DP (DP-FedAvg). ``noise_multiplier = 0`` with ``target_epsilon > 0`` calibrates."""
+
+    mode: Literal["none", "central"] = "none"
+    noise_multiplier: float = 0.0
+    clip: float = 1.0
+    adaptive: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_stddev: float = 0.0
+    delta: float = 1e-5
+    accountant: Literal["rdp", "pld"] = "rdp"
+    target_epsilon: float = 0.0
+    sampling: Literal["poisson", "fixed"] = "poisson"
+    site_policies: str = ""
+    """A TOML file of site budgets: [default] and [sites.<id>] with max_epsilon, delta, min_sites."""
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -126,6 +146,7 @@ class ExperimentConfig:
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         _check_ranges(self)
@@ -190,6 +211,19 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(v.tau > 0, "server.tau", v.tau, "a number > 0")
     need(cfg.executor.max_memory_mb > 0, "executor.max_memory_mb", cfg.executor.max_memory_mb, "a number > 0")
     need(cfg.executor.workers >= 0, "executor.workers", cfg.executor.workers, "an integer >= 0 (0: every CPU)")
+    p = cfg.privacy
+    need(p.noise_multiplier >= 0, "privacy.noise_multiplier", p.noise_multiplier, "a number >= 0")
+    need(p.clip > 0, "privacy.clip", p.clip, "a number > 0")
+    need(0 < p.target_quantile < 1, "privacy.target_quantile", p.target_quantile, "a number in (0, 1)")
+    need(p.clip_lr > 0, "privacy.clip_lr", p.clip_lr, "a number > 0")
+    need(p.count_stddev >= 0, "privacy.count_stddev", p.count_stddev, "a number >= 0 (0 = clients/20)")
+    need(0 < p.delta < 1, "privacy.delta", p.delta, "a number in (0, 1)")
+    need(p.target_epsilon >= 0, "privacy.target_epsilon", p.target_epsilon, "a number >= 0")
+    if p.mode == "central" and not (p.noise_multiplier > 0) ^ (p.target_epsilon > 0):
+        raise ConfigError(
+            "privacy.mode = \"central\" needs exactly one of privacy.noise_multiplier (the noise) "
+            "or privacy.target_epsilon (to calibrate the noise)"
+        )
     need(cfg.evaluation.every >= 1, "evaluation.every", cfg.evaluation.every, "an integer >= 1")
     need(
         0 <= cfg.simulation.stragglers <= 1,

@@ -24,6 +24,8 @@ class Task:
         payload: algorithm tensors the client needs (SCAFFOLD's server control variate).
         stage_payloads: per pipeline stage, what its client half needs (a clip norm ...).
         work: fraction of the planned local steps to do (systems heterogeneity; 1 = all).
+        cohort_size: how many clients were asked to take part this round (a site's policy
+            may refuse to join too small an aggregate).
     """
 
     round: int
@@ -33,6 +35,7 @@ class Task:
     payload: dict[str, torch.Tensor] = field(default_factory=dict)
     stage_payloads: tuple[dict[str, Any], ...] = ()
     work: float = 1.0
+    cohort_size: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -49,6 +52,8 @@ class Result:
     client_id: str
     update: Update | None
     error: str | None = None
+    refused: bool = False
+    """The site declined the task under its own policy (not a failure)."""
 
     @property
     def nbytes(self) -> int:

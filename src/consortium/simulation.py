@@ -24,6 +24,9 @@ from consortium.errors import CheckpointError, ConfigError
 from consortium.executors import Executor, build_executor
 from consortium.models.zoo import check_fits
 from consortium.models.zoo import model_factory as zoo_factory
+from consortium.privacy.ledger import PrivacyLedger
+from consortium.privacy.plan import plan_central_dp
+from consortium.privacy.policy import load_policies
 from consortium.reporting.callbacks import CallbackList, MetricsLog, ProgressBar, read_metrics
 from consortium.seeds import derive_seed
 from consortium.server.baselines import BaselineSetup, local_baseline, pooled_baseline
@@ -141,14 +144,25 @@ def simulate(
     init = Parameters.from_module(init_module)
 
     algorithm = algorithm or build_algorithm(cfg.algorithm.name, mu=cfg.algorithm.mu)
+    plan = plan_central_dp(cfg, len(dataset.clients)) if cfg.privacy.mode == "central" else None
     s = cfg.server
     pipeline = pipeline or Pipeline(
+        [plan.stage] if plan else [],
         aggregator=weighted_mean(),
         optimizer=server_optimizer(
             s.optimizer, lr=s.lr, momentum=s.momentum, beta1=s.beta1, beta2=s.beta2, tau=s.tau
         ),
     )
-    sampler = sampler or UniformSampler(cfg.sampling.clients_per_round, cfg.sampling.fraction)
+    sampler = sampler or (
+        plan.sampler if plan else UniformSampler(cfg.sampling.clients_per_round, cfg.sampling.fraction)
+    )
+    ledger = (
+        PrivacyLedger(
+            plan.mechanism, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
+            path=run_dir / "privacy.json" if run_dir is not None else None,
+        )
+        if plan else None
+    )
     per_round = sampler.size(len(dataset.clients)) if hasattr(sampler, "size") else len(dataset.clients)
     e = cfg.executor
     executor = executor or build_executor(
@@ -171,14 +185,17 @@ def simulate(
         log = MetricsLog(run_dir / "metrics.jsonl")  # type: ignore[operator]
         log.truncate_after(state.round)
         history = read_metrics(log.path) if log.path.exists() else []
+        if ledger is not None:
+            ledger.resume(state.round)
 
     clients = ClientPool(
         dataset.packed(), model_factory=factory, algorithm=algorithm, pipeline=pipeline,
         settings=settings, loss_fn=loss_fn, num_classes=dataset.num_classes, state=store,
+        policies=load_policies(cfg.privacy.site_policies) if cfg.privacy.site_policies else None,
     )
     evaluator = Evaluator(factory, loss_fn, dataset.num_classes, dataset.server_test)
 
-    cbs: list[object] = [_History(history)]
+    cbs: list[object] = [_History(history)] + ([ledger] if ledger is not None else [])
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume is None:
@@ -218,7 +235,9 @@ def simulate(
         "name": cfg.name,
         "rounds": state.round,
         "final": final,
-        "privacy": {"epsilon": None, "delta": None, "accountant": None},
+        "privacy": ledger.summary() if ledger is not None else {
+            "epsilon": None, "delta": None, "accountant": None,
+        },
         "baselines": baselines,
         "per_client": state.per_client,
         # A resumed run adds the rounds before the stop (their wall time is in the log).

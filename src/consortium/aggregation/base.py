@@ -47,6 +47,12 @@ class RoundContext:
     population: int
     sampled: int
     layout: Layout
+    expected_clients: float = 0.0
+    """Expected cohort size (``q·N`` under Poisson sampling); 0 means ``sampled``."""
+
+    @property
+    def expected(self) -> float:
+        return self.expected_clients or float(self.sampled)
 
 
 @dataclass(frozen=True)

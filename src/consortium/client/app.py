@@ -14,6 +14,7 @@ from consortium.client.training import LocalTraining
 from consortium.data.base import ClientData
 from consortium.errors import ConsortiumError
 from consortium.messages import EvaluationResult, Result, Task
+from consortium.privacy.policy import SitePolicy, record_release
 
 __all__ = ["SiteClient"]
 
@@ -36,6 +37,7 @@ class SiteClient:
         loss_fn: LossFn,
         num_classes: int,
         state: ClientStateStore,
+        policy: SitePolicy | None = None,
     ) -> None:
         self.client_id = client_id
         self.data = data
@@ -46,9 +48,15 @@ class SiteClient:
         self.loss_fn = loss_fn
         self.num_classes = num_classes
         self.state = state
+        self.policy = policy
 
     def fit(self, task: Task, *, module: torch.nn.Module | None = None) -> Result:
         """Train on the task; a ``ConsortiumError`` becomes a :class:`Result` with ``error``."""
+        client_state = self.state.get(self.client_id)
+        if self.policy is not None:
+            reason = self.policy.review(task, client_state)
+            if reason is not None:
+                return Result(task.round, self.client_id, None, error=reason, refused=True)
         module = module if module is not None else self.model_factory()
         task.parameters.load_into(module)
         ctx = TrainContext(
@@ -61,7 +69,7 @@ class SiteClient:
             seed=task.seed,
             work=task.work,
             payload=task.payload,
-            client_state=self.state.get(self.client_id),
+            client_state=client_state,
         )
         try:
             update = train_with(self.algorithm, ctx)
@@ -70,6 +78,7 @@ class SiteClient:
             )
         except ConsortiumError as exc:
             return Result(task.round, self.client_id, None, error=str(exc))
+        record_release(client_state)
         return Result(task.round, self.client_id, update)
 
     def evaluate(self, task: Task, *, module: torch.nn.Module | None = None) -> EvaluationResult:

@@ -12,6 +12,7 @@ from consortium.client.app import SiteClient
 from consortium.client.state import ClientStateStore
 from consortium.client.training import LocalTraining
 from consortium.data.base import PackedClients
+from consortium.privacy.policy import SitePolicy
 
 __all__ = ["ClientPool"]
 
@@ -34,6 +35,7 @@ class ClientPool(Mapping[str, SiteClient]):
         loss_fn: LossFn,
         num_classes: int,
         state: ClientStateStore,
+        policies: Mapping[str, SitePolicy] | None = None,
     ) -> None:
         self.packed = packed
         self.model_factory = model_factory
@@ -43,6 +45,7 @@ class ClientPool(Mapping[str, SiteClient]):
         self.loss_fn = loss_fn
         self.num_classes = num_classes
         self.state = state
+        self.policies = dict(policies or {})
         self._test_sizes = packed.test_sizes().tolist()
 
     def __getitem__(self, client_id: str) -> SiteClient:
@@ -50,7 +53,12 @@ class ClientPool(Mapping[str, SiteClient]):
             client_id, self.packed[client_id], model_factory=self.model_factory,
             algorithm=self.algorithm, pipeline=self.pipeline, settings=self.settings,
             loss_fn=self.loss_fn, num_classes=self.num_classes, state=self.state,
+            policy=self.policy(client_id),
         )
+
+    def policy(self, client_id: str) -> SitePolicy | None:
+        """The site's own policy (``"*"`` is the default for sites without one)."""
+        return self.policies.get(client_id, self.policies.get("*"))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.packed.client_ids)

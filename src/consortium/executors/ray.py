@@ -37,7 +37,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -54,6 +54,7 @@ from consortium.errors import ConfigError, ConsortiumError, MissingExtraError
 from consortium.executors.sequential import SequentialExecutor
 from consortium.executors.vectorized import VectorizedExecutor, _evaluate_packed, vectorizable
 from consortium.messages import EvaluationResult, Result, Task
+from consortium.privacy.policy import SitePolicy
 
 __all__ = ["RayExecutor"]
 
@@ -136,6 +137,7 @@ class _Round:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     num_classes: int
     vectorized: bool
+    policies: dict[str, SitePolicy] = field(default_factory=dict)
 
 
 def _fit_group(
@@ -148,7 +150,7 @@ def _fit_group(
     pool = ClientPool(
         data.packed(), model_factory=rnd.model_factory, algorithm=rnd.algorithm,
         pipeline=rnd.pipeline, settings=rnd.settings, loss_fn=rnd.loss_fn,
-        num_classes=rnd.num_classes, state=store,
+        num_classes=rnd.num_classes, state=store, policies=rnd.policies,
     )
     tasks = [rnd.tasks[i] for i in indices]
     if rnd.vectorized:
@@ -318,6 +320,7 @@ class RayExecutor:
         shared = self._ray.put(_Round(
             tuple(tasks), pool.model_factory, pool.algorithm, pool.pipeline, pool.settings,
             pool.loss_fn, pool.num_classes, vectorized=entry.reason is None,
+            policies=pool.policies,
         ))
         pending: dict[Any, list[int]] = {}
         for group in self._groups(tasks, pool, entry):

@@ -34,6 +34,7 @@ from consortium.errors import ConsortiumError
 from consortium.executors._linear_stack import LinearStack
 from consortium.executors.sequential import SequentialExecutor
 from consortium.messages import EvaluationResult, Result, Task
+from consortium.privacy.policy import record_release
 from consortium.types import Layout, Parameters
 
 __all__ = ["VectorizedExecutor", "vectorizable"]
@@ -97,6 +98,7 @@ class _Client:
     index: int
     examples: int
     steps: int
+    position: int
 
 
 class VectorizedExecutor:
@@ -179,11 +181,20 @@ class VectorizedExecutor:
             self._module = pool.model_factory()
         return self._module
 
-    def _prepare(self, tasks: Sequence[Task], pool: ClientPool) -> list[_Client]:
+    def _prepare(
+        self, tasks: Sequence[Task], pool: ClientPool
+    ) -> tuple[list[_Client], dict[int, Result]]:
         sizes = pool.packed.train_sizes()
         module = self._scratch(pool)
         out = []
-        for task in tasks:
+        refused: dict[int, Result] = {}
+        for k, task in enumerate(tasks):
+            policy = pool.policy(task.client_id)
+            if policy is not None:
+                reason = policy.review(task, pool.state.get(task.client_id))
+                if reason is not None:
+                    refused[k] = Result(task.round, task.client_id, None, error=reason, refused=True)
+                    continue
             i = pool.packed.index(task.client_id)
             n = int(sizes[i])
             ctx = TrainContext(
@@ -193,18 +204,20 @@ class VectorizedExecutor:
                 client_state=pool.state.get(task.client_id),
             )
             steps = steps_for_work(planned_steps(n, pool.settings), task.work)
-            out.append(_Client(task, ctx, pool.algorithm.local_terms(ctx), i, n, steps))
-        return out
+            out.append(_Client(task, ctx, pool.algorithm.local_terms(ctx), i, n, steps, k))
+        return out, refused
 
     def _fit_group(self, tasks: Sequence[Task], pool: ClientPool) -> Iterator[Result]:
         pool.algorithm.check_settings(pool.settings)
-        clients = self._prepare(tasks, pool)
-        order = sorted(range(len(clients)), key=lambda k: -clients[k].steps)
-        ranked = [clients[k] for k in order]
+        clients, results = self._prepare(tasks, pool)
+        if not clients:
+            for k in range(len(tasks)):
+                yield results[k]
+            return
+        ranked = sorted(clients, key=lambda c: -c.steps)
         deltas, losses, failed = self._train(ranked, pool)
-        results: dict[int, Result] = {}
         for pos, c in enumerate(ranked):
-            k = order[pos]
+            k = c.position
             if failed[pos]:
                 results[k] = Result(
                     c.task.round, c.task.client_id, None,
@@ -225,8 +238,9 @@ class VectorizedExecutor:
             except ConsortiumError as exc:
                 results[k] = Result(c.task.round, c.task.client_id, None, error=str(exc))
                 continue
+            record_release(c.ctx.client_state)
             results[k] = Result(c.task.round, c.task.client_id, update)
-        for k in range(len(clients)):
+        for k in range(len(tasks)):
             yield results[k]
 
     def _train(

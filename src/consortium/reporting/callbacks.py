@@ -32,6 +32,8 @@ class CallbackList:
         self._call("on_run_start", start_round, rounds)
 
     def on_round_end(self, record: dict[str, Any], state: Any) -> None:
+        # ``before_record`` hooks may add fields (epsilon ...) that every other callback sees.
+        self._call("before_record", record, state)
         self._call("on_round_end", record, state)
 
     def on_run_end(self, summary: dict[str, Any]) -> None:

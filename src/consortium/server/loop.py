@@ -7,7 +7,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from consortium.aggregation.base import Pipeline, PipelineState, RoundContext, StageState
+import torch
+
+from consortium.aggregation.base import (
+    Aggregate,
+    Pipeline,
+    PipelineState,
+    RoundContext,
+    StageState,
+)
 from consortium.algorithms.base import Algorithm
 from consortium.client.app import SiteClient
 from consortium.errors import ClientError
@@ -33,6 +41,8 @@ class RunState:
     algorithm: StageState
     last_metrics: dict[str, Any] = field(default_factory=dict)
     per_client: dict[str, dict[str, float]] = field(default_factory=dict)
+    participants: list[str] = field(default_factory=list)
+    """Clients whose updates went into the last round (for the privacy ledger)."""
 
 
 class Server:
@@ -91,14 +101,16 @@ class Server:
             Task(
                 round=rnd, client_id=cid, parameters=state.params,
                 seed=derive_seed(self.seed, "client", rnd, cid), payload=payload,
-                stage_payloads=stage_payloads, work=work[cid],
+                stage_payloads=stage_payloads, work=work[cid], cohort_size=len(participants),
             )
             for cid in participants
         ]
         results: list[Result] = []
+        expected = getattr(self.sampler, "expected_size", None)
         ctx = RoundContext(
             round=rnd, seed=derive_seed(self.seed, "server", rnd), population=len(ids),
             sampled=len(participants), layout=state.params.layout,
+            expected_clients=float(expected(len(ids))) if expected else 0.0,
         )
 
         def successful():
@@ -110,12 +122,19 @@ class Server:
         aggregate, pipeline_state = self.pipeline.aggregate(successful(), state.pipeline, ctx)
         updates = [r.update for r in results if r.update is not None]
         failed = {r.client_id: r.error for r in results if r.update is None}
-        if aggregate is None:
-            first = next(iter(failed.values()), "no client was sampled")
+        broken = [r.error for r in results if r.update is None and not r.refused]
+        if aggregate is None and broken:
+            first = broken[0]
             raise ClientError(f"round {rnd}: no client returned an update; first error: {first}")
-        delta, algorithm_state = self.algorithm.server_step(aggregate, state.algorithm, ctx)
-        new_vector, pipeline_state = self.pipeline.step(state.params.vector, delta, pipeline_state)
-        params = state.params.replace(new_vector)
+        if aggregate is None:  # an empty cohort, or every site refused: the model stays
+            params, algorithm_state = state.params, state.algorithm
+            aggregate = Aggregate(torch.zeros(0), 0.0, 0)
+        else:
+            delta, algorithm_state = self.algorithm.server_step(aggregate, state.algorithm, ctx)
+            new_vector, pipeline_state = self.pipeline.step(
+                state.params.vector, delta, pipeline_state
+            )
+            params = state.params.replace(new_vector)
 
         total_w = sum(u.weight for u in updates)
         record: dict[str, Any] = {
@@ -141,6 +160,7 @@ class Server:
         record["wall_s"] = time.perf_counter() - start
         new_state = RunState(
             round=rnd, params=params, pipeline=pipeline_state, algorithm=algorithm_state,
+            participants=[u.client_id for u in updates],
             last_metrics={k: v for k, v in record.items() if k != "failed"},
             per_client=per_client,
         )

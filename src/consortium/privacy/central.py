@@ -1,0 +1,142 @@
+"""Central (user-level) differential privacy: DP-FedAvg with fixed or adaptive clipping."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from consortium.aggregation.base import Aggregate, ClientContext, RoundContext, StageState
+from consortium.errors import ConfigError
+from consortium.seeds import derive_seed
+from consortium.types import Layout, Update
+
+__all__ = ["CentralDP", "central_dp", "update_noise_multiplier"]
+
+_UNCLIPPED = "dp.unclipped"
+
+
+def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
+    """Noise multiplier left for the updates when the clipping count also takes noise.
+
+    Andrew, Thakkar, McMahan, Ramaswamy, "Differentially Private Learning with Adaptive
+    Clipping", NeurIPS 2021, §3: releasing the count with noise ``σ_b`` and the updates with
+    ``z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2)`` costs the same privacy as one Gaussian mechanism with
+    multiplier ``z``.
+    """
+    rest = noise_multiplier**-2 - (2 * count_stddev) ** -2
+    if rest <= 0:
+        raise ConfigError(
+            f"adaptive clipping: the count noise σ_b = {count_stddev:g} is too small for noise "
+            f"multiplier {noise_multiplier:g} (need σ_b > z/2 = {noise_multiplier / 2:g}); "
+            "raise the count noise or the noise multiplier"
+        )
+    return rest**-0.5
+
+
+@dataclass(frozen=True)
+class CentralDP:
+    """DP-FedAvg (McMahan, Ramage, Talwar, Zhang, ICLR 2018).
+
+    Client half: clip the delta to L2 norm ``C``, send it with weight 1, and (adaptive) a bit
+    saying whether it was already within ``C``. Server half: add ``N(0, (z_Δ·C)²)`` to the
+    *sum* of the clipped deltas and divide by the *expected* number of clients (never the
+    realised count, which Poisson sampling makes private). With ``adaptive``, ``C`` follows
+    the ``target_quantile`` of the update norms (Andrew et al. 2021):
+    ``C ← C·exp(−clip_lr·(b̄ − target_quantile))``, where ``b̄`` is the noisy fraction of
+    *unclipped* updates (noise ``count_stddev``, default expected clients / 20).
+
+    The whole round is one Gaussian mechanism with multiplier ``noise_multiplier``; that is
+    what the accountant composes. Noise is drawn from a generator seeded by (run seed,
+    round), so a run can be repeated and resumed exactly; a deployment should draw it from
+    the operating system's randomness instead.
+    """
+
+    noise_multiplier: float
+    clip: float
+    adaptive: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_stddev: float = 0.0
+    name: str = "central_dp"
+    needs: frozenset[str] = frozenset()
+    gives: frozenset[str] = frozenset({"clipped", "central_dp"})
+
+    def init(self, layout: Layout) -> StageState:
+        return {"clip": float(self.clip)}
+
+    def broadcast(self, state: StageState) -> dict[str, Any]:
+        return {"clip": float(state["clip"]), "noise_multiplier": self.noise_multiplier}
+
+    def client(self, update: Update, payload: Mapping[str, Any], ctx: ClientContext) -> Update:
+        clip = float(payload["clip"])
+        norm = float(torch.linalg.vector_norm(update.delta))
+        scale = min(1.0, clip / norm) if norm > 0 else 1.0
+        extras = dict(update.extras)
+        extras[_UNCLIPPED] = torch.tensor([1.0 if norm <= clip else 0.0])
+        return dataclasses.replace(
+            update, delta=update.delta * scale, weight=1.0, extras=extras,
+            metrics={**update.metrics, "update_norm": norm},
+        )
+
+    def count_noise(self, expected_clients: float) -> float:
+        return self.count_stddev or expected_clients / 20.0
+
+    def server(
+        self, aggregate: Aggregate, state: StageState, ctx: RoundContext
+    ) -> tuple[Aggregate, StageState]:
+        clip = float(state["clip"])
+        expected = ctx.expected
+        gen = torch.Generator().manual_seed(derive_seed(ctx.seed, "central_dp") % 2**63)
+        sigma_b = self.count_noise(expected)
+        z = update_noise_multiplier(self.noise_multiplier, sigma_b) if self.adaptive else (
+            self.noise_multiplier
+        )
+        total = aggregate.delta.double() * aggregate.weight  # weights are 1: the sum
+        noise = torch.randn(total.shape, generator=gen, dtype=torch.float64) * (z * clip)
+        delta = ((total + noise) / expected).to(torch.float32)
+        extras = {k: v for k, v in aggregate.extras.items() if k != _UNCLIPPED}
+        info = {
+            **aggregate.info, "dp_clip": clip, "dp_noise_multiplier": self.noise_multiplier,
+            "dp_noise_stddev": z * clip / expected,
+        }
+        new_state = dict(state)
+        if self.adaptive:
+            unclipped = float(aggregate.extras[_UNCLIPPED][0])
+            noisy = unclipped + float(torch.randn((), generator=gen, dtype=torch.float64)) * sigma_b
+            fraction = noisy / expected
+            new_state["clip"] = clip * math.exp(-self.clip_lr * (fraction - self.target_quantile))
+            info["dp_unclipped_fraction"] = fraction
+        out = Aggregate(delta, aggregate.weight, aggregate.count, extras, info)
+        return out, new_state
+
+
+def central_dp(
+    noise_multiplier: float,
+    clip: float,
+    *,
+    adaptive: bool = False,
+    target_quantile: float = 0.5,
+    clip_lr: float = 0.2,
+    count_stddev: float = 0.0,
+) -> CentralDP:
+    """Central DP-FedAvg as one pipeline stage (see :class:`CentralDP`).
+
+    Raises:
+        ConfigError: a non-positive noise multiplier or clip norm, or a quantile outside (0, 1).
+    """
+    if not noise_multiplier > 0:
+        raise ConfigError(f"privacy.noise_multiplier = {noise_multiplier} must be > 0")
+    if not clip > 0:
+        raise ConfigError(f"privacy.clip = {clip} must be > 0")
+    if not 0 < target_quantile < 1:
+        raise ConfigError(f"privacy.target_quantile = {target_quantile} must be in (0, 1)")
+    if not clip_lr > 0:
+        raise ConfigError(f"privacy.clip_lr = {clip_lr} must be > 0")
+    if count_stddev < 0:
+        raise ConfigError(f"privacy.count_stddev = {count_stddev} must be >= 0 (0 = clients/20)")
+    return CentralDP(noise_multiplier, clip, adaptive, target_quantile, clip_lr, count_stddev)

@@ -1,0 +1,129 @@
+"""Site privacy policies: each site's own budget, checked by the site before it trains."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from consortium.errors import ConfigError
+from consortium.messages import Task
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["SitePolicy", "load_policies", "site_epsilon"]
+
+RELEASES = "privacy.releases"
+
+
+def site_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
+    """What ``releases`` Gaussian releases of this site's clipped update cost the site.
+
+    A site knows when it took part, so it cannot count on amplification by sampling: each
+    release is a plain Gaussian mechanism (``dp_accounting.GaussianDpEvent``), composed
+    with the RDP accountant. This is a conservative, site-verifiable bound.
+    """
+    if releases <= 0:
+        return 0.0
+    import dp_accounting
+
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(dp_accounting.GaussianDpEvent(noise_multiplier), releases)
+    return float(acc.get_epsilon(delta))
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """A site's rules: never spend more than ``max_epsilon`` at ``delta``; never contribute to
+    an aggregate with fewer than ``min_sites`` other sites in it (0 = no such rule)."""
+
+    max_epsilon: float = float("inf")
+    delta: float = 1e-5
+    min_sites: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.max_epsilon > 0:
+            raise ConfigError(f"site policy max_epsilon = {self.max_epsilon} must be > 0")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"site policy delta = {self.delta} must be in (0, 1)")
+        if self.min_sites < 0:
+            raise ConfigError(f"site policy min_sites = {self.min_sites} must be >= 0")
+
+    def review(self, task: Task, state: Mapping[str, torch.Tensor]) -> str | None:
+        """Why this site refuses ``task``, or ``None`` if it takes part."""
+        others = task.cohort_size - 1
+        if self.min_sites and others < self.min_sites:
+            return (
+                f"site {task.client_id!r} refuses round {task.round}: the aggregate would hold "
+                f"{others} other sites, its policy requires at least {self.min_sites}"
+            )
+        if self.max_epsilon == float("inf"):
+            return None
+        z = next(
+            (float(p["noise_multiplier"]) for p in task.stage_payloads if "noise_multiplier" in p),
+            None,
+        )
+        if z is None:
+            return (
+                f"site {task.client_id!r} refuses round {task.round}: the round releases its "
+                "update without differential privacy and its policy sets max_epsilon"
+            )
+        done = int(state[RELEASES][0]) if RELEASES in state else 0
+        after = site_epsilon(z, done + 1, self.delta)
+        if after > self.max_epsilon:
+            return (
+                f"site {task.client_id!r} refuses round {task.round}: taking part would bring its "
+                f"epsilon to {after:.3g} (delta {self.delta:g}), past its budget of "
+                f"{self.max_epsilon:g}"
+            )
+        return None
+
+
+def record_release(state: dict[str, torch.Tensor]) -> None:
+    """Count one more release of this site's update (call when the update is sent)."""
+    done = int(state[RELEASES][0]) if RELEASES in state else 0
+    state[RELEASES] = torch.tensor([float(done + 1)])
+
+
+def load_policies(path: str | Path) -> dict[str, SitePolicy]:
+    """Read site policies from TOML: ``[default]`` for every site, ``[sites.<id>]`` per site.
+
+    Raises:
+        ConfigError: a missing or invalid file, or an unknown key.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"site policy file {str(p)!r} does not exist (privacy.site_policies)")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"site policy file {str(p)!r} is not valid TOML: {exc}") from exc
+    allowed = {"max_epsilon", "delta", "min_sites"}
+
+    def build(table: object, where: str) -> SitePolicy:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} in {str(p)!r} must be a table")
+        unknown = set(table) - allowed
+        if unknown:
+            raise ConfigError(
+                f"unknown key {sorted(unknown)[0]!r} in {where} of {str(p)!r}; allowed: "
+                f"{', '.join(sorted(allowed))}"
+            )
+        return SitePolicy(**table)
+
+    out: dict[str, SitePolicy] = {}
+    if "default" in data:
+        out["*"] = build(data["default"], "[default]")
+    for cid, table in dict(data.get("sites", {})).items():
+        merged = {**data.get("default", {}), **table} if isinstance(table, dict) else table
+        out[str(cid)] = build(merged, f"[sites.{cid}]")
+    extra = set(data) - {"default", "sites"}
+    if extra:
+        raise ConfigError(f"unknown section {sorted(extra)[0]!r} in {str(p)!r}; use [default] and [sites.<id>]")
+    return out
