@@ -118,7 +118,7 @@ class SimulationConfig:
 class PrivacyConfig:
     """Central DP (DP-FedAvg). ``noise_multiplier = 0`` with ``target_epsilon > 0`` calibrates."""
 
-    mode: Literal["none", "central"] = "none"
+    mode: Literal["none", "central", "local"] = "none"
     noise_multiplier: float = 0.0
     clip: float = 1.0
     adaptive: bool = False
@@ -219,6 +219,11 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(p.count_stddev >= 0, "privacy.count_stddev", p.count_stddev, "a number >= 0 (0 = clients/20)")
     need(0 < p.delta < 1, "privacy.delta", p.delta, "a number in (0, 1)")
     need(p.target_epsilon >= 0, "privacy.target_epsilon", p.target_epsilon, "a number >= 0")
+    if p.mode == "local" and not (p.noise_multiplier > 0 and p.target_epsilon == 0):
+        raise ConfigError(
+            "privacy.mode = \"local\" (DP-SGD in each site) needs privacy.noise_multiplier > 0; "
+            "target_epsilon calibrates central DP only"
+        )
     if p.mode == "central" and not (p.noise_multiplier > 0) ^ (p.target_epsilon > 0):
         raise ConfigError(
             "privacy.mode = \"central\" needs exactly one of privacy.noise_multiplier (the noise) "

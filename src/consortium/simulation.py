@@ -24,7 +24,7 @@ from consortium.errors import CheckpointError, ConfigError
 from consortium.executors import Executor, build_executor
 from consortium.models.zoo import check_fits
 from consortium.models.zoo import model_factory as zoo_factory
-from consortium.privacy.ledger import PrivacyLedger
+from consortium.privacy.ledger import LocalPrivacyLedger, PrivacyLedger
 from consortium.privacy.plan import plan_central_dp
 from consortium.privacy.policy import load_policies
 from consortium.reporting.callbacks import CallbackList, MetricsLog, ProgressBar, read_metrics
@@ -156,13 +156,20 @@ def simulate(
     sampler = sampler or (
         plan.sampler if plan else UniformSampler(cfg.sampling.clients_per_round, cfg.sampling.fraction)
     )
-    ledger = (
-        PrivacyLedger(
+    ledger_path = run_dir / "privacy.json" if run_dir is not None else None
+    ledger: PrivacyLedger | LocalPrivacyLedger | None = None
+    if plan:
+        ledger = PrivacyLedger(
             plan.mechanism, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
-            path=run_dir / "privacy.json" if run_dir is not None else None,
+            path=ledger_path,
         )
-        if plan else None
-    )
+    elif cfg.privacy.mode == "local":
+        sizes = dataset.packed().train_sizes().tolist()
+        ledger = LocalPrivacyLedger(
+            dict(zip(dataset.client_ids, (int(n) for n in sizes))),
+            batch_size=cfg.algorithm.batch_size, noise_multiplier=cfg.privacy.noise_multiplier,
+            delta=cfg.privacy.delta, accountant=cfg.privacy.accountant, path=ledger_path,
+        )
     per_round = sampler.size(len(dataset.clients)) if hasattr(sampler, "size") else len(dataset.clients)
     e = cfg.executor
     executor = executor or build_executor(
@@ -172,6 +179,8 @@ def simulate(
     settings = LocalTraining(
         epochs=a.local_epochs, steps=a.local_steps, batch_size=a.batch_size, lr=a.lr,
         optimizer=a.optimizer, momentum=a.momentum, weight_decay=a.weight_decay,
+        dp_clip=cfg.privacy.clip if cfg.privacy.mode == "local" else 0.0,
+        dp_noise=cfg.privacy.noise_multiplier if cfg.privacy.mode == "local" else 0.0,
     )
 
     check = getattr(algorithm, "check_settings", None)

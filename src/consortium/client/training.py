@@ -34,6 +34,14 @@ class LocalTraining:
     optimizer: str = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
+    dp_clip: float = 0.0
+    """Local DP-SGD: per-example clip norm (0 = off)."""
+    dp_noise: float = 0.0
+    """Local DP-SGD: noise multiplier on the clipped per-example gradient sum."""
+
+    @property
+    def local_dp(self) -> bool:
+        return self.dp_clip > 0
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,9 @@ def train_locally(
     params = [p for p in all_params if p.requires_grad]
     opt = make_optimizer(params, settings)
     module.train()
+    if settings.local_dp:
+        return _train_private(module, data, settings, opt, all_params, loss_fn=loss_fn,
+                              seed=seed, steps=steps, terms=terms)
     total = 0.0
     for step, idx in enumerate(batch_indices(len(data), steps, settings.batch_size, seed=seed)):
         opt.zero_grad(set_to_none=True)
@@ -156,3 +167,39 @@ def train_locally(
         opt.step()
         total += float(loss.detach())
     return TrainStats(steps=steps, mean_loss=total / max(steps, 1), examples=len(data))
+
+
+def _train_private(
+    module: torch.nn.Module,
+    data: Split,
+    settings: LocalTraining,
+    opt: torch.optim.Optimizer,
+    all_params: list[torch.nn.Parameter],
+    *,
+    loss_fn: LossFn,
+    seed: int,
+    steps: int,
+    terms: LocalTerms | None,
+) -> TrainStats:
+    """DP-SGD steps (see :mod:`consortium.client.dp_sgd`); the optimiser then applies
+    momentum and weight decay to the private gradient, as Opacus does."""
+    from consortium.client.dp_sgd import poisson_batches, private_step
+
+    n = len(data)
+    rate = min(1.0, settings.batch_size / n)
+    losses = []
+    for step, idx in enumerate(poisson_batches(n, steps, rate, seed=seed)):
+        opt.zero_grad(set_to_none=True)
+        loss = private_step(
+            module, data, idx, loss_fn=loss_fn, clip=settings.dp_clip,
+            noise_multiplier=settings.dp_noise, expected_batch=rate * n, seed=seed, step=step,
+        )
+        if loss is not None:
+            if not math.isfinite(loss):
+                raise ClientError(f"the local loss became {loss} after {step} steps; lower algorithm.lr")
+            losses.append(loss)
+        if terms is not None and terms.active:
+            apply_terms(all_params, terms)
+        opt.step()
+    mean = sum(losses) / len(losses) if losses else float("nan")
+    return TrainStats(steps=steps, mean_loss=mean, examples=n)

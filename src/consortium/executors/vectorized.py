@@ -46,6 +46,8 @@ def vectorizable(pool: Mapping[str, SiteClient]) -> str | None:
         return "the clients are not a ClientPool over packed data"
     if pool.settings.optimizer != "sgd":
         return f"local optimizer {pool.settings.optimizer!r} (only 'sgd', with momentum, is batched)"
+    if pool.settings.local_dp:
+        return "local DP-SGD (per-example clipping is not batched across clients yet)"
     if pool.loss_fn is not F.cross_entropy:
         return "a custom loss function (only cross-entropy is batched)"
     module = pool.model_factory()

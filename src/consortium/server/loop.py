@@ -43,6 +43,8 @@ class RunState:
     per_client: dict[str, dict[str, float]] = field(default_factory=dict)
     participants: list[str] = field(default_factory=list)
     """Clients whose updates went into the last round (for the privacy ledger)."""
+    participant_steps: dict[str, int] = field(default_factory=dict)
+    """Local steps each of them took (local DP accounting)."""
 
 
 class Server:
@@ -161,6 +163,7 @@ class Server:
         new_state = RunState(
             round=rnd, params=params, pipeline=pipeline_state, algorithm=algorithm_state,
             participants=[u.client_id for u in updates],
+            participant_steps={u.client_id: int(u.metrics.get("steps", 0)) for u in updates},
             last_metrics={k: v for k, v in record.items() if k != "failed"},
             per_client=per_client,
         )
