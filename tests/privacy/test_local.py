@@ -88,10 +88,16 @@ def test_per_site_epsilon_is_dp_accountings(tmp_path) -> None:
     assert (tmp_path / "r" / "privacy.json").exists()
 
 
-def test_vectorised_executor_falls_back_and_agrees(capsys) -> None:
-    toy = make_toy(3)
-    a = consortium.simulate(LOCAL, dataset=toy, executor=SequentialExecutor())
-    b = consortium.simulate(LOCAL, dataset=toy, executor=VectorizedExecutor())
-    assert torch.equal(a.params.vector, b.params.vector)
-    assert "local DP-SGD" in capsys.readouterr().err
+@pytest.mark.parametrize("model", [{"name": "logistic"}, {"name": "mlp", "hidden": [6]}])
+@pytest.mark.parametrize("algorithm", ["fedavg", "scaffold"])
+def test_vectorised_dp_sgd_equals_the_sequential_one(capsys, model, algorithm) -> None:
+    toy = make_toy(4, sizes=[40, 64, 30, 17])
+    cfg = {**LOCAL, "model": model, "algorithm": {**LOCAL["algorithm"], "name": algorithm,
+                                                  "momentum": 0.5}}
+    a = consortium.simulate(cfg, dataset=toy, executor=SequentialExecutor())
+    b = consortium.simulate(cfg, dataset=toy, executor=VectorizedExecutor())
+    assert torch.allclose(a.params.vector, b.params.vector, atol=1e-5, rtol=0)
+    assert "cannot batch" not in capsys.readouterr().err
+    for ra, rb in zip(a.history, b.history):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-5)
     assert math.isfinite(a.summary["final"]["accuracy"])

@@ -26,6 +26,7 @@ from torch.func import functional_call, vmap
 from consortium.aggregation.base import ClientContext
 from consortium.algorithms.base import LocalResult, TrainContext
 from consortium.client.app import SiteClient
+from consortium.client.dp_sgd import poisson_batches
 from consortium.client.evaluation import auc_binary
 from consortium.client.pool import ClientPool
 from consortium.client.training import LocalTerms, planned_steps, steps_for_work
@@ -35,6 +36,7 @@ from consortium.executors._linear_stack import LinearStack
 from consortium.executors.sequential import SequentialExecutor
 from consortium.messages import EvaluationResult, Result, Task
 from consortium.privacy.policy import record_release
+from consortium.seeds import derive_seed
 from consortium.types import Layout, Parameters
 
 __all__ = ["VectorizedExecutor", "vectorizable"]
@@ -46,8 +48,6 @@ def vectorizable(pool: Mapping[str, SiteClient]) -> str | None:
         return "the clients are not a ClientPool over packed data"
     if pool.settings.optimizer != "sgd":
         return f"local optimizer {pool.settings.optimizer!r} (only 'sgd', with momentum, is batched)"
-    if pool.settings.local_dp:
-        return "local DP-SGD (per-example clipping is not batched across clients yet)"
     if pool.loss_fn is not F.cross_entropy:
         return "a custom loss function (only cross-entropy is batched)"
     module = pool.model_factory()
@@ -90,6 +90,64 @@ def _autograd_loss_and_grad(forward, params, x, y, valid, counts):  # type: igno
     per_client = (ce * valid).sum(1) / counts
     (grad,) = torch.autograd.grad(per_client.sum(), p)
     return per_client.detach(), grad
+
+
+class _PrivateSteps:
+    """Batched DP-SGD (Abadi et al. 2016) for a group of clients: the same Poisson batches,
+    per-example clipping and noise draws as :mod:`consortium.client.dp_sgd`, with per-example
+    gradients from ``vmap(vmap(grad))`` over clients and examples."""
+
+    def __init__(self, ranked: list[_Client], pool: ClientPool, module: torch.nn.Module,
+                 layout: Layout) -> None:
+        s = pool.settings
+        self.clip, self.noise = s.dp_clip, s.dp_noise
+        self.rates = [min(1.0, s.batch_size / c.examples) for c in ranked]
+        self.batches = [
+            poisson_batches(c.examples, c.steps, rate, seed=c.task.seed)
+            for c, rate in zip(ranked, self.rates)
+        ]
+        self.seeds = [c.task.seed for c in ranked]
+        self.offsets = [int(pool.packed.train_offsets[c.index]) for c in ranked]
+        self.expected = torch.tensor(
+            [rate * c.examples for rate, c in zip(self.rates, ranked)], dtype=torch.float64
+        )
+        self.x, self.y = pool.packed.train.x, pool.packed.train.y
+        single = _forward_fn(module, layout)
+        self.forward = vmap(single)
+
+        def one(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(single(flat, x.unsqueeze(0)), y.unsqueeze(0))
+
+        self.per_example = vmap(vmap(torch.func.grad(one), in_dims=(None, 0, 0)))
+        self.d = layout.size
+
+    def step(self, s: int, m: int, params: torch.Tensor):  # type: ignore[no-untyped-def]
+        lists = [self.batches[k][s] for k in range(m)]
+        b = max(1, max(len(i) for i in lists))
+        index = torch.full((m, b), -1, dtype=torch.int64)
+        for k, idx in enumerate(lists):
+            index[k, : len(idx)] = idx + self.offsets[k]
+        valid = index >= 0
+        safe = index.clamp(min=0)
+        xb, yb = self.x[safe], self.y[safe]
+        per = self.per_example(params, xb, yb).double() * valid.unsqueeze(-1)
+        norms = torch.linalg.vector_norm(per, dim=2)
+        factor = torch.clamp(self.clip / torch.clamp(norms, min=1e-12), max=1.0)
+        total = (per * factor.unsqueeze(-1)).sum(1)
+        noise = torch.stack([
+            torch.randn(self.d, dtype=torch.float64, generator=torch.Generator().manual_seed(
+                derive_seed(self.seeds[k], "dp-noise", s) % 2**63))
+            for k in range(m)
+        ]) * (self.noise * self.clip)
+        grad = ((total + noise) / self.expected[:m, None]).to(torch.float32)
+        with torch.no_grad():
+            logits = self.forward(params, xb)
+            ce = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="none"
+            ).view(m, b)
+            counts = valid.sum(1)
+            loss = (ce * valid).sum(1) / counts.clamp(min=1)
+        return loss, grad, counts > 0
 
 
 @dataclass
@@ -286,22 +344,31 @@ class VectorizedExecutor:
         loss_sum = torch.zeros(k, dtype=torch.float64)
         failed = torch.zeros(k, dtype=torch.bool)
         x_all, y_all = pool.packed.train.x, pool.packed.train.y
+        private = _PrivateSteps(ranked, pool, module, layout) if settings.local_dp else None
+        nonempty = torch.zeros(k, dtype=torch.float64)
 
         for s in range(s_max):
             m = int((steps > s).sum())  # the active clients are a prefix of the ranking
-            idx = index[:m, s]
-            valid = idx >= 0
-            safe = idx.clamp(min=0)
-            xb, yb = x_all[safe], y_all[safe]
-            counts = valid.sum(1)
-            if stack is not None:
-                per_client, grad = stack.loss_and_grad(params[:m], xb, yb, valid, counts)
+            if private is not None:
+                per_client, grad, has = private.step(s, m, params[:m])
             else:
-                per_client, grad = _autograd_loss_and_grad(forward, params[:m], xb, yb, valid, counts)
+                idx = index[:m, s]
+                valid = idx >= 0
+                safe = idx.clamp(min=0)
+                xb, yb = x_all[safe], y_all[safe]
+                counts = valid.sum(1)
+                if stack is not None:
+                    per_client, grad = stack.loss_and_grad(params[:m], xb, yb, valid, counts)
+                else:
+                    per_client, grad = _autograd_loss_and_grad(
+                        forward, params[:m], xb, yb, valid, counts
+                    )
+                has = torch.ones(m, dtype=torch.bool)
             with torch.no_grad():
-                finite = torch.isfinite(per_client)
+                finite = torch.isfinite(per_client) | ~has
                 failed[:m] |= ~finite
-                loss_sum[:m] += torch.where(finite, per_client, 0).double()
+                loss_sum[:m] += torch.where(finite & has, per_client, 0).double()
+                nonempty[:m] += has.double()
                 if use_prox:
                     grad += mu[:m, None] * (params[:m] - anchor[:m])  # type: ignore[index]
                 if use_offset:
@@ -314,6 +381,11 @@ class VectorizedExecutor:
                 else:
                     params[:m] -= lr * grad
         deltas = params - global_vec
+        if private is not None:
+            # DP-SGD reports the mean over non-empty Poisson batches (as the sequential loop);
+            # the caller divides by the step count
+            mean = torch.where(nonempty > 0, loss_sum / nonempty.clamp(min=1), float("nan"))
+            loss_sum = mean * steps.double()
         return deltas, loss_sum.tolist(), failed.tolist()
 
     # -- evaluation ----------------------------------------------------------------------------
