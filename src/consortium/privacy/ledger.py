@@ -11,6 +11,18 @@ from consortium.privacy.accountant import RoundMechanism, epsilon
 __all__ = ["LocalPrivacyLedger", "PrivacyLedger"]
 
 
+def write_ledger(
+    path: Path | None, accountant: str, delta: float, relation: str, entries: list[dict[str, Any]]
+) -> None:
+    """Write ``privacy.json`` atomically (a stop mid-write leaves the previous version)."""
+    if path is None:
+        return
+    body = {"accountant": accountant, "delta": delta, "neighbouring": relation, "releases": entries}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body, indent=1), encoding="utf-8")
+    tmp.replace(path)
+
+
 class PrivacyLedger:
     """A callback that accounts each round's release and records it.
 
@@ -75,18 +87,10 @@ class PrivacyLedger:
         }
 
     def _write(self) -> None:
-        if self.path is None:
-            return
-        body = {
-            "accountant": self.accountant,
-            "delta": self.delta,
-            "neighbouring": "add/remove one client"
-            if self.mechanism.sampling == "poisson" else "replace one client",
-            "releases": self.entries,
-        }
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body, indent=1), encoding="utf-8")
-        tmp.replace(self.path)
+        relation = (
+            "add/remove one client" if self.mechanism.sampling == "poisson" else "replace one client"
+        )
+        write_ledger(self.path, self.accountant, self.delta, relation, self.entries)
 
 
 class LocalPrivacyLedger:
@@ -159,14 +163,5 @@ class LocalPrivacyLedger:
         }
 
     def _write(self) -> None:
-        if self.path is None:
-            return
-        body = {
-            "accountant": self.accountant,
-            "delta": self.delta,
-            "neighbouring": "add/remove one example at a site",
-            "releases": self.entries,
-        }
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body, indent=1), encoding="utf-8")
-        tmp.replace(self.path)
+        relation = "add/remove one example at a site"
+        write_ledger(self.path, self.accountant, self.delta, relation, self.entries)
