@@ -35,7 +35,7 @@ def test_every_clipped_update_is_within_the_bound_and_weighted_one() -> None:
     for u in client_updates(stage, 8):
         assert float(torch.linalg.vector_norm(u.delta)) <= 2.0 + 1e-5
         assert u.weight == 1.0
-        assert float(u.extras["dp.unclipped"][0]) in (0.0, 1.0)
+        assert float(u.extras["dp.unclipped"][0]) in (-0.5, 0.5)  # the centred bit
 
 
 def test_noise_has_the_stated_standard_deviation() -> None:
@@ -86,8 +86,8 @@ def test_adaptive_clipping_converges_to_the_target_quantile() -> None:
     n = 100
     for r in range(1, 400):
         norms = torch.distributions.LogNormal(0.0, 0.5).sample((n,))  # true 0.8-quantile: e^{0.5·0.8416}
-        unclipped = float((norms <= state["clip"]).sum())
-        agg = Aggregate(torch.zeros(4), float(n), n, {"dp.unclipped": torch.tensor([unclipped])})
+        centred = float((norms <= state["clip"]).sum()) - n / 2  # Σ (b_i − ½)
+        agg = Aggregate(torch.zeros(4), float(n), n, {"dp.unclipped": torch.tensor([centred])})
         rc = RoundContext(r, int(torch.randint(0, 2**30, (), generator=g)), 1000, n, small,
                           expected_clients=float(n))
         _, state = stage.server(agg, state, rc)
@@ -100,3 +100,20 @@ def test_bad_settings() -> None:
         central_dp(1.0, 0.0)
     with pytest.raises(ConfigError, match="target_quantile"):
         central_dp(1.0, 1.0, target_quantile=1.0)
+
+
+def test_update_and_count_noise_together_cost_one_gaussian_of_multiplier_z() -> None:
+    """The accounting of adaptive clipping, the count query included: the update released with
+    z_Δ (sensitivity C) and the centred count with σ_b (sensitivity ½) compose to exactly the
+    Gaussian mechanism with multiplier z that the accountant charges."""
+    import dp_accounting
+
+    z, sigma_b = 1.1, 2.0
+    z_update = update_noise_multiplier(z, sigma_b)
+    for make in (dp_accounting.rdp.RdpAccountant, dp_accounting.pld.PLDAccountant):
+        both = make().compose(dp_accounting.ComposedDpEvent([
+            dp_accounting.GaussianDpEvent(z_update),
+            dp_accounting.GaussianDpEvent(2 * sigma_b),  # σ_b / sensitivity ½
+        ]), 20)
+        one = make().compose(dp_accounting.GaussianDpEvent(z), 20)
+        assert both.get_epsilon(1e-5) == pytest.approx(one.get_epsilon(1e-5), rel=1e-3)

@@ -101,3 +101,21 @@ def test_vectorised_dp_sgd_equals_the_sequential_one(capsys, model, algorithm) -
     for ra, rb in zip(a.history, b.history):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-5)
     assert math.isfinite(a.summary["final"]["accuracy"])
+
+
+@pytest.mark.parametrize("executor", [SequentialExecutor, VectorizedExecutor])
+def test_site_budget_under_local_dp(tmp_path, executor) -> None:
+    from consortium.privacy.accountant import RoundMechanism, epsilon
+
+    toy = make_toy(3, sizes=[32, 48, 64])
+    per_round = planned_steps(32, LocalTraining(batch_size=16))  # c0: 2 steps a round
+    mech = RoundMechanism(1.2, "poisson", rate=16 / 32)
+    budget = (epsilon(mech, 2 * per_round, 1e-5) + epsilon(mech, 3 * per_round, 1e-5)) / 2
+    policies = tmp_path / "p.toml"
+    policies.write_text(f"[sites.c0]\nmax_epsilon = {budget}\n")
+    cfg = {**LOCAL, "rounds": 4, "privacy": {**LOCAL["privacy"], "site_policies": str(policies)}}
+    result = consortium.simulate(cfg, dataset=toy, executor=executor())
+    rounds_in = [r["round"] for r in result.history if "c0" not in r.get("failed", {})]
+    assert rounds_in == [1, 2]
+    assert "DP-SGD steps" in result.history[2]["failed"]["c0"]
+    assert result.summary["privacy"]["site_epsilon"]["c0"] <= budget

@@ -54,7 +54,9 @@ class SiteClient:
         """Train on the task; a ``ConsortiumError`` becomes a :class:`Result` with ``error``."""
         client_state = self.state.get(self.client_id)
         if self.policy is not None:
-            reason = self.policy.review(task, client_state)
+            reason = self.policy.review(
+                task, client_state, settings=self.settings, examples=len(self.data.train)
+            )
             if reason is not None:
                 return Result(task.round, self.client_id, None, error=reason, refused=True)
         module = module if module is not None else self.model_factory()
@@ -78,7 +80,8 @@ class SiteClient:
             )
         except ConsortiumError as exc:
             return Result(task.round, self.client_id, None, error=str(exc))
-        record_release(client_state)
+        steps = int(update.metrics.get("steps", 0)) if self.settings.local_dp else 0
+        record_release(client_state, steps=steps)
         return Result(task.round, self.client_id, update)
 
     def evaluate(self, task: Task, *, module: torch.nn.Module | None = None) -> EvaluationResult:

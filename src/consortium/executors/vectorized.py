@@ -251,7 +251,10 @@ class VectorizedExecutor:
         for k, task in enumerate(tasks):
             policy = pool.policy(task.client_id)
             if policy is not None:
-                reason = policy.review(task, pool.state.get(task.client_id))
+                n = int(sizes[pool.packed.index(task.client_id)])
+                reason = policy.review(
+                    task, pool.state.get(task.client_id), settings=pool.settings, examples=n
+                )
                 if reason is not None:
                     refused[k] = Result(task.round, task.client_id, None, error=reason, refused=True)
                     continue
@@ -298,7 +301,7 @@ class VectorizedExecutor:
             except ConsortiumError as exc:
                 results[k] = Result(c.task.round, c.task.client_id, None, error=str(exc))
                 continue
-            record_release(c.ctx.client_state)
+            record_release(c.ctx.client_state, steps=c.steps if pool.settings.local_dp else 0)
             results[k] = Result(c.task.round, c.task.client_id, update)
         for k in range(len(tasks)):
             yield results[k]

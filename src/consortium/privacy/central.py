@@ -42,8 +42,8 @@ def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> flo
 class CentralDP:
     """DP-FedAvg (McMahan, Ramage, Talwar, Zhang, ICLR 2018).
 
-    Client half: clip the delta to L2 norm ``C``, send it with weight 1, and (adaptive) a bit
-    saying whether it was already within ``C``. Server half: add ``N(0, (z_Δ·C)²)`` to the
+    Client half: clip the delta to L2 norm ``C``, send it with weight 1, and a centred bit
+    ``b − ½`` where ``b`` says whether the delta was already within ``C``. Server half: add ``N(0, (z_Δ·C)²)`` to the
     *sum* of the clipped deltas and divide by the *expected* number of clients (never the
     realised count, which Poisson sampling makes private). With ``adaptive``, ``C`` follows
     the ``target_quantile`` of the update norms (Andrew et al. 2021):
@@ -77,7 +77,9 @@ class CentralDP:
         norm = float(torch.linalg.vector_norm(update.delta))
         scale = min(1.0, clip / norm) if norm > 0 else 1.0
         extras = dict(update.extras)
-        extras[_UNCLIPPED] = torch.tensor([1.0 if norm <= clip else 0.0])
+        # centred bit b − ½: adding or removing a client moves the sum by at most ½, the
+        # sensitivity under which the count costs (2σ_b)⁻² of the budget (Andrew et al. §3)
+        extras[_UNCLIPPED] = torch.tensor([0.5 if norm <= clip else -0.5])
         return dataclasses.replace(
             update, delta=update.delta * scale, weight=1.0, extras=extras,
             metrics={**update.metrics, "update_norm": norm},
@@ -106,9 +108,9 @@ class CentralDP:
         }
         new_state = dict(state)
         if self.adaptive:
-            unclipped = float(aggregate.extras[_UNCLIPPED][0])
-            noisy = unclipped + float(torch.randn((), generator=gen, dtype=torch.float64)) * sigma_b
-            fraction = noisy / expected
+            centred = float(aggregate.extras[_UNCLIPPED][0])  # Σ (b_i − ½)
+            noisy = centred + float(torch.randn((), generator=gen, dtype=torch.float64)) * sigma_b
+            fraction = noisy / expected + 0.5
             new_state["clip"] = clip * math.exp(-self.clip_lr * (fraction - self.target_quantile))
             info["dp_unclipped_fraction"] = fraction
         out = Aggregate(delta, aggregate.weight, aggregate.count, extras, info)

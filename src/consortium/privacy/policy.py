@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from consortium.client.training import LocalTraining
 from consortium.errors import ConfigError
 from consortium.messages import Task
 
@@ -20,6 +21,7 @@ else:  # pragma: no cover
 __all__ = ["SitePolicy", "load_policies", "site_epsilon"]
 
 RELEASES = "privacy.releases"
+DP_STEPS = "privacy.dp_steps"
 
 
 def site_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
@@ -55,8 +57,20 @@ class SitePolicy:
         if self.min_sites < 0:
             raise ConfigError(f"site policy min_sites = {self.min_sites} must be >= 0")
 
-    def review(self, task: Task, state: Mapping[str, torch.Tensor]) -> str | None:
-        """Why this site refuses ``task``, or ``None`` if it takes part."""
+    def review(
+        self,
+        task: Task,
+        state: Mapping[str, torch.Tensor],
+        *,
+        settings: LocalTraining | None = None,
+        examples: int = 0,
+    ) -> str | None:
+        """Why this site refuses ``task``, or ``None`` if it takes part.
+
+        Under local DP (``settings.local_dp``) the spend is the site's DP-SGD accounting over
+        all its local steps, this task's included; otherwise it counts the central releases of
+        its update it took part in.
+        """
         others = task.cohort_size - 1
         if self.min_sites and others < self.min_sites:
             return (
@@ -65,6 +79,8 @@ class SitePolicy:
             )
         if self.max_epsilon == float("inf"):
             return None
+        if settings is not None and settings.local_dp:
+            return self._review_local(task, state, settings, examples)
         z = next(
             (float(p["noise_multiplier"]) for p in task.stage_payloads if "noise_multiplier" in p),
             None,
@@ -85,10 +101,33 @@ class SitePolicy:
         return None
 
 
-def record_release(state: dict[str, torch.Tensor]) -> None:
-    """Count one more release of this site's update (call when the update is sent)."""
+    def _review_local(
+        self, task: Task, state: Mapping[str, torch.Tensor], settings: LocalTraining, examples: int
+    ) -> str | None:
+        from consortium.client.training import planned_steps, steps_for_work
+        from consortium.privacy.accountant import RoundMechanism, epsilon
+
+        done = int(state[DP_STEPS][0]) if DP_STEPS in state else 0
+        steps = steps_for_work(planned_steps(examples, settings), task.work)
+        rate = min(1.0, settings.batch_size / examples)
+        after = epsilon(RoundMechanism(settings.dp_noise, "poisson", rate=rate), done + steps,
+                        self.delta)
+        if after > self.max_epsilon:
+            return (
+                f"site {task.client_id!r} refuses round {task.round}: {steps} more DP-SGD steps "
+                f"would bring its epsilon to {after:.3g} (delta {self.delta:g}), past its budget "
+                f"of {self.max_epsilon:g}"
+            )
+        return None
+
+
+def record_release(state: dict[str, torch.Tensor], *, steps: int = 0) -> None:
+    """Count one more release of this site's update, and its local DP-SGD steps."""
     done = int(state[RELEASES][0]) if RELEASES in state else 0
     state[RELEASES] = torch.tensor([float(done + 1)])
+    if steps:
+        taken = int(state[DP_STEPS][0]) if DP_STEPS in state else 0
+        state[DP_STEPS] = torch.tensor([float(taken + steps)])
 
 
 def load_policies(path: str | Path) -> dict[str, SitePolicy]:
