@@ -9,6 +9,7 @@
     ├── PipelineError        stages that cannot be combined
     ├── ClientError          a client failed while training or evaluating
     ├── CheckpointError      a run directory that cannot be resumed
+    ├── DecryptionError      a secure-aggregation ciphertext failed authentication
     └── MissingExtraError    an optional dependency is not installed
 
 Messages say what was expected, what was found, and how to fix it. The CLI maps
@@ -23,6 +24,7 @@ __all__ = [
     "ConfigError",
     "ConsortiumError",
     "DataError",
+    "DecryptionError",
     "MissingExtraError",
     "ModelError",
     "PipelineError",
@@ -55,6 +57,10 @@ class ClientError(ConsortiumError, RuntimeError):
 
 class CheckpointError(ConsortiumError, RuntimeError):
     """A run directory cannot be resumed."""
+
+
+class DecryptionError(ConsortiumError):
+    """A ciphertext failed authentication: it was altered, or key or associated data differ."""
 
 
 class MissingExtraError(ConsortiumError, ImportError):

@@ -1,0 +1,45 @@
+"""Secure-aggregation primitives (SecAgg+, Bell et al. 2020; Bonawitz et al. 2017).
+
+Quantisation to integers, ChaCha20 mask expansion, Shamir sharing of 32-byte secrets, and
+X25519 / HKDF / AES-GCM for the keys and encrypted shares. The protocol built on them is not here
+yet. Needs the ``cryptography`` package.
+"""
+
+from consortium.secagg.crypto import (
+    DecryptionError,
+    KeyPair,
+    decrypt,
+    encrypt,
+    generate_keypair,
+    public_bytes,
+    shared_key,
+)
+from consortium.secagg.masks import apply_mask, expand_mask, mask_sign, pairwise_seed
+from consortium.secagg.quantize import (
+    dequantize_sum,
+    quantization_error_bound,
+    quantization_step,
+    quantize,
+)
+from consortium.secagg.shamir import Share, combine_shares, split_secret
+
+__all__ = [
+    "DecryptionError",
+    "KeyPair",
+    "Share",
+    "apply_mask",
+    "combine_shares",
+    "decrypt",
+    "dequantize_sum",
+    "encrypt",
+    "expand_mask",
+    "generate_keypair",
+    "mask_sign",
+    "pairwise_seed",
+    "public_bytes",
+    "quantization_error_bound",
+    "quantization_step",
+    "quantize",
+    "shared_key",
+    "split_secret",
+]
