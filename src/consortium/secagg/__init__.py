@@ -1,8 +1,8 @@
 """Secure-aggregation primitives (SecAgg+, Bell et al. 2020; Bonawitz et al. 2017).
 
 Quantisation to integers, ChaCha20 mask expansion, Shamir sharing of 32-byte secrets, and
-X25519 / HKDF / AES-GCM for the keys and encrypted shares. The protocol built on them is not here
-yet. Needs the ``cryptography`` package.
+X25519 / HKDF / AES-GCM for the keys and encrypted shares, and the SecAgg+ client and server state
+machines built on them (:mod:`consortium.secagg.protocol`). Needs the ``cryptography`` package.
 """
 
 from consortium.secagg.crypto import (
@@ -15,6 +15,15 @@ from consortium.secagg.crypto import (
     shared_key,
 )
 from consortium.secagg.masks import apply_mask, expand_mask, mask_sign, pairwise_seed
+from consortium.secagg.protocol import (
+    SecAggAbort,
+    SecAggClient,
+    SecAggConfig,
+    SecAggRefusal,
+    SecAggResult,
+    SecAggServer,
+    run_secagg_round,
+)
 from consortium.secagg.quantize import (
     dequantize_sum,
     quantization_error_bound,
@@ -26,6 +35,12 @@ from consortium.secagg.shamir import Share, combine_shares, split_secret
 __all__ = [
     "DecryptionError",
     "KeyPair",
+    "SecAggAbort",
+    "SecAggClient",
+    "SecAggConfig",
+    "SecAggRefusal",
+    "SecAggResult",
+    "SecAggServer",
     "Share",
     "apply_mask",
     "combine_shares",
@@ -40,6 +55,7 @@ __all__ = [
     "quantization_error_bound",
     "quantization_step",
     "quantize",
+    "run_secagg_round",
     "shared_key",
     "split_secret",
 ]
