@@ -296,8 +296,11 @@ def test_sum_only_stage_before_an_aggregator_needing_individual_updates_raises()
 
 
 def test_the_same_aggregators_are_fine_where_capabilities_allow() -> None:
-    Pipeline([secure_sum()], aggregator=weighted_mean())
-    Pipeline([Capability("clip")], aggregator=BufferedMedian())
+    # building raises on a capability conflict; these two must build and keep their parts
+    summed = Pipeline([secure_sum()], aggregator=weighted_mean())
+    assert summed.streaming and summed.aggregator.name == "weighted_mean"
+    buffered = Pipeline([Capability("clip")], aggregator=BufferedMedian())
+    assert not buffered.streaming and buffered.describe().startswith("clip")
 
 
 def test_a_stage_after_secure_aggregation_cannot_need_individual_updates() -> None:
