@@ -31,6 +31,7 @@ __all__ = [
     "ModelConfig",
     "PrivacyConfig",
     "SamplingConfig",
+    "SecureAggregationConfig",
     "ServerConfig",
     "SimulationConfig",
     "apply_overrides",
@@ -134,6 +135,18 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SecureAggregationConfig:
+    """SecAgg+ (Bell et al. 2020): the server sees only the sum of the quantised updates."""
+
+    enabled: bool = False
+    bits: int = 16
+    clip: float = 1.0
+    weight_bound: float = 1000.0
+    threshold: float = 0.5
+    neighbours: int = 0
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -147,6 +160,7 @@ class ExperimentConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
     def __post_init__(self) -> None:
         _check_ranges(self)
@@ -228,6 +242,17 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             "privacy.mode = \"central\" needs exactly one of privacy.noise_multiplier (the noise) "
             "or privacy.target_epsilon (to calibrate the noise)"
+        )
+    sa = cfg.secure_aggregation
+    need(2 <= sa.bits <= 24, "secure_aggregation.bits", sa.bits, "an integer in [2, 24]")
+    need(sa.clip > 0, "secure_aggregation.clip", sa.clip, "a number > 0")
+    need(sa.weight_bound > 0, "secure_aggregation.weight_bound", sa.weight_bound, "a number > 0")
+    need(0 < sa.threshold <= 1, "secure_aggregation.threshold", sa.threshold, "a fraction in (0, 1]")
+    need(sa.neighbours >= 0, "secure_aggregation.neighbours", sa.neighbours, "0 (all) or >= 1")
+    if sa.enabled and cfg.algorithm.name in ("scaffold", "fednova"):
+        raise ConfigError(
+            f"secure_aggregation.enabled with algorithm.name = {cfg.algorithm.name!r} is not "
+            "supported yet (its extra sums need their own quantisation range); use fedavg or fedprox"
         )
     need(cfg.evaluation.every >= 1, "evaluation.every", cfg.evaluation.every, "an integer >= 1")
     need(

@@ -146,9 +146,20 @@ def simulate(
     algorithm = algorithm or build_algorithm(cfg.algorithm.name, mu=cfg.algorithm.mu)
     plan = plan_central_dp(cfg, len(dataset.clients)) if cfg.privacy.mode == "central" else None
     s = cfg.server
+    stages: list[Any] = [plan.stage] if plan else []
+    aggregator: Any = weighted_mean()
+    if cfg.secure_aggregation.enabled:
+        from consortium.secagg.stage import secure_aggregation
+
+        sa = cfg.secure_aggregation
+        quantise, aggregator = secure_aggregation(
+            clip=sa.clip, bits=sa.bits, weight_bound=sa.weight_bound, threshold=sa.threshold,
+            neighbours=sa.neighbours,
+        )
+        stages.append(quantise)
     pipeline = pipeline or Pipeline(
-        [plan.stage] if plan else [],
-        aggregator=weighted_mean(),
+        stages,
+        aggregator=aggregator,
         optimizer=server_optimizer(
             s.optimizer, lr=s.lr, momentum=s.momentum, beta1=s.beta1, beta2=s.beta2, tau=s.tau
         ),
@@ -239,7 +250,10 @@ def simulate(
             metrics, _ = pooled_baseline(dataset, setup, per_round_clients=per_round)
         baselines[name] = {k: v for k, v in metrics.items()}
 
-    final = {k: v for k, v in state.last_metrics.items() if k not in _NOT_METRICS}
+    final = {
+        k: v for k, v in state.last_metrics.items()
+        if k not in _NOT_METRICS and not k.startswith(("dp_", "secagg_"))  # stage info, not metrics
+    }
     summary: dict[str, Any] = {
         "name": cfg.name,
         "rounds": state.round,
