@@ -106,3 +106,15 @@ def test_resume_from_the_command_line(tmp_path, capsys) -> None:
     b = json.loads((cut / "summary.json").read_text())
     assert b["rounds"] == 3 and a["final"] == b["final"]
     assert (cut / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+
+
+def test_run_with_central_dp_reports_epsilon(tmp_path, capsys) -> None:
+    out = tmp_path / "dp"
+    args = ["run", "--out", str(out), *FAST, "--set", "privacy.mode=central",
+            "--set", "privacy.noise_multiplier=1.0", "--set", "evaluation.baselines=[]"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "privacy: (ε =" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy"]["epsilon"] > 0 and (out / "privacy.json").is_file()
+    assert all(r["epsilon"] is not None for r in read_metrics(out / "metrics.jsonl"))

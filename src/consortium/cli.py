@@ -140,6 +140,12 @@ def _print_results(summary: dict[str, Any], run_dir: Path) -> None:
         table.add_row(label, *(_fmt(v) for v in row[1:]))
     console = Console()
     console.print(table)
+    privacy = summary.get("privacy") or {}
+    if privacy.get("epsilon") is not None:
+        console.print(
+            f"privacy: (ε = {privacy['epsilon']:.3g}, δ = {privacy['delta']:g}) with the "
+            f"{privacy['accountant']} accountant — releases in {run_dir / 'privacy.json'}"
+        )
     console.print(f"run directory: {run_dir}")
 
 
