@@ -71,7 +71,13 @@ def test_bad_values_name_key_and_allowed(override: str, fragment: str) -> None:
 
 def test_both_sampling_modes_is_an_error() -> None:
     with pytest.raises(ConfigError, match="only one"):
-        load_config(None, ["sampling.fraction=0.5"])  # default sets clients_per_round = 4
+        load_config(None, ["sampling.fraction=0.5", "sampling.clients_per_round=2"])
+
+
+def test_a_sampling_mode_on_the_command_line_replaces_the_files() -> None:
+    cfg = load_config(None, ["sampling.fraction=0.5"])  # the default sets clients_per_round = 4
+    assert cfg.sampling.fraction == 0.5 and cfg.sampling.clients_per_round == 0
+    assert load_config(None, ["sampling.clients_per_round=2"]).sampling.clients_per_round == 2
 
 
 def test_toml_round_trip(tmp_path) -> None:

@@ -396,5 +396,18 @@ def default_config_dict() -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read an experiment file (or the embedded default), apply overrides and validate."""
     data = read_toml(path) if path is not None else default_config_dict()
+    data = _one_sampling_mode(data, overrides or [])
     data = apply_overrides(data, overrides or [])
     return ExperimentConfig.from_dict(data)
+
+
+def _one_sampling_mode(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``--set sampling.fraction=…`` replaces the file's ``clients_per_round`` (and the other
+    way round): the two are alternatives, and the command line wins over the file."""
+    keys = {".".join(parse_override(o)[0]) for o in overrides}
+    pairs = (("sampling.fraction", "clients_per_round"), ("sampling.clients_per_round", "fraction"))
+    for given, other in pairs:
+        if given in keys and f"sampling.{other}" not in keys and other in data.get("sampling", {}):
+            data = _deep_copy(data)
+            del data["sampling"][other]
+    return data

@@ -117,3 +117,10 @@ def test_update_and_count_noise_together_cost_one_gaussian_of_multiplier_z() -> 
         ]), 20)
         one = make().compose(dp_accounting.GaussianDpEvent(z), 20)
         assert both.get_epsilon(1e-5) == pytest.approx(one.get_epsilon(1e-5), rel=1e-3)
+
+
+def test_default_count_noise_keeps_small_federations_valid() -> None:
+    stage = central_dp(0.6, 1.0, adaptive=True)  # 4 clients: m/20 = 0.2 < z/2 would be invalid
+    assert stage.count_noise(4.0) == pytest.approx(0.6)
+    assert update_noise_multiplier(0.6, stage.count_noise(4.0)) == pytest.approx(0.6 / 0.75**0.5)
+    assert central_dp(0.6, 1.0, adaptive=True).count_noise(400.0) == pytest.approx(20.0)

@@ -33,7 +33,7 @@ def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> flo
         raise ConfigError(
             f"adaptive clipping: the count noise σ_b = {count_stddev:g} is too small for noise "
             f"multiplier {noise_multiplier:g} (need σ_b > z/2 = {noise_multiplier / 2:g}); "
-            "raise the count noise or the noise multiplier"
+            "set privacy.count_stddev above that, or raise privacy.noise_multiplier"
         )
     return rest**-0.5
 
@@ -48,7 +48,7 @@ class CentralDP:
     realised count, which Poisson sampling makes private). With ``adaptive``, ``C`` follows
     the ``target_quantile`` of the update norms (Andrew et al. 2021):
     ``C ← C·exp(−clip_lr·(b̄ − target_quantile))``, where ``b̄`` is the noisy fraction of
-    *unclipped* updates (noise ``count_stddev``, default expected clients / 20).
+    *unclipped* updates (noise ``count_stddev``, default ``max(expected clients / 20, z)``).
 
     The whole round is one Gaussian mechanism with multiplier ``noise_multiplier``; that is
     what the accountant composes. Noise is drawn from a generator seeded by (run seed,
@@ -86,7 +86,9 @@ class CentralDP:
         )
 
     def count_noise(self, expected_clients: float) -> float:
-        return self.count_stddev or expected_clients / 20.0
+        """``σ_b``: as set, or Andrew et al.'s ``m/20`` — but at least ``z``, so that small
+        federations keep a valid split (at ``σ_b = z`` the updates get ``z_Δ ≈ 1.15 z``)."""
+        return self.count_stddev or max(expected_clients / 20.0, self.noise_multiplier)
 
     def server(
         self, aggregate: Aggregate, state: StageState, ctx: RoundContext
