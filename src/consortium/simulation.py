@@ -40,7 +40,6 @@ from consortium.types import Parameters
 __all__ = ["SimulationResult", "simulate"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-_NOT_METRICS = {"round", "clients", "train_loss", "bytes_up", "bytes_down", "epsilon", "wall_s", "failed"}
 
 
 @dataclass
@@ -250,10 +249,7 @@ def simulate(
             metrics, _ = pooled_baseline(dataset, setup, per_round_clients=per_round)
         baselines[name] = {k: v for k, v in metrics.items()}
 
-    final = {
-        k: v for k, v in state.last_metrics.items()
-        if k not in _NOT_METRICS and not k.startswith(("dp_", "secagg_"))  # stage info, not metrics
-    }
+    final = dict(state.last_metrics)
     summary: dict[str, Any] = {
         "name": cfg.name,
         "rounds": state.round,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -112,15 +112,6 @@ def local_update(ctx: TrainContext, terms: LocalTerms | None = None) -> LocalRes
         mean_loss=stats.mean_loss,
         examples=stats.examples,
     )
-
-
-def split_like(vector: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Cut a flat vector into views shaped like ``params`` (layout order = parameter order)."""
-    out, offset = [], 0
-    for p in params:
-        out.append(vector[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
-    return out
 
 
 def train_with(algorithm: Algorithm, ctx: TrainContext) -> Update:

@@ -80,8 +80,9 @@ class SiteClient:
             )
         except ConsortiumError as exc:
             return Result(task.round, self.client_id, None, error=str(exc))
-        steps = int(update.metrics.get("steps", 0)) if self.settings.local_dp else 0
-        record_release(client_state, steps=steps)
+        if self.policy is not None:  # the site's own ledger exists only for its policy
+            steps = int(update.metrics.get("steps", 0)) if self.settings.local_dp else 0
+            record_release(client_state, steps=steps)
         return Result(task.round, self.client_id, update)
 
     def evaluate(self, task: Task, *, module: torch.nn.Module | None = None) -> EvaluationResult:

@@ -301,7 +301,8 @@ class VectorizedExecutor:
             except ConsortiumError as exc:
                 results[k] = Result(c.task.round, c.task.client_id, None, error=str(exc))
                 continue
-            record_release(c.ctx.client_state, steps=c.steps if pool.settings.local_dp else 0)
+            if pool.policy(c.task.client_id) is not None:  # a site ledger only for its policy
+                record_release(c.ctx.client_state, steps=c.steps if pool.settings.local_dp else 0)
             results[k] = Result(c.task.round, c.task.client_id, update)
         for k in range(len(tasks)):
             yield results[k]

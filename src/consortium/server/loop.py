@@ -40,6 +40,7 @@ class RunState:
     pipeline: PipelineState
     algorithm: StageState
     last_metrics: dict[str, Any] = field(default_factory=dict)
+    """The latest evaluation's metrics (what ``summary.json`` reports as ``final``)."""
     per_client: dict[str, dict[str, float]] = field(default_factory=dict)
     participants: list[str] = field(default_factory=list)
     """Clients whose updates went into the last round (for the privacy ledger)."""
@@ -147,12 +148,13 @@ class Server:
                 if total_w else None
             ),
         }
-        per_client = state.per_client
+        per_client, evaluated = state.per_client, state.last_metrics
         if rnd % self.eval_every == 0 or last:
             metrics, per_client = self.evaluator.evaluate(
                 rnd, params, executor=self.executor, clients=self.clients
             )
             record.update(metrics)
+            evaluated = dict(metrics)
         record["bytes_up"] = sum(r.nbytes for r in results)
         record["bytes_down"] = sum(t.nbytes for t in tasks)
         record["epsilon"] = None
@@ -164,7 +166,7 @@ class Server:
             round=rnd, params=params, pipeline=pipeline_state, algorithm=algorithm_state,
             participants=[u.client_id for u in updates],
             participant_steps={u.client_id: int(u.metrics.get("steps", 0)) for u in updates},
-            last_metrics={k: v for k, v in record.items() if k != "failed"},
+            last_metrics=evaluated,
             per_client=per_client,
         )
         return new_state, record
