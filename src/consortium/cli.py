@@ -115,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     cli_.add_argument("--certs", help="this site's provisioned folder (sites/<name>)")
     cli_.add_argument("--insecure", action="store_true", help="no TLS (local tests only)")
     cli_.add_argument("--target", default="", help="label column (default: the experiment's data.target)")
+    cli_.add_argument("--policy", metavar="FILE",
+                      help="this site's privacy policy (TOML: max_epsilon, delta, min_sites); "
+                      "tasks that would break it are refused")
+    cli_.add_argument("--state", metavar="DIR",
+                      help="where the site keeps its privacy spend and client state across "
+                      "restarts (default: <certs>/state)")
     cli_.add_argument("--give-up-after", type=float, default=0.0, metavar="S",
                       help="stop reconnecting after S seconds without the server (default: never)")
     audit = sub.add_parser("audit", help="check a run's hash-chained audit log")
@@ -351,7 +357,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="consortium client: %(message)s")
     certs = _secure_or_insecure(args)
     answered = run_client(args.server, site=args.site, data=args.data, certs=certs,
-                          target=args.target, give_up_after_s=args.give_up_after)
+                          target=args.target, give_up_after_s=args.give_up_after,
+                          policy=args.policy, state_dir=args.state)
     print(f"consortium client: the run is over; {answered} tasks answered", file=sys.stderr)
     return EXIT_OK
 

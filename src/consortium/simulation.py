@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,7 @@ def simulate(
     loss_fn: LossFn | None = None,
     callbacks: Sequence[object] = (),
     report: bool = True,
+    checkpoint_extras: Callable[[], Mapping[str, Any]] | None = None,
 ) -> SimulationResult:
     """Run a federated simulation.
 
@@ -107,6 +108,9 @@ def simulate(
         dataset, model, algorithm, pipeline, sampler, executor, loss_fn: objects that replace
             what the config would build (``model`` is a zero-argument factory).
         callbacks: extra objects with ``on_run_start`` / ``on_round_end`` / ``on_run_end``.
+        checkpoint_extras: called after every round; its JSON-able mapping is saved inside
+            the checkpoint, atomically with it (read back with
+            :func:`~consortium.server.checkpoint.load_checkpoint_extras`).
 
     Raises:
         ConsortiumError: any configuration, data, model or checkpoint problem.
@@ -242,7 +246,7 @@ def simulate(
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume is None:
             (run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
-        cbs += [MetricsLog(run_dir / "metrics.jsonl"), Checkpointer(run_dir / "checkpoint", store)]
+        cbs += [MetricsLog(run_dir / "metrics.jsonl"), Checkpointer(run_dir / "checkpoint", store, checkpoint_extras)]
     if progress:
         cbs.append(ProgressBar(cfg.name))
     cbs += list(callbacks)

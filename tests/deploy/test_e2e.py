@@ -224,6 +224,10 @@ def test_a_server_killed_mid_run_resumes_to_the_uninterrupted_model(consortium_d
     resumed = load_file(str(d / "killed" / "model.safetensors"))
     assert all(bool((whole[k] == resumed[k]).all()) for k in whole)
     assert _rounds_done(d / "killed") == 30
+    # the site registry is checkpointed with the model (the resumed server took it back)
+    registry = json.loads((d / "killed" / "checkpoint" / "extras.json").read_text())["registry"]
+    assert sorted(registry["sites"]) == sorted(SITES)
+    assert all(e["results"] >= 30 - 3 and e["last_round"] == 30 for e in registry["sites"].values())
 
 
 def test_a_client_killed_mid_run_is_dropped_on_the_deadline_and_rejoins(consortium_dir: Path) -> None:
@@ -284,6 +288,44 @@ sampling = "fixed"
     assert 'noise_source = "os"' in config
     audit = (d / "run" / "audit.jsonl").read_text()
     assert '"result"' in audit and '"rejected"' not in audit
+
+
+def test_local_dp_over_grpc_and_a_sites_own_policy_refuses_past_its_budget(
+    consortium_dir: Path,
+) -> None:
+    """Local DP-SGD runs at the sites; "east" holds its own policy (`consortium client
+    --policy`), spends its budget in two rounds, refuses the rest itself, and keeps its spend
+    on disk (the file it would resume from after a restart)."""
+    from safetensors.torch import load_file
+
+    from consortium.client.training import LocalTraining, planned_steps
+    from consortium.data.files import load_site_csv
+    from consortium.privacy.accountant import RoundMechanism, epsilon
+
+    d = consortium_dir
+    (d / "exp.toml").write_text(EXPERIMENT.replace("[algorithm]", "[algorithm]\nbatch_size = 16")
+                                + '[privacy]\nmode = "local"\nnoise_multiplier = 1.2\nclip = 1.0\n')
+    train = len(load_site_csv(d / "east.csv", target="label", seed=0).clients["east"].train)
+    steps = planned_steps(train, LocalTraining(batch_size=16))  # one round's DP-SGD steps
+    mech = RoundMechanism(1.2, "poisson", rate=16 / train)
+    budget = (epsilon(mech, 2 * steps, 1e-5) + epsilon(mech, 3 * steps, 1e-5)) / 2
+    (d / "east-policy.toml").write_text(f"[default]\nmax_epsilon = {budget}\n")
+    port = _free_port()
+    server = _server_on(d, port, "run")
+    clients = [_client(d, port, site) for site in ("north", "south")]
+    clients.append(_client(d, port, "east", None, "--policy", str(d / "east-policy.toml")))
+    try:
+        assert server.wait(timeout=240) == 0
+        for c in clients:
+            assert c.wait(timeout=60) == 0
+    finally:
+        _stop(server, *clients)
+    records = [json.loads(line) for line in (d / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records if "east" not in (r.get("failed") or {})] == [1, 2]
+    assert all("DP-SGD steps" in r["failed"]["east"] for r in records[2:])
+    assert [r["clients"] for r in records] == [3, 3, 2, 2]
+    (state,) = (d / "certs" / "sites" / "east" / "state").glob("run-*.safetensors")
+    assert int(load_file(str(state))["east\x1fprivacy.dp_steps"][0]) == 2 * steps
 
 
 def test_the_four_hospitals_over_tls_reach_the_simulations_accuracy(tmp_path: Path) -> None:

@@ -99,3 +99,42 @@ def test_a_data_summary_round_trips_and_bad_ones_are_refused() -> None:
     del short.binary[0]
     with pytest.raises(DecodeError, match="same number"):
         summary_from_pb(short)
+
+
+def test_the_roster_refuses_strangers_and_changed_data_once_the_run_started(hub: Hub) -> None:
+    a = hub.register("a")
+    assert hub.describe(a, SiteInfo((3,), 2, 10, 5)) is None
+    hub.fix_roster({"a": SiteInfo((3,), 2, 10, 5)})
+    assert hub.describe(hub.register("a"), SiteInfo((3,), 2, 10, 5)) is None  # a restart
+    why = hub.describe(hub.register("a"), SiteInfo((3,), 2, 11, 5))
+    assert why is not None and "11 training" in why and "10 training" in why and "changed" in why
+    why = hub.describe(hub.register("b"), SiteInfo((3,), 2, 10, 5))
+    assert why is not None and "without site 'b'" in why
+
+
+def test_the_site_registry_round_trips_with_counts_and_the_encoding(hub: Hub) -> None:
+    import json
+
+    import numpy as np
+
+    from consortium.data.preprocess import SiteSummary
+    from consortium.errors import CheckpointError
+
+    session, _ = _open(hub, "a", "t1", rnd=3)
+    hub.fix_roster({"a": SiteInfo((3,), 2, 10, 5), "b": SiteInfo((3,), 2, 7, 2)})
+    hub.deliver(session, _wire(Result(3, "a", Update("a", torch.tensor([0.1, 0.2, 0.3]), 10.0)), "t1"))
+    hub.reject("b", "-", 3, "test")
+    hub.merged = SiteSummary(np.array([3.0]), np.array([1.5]), np.array([2.0]),
+                             np.array([False]), np.array([False]), (frozenset(),))
+    saved = json.loads(json.dumps(hub.registry()))  # what the checkpoint holds
+    assert saved["sites"]["a"] == {"input_shape": [3], "num_classes": 2, "num_train": 10,
+                                   "num_test": 5, "results": 1, "rejected": 0, "last_round": 3}
+    assert saved["sites"]["b"]["rejected"] == 1
+    other = Hub(asyncio.new_event_loop(), config_toml="", run_id="new", max_result_bytes=1,
+                registry=saved)
+    assert other.run_id == "t" and other.roster == hub.roster and other.counts == hub.counts
+    assert other.merged is not None and other.merged.total.tolist() == [1.5]
+    with pytest.raises(CheckpointError, match="damaged"):
+        other.restore({"format": 1, "sites": {"a": {"input_shape": "x"}}})
+    with pytest.raises(CheckpointError, match="format"):
+        other.restore({"format": 7})

@@ -44,12 +44,19 @@ class SiteRunner:
         poll_s: how long one pull may wait at the server for work.
         max_backoff_s: the longest pause between reconnection attempts.
         give_up_after_s: stop retrying after this long without a connection (0: never).
+        policy: the site's privacy policy file (TOML, ``[default]`` and/or ``[sites.<name>]``
+            with ``max_epsilon``, ``delta``, ``min_sites``); the site refuses any task that
+            would break it, whatever the server asks.
+        state_dir: where the site keeps what must outlive a restart (its privacy spend, an
+            algorithm's client state), one file per run; default ``<certs>/state``. Required
+            with ``policy`` under ``--insecure``.
     """
 
     def __init__(
         self, server: str, *, site: str, data: str | Path, certs: str | Path | None,
         target: str = "", poll_s: float = 5.0, max_backoff_s: float = 30.0,
-        give_up_after_s: float = 0.0,
+        give_up_after_s: float = 0.0, policy: str | Path | None = None,
+        state_dir: str | Path | None = None,
     ) -> None:
         try:
             import grpc
@@ -77,6 +84,15 @@ class SiteRunner:
             self.credentials = grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem)
         if not self.data.is_file():
             raise ConfigError(f"--data {str(self.data)!r} is not a file; give the site's CSV")
+        self.policy = _site_policy(policy, site) if policy is not None else None
+        if state_dir is None and certs is not None:
+            state_dir = Path(certs) / "state"
+        if state_dir is None and self.policy is not None:
+            raise ConfigError(
+                "--policy needs somewhere to keep the site's privacy spend across restarts: "
+                "pass --state DIR (with --certs it defaults to <certs>/state)"
+            )
+        self.state_dir = Path(state_dir) if state_dir is not None else None
 
     def _channel(self) -> Any:
         options = [("grpc.max_receive_message_length", 8 << 20),
@@ -97,12 +113,19 @@ class SiteRunner:
         reply = stub.Register(request, timeout=30)
         metadata = ((SESSION_METADATA_KEY, reply.session_id),)
         config, site = self._build(reply.config_toml, stub, metadata)
+        site.attach(self.policy, self._state_file(reply.run_id))
         info = site.describe()
         ack = stub.Describe(info, metadata=metadata, timeout=30)
         if not ack.accepted:
             raise ConsortiumError(f"the server refused this site's description: {ack.reason}")
         log.info("registered as %r in run %r", self.site, reply.run_id)
         return _Session(stub, metadata, config, site)
+
+    def _state_file(self, run_id: str) -> Path | None:
+        if self.state_dir is None:
+            return None
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id) or "run"
+        return self.state_dir / f"{safe}.safetensors"
 
     def _build(self, config_toml: str, stub: Any, metadata: Any) -> tuple[Any, Any]:
         import tomllib
@@ -233,7 +256,11 @@ class SiteRunner:
         if item.evaluate:
             upload = EvaluationEnvelope(item.task_id, session.site.client.evaluate(item.task))
         else:
-            upload = ResultEnvelope(item.task_id, session.site.client.fit(item.task))
+            result = session.site.client.fit(item.task)
+            if result.refused:
+                log.warning("%s", result.error)
+            upload = ResultEnvelope(item.task_id, result)
+            session.site.save_state()  # the spend is on disk before the update leaves the site
         ack = session.stub.PushResult(
             chunk(encode_upload(upload), uuid.uuid4().hex), metadata=session.metadata, timeout=600,
         )
@@ -242,10 +269,61 @@ class SiteRunner:
         return 1
 
 
+def _site_policy(path: str | Path, site: str) -> Any:
+    from consortium.privacy.policy import load_policies
+
+    policies = load_policies(path)
+    policy = policies.get(site, policies.get("*"))
+    if policy is None:
+        raise ConfigError(
+            f"policy file {str(path)!r} has no rule for site {site!r}: add [default] or "
+            f"[sites.{site}]"
+        )
+    return policy
+
+
 @dataclass
 class _Site:
     client: Any
     info: tuple[tuple[int, ...], int, int, int]
+    state_file: Path | None = None
+
+    def attach(self, policy: Any, state_file: Path | None) -> None:
+        """Enforce ``policy`` and keep the site's state in ``state_file`` (loaded if present)."""
+        from consortium.client.state import ClientStateStore
+
+        self.client.policy = policy
+        self.state_file = state_file
+        if state_file is not None and state_file.exists():
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                flat = load_file(str(state_file))
+            except (OSError, SafetensorError) as exc:
+                raise ConfigError(
+                    f"the site's saved state {str(state_file)!r} is unreadable ({exc}); it holds "
+                    "the site's privacy spend for this run, so it is not discarded: restore it "
+                    "from a backup, or move it away to start the site's record afresh"
+                ) from exc
+            self.client.state = ClientStateStore.from_flat(flat)
+            log.info("site state restored from %s", state_file)
+
+    def save_state(self) -> None:
+        """Write the site's state atomically (a crash leaves the previous file whole)."""
+        if self.state_file is None:
+            return
+        import os
+
+        from safetensors.torch import save_file
+
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        flat = {k: v.contiguous() for k, v in self.client.state.to_flat().items()}
+        save_file(flat, str(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.state_file)
 
     @classmethod
     def build(cls, cfg: Any, name: str, dataset: Any) -> _Site:

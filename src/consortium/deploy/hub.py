@@ -47,6 +47,11 @@ class SiteInfo:
     num_test: int
 
 
+def _describe(info: SiteInfo) -> str:
+    return (f"{info.num_train} training and {info.num_test} test examples of shape "
+            f"{list(info.input_shape)} in {info.num_classes} classes")
+
+
 @dataclass
 class _Site:
     name: str
@@ -74,11 +79,14 @@ class Hub:
         run_id: names the run in replies and logs.
         max_result_bytes: the largest upload accepted.
         audit: the run's hash-chained audit log (every task, result and rejection).
+        summaries_expected: how many sites' data summaries make the merged encoding.
+        registry: a checkpointed :meth:`registry` to resume with (its roster and encoding).
     """
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, *, config_toml: str, run_id: str,
         max_result_bytes: int, audit: AuditLog | None = None, summaries_expected: int = 0,
+        registry: Mapping[str, Any] | None = None,
     ) -> None:
         self.loop = loop
         self.config_toml = config_toml
@@ -97,6 +105,12 @@ class Hub:
         self.summaries_expected = summaries_expected
         self._summaries: dict[str, Any] = {}
         self.merged: Any = None  # the merged SiteSummary once every expected site sent its own
+        # the run's sites, fixed when round 1 starts (or restored from the checkpoint); None
+        # before. A site outside it is refused; one inside must describe the same data again.
+        self.roster: dict[str, SiteInfo] | None = None
+        self.counts: dict[str, dict[str, int]] = {}  # site -> results / rejected / last_round
+        if registry is not None:
+            self.restore(registry)
 
     # -- the service's side (event-loop thread) --------------------------------------------------
 
@@ -113,12 +127,92 @@ class Hub:
         log.info("site %r registered", site)
         return session
 
-    def describe(self, session: str, info: SiteInfo) -> None:
+    def describe(self, session: str, info: SiteInfo) -> str | None:
+        """Record the site's data description; why it is refused, or None if accepted.
+
+        Once the run has its roster, a site must be on it and describe the data it described
+        when the run started (a resumed run must train on the same sites and sizes)."""
         with self._described:
             site = self._site_of(session)
+            if self.roster is not None:
+                known = self.roster.get(site.name)
+                if known is None:
+                    return (f"the run started without site {site.name!r}; it cannot join a run "
+                            "in progress (it can take part in the next one)")
+                if known != info:
+                    return (f"site {site.name!r} now describes {_describe(info)}, but the run "
+                            f"started with {_describe(known)}: its data changed; restore it or "
+                            "start a new run")
             site.info = info
             self._described.notify_all()
         log.info("site %r: %d training, %d test examples", site.name, info.num_train, info.num_test)
+        return None
+
+    def fix_roster(self, sites: Mapping[str, SiteInfo]) -> None:
+        """The run's sites from now on (called when round 1 starts)."""
+        with self._lock:
+            self.roster = dict(sites)
+            for name in self.roster:
+                self.counts.setdefault(name, {"results": 0, "rejected": 0, "last_round": 0})
+
+    def registry(self) -> dict[str, Any]:
+        """The site registry as JSON, saved in every checkpoint: the roster with each site's
+        description and counts, and the merged data encoding (a resumed run reuses both)."""
+        import base64
+
+        from consortium.deploy.summary import summary_to_pb
+
+        with self._lock:
+            sites = {
+                name: {"input_shape": list(info.input_shape), "num_classes": info.num_classes,
+                       "num_train": info.num_train, "num_test": info.num_test,
+                       **self.counts.get(name, {})}
+                for name, info in sorted((self.roster or {}).items())
+            }
+            encoding = None
+            if self.merged is not None:
+                raw = summary_to_pb(self.merged).SerializeToString()
+                encoding = base64.b64encode(raw).decode("ascii")
+        return {"format": 1, "run_id": self.run_id, "sites": sites, "encoding": encoding}
+
+    def restore(self, registry: Mapping[str, Any]) -> None:
+        """Take back a checkpointed :meth:`registry` (``--resume``).
+
+        Raises:
+            CheckpointError: a registry this version cannot read.
+        """
+        import base64
+
+        from consortium.deploy.proto import consortium_pb2 as pb
+        from consortium.deploy.summary import summary_from_pb
+        from consortium.errors import CheckpointError
+
+        if registry.get("format") != 1:
+            raise CheckpointError(f"unknown site registry format {registry.get('format')!r}")
+        try:
+            roster = {
+                str(name): SiteInfo(tuple(int(v) for v in e["input_shape"]), int(e["num_classes"]),
+                                    int(e["num_train"]), int(e["num_test"]))
+                for name, e in registry["sites"].items()
+            }
+            counts = {str(name): {k: int(e.get(k, 0)) for k in ("results", "rejected", "last_round")}
+                      for name, e in registry["sites"].items()}
+            merged = None
+            if registry.get("encoding"):
+                msg = pb.DataSummary.FromString(base64.b64decode(registry["encoding"]))
+                merged = summary_from_pb(msg)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"the checkpoint's site registry is damaged: {exc}") from exc
+        with self._lock:
+            self.roster, self.counts, self.merged = roster, counts, merged
+            self.run_id = str(registry.get("run_id") or self.run_id)
+
+    def _count(self, site: str, key: str, rnd: int) -> None:
+        with self._lock:
+            entry = self.counts.setdefault(site, {"results": 0, "rejected": 0, "last_round": 0})
+            entry[key] += 1
+            if key == "results":
+                entry["last_round"] = max(entry["last_round"], rnd)
 
     def submit_summary(self, session: str, summary: Any) -> None:
         """A site's data summary; once ``summaries_expected`` sites sent theirs, merge them in
@@ -190,6 +284,7 @@ class Hub:
             digest, norm = update_digest(result.update.delta)
             self._log("result", site=site, round=pending.round, task_id=upload.task_id,
                       update_sha256=digest, norm=norm, weight=result.update.weight)
+            self._count(site, "results", pending.round)
         else:
             self._log("result", site=site, round=pending.round, task_id=upload.task_id,
                       error=result.error, refused=result.refused)
@@ -220,6 +315,7 @@ class Hub:
             reason = line
         log.warning("%s", reason)
         self.rejected.append(reason)
+        self._count(site, "rejected", rnd)
         self._log("rejected", site=site, round=rnd, task_id=task_id, reason=reason)
         return False, reason
 

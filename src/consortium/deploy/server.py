@@ -100,7 +100,10 @@ class FederationService:
                         int(request.num_train), int(request.num_test))
         if not info.input_shape or any(v < 1 for v in info.input_shape) or info.num_classes < 2:
             return pb.Ack(accepted=False, reason="input_shape and num_classes must be positive")
-        self.hub.describe(session, info)
+        refused = self.hub.describe(session, info)
+        if refused is not None:
+            log.warning("%s", refused)
+            return pb.Ack(accepted=False, reason=refused)
         return pb.Ack(accepted=True)
 
     async def Summarize(self, request: Any, context: Any) -> Any:
@@ -369,6 +372,11 @@ def serve(
             "attack.kind is for simulation only (`consortium run`, `consortium robustness`); "
             "remove [attack] to deploy"
         )
+    if cfg.privacy.site_policies:
+        raise ConfigError(
+            "privacy.site_policies is for simulation; in a deployment each site enforces its "
+            "own policy: remove it here and start each site with `consortium client --policy FILE`"
+        )
     if cfg.privacy.mode == "central" and cfg.privacy.noise_source != "os":
         # a deployment's noise must not be reproducible from the run seed
         cfg = cfg.replace(privacy=dataclasses.replace(cfg.privacy, noise_source="os"))
@@ -384,10 +392,17 @@ def serve(
     _raise_file_limit(min_sites)
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
+    registry = None
+    if resume is not None:
+        from consortium.server.checkpoint import load_checkpoint_extras
+
+        registry = load_checkpoint_extras(run_dir / "checkpoint").get("registry")
     # entries reach the OS at once; the disk once per round, before the results are used
     audit = AuditLog(run_dir / AUDIT_FILENAME, recover=True, fsync=False)
     thread = _ServerThread(listen, certs=Path(certs) if certs else None, hub_args={
-        "config_toml": cfg.to_toml(), "run_id": run_dir.name,
+        # unique, so a site's saved state never mixes two runs kept in same-named folders
+        "config_toml": cfg.to_toml(), "run_id": f"{run_dir.name}-{uuid.uuid4().hex[:8]}",
+        "registry": registry,
         "max_result_bytes": MAX_RESULT_BYTES, "audit": audit,
         # the heart-disease hospitals standardise with every site's statistics, as simulated
         "summaries_expected": min_sites if cfg.data.dataset == "heart-disease" else 0,
@@ -400,15 +415,21 @@ def serve(
               f"{min_sites} site(s)", file=sys.stderr, flush=True)
         sites = hub.wait_for_sites(min_sites, register_timeout)
         print(f"consortium server: sites {sorted(sites)} ready; starting", file=sys.stderr, flush=True)
-        dataset = _placeholder_dataset(cfg, sites)
+        # the roster is fixed for the run (a resumed run keeps the one it was checkpointed with,
+        # so it samples the same sites with the same sizes)
+        hub.fix_roster(hub.roster if hub.roster is not None else sites)
+        assert hub.roster is not None
+        dataset = _placeholder_dataset(cfg, hub.roster)
         executor = RemoteExecutor(hub, round_timeout=round_timeout)
-        report = [_RoundReport(hub, cfg.rounds)]
+        common: dict[str, Any] = {
+            "dataset": dataset, "executor": executor, "progress": progress,
+            "callbacks": [_RoundReport(hub, cfg.rounds)],
+            "checkpoint_extras": lambda: {"registry": hub.registry()},
+        }
         if resume is not None:
-            result = simulate(resume=run_dir, dataset=dataset, executor=executor,
-                              progress=progress, callbacks=report)
+            result = simulate(resume=run_dir, **common)
         else:
-            result = simulate(cfg, dataset=dataset, executor=executor, out=run_dir,
-                              progress=progress, callbacks=report)
+            result = simulate(cfg, out=run_dir, **common)
         hub.finish_all("the run is complete")
         return result
     finally:

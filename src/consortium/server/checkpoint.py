@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ from consortium.errors import CheckpointError
 from consortium.server.loop import RunState
 from consortium.types import Layout, Parameters, TensorSpec
 
-__all__ = ["Checkpointer", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Checkpointer", "load_checkpoint", "load_checkpoint_extras", "save_checkpoint"]
+
+EXTRAS_FILENAME = "extras.json"
 
 _TENSOR = "$tensor"
 
@@ -45,8 +48,12 @@ def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def save_checkpoint(directory: str | Path, state: RunState, clients: ClientStateStore) -> None:
-    """Write ``state`` and the client states to ``directory`` atomically."""
+def save_checkpoint(
+    directory: str | Path, state: RunState, clients: ClientStateStore,
+    *, extras: Mapping[str, Any] | None = None,
+) -> None:
+    """Write ``state``, the client states and ``extras`` (JSON: what the caller's own parts
+    need to resume, such as a deployment's site registry) to ``directory`` atomically."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     old = directory.with_name(directory.name + ".old")
@@ -69,11 +76,41 @@ def save_checkpoint(directory: str | Path, state: RunState, clients: ClientState
     }
     save_file(tensors, str(tmp / "tensors.safetensors"))
     (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+    if extras is not None:
+        (tmp / EXTRAS_FILENAME).write_text(json.dumps(dict(extras)), encoding="utf-8")
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
         directory.rename(old)
     tmp.rename(directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _existing(directory: Path) -> Path:
+    """The checkpoint folder to read: ``directory``, or the previous one if a save was cut
+    between its two renames."""
+    if not (directory / "state.json").exists():
+        old = directory.with_name(directory.name + ".old")
+        if (old / "state.json").exists():
+            return old
+    return directory
+
+
+def load_checkpoint_extras(directory: str | Path) -> dict[str, Any]:
+    """The ``extras`` saved with the checkpoint in ``directory`` ({} if none were saved).
+
+    Raises:
+        CheckpointError: the file exists but is not valid JSON.
+    """
+    path = _existing(Path(directory)) / EXTRAS_FILENAME
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint extras {str(path)!r} are damaged: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint extras {str(path)!r} must hold a JSON object")
+    return data
 
 
 def load_checkpoint(directory: str | Path) -> tuple[RunState, ClientStateStore]:
@@ -82,16 +119,12 @@ def load_checkpoint(directory: str | Path) -> tuple[RunState, ClientStateStore]:
     Raises:
         CheckpointError: missing or damaged files.
     """
-    directory = Path(directory)
+    directory = _existing(Path(directory))
     if not (directory / "state.json").exists():
-        old = directory.with_name(directory.name + ".old")
-        if (old / "state.json").exists():
-            directory = old
-        else:
-            raise CheckpointError(
-                f"no checkpoint in {str(directory)!r}: the run stopped before its first round "
-                "finished; start it again instead of resuming"
-            )
+        raise CheckpointError(
+            f"no checkpoint in {str(directory)!r}: the run stopped before its first round "
+            "finished; start it again instead of resuming"
+        )
     try:
         meta = json.loads((directory / "state.json").read_text(encoding="utf-8"))
         tensors = load_file(str(directory / "tensors.safetensors"))
@@ -120,9 +153,14 @@ def load_checkpoint(directory: str | Path) -> tuple[RunState, ClientStateStore]:
 class Checkpointer:
     """A callback that checkpoints after every round."""
 
-    def __init__(self, directory: str | Path, clients: ClientStateStore) -> None:
+    def __init__(
+        self, directory: str | Path, clients: ClientStateStore,
+        extras: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.clients = clients
+        self.extras = extras
 
     def on_round_end(self, record: dict[str, Any], state: RunState) -> None:
-        save_checkpoint(self.directory, state, self.clients)
+        extras = self.extras() if self.extras is not None else None
+        save_checkpoint(self.directory, state, self.clients, extras=extras)
