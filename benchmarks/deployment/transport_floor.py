@@ -105,6 +105,11 @@ CONFIGS = [
            server_env={**MALLOC, "GRPC_EXPERIMENTS": "tcp_rcv_lowat"}),
     config("best_unary", "best, unary 1 MiB", call="unary", server_options=BIG_FRAME + BIG_READ,
            server_env={**MALLOC, "GRPC_EXPERIMENTS": "tcp_rcv_lowat"}),
+    config("best_raw", "best, raw bytes frames (no protobuf on the server)", proto=False,
+           server_options=BIG_FRAME + BIG_READ,
+           server_env={**MALLOC, "GRPC_EXPERIMENTS": "tcp_rcv_lowat"}),
+    config("sync_malloc", "sync grpc.server, stream, with the malloc tunables", kind="sync",
+           server_env=MALLOC),
     config("socket", "bare asyncio TCP server (BufferedProtocol into a reused buffer): no RPC",
            kind="socket"),
 ]

@@ -6,7 +6,7 @@ import csv
 import glob
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +21,10 @@ from consortium.data.partition import natural
 from consortium.data.preprocess import Column, encode_sites
 from consortium.errors import DataError, MissingExtraError
 
-__all__ = ["MISSING_TOKENS", "load_csv", "load_parquet", "load_site_csv"]
+__all__ = [
+    "MISSING_TOKENS", "SiteTable", "label_order", "load_csv", "load_parquet", "load_site_csv",
+    "read_site_table",
+]
 
 #: CSV cells that mean "missing" (compared after stripping, case-insensitively).
 MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
@@ -118,6 +121,80 @@ def load_site_csv(path: str | Path, *, target: str, seed: int, test_fraction: fl
         raise DataError(f"{str(p)!r} is not a file; give the site's CSV file")
     return _load("csv", path=str(p), target=target, seed=seed, site_column="",
                  test_fraction=test_fraction, single=True)
+
+
+@dataclass(frozen=True)
+class SiteTable:
+    """One site's own file, read and checked but not encoded: the first step of a deployment's
+    federated encoding. The site shares its schema (``features``, ``numeric``, ``labels``) and
+    per-column sums; the server merges every site's; the site then encodes with the merged
+    ones — the same numbers :func:`load_csv` computes over all the files together.
+
+    Attributes:
+        site: the client id, the file's stem (as :func:`load_csv` names it).
+        features: the feature columns, in file order.
+        numeric: per feature, whether every value in this file is a number.
+        labels: the label values in this file (as :func:`load_csv` compares them).
+    """
+
+    site: str
+    features: tuple[str, ...]
+    numeric: tuple[bool, ...]
+    labels: frozenset[Any]
+    target: str
+    _table: _Table
+
+    def split(
+        self, *, classes: Sequence[Any], seed: int, test_fraction: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(x_train, y_train, x_test, y_test)``: raw features and labels numbered by their
+        place in ``classes`` (every site's labels, in :func:`label_order`), split as
+        :func:`load_csv` splits this file."""
+        index = {k: i for i, k in enumerate(classes)}
+        unknown = sorted(self.labels - set(index), key=_sort_key)
+        if unknown:
+            raise DataError(f"{self._table.path} holds label {unknown[0]!r}, not among {list(classes)}")
+        x = _matrix(self._table, self.features, self.numeric)
+        y = np.array([index[_label_key(v)] for v in self._table.values[self.target]], dtype=np.int64)
+        keep, held = holdout(
+            y, fraction=test_fraction, rng=generator(seed, "files", "split", self.site)
+        )
+        return x[keep], y[keep], x[held], y[held]
+
+
+def read_site_table(path: str | Path, *, target: str) -> SiteTable:
+    """Read one site's CSV file for a federated encoding (see :class:`SiteTable`).
+
+    Raises:
+        DataError: an unreadable file, a missing target or feature columns, or a row without
+            a label.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{str(p)!r} is not a file; give the site's CSV file")
+    table = _read_csv(p)
+    _require_column(table, target, "target", "the label column")
+    features = tuple(c for c in table.names if c != target)
+    if not features:
+        raise DataError(
+            f"{table.path} has no feature columns besides the target {target!r}; "
+            "add the columns to learn from"
+        )
+    labels: set[Any] = set()
+    for i, v in enumerate(table.values[target]):
+        if v is None:
+            raise DataError(
+                f"{table.path} {table.where(i)} has no value in the target column {target!r}; "
+                "fill it in or drop the row"
+            )
+        labels.add(_label_key(v))
+    numeric = tuple(_all_numeric(table.values[c]) for c in features)
+    return SiteTable(table.site, features, numeric, frozenset(labels), target, table)
+
+
+def label_order(labels: Iterable[Any]) -> list[Any]:
+    """Label values in the order :func:`load_csv` numbers them (numbers first, then text)."""
+    return sorted(set(labels), key=_sort_key)
 
 
 def _load(

@@ -136,47 +136,93 @@ class SiteRunner:
         if config.data.dataset == "heart-disease":
             data = self._heart_disease(config, stub, metadata)
             return config, _Site.build(config, self.site, data)
-        return config, _Site.build(config, self.site, self._csv(config))
+        return config, _Site.build(config, self.site, self._table(config, stub, metadata))
 
-    def _csv(self, cfg: Any) -> Any:
-        from consortium.data.files import load_site_csv
+    def _table(self, cfg: Any, stub: Any, metadata: Any) -> Any:
+        """The site's own table file, encoded with every site's statistics: send this file's
+        schema and per-column sums, receive the merged ones (columns must agree; labels are
+        the union), encode as `consortium run` would over all the files together."""
+        from consortium.data.base import FederatedDataset
+        from consortium.data.files import label_order, read_site_table
+        from consortium.data.preprocess import Column, fit_encoder, summarize_site
+        from consortium.deploy.summary import TableSchema, schema_from_pb, summary_from_pb
 
         column = self.target or cfg.data.target
         if not column:
             raise ConfigError("the label column is unknown: pass --target or set data.target")
-        return load_site_csv(self.data, target=column, seed=cfg.seed,
-                             test_fraction=cfg.data.test_fraction)
+        table = read_site_table(self.data, target=column)
+        # split with this file's labels first: the merged order keeps their relative order
+        mine_labels = label_order(table.labels)
+        x_train, y_train, x_test, y_test = table.split(
+            classes=mine_labels, seed=cfg.seed, test_fraction=cfg.data.test_fraction
+        )
+        columns = [Column(c, "numeric" if n else "categorical")
+                   for c, n in zip(table.features, table.numeric)]
+        mine = summarize_site(x_train, columns=columns, holdout=x_test)
+        schema = TableSchema(table.features, table.numeric, table.labels)
+        reply = self._merge(stub, metadata, mine, schema)
+        merged = schema_from_pb(reply)
+        if merged is None or merged.columns != table.features or merged.numeric != table.numeric:
+            raise ConsortiumError(
+                "the server's merged encoding does not match this site's columns; every site "
+                "must read the same kind of file (check --data and the experiment's data set)"
+            )
+        classes = label_order(merged.labels)
+        unknown = [k for k in mine_labels if k not in classes]
+        if unknown:
+            raise ConsortiumError(
+                f"this site's file holds label {unknown[0]!r}, which the sites that started the "
+                f"run do not have ({classes}); the run's classes are fixed"
+            )
+        remap = [classes.index(k) for k in mine_labels]
+        encoder = fit_encoder(columns, summary_from_pb(reply))
+        data = self._client_data(
+            encoder.transform(x_train), [remap[int(v)] for v in y_train],
+            encoder.transform(x_test), [remap[int(v)] for v in y_test],
+        )
+        return FederatedDataset("csv", {self.site: data}, len(classes), (encoder.num_features,))
 
     def _heart_disease(self, cfg: Any, stub: Any, metadata: Any) -> Any:
         """The hospital's own file, standardised with every hospital's statistics: send this
         site's per-column sums, receive the merged ones, fit the same encoder as everyone."""
-        import torch
-
-        from consortium.data.base import ClientData, FederatedDataset, Split
+        from consortium.data.base import FederatedDataset
         from consortium.data.heart_disease import FEATURES, site_split
         from consortium.data.preprocess import fit_encoder, summarize_site
-        from consortium.deploy.proto import consortium_pb2 as pb
-        from consortium.deploy.summary import summary_from_pb, summary_to_pb
+        from consortium.deploy.summary import summary_from_pb
 
         x_train, y_train, x_test, y_test = site_split(
             self.data, self.site, seed=cfg.seed, test_fraction=cfg.data.test_fraction
         )
         mine = summarize_site(x_train, columns=FEATURES, holdout=x_test)
-        ack = stub.Summarize(summary_to_pb(mine), metadata=metadata, timeout=30)
+        encoder = fit_encoder(FEATURES, summary_from_pb(self._merge(stub, metadata, mine)))
+        data = self._client_data(encoder.transform(x_train), y_train,
+                                 encoder.transform(x_test), y_test)
+        return FederatedDataset("heart-disease", {self.site: data}, 2, (encoder.num_features,))
+
+    @staticmethod
+    def _client_data(x_train: Any, y_train: Any, x_test: Any, y_test: Any) -> Any:
+        import torch
+
+        from consortium.data.base import ClientData, Split
+
+        def split(x: Any, y: Any) -> Split:
+            return Split(torch.as_tensor(x, dtype=torch.float32),
+                         torch.as_tensor(y, dtype=torch.long))
+
+        return ClientData(split(x_train, y_train), split(x_test, y_test))
+
+    def _merge(self, stub: Any, metadata: Any, mine: Any, schema: Any = None) -> Any:
+        """Send this site's summary; wait for the server's merge of every site's."""
+        from consortium.deploy.proto import consortium_pb2 as pb
+        from consortium.deploy.summary import summary_to_pb
+
+        ack = stub.Summarize(summary_to_pb(mine, schema=schema), metadata=metadata, timeout=30)
         if not ack.accepted:
             raise ConsortiumError(f"the server refused this site's data summary: {ack.reason}")
         while True:  # every site must send its summary first
             reply = stub.Encoding(pb.PullRequest(wait_seconds=10), metadata=metadata, timeout=60)
             if reply.ready:
-                break
-        encoder = fit_encoder(FEATURES, summary_from_pb(reply))
-
-        def split(x: Any, y: Any) -> Split:
-            return Split(torch.as_tensor(encoder.transform(x), dtype=torch.float32),
-                         torch.as_tensor(y, dtype=torch.long))
-
-        data = ClientData(split(x_train, y_train), split(x_test, y_test))
-        return FederatedDataset("heart-disease", {self.site: data}, 2, (encoder.num_features,))
+                return reply
 
     def run(self) -> int:
         """Serve until the server finishes the run; the number of tasks answered."""
@@ -199,6 +245,8 @@ class SiteRunner:
                 code = exc.code()
                 if code == grpc.StatusCode.UNAUTHENTICATED and "register again" not in str(exc.details()):
                     raise ConsortiumError(f"the server refused site {self.site!r}: {exc.details()}") from None
+                if code == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise ConsortiumError(f"the run cannot use this site's data: {exc.details()}") from None
                 if self.give_up_after_s and time.monotonic() - lost_since > self.give_up_after_s:
                     raise ConsortiumError(
                         f"no connection to {self.server} for {self.give_up_after_s:.0f} s ({code}: "

@@ -21,6 +21,7 @@ from typing import Any
 
 from consortium.deploy.audit import AuditLog, update_digest
 from consortium.deploy.codec import (
+    DecodeError,
     EvaluationEnvelope,
     ExchangeEnvelope,
     Finished,
@@ -105,6 +106,8 @@ class Hub:
         self.summaries_expected = summaries_expected
         self._summaries: dict[str, Any] = {}
         self.merged: Any = None  # the merged SiteSummary once every expected site sent its own
+        self.schema: Any = None  # the merged TableSchema (sites reading their own table files)
+        self.merge_error: str | None = None  # why the merged summary cannot be used
         # the run's sites, fixed when round 1 starts (or restored from the checkpoint); None
         # before. A site outside it is refused; one inside must describe the same data again.
         self.roster: dict[str, SiteInfo] | None = None
@@ -171,7 +174,7 @@ class Hub:
             }
             encoding = None
             if self.merged is not None:
-                raw = summary_to_pb(self.merged).SerializeToString()
+                raw = summary_to_pb(self.merged, schema=self.schema).SerializeToString()
                 encoding = base64.b64encode(raw).decode("ascii")
         return {"format": 1, "run_id": self.run_id, "sites": sites, "encoding": encoding}
 
@@ -184,7 +187,7 @@ class Hub:
         import base64
 
         from consortium.deploy.proto import consortium_pb2 as pb
-        from consortium.deploy.summary import summary_from_pb
+        from consortium.deploy.summary import schema_from_pb, summary_from_pb
         from consortium.errors import CheckpointError
 
         if registry.get("format") != 1:
@@ -197,14 +200,15 @@ class Hub:
             }
             counts = {str(name): {k: int(e.get(k, 0)) for k in ("results", "rejected", "last_round")}
                       for name, e in registry["sites"].items()}
-            merged = None
+            merged = schema = None
             if registry.get("encoding"):
                 msg = pb.DataSummary.FromString(base64.b64decode(registry["encoding"]))
-                merged = summary_from_pb(msg)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                merged, schema = summary_from_pb(msg), schema_from_pb(msg)
+        except (KeyError, TypeError, ValueError, AttributeError, DecodeError) as exc:
             raise CheckpointError(f"the checkpoint's site registry is damaged: {exc}") from exc
         with self._lock:
-            self.roster, self.counts, self.merged = roster, counts, merged
+            self.roster, self.counts = roster, counts
+            self.merged, self.schema = merged, schema
             self.run_id = str(registry.get("run_id") or self.run_id)
 
     def _count(self, site: str, key: str, rnd: int) -> None:
@@ -214,20 +218,43 @@ class Hub:
             if key == "results":
                 entry["last_round"] = max(entry["last_round"], rnd)
 
-    def submit_summary(self, session: str, summary: Any) -> None:
-        """A site's data summary; once ``summaries_expected`` sites sent theirs, merge them in
-        site-name order (the simulation's order for the heart-disease hospitals)."""
+    def submit_summary(self, session: str, summary: Any, schema: Any = None) -> str | None:
+        """A site's data summary (and its table's schema, for a site's own file); once
+        ``summaries_expected`` sites sent theirs, merge them in site-name order (the
+        simulation's order). Returns why the site's summary is refused, or None.
+        """
+        from consortium.data.files import label_order
         from consortium.data.preprocess import merge_summaries
+        from consortium.deploy.summary import merge_schemas
+        from consortium.errors import DataError
 
         with self._lock:
             site = self._site_of(session).name
+            if (schema is None) != (self.schema is None) and self._summaries:
+                return (f"site {site!r} sent a {'table' if schema else 'built-in'} data "
+                        "summary, the others did not; every site must read the same data set")
+            try:
+                if schema is not None and self.schema is not None:
+                    merged_schema = merge_schemas(self.schema, schema, site=site)
+                    if self.merged is None:  # the encoding is fixed once merged
+                        self.schema = merged_schema
+                elif schema is not None:
+                    self.schema = schema
+            except DataError as exc:
+                return str(exc)
             if self.merged is None:
                 self._summaries[site] = summary
                 if len(self._summaries) >= self.summaries_expected:
                     self.merged = merge_summaries(
                         [self._summaries[k] for k in sorted(self._summaries)]
                     )
+                    if self.schema is not None and len(label_order(self.schema.labels)) < 2:
+                        self.merge_error = (
+                            f"the sites' files hold only the label {sorted(self.schema.labels)}; "
+                            "a classifier needs at least two label values"
+                        )
         self._log("summary", site=site)
+        return None
 
     async def merged_summary(self, wait_s: float) -> Any:
         deadline = time.monotonic() + wait_s

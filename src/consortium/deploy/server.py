@@ -109,13 +109,17 @@ class FederationService:
     async def Summarize(self, request: Any, context: Any) -> Any:
         from consortium.deploy.codec import DecodeError
         from consortium.deploy.proto import consortium_pb2 as pb
-        from consortium.deploy.summary import summary_from_pb
+        from consortium.deploy.summary import schema_from_pb, summary_from_pb
 
         session = await self._session(context)
         try:
-            self.hub.submit_summary(session, summary_from_pb(request))
+            refused = self.hub.submit_summary(session, summary_from_pb(request),
+                                              schema_from_pb(request))
         except DecodeError as exc:
-            return pb.Ack(accepted=False, reason=str(exc))
+            refused = str(exc)
+        if refused is not None:
+            log.warning("refused a data summary: %s", refused)
+            return pb.Ack(accepted=False, reason=refused)
         return pb.Ack(accepted=True)
 
     async def Encoding(self, request: Any, context: Any) -> Any:
@@ -124,7 +128,11 @@ class FederationService:
 
         await self._session(context)
         merged = await self.hub.merged_summary(min(max(float(request.wait_seconds), 0.1), 60.0))
-        return pb.DataSummary(ready=False) if merged is None else summary_to_pb(merged)
+        if self.hub.merge_error is not None:
+            await context.abort(_grpc().StatusCode.FAILED_PRECONDITION, self.hub.merge_error)
+        if merged is None:
+            return pb.DataSummary(ready=False)
+        return summary_to_pb(merged, schema=self.hub.schema)
 
     async def PullTask(self, request: Any, context: Any) -> AsyncIterator[Any]:
         from consortium.deploy.codec import chunk, encode_work
@@ -404,8 +412,8 @@ def serve(
         "config_toml": cfg.to_toml(), "run_id": f"{run_dir.name}-{uuid.uuid4().hex[:8]}",
         "registry": registry,
         "max_result_bytes": MAX_RESULT_BYTES, "audit": audit,
-        # the heart-disease hospitals standardise with every site's statistics, as simulated
-        "summaries_expected": min_sites if cfg.data.dataset == "heart-disease" else 0,
+        # the sites encode their features with every site's statistics, as simulated
+        "summaries_expected": min_sites,
     })
     hub = thread.start()
     try:

@@ -113,7 +113,7 @@ class CategorySet(_message.Message):
     def __init__(self, text: _Optional[_Iterable[str]] = ..., number: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DataSummary(_message.Message):
-    __slots__ = ("ready", "count", "total", "total_sq", "has_missing", "binary", "categories")
+    __slots__ = ("ready", "count", "total", "total_sq", "has_missing", "binary", "categories", "columns", "numeric", "labels")
     READY_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,9 @@ class DataSummary(_message.Message):
     HAS_MISSING_FIELD_NUMBER: _ClassVar[int]
     BINARY_FIELD_NUMBER: _ClassVar[int]
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    NUMERIC_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     count: _containers.RepeatedScalarFieldContainer[float]
     total: _containers.RepeatedScalarFieldContainer[float]
@@ -128,7 +131,10 @@ class DataSummary(_message.Message):
     has_missing: _containers.RepeatedScalarFieldContainer[bool]
     binary: _containers.RepeatedScalarFieldContainer[bool]
     categories: _containers.RepeatedCompositeFieldContainer[CategorySet]
-    def __init__(self, ready: _Optional[bool] = ..., count: _Optional[_Iterable[float]] = ..., total: _Optional[_Iterable[float]] = ..., total_sq: _Optional[_Iterable[float]] = ..., has_missing: _Optional[_Iterable[bool]] = ..., binary: _Optional[_Iterable[bool]] = ..., categories: _Optional[_Iterable[_Union[CategorySet, _Mapping]]] = ...) -> None: ...
+    columns: _containers.RepeatedScalarFieldContainer[str]
+    numeric: _containers.RepeatedScalarFieldContainer[bool]
+    labels: CategorySet
+    def __init__(self, ready: _Optional[bool] = ..., count: _Optional[_Iterable[float]] = ..., total: _Optional[_Iterable[float]] = ..., total_sq: _Optional[_Iterable[float]] = ..., has_missing: _Optional[_Iterable[bool]] = ..., binary: _Optional[_Iterable[bool]] = ..., categories: _Optional[_Iterable[_Union[CategorySet, _Mapping]]] = ..., columns: _Optional[_Iterable[str]] = ..., numeric: _Optional[_Iterable[bool]] = ..., labels: _Optional[_Union[CategorySet, _Mapping]] = ...) -> None: ...
 
 class SiteInfo(_message.Message):
     __slots__ = ("input_shape", "num_classes", "num_train", "num_test")
