@@ -10,7 +10,7 @@ those measure the whole Federation protocol; this isolates the upload path. For 
 configuration and each N, one server process and 1-4 client processes (N connections in all,
 one TCP connection each, ``grpc.use_local_subchannel_pool``) are started on 127.0.0.1. Every
 connection makes one small warm-up call; then, at a common "GO", every connection sends its
-share of ``--uploads`` 1 MiB uploads (at least 2 each), one after another, all connections at
+share of ``--uploads`` 1 MiB uploads (at least ``--min-per-conn`` each), one after another, all connections at
 once; each upload is acknowledged by a 2-byte reply. The server does the least: it reads the
 frames, joins their payload into one ``bytes`` (like ``Reassembler`` + ``bytes()``), and drops it.
 
@@ -105,11 +105,20 @@ CONFIGS = [
            server_env={**MALLOC, "GRPC_EXPERIMENTS": "tcp_rcv_lowat"}),
     config("best_unary", "best, unary 1 MiB", call="unary", server_options=BIG_FRAME + BIG_READ,
            server_env={**MALLOC, "GRPC_EXPERIMENTS": "tcp_rcv_lowat"}),
+    config("best_nobdp", "best, and server grpc.http2.bdp_probe = 0",
+           server_options=BIG_FRAME + BIG_READ + [("grpc.http2.bdp_probe", 0)],
+           server_env={**MALLOC, "GRPC_EXPERIMENTS": "tcp_rcv_lowat"}),
     config("best_raw", "best, raw bytes frames (no protobuf on the server)", proto=False,
            server_options=BIG_FRAME + BIG_READ,
            server_env={**MALLOC, "GRPC_EXPERIMENTS": "tcp_rcv_lowat"}),
     config("sync_malloc", "sync grpc.server, stream, with the malloc tunables", kind="sync",
            server_env=MALLOC),
+    config("roundtrip", "as baseline, each upload preceded by a 1 MiB server-streamed download "
+           "(PullTask-like: Chunk objects built per call); ms per download + upload",
+           call="roundtrip"),
+    config("roundtrip_best", "roundtrip with the best settings", call="roundtrip",
+           server_options=BIG_FRAME + BIG_READ, client_options=BIG_FRAME,
+           server_env={**MALLOC, "GRPC_EXPERIMENTS": "tcp_rcv_lowat"}),
     config("socket", "bare asyncio TCP server (BufferedProtocol into a reused buffer): no RPC",
            kind="socket"),
 ]
@@ -157,7 +166,20 @@ def handlers(cfg: dict[str, Any], aio: bool) -> Any:
     pb = load_pb()
     deser = pb.Chunk.FromString if cfg["proto"] else None
     data = (lambda f: f.data) if cfg["proto"] else (lambda f: f)
+    task = os.urandom(MiB)
+
+    def task_frames() -> Any:
+        sid = os.urandom(16).hex()
+        for off in range(0, len(task), cfg["chunk"]):
+            yield pb.Chunk(stream_id=sid, offset=off, total_size=len(task),
+                           data=task[off:off + cfg["chunk"]],
+                           last=off + cfg["chunk"] >= len(task))
+
     if aio:
+        async def pull(req: Any, ctx: Any) -> Any:
+            for f in task_frames():
+                yield f
+
         async def push(it: Any, ctx: Any) -> bytes:
             parts = [data(f) async for f in it]
             payload = b"".join(parts)
@@ -171,6 +193,9 @@ def handlers(cfg: dict[str, Any], aio: bool) -> Any:
         async def ping(req: Any, ctx: Any) -> bytes:
             return ACK
     else:
+        def pull(req: Any, ctx: Any) -> Any:  # type: ignore[misc]
+            yield from task_frames()
+
         def push(it: Any, ctx: Any) -> bytes:  # type: ignore[misc]
             parts = [data(f) for f in it]
             payload = b"".join(parts)
@@ -187,6 +212,8 @@ def handlers(cfg: dict[str, Any], aio: bool) -> Any:
         "Push": grpc.stream_unary_rpc_method_handler(push, request_deserializer=deser),
         "Unary": grpc.unary_unary_rpc_method_handler(unary, request_deserializer=deser),
         "Ping": grpc.unary_unary_rpc_method_handler(ping),
+        "Pull": grpc.unary_stream_rpc_method_handler(
+            pull, response_serializer=pb.Chunk.SerializeToString),
     })
 
 
@@ -271,7 +298,7 @@ async def socket_server() -> None:
 
 def frames(cfg: dict[str, Any], payload: bytes) -> list[bytes]:
     pb = load_pb()
-    size = cfg["chunk"] if cfg["call"] == "stream" else len(payload)
+    size = cfg["chunk"] if cfg["call"] != "unary" else len(payload)
     out = []
     for off in range(0, len(payload), size):
         piece = payload[off:off + size]
@@ -337,8 +364,12 @@ async def run_clients(cfg: dict[str, Any], port: int, count: int, uploads: int) 
             nonlocal done
             push = ch.stream_unary(SERVICE + "Push")
             unary = ch.unary_unary(SERVICE + "Unary")
+            pull = ch.unary_stream(SERVICE + "Pull")
             for _ in range(uploads):
                 try:
+                    if cfg["call"] == "roundtrip":
+                        got = b"".join([f async for f in pull(b"", timeout=600)])
+                        assert len(got) > MiB
                     if cfg["call"] == "unary":
                         ack = await unary(msgs[0], timeout=600)
                     else:
@@ -413,9 +444,10 @@ def stop(proc: subprocess.Popen[Any]) -> None:
             proc.wait()
 
 
-def trial(cfg: dict[str, Any], n: int, uploads_total: int, processes: int) -> dict[str, Any]:
+def trial(cfg: dict[str, Any], n: int, uploads_total: int, processes: int,
+          min_per_conn: int) -> dict[str, Any]:
     script = os.path.abspath(__file__)
-    per_conn = max(2, -(-uploads_total // n))
+    per_conn = max(min_per_conn, -(-uploads_total // n))
     nproc = max(1, min(processes, n))
     blob = json.dumps(cfg)
     env = {**os.environ, **cfg["server_env"]}
@@ -484,7 +516,7 @@ def orchestrate(args: argparse.Namespace) -> int:
                 for name in names:
                     cfg = dict(BY_NAME[name], certdir=tmp)
                     try:
-                        r = trial(cfg, n, args.uploads, args.processes)
+                        r = trial(cfg, n, args.uploads, args.processes, args.min_per_conn)
                     except Exception as exc:  # recorded, the study goes on
                         r = {"config": name, "n": n, "error": f"{type(exc).__name__}: {exc}"}
                     r["repeat"] = rep
@@ -554,7 +586,9 @@ def main() -> int:
     p.add_argument("--n", default="1,50,1000", help="concurrent connections, comma-separated")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--uploads", type=int, default=1000,
-                   help="uploads per trial (at least 2 per connection)")
+                   help="uploads per trial (at least --min-per-conn per connection)")
+    p.add_argument("--min-per-conn", type=int, default=2,
+                   help="uploads per connection at least (all connections upload at once)")
     p.add_argument("--processes", type=int, default=4, help="client processes (at most)")
     p.add_argument("--out", default="benchmarks/out/transport_floor.json")
     p.add_argument("--list", action="store_true", help="list the configurations and exit")

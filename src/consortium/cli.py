@@ -105,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or killed run from its checkpoint")
     srv.add_argument("--min-sites", type=int, default=1, help="sites that must connect before round 1")
     srv.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for results")
+    srv.add_argument("--min-results", type=int, default=1, metavar="N",
+                     help="a round with fewer results by its deadline is skipped (model kept)")
     srv.add_argument("--register-timeout", type=float, default=600.0, help="seconds to wait for the sites")
     srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     srv.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -342,6 +344,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         args.config, listen=args.listen, certs=certs, out=args.out or args.resume,
         min_sites=args.min_sites, overrides=args.overrides,
         register_timeout=args.register_timeout, round_timeout=args.round_timeout,
+        min_results=args.min_results,
         progress=not args.no_progress, resume=args.resume,
     )
     assert result.run_dir is not None

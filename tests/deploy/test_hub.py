@@ -138,3 +138,55 @@ def test_the_site_registry_round_trips_with_counts_and_the_encoding(hub: Hub) ->
         other.restore({"format": 1, "sites": {"a": {"input_shape": "x"}}})
     with pytest.raises(CheckpointError, match="format"):
         other.restore({"format": 7})
+
+
+def _round_with(hub: Hub, min_results: int, answer: set[str]) -> tuple[list[Result], Exception | None]:
+    """Two sites get a task; those in ``answer`` send a good result, the others stay silent."""
+    import threading
+    import time
+
+    from consortium.deploy.hub import RemoteExecutor
+    from consortium.messages import Task
+    from consortium.types import Parameters
+
+    sessions = {}
+    for site in ("a", "b"):
+        sessions[site] = hub.register(site)
+        hub.describe(sessions[site], SiteInfo((3,), 2, 10, 5))
+    executor = RemoteExecutor(hub, round_timeout=1.0, min_results=min_results)
+    params = Parameters(LAYOUT, torch.zeros(3))
+    tasks = [Task(1, site, params, seed=0, cohort_size=2) for site in ("a", "b")]
+    out: list[Result] = []
+    error: list[Exception] = []
+
+    def run() -> None:
+        try:
+            out.extend(executor.fit(tasks, {}))
+        except Exception as exc:  # the test looks at it
+            error.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    while len(hub._pending) < 2:
+        time.sleep(0.01)
+    for task_id, pending in list(hub._pending.items()):
+        if pending.site in answer:
+            update = Update(pending.site, torch.tensor([0.1, 0.2, 0.3]), 10.0)
+            assert hub.deliver(sessions[pending.site], _wire(Result(1, pending.site, update), task_id))[0]
+    thread.join(timeout=10)
+    return out, error[0] if error else None
+
+
+def test_a_round_short_of_min_results_is_aborted_and_names_who_failed(hub: Hub) -> None:
+    from consortium.errors import RoundAborted
+
+    results, error = _round_with(hub, 2, {"a"})
+    assert isinstance(error, RoundAborted) and "1 of 2 sites" in str(error)
+    assert [(r.client_id, r.update) for r in results] == [("b", None)]  # the failure only
+    assert "deadline" in (results[0].error or "")
+
+
+def test_a_round_with_enough_results_goes_on_without_the_silent_site(hub: Hub) -> None:
+    results, error = _round_with(hub, 1, {"a"})
+    assert error is None
+    assert [(r.client_id, r.update is not None) for r in results] == [("a", True), ("b", False)]

@@ -30,6 +30,7 @@ from consortium.deploy.codec import (
     Wait,
 )
 from consortium.deploy.validate import ExpectedTask, RejectedResult, validate_result
+from consortium.errors import RoundAborted
 from consortium.messages import EvaluationResult, Result, Task
 from consortium.types import Layout
 
@@ -415,15 +416,23 @@ class RemoteExecutor:
     Each task goes to its site's queue; results are awaited until ``round_timeout`` seconds
     after the round's tasks went out, and a site that has not answered by then is dropped from
     the round (its late answer is refused). Exchanges (secure aggregation's phases) wait at most
-    ``phase_timeout`` seconds per phase.
+    ``phase_timeout`` seconds per phase. A training round with fewer than ``min_results``
+    results is aborted (:class:`~consortium.errors.RoundAborted`: the model and every state
+    stay, the run goes on); the sites that failed are reported with their reasons.
     """
 
     name = "remote"
 
-    def __init__(self, hub: Hub, *, round_timeout: float = 600.0, phase_timeout: float = 120.0) -> None:
+    def __init__(
+        self, hub: Hub, *, round_timeout: float = 600.0, phase_timeout: float = 120.0,
+        min_results: int = 1,
+    ) -> None:
+        if min_results < 1:
+            raise ValueError(f"min_results must be >= 1, got {min_results}")
         self.hub = hub
         self.round_timeout = round_timeout
         self.phase_timeout = phase_timeout
+        self.min_results = min_results
 
     def fit(self, tasks: Sequence[Task], clients: Mapping[str, Any]) -> Iterator[Result]:
         if tasks:
@@ -438,10 +447,18 @@ class RemoteExecutor:
             future = self.hub.expect(task.client_id, task.round, task_id, "train", expected)
             futures[future] = (task_id, task)
             self.hub.send(task.client_id, TaskEnvelope(task_id, task))
-        yield from self._collect(futures, lambda t: Result(
+        answers = list(self._collect(futures, lambda t: Result(
             t.round, t.client_id, None,
             error=f"no result before the round's deadline ({self.round_timeout:.0f} s)",
-        ))
+        )))
+        good = sum(1 for r in answers if r.error is None)
+        if tasks and good < self.min_results:
+            yield from (r for r in answers if r.error is not None)  # who failed, and why
+            raise RoundAborted(
+                f"{good} of {len(tasks)} sites sent a result; a round needs at least "
+                f"{self.min_results} (--min-results)"
+            )
+        yield from answers
 
     def evaluate(self, tasks: Sequence[Task], clients: Mapping[str, Any]) -> Iterator[EvaluationResult]:
         futures: dict[cf.Future[Any], tuple[str, Task]] = {}

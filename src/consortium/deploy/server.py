@@ -356,6 +356,7 @@ def serve(
     overrides: Sequence[str] = (),
     register_timeout: float = 300.0,
     round_timeout: float = 600.0,
+    min_results: int = 1,
     on_listening: Any = None,
     progress: bool = True,
     resume: str | Path | None = None,
@@ -364,8 +365,11 @@ def serve(
 
     ``certs`` None means ``--insecure`` (no TLS, sites are who they claim to be). ``resume``:
     continue the run in that directory from its last checkpoint (after a crash or a kill); the
-    sites reconnect by themselves.
+    sites reconnect by themselves. A round with fewer than ``min_results`` results by its
+    deadline is skipped (the model stays; ``aborted`` in metrics.jsonl).
     """
+    if min_results < 1:
+        raise ConfigError(f"--min-results {min_results}: a round needs at least 1 result")
     from consortium.simulation import simulate
 
     if resume is not None:
@@ -427,8 +431,13 @@ def serve(
         # so it samples the same sites with the same sizes)
         hub.fix_roster(hub.roster if hub.roster is not None else sites)
         assert hub.roster is not None
+        if min_results > len(hub.roster):
+            raise ConfigError(
+                f"--min-results {min_results} is more than the run's {len(hub.roster)} sites: no "
+                "round could finish; lower it or raise --min-sites"
+            )
         dataset = _placeholder_dataset(cfg, hub.roster)
-        executor = RemoteExecutor(hub, round_timeout=round_timeout)
+        executor = RemoteExecutor(hub, round_timeout=round_timeout, min_results=min_results)
         common: dict[str, Any] = {
             "dataset": dataset, "executor": executor, "progress": progress,
             "callbacks": [_RoundReport(hub, cfg.rounds)],
