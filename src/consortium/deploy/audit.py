@@ -138,15 +138,15 @@ def update_digest(tensor: Any) -> tuple[str, float]:
         import torch
 
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        raw = flat.view(torch.uint8).numpy().tobytes()
-        norm = float(torch.linalg.vector_norm(flat.to(torch.float64)))
+        digest = hashlib.sha256(flat.view(torch.uint8).numpy())  # the buffer, not a copy
+        norm = float(torch.linalg.vector_norm(flat, dtype=torch.float64))
     else:
         import numpy as np
 
         array = np.ascontiguousarray(tensor)
-        raw = array.tobytes()
+        digest = hashlib.sha256(array.reshape(-1).view(np.uint8))
         norm = float(np.linalg.norm(array.astype(np.float64).ravel()))
-    return hashlib.sha256(raw).hexdigest(), norm
+    return digest.hexdigest(), norm
 
 
 class AuditLog:
