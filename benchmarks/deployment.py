@@ -238,9 +238,8 @@ def run_trial(n: int, args: argparse.Namespace, *, kind: str) -> dict[str, Any]:
     if kind == "null":
         cmd = [sys.executable, str(NULL_SERVER_SCRIPT), "--sites", str(n), "--rounds",
                str(args.rounds), "--out", str(run_dir), "--input-dim", str(args.input_dim),
-               "--classes", str(args.classes), "--send-concurrency", str(args.null_concurrency),
-               "--receive-concurrency", str(args.null_concurrency)]
-        cmd += ["--no-bdp-probe"] if args.null_no_bdp_probe else []
+               "--classes", str(args.classes), "--send-concurrency", str(args.null_concurrency)]
+        cmd += ["--untuned"] if args.null_untuned else []
     print(f"\n== {name}: {' '.join(cmd[1:])}", flush=True)
 
     def limit_files() -> None:
@@ -555,10 +554,11 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="training rounds (one more evaluates too)")
     p.add_argument("--input-dim", type=int, default=26213, help="features: 26213·10+10 = 262,140 parameters")
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--null-no-bdp-probe", action="store_true",
-                   help="null server only: grpc.http2.bdp_probe = 0 (windows stay at 64 KiB)")
-    p.add_argument("--null-concurrency", type=int, default=0,
-                   help="null server only: tasks sent and results read at once (0: no limit)")
+    p.add_argument("--null-untuned", action="store_true",
+                   help="null server only: without consortium server's transport settings "
+                   "(grpc.http2.bdp_probe = 0, tune_malloc)")
+    p.add_argument("--null-concurrency", type=int, default=32,
+                   help="null server only: tasks sent at once (0: no limit; 32 as consortium server)")
     p.add_argument("--update-floats", type=int, default=0,
                    help="delta size the sites send (0: the model's; for --null only)")
     p.add_argument("--num-train", type=int, default=1, help="training examples each site declares")

@@ -104,8 +104,12 @@ class NullService(rpc.FederationServicer):
 async def serve(args: argparse.Namespace) -> None:
     options = [("grpc.max_receive_message_length", 8 << 20),
                ("grpc.max_send_message_length", 8 << 20)]
-    if args.no_bdp_probe:  # HTTP/2 windows stay at 64 KiB a stream: what a peer can push unread
+    if args.no_bdp_probe or not args.untuned:  # HTTP/2 windows stay at 64 KiB, as the server's
         options.append(("grpc.http2.bdp_probe", 0))
+    if not args.untuned:  # consortium server's transport settings
+        from consortium.deploy.server import tune_malloc
+
+        tune_malloc()
     server = grpc.aio.server(options=options)
     service = NullService(args.sites, args.send_concurrency, args.receive_concurrency)
     rpc.add_FederationServicer_to_server(service, server)
@@ -153,8 +157,11 @@ def main() -> int:
     p.add_argument("--input-dim", type=int, default=26213)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--out", required=True)
-    p.add_argument("--send-concurrency", type=int, default=0,
-                   help="tasks serialized and sent at once (0: no limit, as consortium server)")
+    p.add_argument("--send-concurrency", type=int, default=32,
+                   help="tasks serialized and sent at once (0: no limit; 32 as consortium server)")
+    p.add_argument("--untuned", action="store_true",
+                   help="without consortium server's transport settings (bdp_probe off, "
+                   "tune_malloc)")
     p.add_argument("--no-bdp-probe", action="store_true",
                    help="keep HTTP/2 flow-control windows at their initial 64 KiB")
     p.add_argument("--receive-concurrency", type=int, default=0,

@@ -63,7 +63,8 @@ MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(16 << 20), "MALLOC_TRIM_THRESHOLD_": str
 
 def config(name: str, what: str, **kw: Any) -> dict[str, Any]:
     c = {"name": name, "what": what, "kind": "aio", "call": "stream", "chunk": MiB, "proto": True,
-         "server_options": [], "client_options": [], "server_env": {}, "tls": False, "workers": 16}
+         "server_options": [], "client_options": [], "server_env": {}, "tls": False, "workers": 16,
+         "mallopt": False}
     c.update(kw)
     return c
 
@@ -119,6 +120,11 @@ CONFIGS = [
     config("roundtrip_best", "roundtrip with the best settings", call="roundtrip",
            server_options=BIG_FRAME + BIG_READ, client_options=BIG_FRAME,
            server_env={**MALLOC, "GRPC_EXPERIMENTS": "tcp_rcv_lowat"}),
+    config("mallopt", "as malloc, set from Python at server start (ctypes mallopt), no env",
+           mallopt=True),
+    config("best_mallopt", "best_nobdp with mallopt instead of the environment",
+           server_options=BIG_FRAME + BIG_READ + [("grpc.http2.bdp_probe", 0)],
+           server_env={"GRPC_EXPERIMENTS": "tcp_rcv_lowat"}, mallopt=True),
     config("socket", "bare asyncio TCP server (BufferedProtocol into a reused buffer): no RPC",
            kind="socket"),
 ]
@@ -151,7 +157,21 @@ def grpc_credentials_server(cfg: dict[str, Any]) -> Any:
     return grpc.ssl_server_credentials([((d / "key.pem").read_bytes(), (d / "cert.pem").read_bytes())])
 
 
+def set_mallopt() -> None:
+    """What MALLOC (the environment) does, from inside the process: glibc's mallopt."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    for param, value in ((M_MMAP_THRESHOLD, 16 << 20), (M_TRIM_THRESHOLD, 512 << 20),
+                         (M_TOP_PAD, 16 << 20)):
+        if libc.mallopt(param, value) != 1:
+            raise OSError(f"mallopt({param}, {value}) failed")
+
+
 def run_server(cfg: dict[str, Any]) -> None:
+    if cfg.get("mallopt"):
+        set_mallopt()
     if cfg["kind"] == "socket":
         asyncio.run(socket_server())
     elif cfg["kind"] == "sync":
@@ -238,8 +258,8 @@ async def aio_server(cfg: dict[str, Any]) -> None:
 
 
 def sync_server(cfg: dict[str, Any]) -> None:
-    from concurrent.futures import ThreadPoolExecutor
     import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     import grpc
 

@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for results")
     srv.add_argument("--min-results", type=int, default=1, metavar="N",
                      help="a round with fewer results by its deadline is skipped (model kept)")
+    srv.add_argument("--over-select", type=float, default=0.0, metavar="X",
+                     help="the sampled sites are an over-selection by X (e.g. 0.3): a round "
+                     "closes once n/(1+X) of its n sites answered; the slowest are dropped")
     srv.add_argument("--register-timeout", type=float, default=600.0, help="seconds to wait for the sites")
     srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     srv.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -344,7 +347,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         args.config, listen=args.listen, certs=certs, out=args.out or args.resume,
         min_sites=args.min_sites, overrides=args.overrides,
         register_timeout=args.register_timeout, round_timeout=args.round_timeout,
-        min_results=args.min_results,
+        min_results=args.min_results, over_select=args.over_select,
         progress=not args.no_progress, resume=args.resume,
     )
     assert result.run_dir is not None

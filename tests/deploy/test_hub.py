@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import torch
@@ -140,8 +141,11 @@ def test_the_site_registry_round_trips_with_counts_and_the_encoding(hub: Hub) ->
         other.restore({"format": 7})
 
 
-def _round_with(hub: Hub, min_results: int, answer: set[str]) -> tuple[list[Result], Exception | None]:
-    """Two sites get a task; those in ``answer`` send a good result, the others stay silent."""
+def _round_with(
+    hub: Hub, min_results: int, answer: set[str], sites: tuple[str, ...] = ("a", "b"),
+    **executor: Any,
+) -> tuple[list[Result], Exception | None]:
+    """Each site gets a task; those in ``answer`` send a good result, the others stay silent."""
     import threading
     import time
 
@@ -150,24 +154,24 @@ def _round_with(hub: Hub, min_results: int, answer: set[str]) -> tuple[list[Resu
     from consortium.types import Parameters
 
     sessions = {}
-    for site in ("a", "b"):
+    for site in sites:
         sessions[site] = hub.register(site)
         hub.describe(sessions[site], SiteInfo((3,), 2, 10, 5))
-    executor = RemoteExecutor(hub, round_timeout=1.0, min_results=min_results)
+    remote = RemoteExecutor(hub, **{"round_timeout": 1.0, "min_results": min_results, **executor})
     params = Parameters(LAYOUT, torch.zeros(3))
-    tasks = [Task(1, site, params, seed=0, cohort_size=2) for site in ("a", "b")]
+    tasks = [Task(1, site, params, seed=0, cohort_size=len(sites)) for site in sites]
     out: list[Result] = []
     error: list[Exception] = []
 
     def run() -> None:
         try:
-            out.extend(executor.fit(tasks, {}))
+            out.extend(remote.fit(tasks, {}))
         except Exception as exc:  # the test looks at it
             error.append(exc)
 
     thread = threading.Thread(target=run)
     thread.start()
-    while len(hub._pending) < 2:
+    while len(hub._pending) < len(sites):
         time.sleep(0.01)
     for task_id, pending in list(hub._pending.items()):
         if pending.site in answer:
@@ -190,3 +194,16 @@ def test_a_round_with_enough_results_goes_on_without_the_silent_site(hub: Hub) -
     results, error = _round_with(hub, 1, {"a"})
     assert error is None
     assert [(r.client_id, r.update is not None) for r in results] == [("a", True), ("b", False)]
+
+
+def test_an_over_selected_round_closes_with_its_first_results(hub: Hub) -> None:
+    import time
+
+    started = time.monotonic()
+    results, error = _round_with(hub, 1, {"a", "c"}, ("a", "b", "c"), over_select=0.5,
+                                 round_timeout=60.0)
+    assert error is None and time.monotonic() - started < 30  # did not wait for the deadline
+    assert [(r.client_id, r.update is not None) for r in results] == [
+        ("a", True), ("b", False), ("c", True)]  # task order
+    assert "over-selected: the round closed with the first 2 results" in (results[1].error or "")
+    assert not hub._pending  # b's late answer will be refused

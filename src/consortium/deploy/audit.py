@@ -144,7 +144,7 @@ def update_digest(tensor: Any) -> tuple[str, float]:
         import numpy as np
 
         array = np.ascontiguousarray(tensor)
-        digest = hashlib.sha256(array.reshape(-1).view(np.uint8))
+        digest = hashlib.sha256(array.reshape(-1).data)
         norm = float(np.linalg.norm(array.astype(np.float64).ravel()))
     return digest.hexdigest(), norm
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import logging
+import math
 import threading
 import time
 import uuid
@@ -418,17 +419,23 @@ class RemoteExecutor:
     the round (its late answer is refused). Exchanges (secure aggregation's phases) wait at most
     ``phase_timeout`` seconds per phase. A training round with fewer than ``min_results``
     results is aborted (:class:`~consortium.errors.RoundAborted`: the model and every state
-    stay, the run goes on); the sites that failed are reported with their reasons.
+    stay, the run goes on); the sites that failed are reported with their reasons. With
+    ``over_select`` = x > 0 the round's sites are an over-selection (Bonawitz et al., "Towards
+    Federated Learning at Scale", SysML 2019): it closes as soon as ceil(n / (1 + x)) of its n
+    tasks have good results, and the slowest sites' answers are refused as late.
     """
 
     name = "remote"
 
     def __init__(
         self, hub: Hub, *, round_timeout: float = 600.0, phase_timeout: float = 120.0,
-        min_results: int = 1,
+        min_results: int = 1, over_select: float = 0.0,
     ) -> None:
         if min_results < 1:
             raise ValueError(f"min_results must be >= 1, got {min_results}")
+        if not 0 <= over_select <= 10:
+            raise ValueError(f"over_select must be in [0, 10], got {over_select}")
+        self.over_select = over_select
         self.hub = hub
         self.round_timeout = round_timeout
         self.phase_timeout = phase_timeout
@@ -447,9 +454,13 @@ class RemoteExecutor:
             future = self.hub.expect(task.client_id, task.round, task_id, "train", expected)
             futures[future] = (task_id, task)
             self.hub.send(task.client_id, TaskEnvelope(task_id, task))
+        enough = math.ceil(len(tasks) / (1 + self.over_select)) if self.over_select else 0
         answers = list(self._collect(futures, lambda t: Result(
             t.round, t.client_id, None,
             error=f"no result before the round's deadline ({self.round_timeout:.0f} s)",
+        ), enough=enough, cut=lambda t: Result(
+            t.round, t.client_id, None,
+            error=f"over-selected: the round closed with the first {enough} results",
         )))
         good = sum(1 for r in answers if r.error is None)
         if tasks and good < self.min_results:
@@ -472,23 +483,36 @@ class RemoteExecutor:
             if value is not None:
                 yield value
 
-    def _collect(self, futures: dict[cf.Future[Any], tuple[str, Task]], missing: Any) -> Iterator[Any]:
+    def _collect(
+        self, futures: dict[cf.Future[Any], tuple[str, Task]], missing: Any,
+        enough: int = 0, cut: Any = None,
+    ) -> Iterator[Any]:
         """Every answer, in the order the tasks were sent, once all are in or the deadline
-        passed: the aggregate then does not depend on which site answered first, so a resumed
-        run reproduces an uninterrupted one bit for bit."""
+        passed (or, with ``enough`` > 0, once that many good results are in: the rest are
+        closed and answered by ``cut``): the aggregate then does not depend on which site
+        answered first, so a resumed run reproduces an uninterrupted one bit for bit (not with
+        ``enough``: which sites are cut depends on timing)."""
         order = list(futures)
+        good = 0
         try:
-            for _ in cf.as_completed(futures, timeout=self.round_timeout):
-                pass
+            for future in cf.as_completed(futures, timeout=self.round_timeout):
+                good += getattr(future.result(), "error", None) is None
+                if enough and good >= enough:
+                    break
         except cf.TimeoutError:
-            late = [(tid, t) for f, (tid, t) in futures.items() if not f.done()]
-            self.hub.forget([tid for tid, _ in late])
-            for _, task in late:
+            cut = None
+        open_ = [(tid, t) for f, (tid, t) in futures.items() if not f.done()]
+        self.hub.forget([tid for tid, _ in open_])  # a late answer is refused from now on
+        for _, task in open_:
+            if cut is None:
                 log.warning("site %r: no answer in round %d before the deadline", task.client_id, task.round)
         if self.hub.audit is not None:  # every result the round will use is on disk first
             self.hub.audit.sync()
         for future in order:
-            value = future.result() if future.done() else missing(futures[future][1])
+            if future.done():
+                value = future.result()
+            else:
+                value = (cut or missing)(futures[future][1])
             if value is not None:
                 yield value
 
