@@ -207,3 +207,18 @@ def test_an_over_selected_round_closes_with_its_first_results(hub: Hub) -> None:
         ("a", True), ("b", False), ("c", True)]  # task order
     assert "over-selected: the round closed with the first 2 results" in (results[1].error or "")
     assert not hub._pending  # b's late answer will be refused
+
+
+def test_an_oversized_result_is_rejected_and_never_reaches_the_round(tmp_path) -> None:
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    small = Hub(asyncio.new_event_loop(), config_toml="", run_id="t", max_result_bytes=40,
+                audit=audit)
+    small.layout = LAYOUT
+    session, future = _open(small, "a", "t1")
+    big = _wire(Result(1, "a", Update("a", torch.tensor([0.1, 0.2, 0.3]), 10.0,
+                                      metrics={"train_loss": 0.5})), "t1")
+    accepted, why = small.deliver(session, big)
+    assert not accepted and "exceed the limit of 40 bytes" in why and "site 'a'" in why
+    assert future.result(timeout=1).update is None
+    audit.close()
+    assert verify(tmp_path / "audit.jsonl").kinds["rejected"] == 1
