@@ -124,3 +124,32 @@ def test_default_count_noise_keeps_small_federations_valid() -> None:
     assert stage.count_noise(4.0) == pytest.approx(0.6)
     assert update_noise_multiplier(0.6, stage.count_noise(4.0)) == pytest.approx(0.6 / 0.75**0.5)
     assert central_dp(0.6, 1.0, adaptive=True).count_noise(400.0) == pytest.approx(20.0)
+
+
+def test_central_dp_is_refused_before_an_aggregator_that_is_not_a_sum() -> None:
+    """The noise is calibrated to a sum of clipped updates (sensitivity = the clip norm); a
+    median or Krum can move further with one client, so the stated epsilon would not hold."""
+    from consortium.aggregation.base import Pipeline
+    from consortium.aggregation.mean import weighted_mean
+    from consortium.aggregation.robust import make_rule
+    from consortium.errors import PipelineError
+
+    dp = central_dp(1.0, 1.0)
+    for rule in ("median", "krum", "trimmed-mean", "geometric-median"):
+        with pytest.raises(PipelineError, match=r"not such a sum.*local DP"):
+            Pipeline([dp], aggregator=make_rule(rule))
+    with pytest.raises(PipelineError, match="'norm-bound' is not such a sum"):
+        Pipeline([dp], aggregator=make_rule("norm-bound"))  # the median norm depends on all
+    Pipeline([dp], aggregator=make_rule("norm-bound", bound=0.5))  # a sum of clipped updates
+    Pipeline([dp], aggregator=weighted_mean())
+    Pipeline([], aggregator=make_rule("median"))  # without central DP, any rule
+
+
+def test_a_run_asking_for_central_dp_and_a_robust_rule_fails_before_round_1() -> None:
+    import consortium
+    from consortium.errors import ConsortiumError
+
+    cfg = {"rounds": 1, "privacy": {"mode": "central", "noise_multiplier": 1.0},
+           "aggregation": {"rule": "median"}, "evaluation": {"baselines": []}}
+    with pytest.raises(ConsortiumError, match="central_dp.*'median' is not such a sum"):
+        consortium.simulate(cfg)

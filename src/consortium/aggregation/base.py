@@ -120,7 +120,11 @@ class Stage(Protocol):
       interactive part sends through ``RoundContext.exchange`` (``ctx.session`` holds what the
       client half kept).
 
-    ``needs`` and ``gives`` are capability names checked when the pipeline is built.
+    ``needs`` and ``gives`` are capability names checked when the pipeline is built. A stage
+    whose server half treats ``aggregate.delta × aggregate.weight`` as the plain sum of the
+    (processed) updates sets ``needs_linear_aggregator = True``; the pipeline then refuses an
+    aggregator without ``linear = True`` (the weighted mean and the secure sum are linear; the
+    robust rules, but norm bounding with a fixed bound, are not).
     """
 
     @property
@@ -225,6 +229,18 @@ class Pipeline:
             available |= set(stage.gives)
             if SUM_ONLY in stage.gives:
                 available.discard(INDIVIDUAL)
+        for stage in self.stages:
+            if getattr(stage, "needs_linear_aggregator", False) and not getattr(
+                self.aggregator, "linear", False
+            ):
+                raise PipelineError(
+                    f"stage {stage.name!r} calibrates its noise to a sum of clipped updates, "
+                    "which one client moves by at most the clip norm; aggregator "
+                    f"{self.aggregator.name!r} is not such a sum (one client can move it "
+                    "further), so the stated epsilon would not hold. Use the weighted mean "
+                    "(or norm-bound with a fixed bound) with central DP, or local DP "
+                    "(privacy.mode = \"local\") with a robust rule"
+                )
         missing = set(self.aggregator.needs) - available
         if missing:
             hidden = " (a secure-aggregation stage hides individual updates)" if (

@@ -30,6 +30,7 @@ class WeightedMean:
 
     name: str = "weighted_mean"
     needs: frozenset[str] = frozenset()
+    linear: bool = True  # delta × weight is Σ wᵢ Δᵢ: central DP may add its noise to it
 
     def start(self, layout: Layout) -> _MeanAccumulator:
         return _MeanAccumulator(torch.zeros(layout.size, dtype=torch.float64), 0.0, 0, {})

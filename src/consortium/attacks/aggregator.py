@@ -53,6 +53,10 @@ class AttackedAggregator:
         return frozenset(self.inner.needs) | {INDIVIDUAL}
 
     @property
+    def linear(self) -> bool:
+        return bool(getattr(self.inner, "linear", False))
+
+    @property
     def stateful(self) -> bool:
         """Whether the wrapped rule keeps state across rounds (centered clipping)."""
         return not hasattr(self.inner, "accumulate") and hasattr(self.inner, "init")

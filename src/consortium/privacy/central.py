@@ -68,6 +68,7 @@ class CentralDP:
     name: str = "central_dp"
     needs: frozenset[str] = frozenset()
     gives: frozenset[str] = frozenset({"clipped", "central_dp"})
+    needs_linear_aggregator: bool = True  # the noise is calibrated to a sum of clipped updates
 
     def init(self, layout: Layout) -> StageState:
         return {"clip": float(self.clip)}

@@ -162,6 +162,7 @@ class SecureSum:
     stage: str = "secure_aggregation"
     name: str = "secure_sum"
     needs: frozenset[str] = frozenset({"quantized"})
+    linear: bool = True
 
     def aggregate(self, updates: list[Update], *, ctx: RoundContext) -> Aggregate:
         from consortium.secagg.protocol import SecAggConfig, SecAggServer

@@ -115,6 +115,12 @@ class NormBound(FaultTolerant):
     name: str = "norm-bound"
     needs: frozenset[str] = NEEDS
 
+    @property
+    def linear(self) -> bool:
+        """With a fixed bound the aggregate is a sum of clipped updates (central DP may follow);
+        the median norm makes each client's scale depend on the others."""
+        return self.bound is not None
+
     def needed(self, f: int) -> int:
         return 2 * f + 1 if self.bound is None else 1
 
