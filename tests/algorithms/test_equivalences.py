@@ -389,3 +389,17 @@ def test_same_seed_same_parameters() -> None:
 
 def test_different_seed_different_parameters() -> None:
     assert far_apart(run_noisy(0), run_noisy(1))
+
+
+def test_fednova_steps_by_nothing_when_the_aggregate_has_no_weight() -> None:
+    """FLTrust trusting no client returns a zero update of weight 0: FedNova must not divide
+    by it (the model stays)."""
+    from consortium.aggregation.base import Aggregate
+    from consortium.types import TensorSpec
+
+    layout = Layout((TensorSpec("w", (3,), torch.float32),))
+    ctx = RoundContext(round=1, seed=0, population=2, sampled=2, layout=layout)
+    empty = Aggregate(torch.zeros(3), 0.0, 0, {"fednova.weighted_a": torch.zeros(1)})
+    algorithm = FedNova()
+    delta, _ = algorithm.server_step(empty, algorithm.init_server(layout), ctx)
+    assert torch.equal(delta, torch.zeros(3))

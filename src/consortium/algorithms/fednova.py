@@ -77,5 +77,7 @@ class FedNova:
     def server_step(
         self, aggregate: Aggregate, state: StageState, ctx: RoundContext
     ) -> tuple[torch.Tensor, StageState]:
+        if not aggregate.weight > 0:  # e.g. FLTrust trusted no client: nothing to step by
+            return torch.zeros_like(aggregate.delta), state
         tau_eff = float(aggregate.extras[_A][0]) / aggregate.weight
         return tau_eff * aggregate.delta, state
