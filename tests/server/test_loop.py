@@ -17,7 +17,7 @@ def test_an_executor_that_aborts_a_round_leaves_the_model_and_the_run_goes_on() 
         def fit(self, tasks, clients):  # type: ignore[no-untyped-def]
             if tasks and tasks[0].round == 2:
                 yield Result(2, tasks[0].client_id, None, error="no result before the deadline")
-                raise RoundAborted("1 of 3 sites sent a result; a round needs at least 2")
+                raise RoundAborted("1 of 3 sites sent an update; a round needs at least 2")
             yield from super().fit(tasks, clients)
 
     cfg = {"rounds": 3, "evaluation": {"baselines": []}}

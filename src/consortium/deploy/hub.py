@@ -466,7 +466,7 @@ class RemoteExecutor:
         if tasks and good < self.min_results:
             yield from (r for r in answers if r.error is not None)  # who failed, and why
             raise RoundAborted(
-                f"{good} of {len(tasks)} sites sent a result; a round needs at least "
+                f"{good} of {len(tasks)} sites sent an update; a round needs at least "
                 f"{self.min_results} (--min-results)"
             )
         yield from answers

@@ -296,7 +296,7 @@ class _RoundReport:
         line = (
             f"consortium server: round {record['round']}/{self.rounds}: "
             f"{len(self.hub.connected())} sites connected, {record['clients']} results"
-            + (f", {len(failed)} missing ({', '.join(sorted(failed))})" if failed else "")
+            + (f", {len(failed)} without an update" if failed else "")
             + (f", {len(rejected)} rejected" if rejected else "")
             + (f", accuracy {acc:.3f}" if isinstance(acc, float) else "")
             + (f" — aborted: {record['aborted']}" if record.get("aborted") else "")
@@ -304,6 +304,13 @@ class _RoundReport:
         print(line, file=sys.stderr, flush=True)
         for reason in rejected:
             print(f"consortium server:   {reason}", file=sys.stderr, flush=True)
+        shown = sorted(failed.items())[:5]
+        for site, why in shown:  # rejections are printed above with their own reason
+            if not str(why).startswith("rejected"):
+                print(f"consortium server:   {site}: {why}", file=sys.stderr, flush=True)
+        if len(failed) > len(shown):
+            print(f"consortium server:   ... and {len(failed) - len(shown)} more (metrics.jsonl "
+                  "'failed')", file=sys.stderr, flush=True)
 
 
 def _placeholder_dataset(cfg: ExperimentConfig, sites: dict[str, SiteInfo]) -> FederatedDataset:
