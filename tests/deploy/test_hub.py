@@ -186,8 +186,9 @@ def test_a_round_short_of_min_results_is_aborted_and_names_who_failed(hub: Hub) 
 
     results, error = _round_with(hub, 2, {"a"})
     assert isinstance(error, RoundAborted) and "1 of 2 sites" in str(error)
-    assert [(r.client_id, r.update) for r in results] == [("b", None)]  # the failure only
-    assert "deadline" in (results[0].error or "")
+    # every answer, in task order, then the abort (the loop discards what it folded)
+    assert [(r.client_id, r.update is not None) for r in results] == [("a", True), ("b", False)]
+    assert "deadline" in (results[1].error or "")
 
 
 def test_a_round_with_enough_results_goes_on_without_the_silent_site(hub: Hub) -> None:
@@ -222,3 +223,43 @@ def test_an_oversized_result_is_rejected_and_never_reaches_the_round(tmp_path) -
     assert future.result(timeout=1).update is None
     audit.close()
     assert verify(tmp_path / "audit.jsonl").kinds["rejected"] == 1
+
+
+def test_answers_stream_in_task_order_as_soon_as_the_earlier_ones_are_in(hub: Hub) -> None:
+    """The round folds each update while later ones are still arriving; the last answer waits
+    for the audit log's sync."""
+    import threading
+    import time
+
+    from consortium.deploy.hub import RemoteExecutor
+    from consortium.messages import Task
+    from consortium.types import Parameters
+
+    sessions = {s: hub.register(s) for s in ("a", "b", "c")}
+    for session in sessions.values():
+        hub.describe(session, SiteInfo((3,), 2, 10, 5))
+    params = Parameters(LAYOUT, torch.zeros(3))
+    tasks = [Task(1, s, params, seed=0, cohort_size=3) for s in ("a", "b", "c")]
+    stream = RemoteExecutor(hub, round_timeout=30.0).fit(tasks, {})
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.extend(r.client_id for r in stream))
+
+    def answer(site: str) -> None:
+        task_id = next(t for t, p in hub._pending.items() if p.site == site)
+        update = Update(site, torch.tensor([0.1, 0.2, 0.3]), 10.0)
+        assert hub.deliver(sessions[site], _wire(Result(1, site, update), task_id))[0]
+
+    reader.start()
+    while len(hub._pending) < 3:
+        time.sleep(0.01)
+    answer("b")
+    time.sleep(0.2)
+    assert got == []  # b waits for a
+    answer("a")
+    deadline = time.monotonic() + 10
+    while got != ["a", "b"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got == ["a", "b"]  # both folded before c answered
+    answer("c")
+    reader.join(timeout=10)
+    assert got == ["a", "b", "c"]

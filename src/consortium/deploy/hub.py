@@ -332,10 +332,10 @@ class Hub:
         return True, ""
 
     def _finish(self, task_id: str, value: Any) -> None:
-        with self._lock:
+        with self._lock:  # under the lock: once forget() returns, no open task completes
             pending = self._pending.pop(task_id, None)
-        if pending is not None and not pending.future.done():
-            pending.future.set_result(value)
+            if pending is not None and not pending.future.done():
+                pending.future.set_result(value)
 
     def reject(self, site: str, task_id: str, rnd: int, reason: str) -> tuple[bool, str]:
         """Log, audit and count a refused upload; ``(False, reason line)`` for the Ack."""
@@ -455,21 +455,21 @@ class RemoteExecutor:
             futures[future] = (task_id, task)
             self.hub.send(task.client_id, TaskEnvelope(task_id, task))
         enough = math.ceil(len(tasks) / (1 + self.over_select)) if self.over_select else 0
-        answers = list(self._collect(futures, lambda t: Result(
+        good = 0
+        for result in self._collect(futures, lambda t: Result(
             t.round, t.client_id, None,
             error=f"no result before the round's deadline ({self.round_timeout:.0f} s)",
         ), enough=enough, cut=lambda t: Result(
             t.round, t.client_id, None,
             error=f"over-selected: the round closed with the first {enough} results",
-        )))
-        good = sum(1 for r in answers if r.error is None)
-        if tasks and good < self.min_results:
-            yield from (r for r in answers if r.error is not None)  # who failed, and why
+        )):
+            good += result.error is None
+            yield result
+        if tasks and good < self.min_results:  # the loop discards what was folded so far
             raise RoundAborted(
                 f"{good} of {len(tasks)} sites sent an update; a round needs at least "
                 f"{self.min_results} (--min-results)"
             )
-        yield from answers
 
     def evaluate(self, tasks: Sequence[Task], clients: Mapping[str, Any]) -> Iterator[EvaluationResult]:
         futures: dict[cf.Future[Any], tuple[str, Task]] = {}
@@ -487,32 +487,44 @@ class RemoteExecutor:
         self, futures: dict[cf.Future[Any], tuple[str, Task]], missing: Any,
         enough: int = 0, cut: Any = None,
     ) -> Iterator[Any]:
-        """Every answer, in the order the tasks were sent, once all are in or the deadline
-        passed (or, with ``enough`` > 0, once that many good results are in: the rest are
-        closed and answered by ``cut``): the aggregate then does not depend on which site
-        answered first, so a resumed run reproduces an uninterrupted one bit for bit (not with
-        ``enough``: which sites are cut depends on timing)."""
+        """The answers in the order the tasks were sent, each as soon as it and every earlier
+        one is in: a streaming aggregator folds them while the rest arrive (the round holds one
+        update at a time, not N), and the aggregate does not depend on which site answered
+        first, so a resumed run reproduces an uninterrupted one bit for bit (not with
+        ``enough`` > 0: the round then closes once that many good results are in and the rest
+        are answered by ``cut``, which depends on timing). Tasks still open at the deadline
+        are answered by ``missing``; their late answers are refused. The audit log is synced
+        before the last answer is given, so every result is on disk before the round's
+        aggregate exists."""
         order = list(futures)
+        given = 0
         good = 0
-        try:
-            for future in cf.as_completed(futures, timeout=self.round_timeout):
-                good += getattr(future.result(), "error", None) is None
-                if enough and good >= enough:
-                    break
-        except cf.TimeoutError:
-            cut = None
+        pending = set(futures)
+        deadline = time.monotonic() + self.round_timeout
+        closing = missing
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            done, pending = cf.wait(pending, timeout=left, return_when=cf.FIRST_COMPLETED)
+            good += sum(getattr(f.result(), "error", None) is None for f in done)
+            if enough and good >= enough:
+                closing = cut
+                break
+            while given < len(order) - 1 and order[given].done():  # the last waits for the sync
+                given += 1
+                value = order[given - 1].result()
+                if value is not None:
+                    yield value
         open_ = [(tid, t) for f, (tid, t) in futures.items() if not f.done()]
-        self.hub.forget([tid for tid, _ in open_])  # a late answer is refused from now on
-        for _, task in open_:
-            if cut is None:
+        self.hub.forget([tid for tid, _ in open_])  # from here on a late answer is refused
+        if closing is missing:
+            for _, task in open_:
                 log.warning("site %r: no answer in round %d before the deadline", task.client_id, task.round)
-        if self.hub.audit is not None:  # every result the round will use is on disk first
+        if self.hub.audit is not None:
             self.hub.audit.sync()
-        for future in order:
-            if future.done():
-                value = future.result()
-            else:
-                value = (cut or missing)(futures[future][1])
+        for future in order[given:]:
+            value = future.result() if future.done() else closing(futures[future][1])
             if value is not None:
                 yield value
 

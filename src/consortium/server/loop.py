@@ -31,6 +31,26 @@ from consortium.types import Parameters
 __all__ = ["RunState", "Server"]
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """One result as the round's record needs it, without its tensors: the loop does not keep
+    the round's updates (a deployment's 1,000 sites send 1 MB each), the aggregator folds them."""
+
+    client_id: str
+    has_update: bool
+    weight: float
+    metrics: dict[str, float]
+    error: str | None
+    refused: bool
+    nbytes: int
+
+    @classmethod
+    def of(cls, r: Result) -> _Seen:
+        u = r.update
+        return cls(r.client_id, u is not None, u.weight if u is not None else 0.0,
+                   dict(u.metrics) if u is not None else {}, r.error, r.refused, r.nbytes)
+
+
 @dataclass
 class RunState:
     """Everything the server needs to continue a run (checkpointed after every round)."""
@@ -110,7 +130,7 @@ class Server:
             )
             for cid in participants
         ]
-        results: list[Result] = []
+        results: list[_Seen] = []  # what the record needs; the tensors go to the aggregator
         expected = getattr(self.sampler, "expected_size", None)
 
         def exchange(stage: str, phase: str, messages: Mapping[str, Any]):  # type: ignore[no-untyped-def]
@@ -126,7 +146,7 @@ class Server:
 
         def successful():
             for r in self.executor.fit(tasks, self.clients):
-                results.append(r)
+                results.append(_Seen.of(r))
                 if r.update is not None:
                     yield r.update
 
@@ -135,9 +155,9 @@ class Server:
             aggregate, pipeline_state = self.pipeline.aggregate(successful(), state.pipeline, ctx)
         except RoundAborted as exc:  # nothing revealed; the model and every state stay
             aggregate, pipeline_state, aborted = None, state.pipeline, str(exc)
-        updates = [r.update for r in results if r.update is not None]
-        failed = {r.client_id: r.error for r in results if r.update is None}
-        broken = [r.error for r in results if r.update is None and not r.refused]
+        updates = [r for r in results if r.has_update]
+        failed = {r.client_id: r.error for r in results if not r.has_update}
+        broken = [r.error for r in results if not r.has_update and not r.refused]
         if aggregate is None and broken and aborted is None:
             first = broken[0]
             raise ClientError(f"round {rnd}: no client returned an update; first error: {first}")
