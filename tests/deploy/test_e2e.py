@@ -259,6 +259,34 @@ def test_a_client_killed_mid_run_is_dropped_on_the_deadline_and_rejoins(consorti
     assert records[-1]["clients"] == 3, [r["clients"] for r in records]  # it rejoined
 
 
+def test_a_site_revoked_during_the_run_is_expelled_and_the_run_goes_on(consortium_dir: Path) -> None:
+    """`consortium provision --revoke` on the server's folder while it runs: the server re-reads
+    its registry, closes the site's session, fails its open task at once and sends it no more;
+    the site cannot register again and exits with the reason."""
+    from consortium.deploy.provision import revoke
+
+    d = consortium_dir
+    (d / "exp.toml").write_text(EXPERIMENT.replace("rounds = 4", "rounds = 30"))
+    port = _free_port()
+    server = _server_on(d, port, "run", "--round-timeout", "30")
+    clients = {site: _client(d, port, site) for site in SITES}
+    try:
+        deadline = time.monotonic() + 120
+        while _rounds_done(d / "run") < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        revoke(d / "certs", "east")
+        assert clients["east"].wait(timeout=60) == 2
+        assert server.wait(timeout=240) == 0
+    finally:
+        _stop(server, *clients.values())
+    assert clients["east"].stderr is not None and "revoked" in clients["east"].stderr.read()
+    records = [json.loads(line) for line in (d / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 30 and records[-1]["clients"] == 2
+    assert "revoked" in records[-1]["failed"]["east"]
+    assert sum(r["wall_s"] for r in records[-5:]) < 30  # no round waited for east's deadline
+    assert '"expelled"' in (d / "run" / "audit.jsonl").read_text()
+
+
 def test_secure_aggregation_and_central_dp_run_over_grpc(consortium_dir: Path) -> None:
     """SecAgg+'s four phases travel as Exchange messages; the server sees only the sum, adds
     DP noise from the operating system's randomness and accounts for it."""

@@ -263,3 +263,17 @@ def test_answers_stream_in_task_order_as_soon_as_the_earlier_ones_are_in(hub: Hu
     answer("c")
     reader.join(timeout=10)
     assert got == ["a", "b", "c"]
+
+
+def test_an_expelled_site_fails_its_open_task_at_once_and_gets_no_more(hub: Hub, tmp_path) -> None:
+    session, future = _open(hub, "a", "t1")
+    hub.expel("a", "site 'a' was revoked during the run")
+    assert "revoked" in (future.result(timeout=1).error or "")  # the round does not wait
+    with pytest.raises(KeyError):
+        hub.site_of(session)  # its session is gone
+    with pytest.raises(PermissionError, match="revoked"):
+        hub.register("a")  # and it cannot come back
+    later = hub.expect("a", 2, "t2", "train", ExpectedTask(site="a", round=2, task_id="t2"))
+    assert later.done() and "revoked" in (later.result().error or "")
+    hub.audit.sync()
+    assert verify(tmp_path / "audit.jsonl").kinds["expelled"] == 1

@@ -114,13 +114,20 @@ class Hub:
         # before. A site outside it is refused; one inside must describe the same data again.
         self.roster: dict[str, SiteInfo] | None = None
         self.counts: dict[str, dict[str, int]] = {}  # site -> results / rejected / last_round
+        self.expelled: dict[str, str] = {}  # site -> why (revoked during the run)
         if registry is not None:
             self.restore(registry)
 
     # -- the service's side (event-loop thread) --------------------------------------------------
 
     def register(self, site: str) -> str:
-        """A new session for ``site`` (a restarted client gets a fresh one; the old is dropped)."""
+        """A new session for ``site`` (a restarted client gets a fresh one; the old is dropped).
+
+        Raises:
+            PermissionError: the site was expelled from this run.
+        """
+        if site in self.expelled:
+            raise PermissionError(self.expelled[site])
         session = uuid.uuid4().hex
         with self._lock:
             old = self._sites.get(site)
@@ -264,6 +271,30 @@ class Hub:
             await asyncio.sleep(0.05)
         return self.merged
 
+    def expel(self, site: str, reason: str) -> None:
+        """Drop ``site`` from the run (revoked while it runs): its session ends, its open tasks
+        and exchanges fail at once with ``reason``, and later tasks are not sent to it."""
+        with self._lock:
+            self.expelled[site] = reason
+            old = self._sites.get(site)
+            if old is not None:
+                self._sessions.pop(old.session, None)
+            open_tasks = [t for t, p in self._pending.items() if p.site == site]
+            exchanges = [k for k in self._exchanges if k[0] == site]
+        for task_id in open_tasks:
+            with self._lock:
+                pending = self._pending.get(task_id)
+            if pending is not None:
+                self._finish(task_id, Result(pending.round, site, None, error=reason)
+                             if pending.kind == "train" else None)
+        for key in exchanges:
+            with self._lock:
+                future = self._exchanges.pop(key, None)
+            if future is not None and not future.done():
+                future.set_result(ExchangeEnvelope(key[1], key[2], key[3], site, None, reason))
+        log.warning("%s; its session is closed", reason)
+        self._log("expelled", site=site, reason=reason)
+
     def site_of(self, session: str) -> str:
         with self._lock:
             site = self._site_of(session)
@@ -381,12 +412,18 @@ class Hub:
             return sorted(s.name for s in self._sites.values() if s.info is not None)
 
     def send(self, site: str, item: Any) -> None:
+        if site in self.expelled:
+            return
         with self._lock:
             queue = self._sites[site].queue
         self.loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def expect(self, site: str, rnd: int, task_id: str, kind: str, expected: ExpectedTask) -> cf.Future[Any]:
         future: cf.Future[Any] = cf.Future()
+        if site in self.expelled:  # answered at once: the round does not wait for it
+            future.set_result(Result(rnd, site, None, error=self.expelled[site])
+                              if kind == "train" else None)
+            return future
         with self._lock:
             self._pending[task_id] = _Pending(site, rnd, kind, future, expected)
         self._log("task", site=site, round=rnd, task_id=task_id, task_kind=kind)
@@ -394,6 +431,9 @@ class Hub:
 
     def expect_exchange(self, site: str, stage: str, phase: str, rnd: int) -> cf.Future[Any]:
         future: cf.Future[Any] = cf.Future()
+        if site in self.expelled:
+            future.set_result(ExchangeEnvelope(stage, phase, rnd, site, None, self.expelled[site]))
+            return future
         with self._lock:
             self._exchanges[(site, stage, phase, rnd)] = future
         return future

@@ -46,10 +46,18 @@ def _grpc() -> Any:
 class FederationService:
     """The ``consortium.v1.Federation`` service (grpc.aio), backed by a :class:`Hub`."""
 
-    def __init__(self, hub: Hub, *, registry: Any | None, heartbeat_s: int = 30) -> None:
+    def __init__(
+        self, hub: Hub, *, registry: Any | None, heartbeat_s: int = 30,
+        registry_dir: Path | None = None,
+    ) -> None:
         self.hub = hub
         self.registry = registry  # None: --insecure, sites are who they claim to be
         self.heartbeat_s = heartbeat_s
+        # the provisioned registry is re-read when it changes (`consortium provision --revoke`
+        # on the server's folder): a revoked site loses its session at once
+        self._registry_dir = registry_dir
+        self._registry_stamp = _stamp(registry_dir)
+        self._registry_checked = time.monotonic()
         from consortium.deploy.codec import ParametersCache
 
         self._parameters = ParametersCache()  # the round's model, serialized once
@@ -57,12 +65,39 @@ class FederationService:
         # 1,000 sites pulling a 1 MB model together held gigabytes (benchmarks/deployment.py)
         self._sending = asyncio.Semaphore(32)
 
+    def current_registry(self) -> Any:
+        """The registry, re-read if its files changed (checked at most once a second); sites
+        revoked since are expelled from the run."""
+        if self.registry is None or self._registry_dir is None:
+            return self.registry
+        if time.monotonic() - self._registry_checked < 1.0:
+            return self.registry
+        self._registry_checked = time.monotonic()
+        stamp = _stamp(self._registry_dir)
+        if stamp == self._registry_stamp:
+            return self.registry
+        from consortium.deploy.provision import load_registry
+
+        try:
+            fresh = load_registry(self._registry_dir)
+        except ConfigError as exc:
+            log.warning("the site registry changed but cannot be read (%s); keeping the old one", exc)
+            return self.registry
+        self._registry_stamp = stamp
+        before = {s for s, r in self.registry.sites.items() if r.revoked}
+        revoked = sorted({s for s, r in fresh.sites.items() if r.revoked} - before)
+        self.registry = fresh
+        for site in revoked:
+            self.hub.expel(site, f"site {site!r} was revoked during the run")
+        return fresh
+
     async def Register(self, request: Any, context: Any) -> Any:
         from consortium.deploy.proto import consortium_pb2 as pb
 
         grpc = _grpc()
         site = request.site
         if self.registry is not None:
+            self.current_registry()
             from consortium.deploy.provision import AuthenticationError, authenticate
 
             certs = dict(context.auth_context()).get("x509_pem_cert") or [None]
@@ -75,7 +110,10 @@ class FederationService:
             except AuthenticationError as exc:
                 log.warning("refused a connection claiming site %r: %s", request.site, exc)
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        session = self.hub.register(site)
+        try:
+            session = self.hub.register(site)
+        except PermissionError as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{exc}; its connections are refused")
         return pb.RegisterReply(
             session_id=session, server_version=_version(), run_id=self.hub.run_id,
             heartbeat_seconds=self.heartbeat_s, config_toml=self.hub.config_toml,
@@ -86,6 +124,8 @@ class FederationService:
 
         grpc = _grpc()
         session = dict(context.invocation_metadata()).get(SESSION_METADATA_KEY, "")
+        if self.registry is not None:
+            self.current_registry()
         try:
             self.hub.site_of(session)
         except KeyError:
@@ -197,6 +237,21 @@ async def _reassemble(frames: AsyncIterator[Any], limit: int) -> bytearray:
     return out  # decoded in place: no second copy of a large upload
 
 
+def _stamp(directory: Path | None) -> tuple[tuple[int, int], ...]:
+    """When and how big the registry files are: changes when `consortium provision` rewrites
+    them (atomically)."""
+    if directory is None:
+        return ()
+    out = []
+    for name in ("sites.json", "tokens.json"):
+        try:
+            st = (directory / name).stat()
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((0, 0))
+    return tuple(out)
+
+
 @functools.cache
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -267,7 +322,11 @@ class _ServerThread:
             self.port = self._server.add_insecure_port(self.listen)
         if not self.port:
             raise ConfigError(f"cannot listen on {self.listen!r}; is the port in use?")
-        rpc.add_FederationServicer_to_server(FederationService(self.hub, registry=registry), self._server)
+        service = FederationService(
+            self.hub, registry=registry,
+            registry_dir=creds.directory if self.certs is not None else None,
+        )
+        rpc.add_FederationServicer_to_server(service, self._server)
         await self._server.start()
 
     def stop(self) -> None:
