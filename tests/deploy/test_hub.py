@@ -277,3 +277,13 @@ def test_an_expelled_site_fails_its_open_task_at_once_and_gets_no_more(hub: Hub,
     assert later.done() and "revoked" in (later.result().error or "")
     hub.audit.sync()
     assert verify(tmp_path / "audit.jsonl").kinds["expelled"] == 1
+
+
+def test_a_resumed_run_expels_its_sites_revoked_while_it_was_down(hub: Hub) -> None:
+    from consortium.deploy.provision import Registry, SiteRecord
+    from consortium.deploy.server import FederationService
+
+    hub.fix_roster({"a": SiteInfo((3,), 2, 10, 5), "b": SiteInfo((3,), 2, 10, 5)})
+    registry = Registry(b"", {"a": SiteRecord("a", "f1", revoked=True), "b": SiteRecord("b", "f2")}, {})
+    FederationService(hub, registry=registry)
+    assert set(hub.expelled) == {"a"}  # its tasks fail at once instead of waiting each deadline

@@ -58,6 +58,10 @@ class FederationService:
         self._registry_dir = registry_dir
         self._registry_stamp = _stamp(registry_dir)
         self._registry_checked = time.monotonic()
+        for site in sorted(hub.roster or ()):  # a resumed run's sites revoked while it was down
+            record = registry.sites.get(site) if registry is not None else None
+            if record is not None and record.revoked:
+                hub.expel(site, f"site {site!r} is revoked")
         from consortium.deploy.codec import ParametersCache
 
         self._parameters = ParametersCache()  # the round's model, serialized once
