@@ -188,12 +188,18 @@ def _rounds_done(run: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def test_a_server_killed_mid_run_resumes_to_the_uninterrupted_model(consortium_dir: Path) -> None:
+@pytest.mark.parametrize("algorithm", ["fedavg", "scaffold"])
+def test_a_server_killed_mid_run_resumes_to_the_uninterrupted_model(
+    consortium_dir: Path, algorithm: str
+) -> None:
+    """SCAFFOLD too: its sites' control variates (client state) of a round the server lost are
+    rolled back when that round comes again."""
     from safetensors.torch import load_file
 
     d = consortium_dir
     # enough rounds that the kill lands mid-run even if this test is descheduled for a while
-    (d / "exp.toml").write_text(EXPERIMENT.replace("rounds = 4", "rounds = 30"))
+    (d / "exp.toml").write_text(EXPERIMENT.replace("rounds = 4", "rounds = 30").replace(
+        "[algorithm]", f'[algorithm]\nname = "{algorithm}"'))
     port = _free_port()
     server = _server_on(d, port, "whole")
     clients = [_client(d, port, site) for site in SITES]

@@ -15,8 +15,61 @@ from consortium.deploy.client import SiteRunner, _Site, _site_policy
 from consortium.errors import ConfigError
 
 
+class _Client:
+    """Trains by adding 1 to its algorithm state and counting a release, as SCAFFOLD's c_i and
+    a policy's ledger would change."""
+
+    client_id = "east"
+
+    def __init__(self) -> None:
+        self.policy = None
+        self.state = ClientStateStore()
+
+    def fit(self, task: object) -> str:
+        mine = self.state.get(self.client_id)
+        mine["c_i"] = mine.get("c_i", torch.zeros(2)) + 1
+        mine["privacy.releases"] = mine.get("privacy.releases", torch.zeros(1)) + 1
+        return "result"
+
+
 def _site() -> _Site:
-    return _Site(SimpleNamespace(policy=None, state=ClientStateStore()), ((3,), 2, 10, 5))
+    return _Site(_Client(), ((3,), 2, 10, 5))
+
+
+def _task(rnd: int) -> SimpleNamespace:
+    return SimpleNamespace(round=rnd)
+
+
+def test_a_round_done_again_after_a_server_restart_rolls_the_algorithm_state_back(
+    tmp_path: Path,
+) -> None:
+    """The server resumed from its checkpoint of round 2 and lost our round-3 result: round 3
+    again starts from the state before round 3 (c_i), but the spend stays (the update left)."""
+    file = tmp_path / "run-1.safetensors"
+    site = _site()
+    site.attach(None, file)
+    for rnd in (1, 2, 3):
+        site.fit(_task(rnd))
+        site.save_state()
+    restarted = _site()  # a new process reading the file (or a reconnection: same result)
+    restarted.attach(None, file)
+    restarted.fit(_task(3))
+    mine = restarted.client.state.get("east")
+    assert mine["c_i"].tolist() == [3.0, 3.0]  # 2 rounds before + round 3 once
+    assert float(mine["privacy.releases"][0]) == 4.0  # every release counted
+    restarted.fit(_task(4))
+    assert restarted.client.state.get("east")["c_i"].tolist() == [4.0, 4.0]
+
+
+def test_a_reconnection_keeps_the_state_in_memory_without_a_state_dir() -> None:
+    first = _site()
+    first.attach(None, None)
+    first.fit(_task(1))
+    again = _site()
+    again.attach(None, None, kept=first)
+    assert again.client.state.get("east")["c_i"].tolist() == [1.0, 1.0]
+    again.fit(_task(1))  # the same round re-issued
+    assert again.client.state.get("east")["c_i"].tolist() == [1.0, 1.0]
 
 
 def test_the_spend_survives_a_restart(tmp_path: Path) -> None:

@@ -23,6 +23,9 @@ __all__ = ["SiteRunner", "run_client"]
 
 log = logging.getLogger("consortium.client")
 
+_BEFORE = "before\x1e"  # state-file keys of the algorithm state before the latest round
+_PRIVACY = "privacy."  # the site's privacy ledger in its client state (never rolled back)
+
 
 @dataclass
 class _Session:
@@ -93,6 +96,7 @@ class SiteRunner:
                 "pass --state DIR (with --certs it defaults to <certs>/state)"
             )
         self.state_dir = Path(state_dir) if state_dir is not None else None
+        self._kept: dict[str, _Site] = {}
 
     def _channel(self) -> Any:
         options = [("grpc.max_receive_message_length", 8 << 20),
@@ -113,7 +117,8 @@ class SiteRunner:
         reply = stub.Register(request, timeout=30)
         metadata = ((SESSION_METADATA_KEY, reply.session_id),)
         config, site = self._build(reply.config_toml, stub, metadata)
-        site.attach(self.policy, self._state_file(reply.run_id))
+        site.attach(self.policy, self._state_file(reply.run_id), self._kept.get(reply.run_id))
+        self._kept = {reply.run_id: site}  # a reconnection to this run keeps the state
         info = site.describe()
         ack = stub.Describe(info, metadata=metadata, timeout=30)
         if not ack.accepted:
@@ -304,7 +309,7 @@ class SiteRunner:
         if item.evaluate:
             upload = EvaluationEnvelope(item.task_id, session.site.client.evaluate(item.task))
         else:
-            result = session.site.client.fit(item.task)
+            result = session.site.fit(item.task)
             if result.refused:
                 log.warning("%s", result.error)
             upload = ResultEnvelope(item.task_id, result)
@@ -332,30 +337,64 @@ def _site_policy(path: str | Path, site: str) -> Any:
 
 @dataclass
 class _Site:
+    """The site's client with what must outlive a reconnection: its state (privacy spend, an
+    algorithm's client state) and the algorithm state it had before the latest round."""
+
     client: Any
     info: tuple[tuple[int, ...], int, int, int]
     state_file: Path | None = None
+    before: tuple[int, dict[str, Any]] | None = None
 
-    def attach(self, policy: Any, state_file: Path | None) -> None:
-        """Enforce ``policy`` and keep the site's state in ``state_file`` (loaded if present)."""
-        from consortium.client.state import ClientStateStore
-
+    def attach(self, policy: Any, state_file: Path | None, kept: _Site | None = None) -> None:
+        """Enforce ``policy``; take the state from ``kept`` (this process's previous session of
+        the same run) or from ``state_file`` (an earlier process), and keep saving it there."""
         self.client.policy = policy
         self.state_file = state_file
-        if state_file is not None and state_file.exists():
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
+        if kept is not None:
+            self.client.state, self.before = kept.client.state, kept.before
+        elif state_file is not None and state_file.exists():
+            self._load(state_file)
 
-            try:
-                flat = load_file(str(state_file))
-            except (OSError, SafetensorError) as exc:
-                raise ConfigError(
-                    f"the site's saved state {str(state_file)!r} is unreadable ({exc}); it holds "
-                    "the site's privacy spend for this run, so it is not discarded: restore it "
-                    "from a backup, or move it away to start the site's record afresh"
-                ) from exc
-            self.client.state = ClientStateStore.from_flat(flat)
-            log.info("site state restored from %s", state_file)
+    def _load(self, state_file: Path) -> None:
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        from consortium.client.state import ClientStateStore
+
+        try:
+            flat = load_file(str(state_file))
+            with safe_open(str(state_file), "pt") as fh:
+                meta = fh.metadata() or {}
+        except (OSError, SafetensorError) as exc:
+            raise ConfigError(
+                f"the site's saved state {str(state_file)!r} is unreadable ({exc}); it holds "
+                "the site's privacy spend for this run, so it is not discarded: restore it "
+                "from a backup, or move it away to start the site's record afresh"
+            ) from exc
+        snapshot = {k[len(_BEFORE):]: v for k, v in flat.items() if k.startswith(_BEFORE)}
+        self.client.state = ClientStateStore.from_flat(
+            {k: v for k, v in flat.items() if not k.startswith(_BEFORE)}
+        )
+        if "before_round" in meta:
+            self.before = (int(meta["before_round"]), snapshot)
+        log.info("site state restored from %s", state_file)
+
+    def fit(self, task: Any) -> Any:
+        """Train on ``task``. A task for the round this site last trained is that round again
+        (the server restarted from its checkpoint and lost our result): the algorithm state
+        goes back to what it was before that round — the privacy spend does not, the first
+        update did leave the site."""
+        mine = self.client.state.get(self.client.client_id)
+        if self.before is not None and self.before[0] == task.round:
+            spent = {n: t for n, t in mine.items() if n.startswith(_PRIVACY)}
+            mine.clear()
+            mine.update({n: t.clone() for n, t in self.before[1].items()})
+            mine.update(spent)
+            log.info("round %d again (the server restarted): client state rolled back", task.round)
+        else:
+            self.before = (task.round, {n: t.clone() for n, t in mine.items()
+                                        if not n.startswith(_PRIVACY)})
+        return self.client.fit(task)
 
     def save_state(self) -> None:
         """Write the site's state atomically (a crash leaves the previous file whole)."""
@@ -368,7 +407,11 @@ class _Site:
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_name(self.state_file.name + ".tmp")
         flat = {k: v.contiguous() for k, v in self.client.state.to_flat().items()}
-        save_file(flat, str(tmp))
+        meta = {}
+        if self.before is not None:
+            meta["before_round"] = str(self.before[0])
+            flat.update({_BEFORE + k: v.contiguous() for k, v in self.before[1].items()})
+        save_file(flat, str(tmp), metadata=meta)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, self.state_file)
