@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for results")
     srv.add_argument("--min-results", type=int, default=1, metavar="N",
                      help="a round with fewer results by its deadline is skipped (model kept)")
+    srv.add_argument("--heartbeat", type=int, default=30, metavar="S",
+                     help="sites report every S seconds while they work; a site silent for 3·S "
+                     "fails its task then instead of at the round's deadline")
     srv.add_argument("--over-select", type=float, default=0.0, metavar="X",
                      help="the sampled sites are an over-selection by X (e.g. 0.3): a round "
                      "closes once n/(1+X) of its n sites answered; the slowest are dropped")
@@ -347,7 +350,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         args.config, listen=args.listen, certs=certs, out=args.out or args.resume,
         min_sites=args.min_sites, overrides=args.overrides,
         register_timeout=args.register_timeout, round_timeout=args.round_timeout,
-        min_results=args.min_results, over_select=args.over_select,
+        min_results=args.min_results, over_select=args.over_select, heartbeat_s=args.heartbeat,
         progress=not args.no_progress, resume=args.resume,
     )
     assert result.run_dir is not None

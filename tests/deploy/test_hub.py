@@ -287,3 +287,27 @@ def test_a_resumed_run_expels_its_sites_revoked_while_it_was_down(hub: Hub) -> N
     registry = Registry(b"", {"a": SiteRecord("a", "f1", revoked=True), "b": SiteRecord("b", "f2")}, {})
     FederationService(hub, registry=registry)
     assert set(hub.expelled) == {"a"}  # its tasks fail at once instead of waiting each deadline
+
+
+def test_a_site_registering_again_fails_the_task_it_held(hub: Hub) -> None:
+    _, future = _open(hub, "a", "t1")
+    hub.register("a")  # the client restarted mid-round: its task is lost with the old process
+    assert "registered again" in (future.result(timeout=1).error or "")
+
+
+def test_a_task_for_a_site_that_is_not_connected_fails_at_once(hub: Hub) -> None:
+    future = hub.expect("ghost", 1, "t9", "train", ExpectedTask(site="ghost", round=1, task_id="t9"))
+    assert future.done() and "not connected" in (future.result().error or "")
+    hub.send("ghost", object())  # nothing to queue it on, and no KeyError
+
+
+def test_a_silent_site_fails_its_task_before_the_deadline(hub: Hub) -> None:
+    import time
+
+    _, future = _open(hub, "a", "t1")
+    hub.fail_silent(60.0)
+    assert not future.done()  # it called just now
+    hub._sites["a"].last_seen = time.monotonic() - 100  # then nothing for 100 s
+    assert set(hub.silent(60.0)) == {"a"}
+    hub.fail_silent(60.0)
+    assert "went silent" in (future.result(timeout=1).error or "")

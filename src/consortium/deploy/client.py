@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,6 +34,38 @@ class _Session:
     metadata: tuple[tuple[str, str], ...]
     config: Any
     site: Any  # the SiteClient
+    heartbeat_s: float = 30.0
+
+
+class _Heartbeats:
+    """While the site works on a task, tell the server every ``heartbeat_s`` seconds that it is
+    alive (the server fails the task of a site that goes silent instead of waiting for the
+    round's deadline)."""
+
+    def __init__(self, session: _Session, rnd: int) -> None:
+        self.session, self.round = session, rnd
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="consortium-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeats:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        from consortium.deploy.proto import consortium_pb2 as pb
+
+        while not self._stop.wait(self.session.heartbeat_s):
+            try:
+                self.session.stub.Heartbeat(
+                    pb.HeartbeatRequest(round=self.round, status="working"),
+                    metadata=self.session.metadata, timeout=10,
+                )
+            except Exception as exc:  # the work goes on; the pull loop reconnects if it must
+                log.debug("heartbeat failed: %s", exc)
 
 
 class SiteRunner:
@@ -124,7 +157,8 @@ class SiteRunner:
         if not ack.accepted:
             raise ConsortiumError(f"the server refused this site's description: {ack.reason}")
         log.info("registered as %r in run %r", self.site, reply.run_id)
-        return _Session(stub, metadata, config, site)
+        return _Session(stub, metadata, config, site,
+                        heartbeat_s=max(float(reply.heartbeat_seconds or 30), 0.5))
 
     def _state_file(self, run_id: str) -> Path | None:
         if self.state_dir is None:
@@ -306,17 +340,19 @@ class SiteRunner:
             return 0
         assert isinstance(item, TaskEnvelope)
         upload: ResultEnvelope | EvaluationEnvelope
-        if item.evaluate:
-            upload = EvaluationEnvelope(item.task_id, session.site.client.evaluate(item.task))
-        else:
-            result = session.site.fit(item.task)
-            if result.refused:
-                log.warning("%s", result.error)
-            upload = ResultEnvelope(item.task_id, result)
-            session.site.save_state()  # the spend is on disk before the update leaves the site
-        ack = session.stub.PushResult(
-            chunk(encode_upload(upload), uuid.uuid4().hex), metadata=session.metadata, timeout=600,
-        )
+        with _Heartbeats(session, item.task.round):
+            if item.evaluate:
+                upload = EvaluationEnvelope(item.task_id, session.site.client.evaluate(item.task))
+            else:
+                result = session.site.fit(item.task)
+                if result.refused:
+                    log.warning("%s", result.error)
+                upload = ResultEnvelope(item.task_id, result)
+                session.site.save_state()  # the spend is on disk before the update leaves
+            ack = session.stub.PushResult(
+                chunk(encode_upload(upload), uuid.uuid4().hex), metadata=session.metadata,
+                timeout=600,
+            )
         if not ack.accepted:
             log.warning("the server refused our result: %s", ack.reason)
         return 1

@@ -135,6 +135,9 @@ class Hub:
                 self._sessions.pop(old.session, None)
             self._sites[site] = _Site(site, session, asyncio.Queue())
             self._sessions[session] = site
+        if old is not None:  # its queue and whatever it was working on are gone with it
+            self._fail_open(site, f"site {site!r} registered again (restarted or reconnected) "
+                                  "during the round; the task it held was lost")
         self._log("register", site=site)
         log.info("site %r registered", site)
         return session
@@ -279,6 +282,13 @@ class Hub:
             old = self._sites.get(site)
             if old is not None:
                 self._sessions.pop(old.session, None)
+        self._fail_open(site, reason)
+        log.warning("%s; its session is closed", reason)
+        self._log("expelled", site=site, reason=reason)
+
+    def _fail_open(self, site: str, reason: str) -> None:
+        """Answer the site's open tasks and exchanges with ``reason`` (the round stops waiting)."""
+        with self._lock:
             open_tasks = [t for t, p in self._pending.items() if p.site == site]
             exchanges = [k for k in self._exchanges if k[0] == site]
         for task_id in open_tasks:
@@ -292,8 +302,23 @@ class Hub:
                 future = self._exchanges.pop(key, None)
             if future is not None and not future.done():
                 future.set_result(ExchangeEnvelope(key[1], key[2], key[3], site, None, reason))
-        log.warning("%s; its session is closed", reason)
-        self._log("expelled", site=site, reason=reason)
+
+    def silent(self, max_age_s: float) -> dict[str, float]:
+        """Sites with open tasks that have made no call (a pull, a result, a heartbeat) for
+        more than ``max_age_s`` seconds: site -> seconds since. A crashed site stops calling;
+        a training one sends heartbeats."""
+        now = time.monotonic()
+        with self._lock:
+            busy = {p.site for p in self._pending.values()}
+            return {s: now - self._sites[s].last_seen for s in busy
+                    if s in self._sites and now - self._sites[s].last_seen > max_age_s}
+
+    def fail_silent(self, max_age_s: float) -> None:
+        """Fail the open tasks of :meth:`silent` sites at once instead of at the deadline."""
+        for site, age in self.silent(max_age_s).items():
+            log.warning("site %r: no call for %.0f s (crashed or cut off); its task fails now",
+                        site, age)
+            self._fail_open(site, f"site {site!r} went silent (no call for {age:.0f} s)")
 
     def site_of(self, session: str) -> str:
         with self._lock:
@@ -310,11 +335,13 @@ class Hub:
     async def next_work(self, session: str, wait_s: float) -> Any:
         """The site's next work item, or :class:`Wait` after ``wait_s`` without one."""
         with self._lock:
-            queue = self._site_of(session).queue
+            entry = self._site_of(session)
         try:
-            return await asyncio.wait_for(queue.get(), timeout=wait_s)
+            return await asyncio.wait_for(entry.queue.get(), timeout=wait_s)
         except asyncio.TimeoutError:
             return Wait(seconds=0.0)
+        finally:  # it was waiting here, connected, until now
+            entry.last_seen = time.monotonic()
 
     def deliver(self, session: str, upload: ResultEnvelope | EvaluationEnvelope) -> tuple[bool, str]:
         """Validate an upload and hand it to the waiting round; ``(accepted, reason)``."""
@@ -412,17 +439,21 @@ class Hub:
             return sorted(s.name for s in self._sites.values() if s.info is not None)
 
     def send(self, site: str, item: Any) -> None:
-        if site in self.expelled:
-            return
         with self._lock:
-            queue = self._sites[site].queue
+            entry = self._sites.get(site)
+        if entry is None or site in self.expelled:
+            return  # its task was answered at once (see expect)
+        with self._lock:
+            queue = entry.queue
         self.loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def expect(self, site: str, rnd: int, task_id: str, kind: str, expected: ExpectedTask) -> cf.Future[Any]:
         future: cf.Future[Any] = cf.Future()
-        if site in self.expelled:  # answered at once: the round does not wait for it
-            future.set_result(Result(rnd, site, None, error=self.expelled[site])
-                              if kind == "train" else None)
+        gone = self.expelled.get(site) or (
+            None if site in self._sites else f"site {site!r} is not connected"
+        )
+        if gone is not None:  # answered at once: the round does not wait for it
+            future.set_result(Result(rnd, site, None, error=gone) if kind == "train" else None)
             return future
         with self._lock:
             self._pending[task_id] = _Pending(site, rnd, kind, future, expected)
@@ -431,8 +462,11 @@ class Hub:
 
     def expect_exchange(self, site: str, stage: str, phase: str, rnd: int) -> cf.Future[Any]:
         future: cf.Future[Any] = cf.Future()
-        if site in self.expelled:
-            future.set_result(ExchangeEnvelope(stage, phase, rnd, site, None, self.expelled[site]))
+        gone = self.expelled.get(site) or (
+            None if site in self._sites else f"site {site!r} is not connected"
+        )
+        if gone is not None:
+            future.set_result(ExchangeEnvelope(stage, phase, rnd, site, None, gone))
             return future
         with self._lock:
             self._exchanges[(site, stage, phase, rnd)] = future
@@ -457,7 +491,9 @@ class RemoteExecutor:
     Each task goes to its site's queue; results are awaited until ``round_timeout`` seconds
     after the round's tasks went out, and a site that has not answered by then is dropped from
     the round (its late answer is refused). Exchanges (secure aggregation's phases) wait at most
-    ``phase_timeout`` seconds per phase. A training round with fewer than ``min_results``
+    ``phase_timeout`` seconds per phase. With ``silence_s`` > 0 a site that has made no call
+    (sites send heartbeats while they work) for that long fails its task at once instead of at
+    the deadline. A training round with fewer than ``min_results``
     results is aborted (:class:`~consortium.errors.RoundAborted`: the model and every state
     stay, the run goes on); the sites that failed are reported with their reasons. With
     ``over_select`` = x > 0 the round's sites are an over-selection (Bonawitz et al., "Towards
@@ -469,13 +505,14 @@ class RemoteExecutor:
 
     def __init__(
         self, hub: Hub, *, round_timeout: float = 600.0, phase_timeout: float = 120.0,
-        min_results: int = 1, over_select: float = 0.0,
+        min_results: int = 1, over_select: float = 0.0, silence_s: float = 0.0,
     ) -> None:
         if min_results < 1:
             raise ValueError(f"min_results must be >= 1, got {min_results}")
         if not 0 <= over_select <= 10:
             raise ValueError(f"over_select must be in [0, 10], got {over_select}")
         self.over_select = over_select
+        self.silence_s = silence_s  # > 0: fail the tasks of sites silent this long
         self.hub = hub
         self.round_timeout = round_timeout
         self.phase_timeout = phase_timeout
@@ -546,6 +583,9 @@ class RemoteExecutor:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
+            if self.silence_s:
+                self.hub.fail_silent(self.silence_s)
+                left = min(left, max(self.silence_s / 3, 0.1))
             done, pending = cf.wait(pending, timeout=left, return_when=cf.FIRST_COMPLETED)
             good += sum(getattr(f.result(), "error", None) is None for f in done)
             if enough and good >= enough:

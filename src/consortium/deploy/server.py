@@ -269,7 +269,10 @@ def _version() -> str:
 class _ServerThread:
     """The grpc.aio server in its own thread and event loop."""
 
-    def __init__(self, listen: str, *, certs: Path | None, hub_args: dict[str, Any]) -> None:
+    def __init__(
+        self, listen: str, *, certs: Path | None, hub_args: dict[str, Any], heartbeat_s: int = 30,
+    ) -> None:
+        self.heartbeat_s = heartbeat_s
         self.listen = listen
         self.certs = certs
         self.hub_args = hub_args
@@ -327,7 +330,7 @@ class _ServerThread:
         if not self.port:
             raise ConfigError(f"cannot listen on {self.listen!r}; is the port in use?")
         service = FederationService(
-            self.hub, registry=registry,
+            self.hub, registry=registry, heartbeat_s=self.heartbeat_s,
             registry_dir=creds.directory if self.certs is not None else None,
         )
         rpc.add_FederationServicer_to_server(service, self._server)
@@ -457,6 +460,7 @@ def serve(
     round_timeout: float = 600.0,
     min_results: int = 1,
     over_select: float = 0.0,
+    heartbeat_s: int = 30,
     on_listening: Any = None,
     progress: bool = True,
     resume: str | Path | None = None,
@@ -470,6 +474,8 @@ def serve(
     x > 0: a round closes once ceil(n / (1 + x)) of its n sites answered (the run is then not
     reproducible bit for bit: which sites are cut depends on timing).
     """
+    if not heartbeat_s >= 1:
+        raise ConfigError(f"--heartbeat {heartbeat_s}: give the seconds between site heartbeats (>= 1)")
     if not 0 <= over_select <= 10:
         raise ConfigError(f"--over-select {over_select}: give a fraction in [0, 10], e.g. 0.3")
     if min_results < 1:
@@ -523,7 +529,7 @@ def serve(
         "max_result_bytes": MAX_RESULT_BYTES, "audit": audit,
         # the sites encode their features with every site's statistics, as simulated
         "summaries_expected": min_sites,
-    })
+    }, heartbeat_s=heartbeat_s)
     hub = thread.start()
     try:
         if on_listening is not None:
@@ -542,8 +548,10 @@ def serve(
                 "round could finish; lower it or raise --min-sites"
             )
         dataset = _placeholder_dataset(cfg, hub.roster)
+        # a site silent for three heartbeats has crashed or lost its network: its task fails
+        # then, not at the round's deadline
         executor = RemoteExecutor(hub, round_timeout=round_timeout, min_results=min_results,
-                                  over_select=over_select)
+                                  over_select=over_select, silence_s=3 * heartbeat_s)
         common: dict[str, Any] = {
             "dataset": dataset, "executor": executor, "progress": progress,
             "callbacks": [_RoundReport(hub, cfg.rounds)],
