@@ -230,6 +230,10 @@ def test_a_server_killed_mid_run_resumes_to_the_uninterrupted_model(
     resumed = load_file(str(d / "killed" / "model.safetensors"))
     assert all(bool((whole[k] == resumed[k]).all()) for k in whole)
     assert _rounds_done(d / "killed") == 30
+    # the audit chain survived the kill (a torn last line is recovered) and links across it
+    from consortium.deploy.audit import verify_run
+
+    assert verify_run(d / "killed").ok
     # the site registry is checkpointed with the model (the resumed server took it back)
     registry = json.loads((d / "killed" / "checkpoint" / "extras.json").read_text())["registry"]
     assert sorted(registry["sites"]) == sorted(SITES)
