@@ -254,6 +254,25 @@ def test_mismatched_key_or_foreign_certificate_is_caught_at_load(
         load_site_credentials(copy)
 
 
+def test_credentials_past_or_near_their_end_are_caught_at_load(made: ProvisionedConsortium) -> None:
+    from cryptography import x509
+
+    from consortium.deploy.provision import _check_key_pair
+
+    folder = made.site_dirs["a"]
+    files = [folder / "client.pem", (folder / "client.pem").read_bytes(), folder / "client.key",
+             (folder / "client.key").read_bytes(), (folder / "ca.pem").read_bytes()]
+    end = x509.load_pem_x509_certificate(files[1]).not_valid_after_utc
+    with pytest.raises(ConfigError, match=r"client.pem expired on .*consortium provision"):
+        _check_key_pair(*files, fix="", now=end + dt.timedelta(seconds=1))
+    with pytest.warns(UserWarning) as caught:
+        _check_key_pair(*files, fix="", now=end - dt.timedelta(days=9, hours=12))
+    assert any("client.pem expires in 9 days" in str(w.message) for w in caught)
+    with pytest.raises(ConfigError, match="not valid before.*clock"):
+        _check_key_pair(*files, fix="", now=end - dt.timedelta(days=10_000))
+    _check_key_pair(*files, fix="")  # today: fine, no warning (a year left)
+
+
 @pytest.mark.skipif(not POSIX, reason="file modes are POSIX")
 def test_a_key_readable_by_others_warns(made: ProvisionedConsortium, tmp_path: Path) -> None:
     copy = tmp_path / "a"

@@ -702,8 +702,34 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+EXPIRY_WARNING_DAYS = 30
+
+
+def _check_dates(path: Path, cert: x509.Certificate, now: dt.datetime | None) -> None:
+    """An expired or not yet valid certificate fails now (not as an obscure handshake error);
+    one that expires within :data:`EXPIRY_WARNING_DAYS` days warns."""
+    now = now if now is not None else dt.datetime.now(dt.timezone.utc)
+    if now >= cert.not_valid_after_utc:
+        raise ConfigError(
+            f"{path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; issue new credentials "
+            "(`consortium provision --overwrite`, or `--add-site` for one site) and hand them out"
+        )
+    if now < cert.not_valid_before_utc:
+        raise ConfigError(
+            f"{path} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check "
+            "this machine's clock"
+        )
+    left = cert.not_valid_after_utc - now
+    if left < dt.timedelta(days=EXPIRY_WARNING_DAYS):
+        warnings.warn(
+            f"{path} expires in {left.days} days ({cert.not_valid_after_utc:%Y-%m-%d}); issue "
+            "new credentials before then", stacklevel=3,
+        )
+
+
 def _check_key_pair(
-    cert_path: Path, cert_pem: bytes, key_path: Path, key_pem: bytes, ca_pem: bytes, *, fix: str
+    cert_path: Path, cert_pem: bytes, key_path: Path, key_pem: bytes, ca_pem: bytes, *, fix: str,
+    now: dt.datetime | None = None,
 ) -> None:
     """Fail at load time, not in the first handshake, on a wrong key, CA or file."""
     try:
@@ -725,6 +751,8 @@ def _check_key_pair(
             f"{key_path} is not the private key of {cert_path}; copy both from the same "
             "`consortium provision` output"
         )
+    _check_dates(cert_path, cert, now)
+    _check_dates(cert_path.parent / "ca.pem", ca, now)
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as exc:
