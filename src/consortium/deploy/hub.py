@@ -159,8 +159,9 @@ class Hub:
                             f"started with {_describe(known)}: its data changed; restore it or "
                             "start a new run")
             site.info = info
+            log.info("site %r: %d training, %d test examples", site.name, info.num_train,
+                     info.num_test)  # before the round loop hears of it
             self._described.notify_all()
-        log.info("site %r: %d training, %d test examples", site.name, info.num_train, info.num_test)
         return None
 
     def fix_roster(self, sites: Mapping[str, SiteInfo]) -> None:
