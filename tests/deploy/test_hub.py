@@ -311,3 +311,11 @@ def test_a_silent_site_fails_its_task_before_the_deadline(hub: Hub) -> None:
     assert set(hub.silent(60.0)) == {"a"}
     hub.fail_silent(60.0)
     assert "went silent" in (future.result(timeout=1).error or "")
+
+
+def test_too_few_sites_by_the_register_timeout_is_a_clear_error(hub: Hub) -> None:
+    from consortium.errors import ConsortiumError
+
+    hub.describe(hub.register("a"), SiteInfo((3,), 2, 10, 5))
+    with pytest.raises(ConsortiumError, match=r"ready: \['a'\].*lower --min-sites"):
+        hub.wait_for_sites(2, 0.2)

@@ -31,13 +31,17 @@ from consortium.deploy.codec import (
     Wait,
 )
 from consortium.deploy.validate import ExpectedTask, RejectedResult, validate_result
-from consortium.errors import RoundAborted
+from consortium.errors import ConsortiumError, RoundAborted
 from consortium.messages import EvaluationResult, Result, Task
 from consortium.types import Layout
 
-__all__ = ["Hub", "RemoteExecutor", "SiteInfo"]
+__all__ = ["Hub", "RemoteExecutor", "SiteInfo", "SitesMissingError"]
 
 log = logging.getLogger("consortium.server")
+
+
+class SitesMissingError(ConsortiumError, TimeoutError):
+    """Too few sites registered and described their data before the register timeout."""
 
 
 @dataclass(frozen=True)
@@ -428,7 +432,7 @@ class Hub:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     have = sorted(s.name for s in self._sites.values() if s.info is not None)
-                    raise TimeoutError(
+                    raise SitesMissingError(
                         f"waited {timeout_s:.0f} s for sites {names!r}; ready: {have}. Start the "
                         "missing clients (consortium client ...) or lower --min-sites"
                     )
