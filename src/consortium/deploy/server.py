@@ -486,6 +486,11 @@ def serve(
         if config is not None or overrides:
             raise ConfigError("--resume continues a run as it was configured; give no CONFIG or --set")
         out = resume
+        if not (Path(resume) / "config.toml").is_file():
+            raise ConfigError(
+                f"--resume {str(resume)!r} is not a run directory (no config.toml); give the "
+                "--out folder of the run to continue"
+            )
         cfg = load_config(Path(resume) / "config.toml")
     else:
         cfg = load_config(config, list(overrides))
