@@ -319,3 +319,22 @@ def test_too_few_sites_by_the_register_timeout_is_a_clear_error(hub: Hub) -> Non
     hub.describe(hub.register("a"), SiteInfo((3,), 2, 10, 5))
     with pytest.raises(ConsortiumError, match=r"ready: \['a'\].*lower --min-sites"):
         hub.wait_for_sites(2, 0.2)
+
+
+def test_the_upload_limit_follows_the_model_so_a_site_cannot_make_the_server_buffer_gigabytes() -> None:
+    import uuid
+
+    from consortium.deploy.codec import DecodeError, chunk
+    from consortium.deploy.server import _reassemble
+
+    big = Hub(asyncio.new_event_loop(), config_toml="", run_id="t", max_result_bytes=2 << 30)
+    assert big.upload_limit() == 2 << 30  # before round 1 the layout is unknown
+    big.layout = LAYOUT  # 3 floats
+    assert big.upload_limit() == 4 * 3 * 4 + (1 << 20)
+
+    async def frames():  # a 3 MiB stream declared up front
+        for frame in chunk(b"\0" * (3 << 20), uuid.uuid4().hex):
+            yield frame
+
+    with pytest.raises(DecodeError):
+        asyncio.run(_reassemble(frames(), big.upload_limit()))

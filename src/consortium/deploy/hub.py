@@ -84,7 +84,8 @@ class Hub:
         loop: the event loop the gRPC service runs in.
         config_toml: the experiment, sent to every site at registration.
         run_id: names the run in replies and logs.
-        max_result_bytes: the largest upload accepted.
+        max_result_bytes: the largest upload accepted before the model's layout is known; then
+            :meth:`upload_limit` (a few times the model's size) applies.
         audit: the run's hash-chained audit log (every task, result and rejection).
         summaries_expected: how many sites' data summaries make the merged encoding.
         registry: a checkpointed :meth:`registry` to resume with (its roster and encoding).
@@ -325,6 +326,15 @@ class Hub:
                         site, age)
             self._fail_open(site, f"site {site!r} went silent (no call for {age:.0f} s)")
 
+    def upload_limit(self) -> int:
+        """The largest result accepted: room for the delta and up to three extras of the
+        model's size (SCAFFOLD's control variate) plus 1 MiB of metadata, never more than
+        ``max_result_bytes`` — so a site cannot make the server buffer gigabytes for a small
+        model."""
+        if self.layout is None:
+            return self.max_result_bytes
+        return min(self.max_result_bytes, 4 * self.layout.size * 4 + (1 << 20))
+
     def site_of(self, session: str) -> str:
         with self._lock:
             site = self._site_of(session)
@@ -366,7 +376,7 @@ class Hub:
             assert self.layout is not None
             validate_result(
                 upload, expected=pending.expected, layout=self.layout,
-                max_bytes=self.max_result_bytes, seen_task_ids=self._seen,
+                max_bytes=self.upload_limit(), seen_task_ids=self._seen,
             )
         except RejectedResult as exc:
             self._finish(upload.task_id, Result(pending.round, site, None, error=f"rejected: {exc}"))

@@ -194,7 +194,7 @@ class FederationService:
 
         session = await self._session(context)
         try:
-            payload = await _reassemble(request_iterator, self.hub.max_result_bytes)
+            payload = await _reassemble(request_iterator, self.hub.upload_limit())
             upload = decode_upload(payload)
         except DecodeError as exc:
             site = self.hub.site_of(session)
