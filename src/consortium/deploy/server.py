@@ -209,7 +209,8 @@ class FederationService:
 
         session = await self._session(context)
         try:
-            envelope = decode_exchange(bytes(await _reassemble(request_iterator, 1 << 30)))
+            raw = await _reassemble(request_iterator, self.hub.upload_limit())
+            envelope = decode_exchange(bytes(raw))
         except DecodeError as exc:
             site = self.hub.site_of(session)
             accepted, reason = self.hub.reject(site, "-", -1, f"undecodable exchange: {exc}")
