@@ -38,3 +38,22 @@ def test_audit_verify_passes_a_clean_log_and_flags_an_edited_one(tmp_path, capsy
     (tmp_path / "audit.jsonl").write_text("\n".join(lines) + "\n")
     assert main(["audit", "verify", str(tmp_path)]) == 1
     assert "line 2" in capsys.readouterr().out
+
+
+def test_the_server_keeps_freed_megabyte_buffers_on_glibc() -> None:
+    """tune_malloc applies on glibc Linux and is a no-op elsewhere (run in a child process:
+    it changes the allocator of the process that calls it)."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "src"
+    out = subprocess.run(
+        [sys.executable, "-c", "from consortium.deploy.server import tune_malloc; print(tune_malloc())"],
+        capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(src)},
+    ).stdout.strip()
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert out == str(glibc)
