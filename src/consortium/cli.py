@@ -307,7 +307,8 @@ def _cmd_provision(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.revoke:
         revoke(out, args.revoke)
-        print(f"revoked site {args.revoke!r} in {out}; restart or reload the server to apply it")
+        print(f"revoked site {args.revoke!r} in {out}; a server running from this folder applies "
+              "it within a second (elsewhere, copy server/sites.json to the server)")
         return EXIT_OK
     if args.add_site:
         folder = add_site(out, args.add_site, days=args.days)
