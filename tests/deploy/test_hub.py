@@ -338,3 +338,28 @@ def test_the_upload_limit_follows_the_model_so_a_site_cannot_make_the_server_buf
 
     with pytest.raises(DecodeError):
         asyncio.run(_reassemble(frames(), big.upload_limit()))
+
+
+def test_a_secure_aggregation_phase_gives_up_on_a_silent_site_before_its_timeout(hub: Hub) -> None:
+    import threading
+    import time
+
+    from consortium.deploy.codec import ExchangeEnvelope
+    from consortium.deploy.hub import RemoteExecutor
+
+    sessions = {s: hub.register(s) for s in ("a", "b")}
+    remote = RemoteExecutor(hub, phase_timeout=60.0, silence_s=0.5)
+    replies: list[str] = []
+    started = time.monotonic()
+    phase = threading.Thread(target=lambda: replies.extend(
+        cid for cid, _ in remote.exchange("secure_aggregation", "keys", {"a": 1, "b": 2}, {}, round=1)
+    ))
+    phase.start()
+    while len(hub._exchanges) < 2:
+        time.sleep(0.01)
+    accepted, _ = hub.deliver_exchange(
+        sessions["a"], ExchangeEnvelope("secure_aggregation", "keys", 1, "a", "reply"))
+    assert accepted
+    hub._sites["b"].last_seen = time.monotonic() - 100  # b crashed: no call since
+    phase.join(timeout=20)
+    assert replies == ["a"] and time.monotonic() - started < 20  # not the 60 s phase timeout

@@ -326,15 +326,18 @@ class SiteRunner:
         if isinstance(item, Wait):
             return 0
         if isinstance(item, ExchangeEnvelope):
-            try:
-                reply = session.site.client.respond(item.stage, item.phase, item.message, round=item.round)
-                out = ExchangeEnvelope(item.stage, item.phase, item.round, self.site, reply)
-            except ConsortiumError as exc:
-                out = ExchangeEnvelope(item.stage, item.phase, item.round, self.site, None, str(exc))
-            ack = session.stub.Exchange(
-                chunk(encode_exchange(out).SerializeToString(), uuid.uuid4().hex),
-                metadata=session.metadata, timeout=120,
-            )
+            with _Heartbeats(session, item.round):
+                try:
+                    reply = session.site.client.respond(item.stage, item.phase, item.message,
+                                                        round=item.round)
+                    out = ExchangeEnvelope(item.stage, item.phase, item.round, self.site, reply)
+                except ConsortiumError as exc:
+                    out = ExchangeEnvelope(item.stage, item.phase, item.round, self.site, None,
+                                           str(exc))
+                ack = session.stub.Exchange(
+                    chunk(encode_exchange(out).SerializeToString(), uuid.uuid4().hex),
+                    metadata=session.metadata, timeout=120,
+                )
             if not ack.accepted:
                 log.warning("the server refused our %r reply: %s", item.phase, ack.reason)
             return 0

@@ -310,12 +310,12 @@ class Hub:
                 future.set_result(ExchangeEnvelope(key[1], key[2], key[3], site, None, reason))
 
     def silent(self, max_age_s: float) -> dict[str, float]:
-        """Sites with open tasks that have made no call (a pull, a result, a heartbeat) for
-        more than ``max_age_s`` seconds: site -> seconds since. A crashed site stops calling;
-        a training one sends heartbeats."""
+        """Sites with open tasks or exchanges that have made no call (a pull, a result, a
+        heartbeat) for more than ``max_age_s`` seconds: site -> seconds since. A crashed site
+        stops calling; a working one sends heartbeats."""
         now = time.monotonic()
         with self._lock:
-            busy = {p.site for p in self._pending.values()}
+            busy = {p.site for p in self._pending.values()} | {k[0] for k in self._exchanges}
             return {s: now - self._sites[s].last_seen for s in busy
                     if s in self._sites and now - self._sites[s].last_seen > max_age_s}
 
@@ -631,13 +631,20 @@ class RemoteExecutor:
         for cid, message in messages.items():
             futures[self.hub.expect_exchange(cid, stage_name, phase, round)] = cid
             self.hub.send(cid, ExchangeEnvelope(stage_name, phase, round, cid, message))
-        try:
-            for future in cf.as_completed(futures, timeout=self.phase_timeout):
+        pending = set(futures)
+        deadline = time.monotonic() + self.phase_timeout
+        while pending:  # replies as they come; a silent site is given up on before the timeout
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if self.silence_s:
+                self.hub.fail_silent(self.silence_s)
+                left = min(left, max(self.silence_s / 3, 0.1))
+            done, pending = cf.wait(pending, timeout=left, return_when=cf.FIRST_COMPLETED)
+            for future in done:
                 envelope: ExchangeEnvelope = future.result()
                 if envelope.error is None:
                     yield futures[future], envelope.message
-        except cf.TimeoutError:
-            return
 
     def close(self) -> None:
         pass
