@@ -243,14 +243,14 @@ def test_a_server_killed_mid_run_resumes_to_the_uninterrupted_model(
 @pytest.mark.parametrize("noticed", ["deadline", "heartbeat"])
 def test_a_client_killed_mid_run_is_dropped_and_rejoins(consortium_dir: Path, noticed: str) -> None:
     """The killed site's round completes without it: on the round's deadline (8 s, heartbeats
-    every 30 s), or — heartbeats every second, deadline 120 s — after three missed heartbeats
+    every 30 s), or — heartbeats every 2 s, deadline 120 s — after three missed heartbeats
     or at once when it registers again, never at the deadline. The restarted site rejoins."""
     d = consortium_dir
     # enough rounds left for the restarted site to rejoin before the end
     (d / "exp.toml").write_text(EXPERIMENT.replace("rounds = 4", "rounds = 40"))
     port = _free_port()
     timing = (["--round-timeout", "8"] if noticed == "deadline"
-              else ["--round-timeout", "120", "--heartbeat", "1"])
+              else ["--round-timeout", "120", "--heartbeat", "2"])
     server = _server_on(d, port, "run", *timing)
     clients = {site: _client(d, port, site) for site in SITES}
     try:
