@@ -13,10 +13,11 @@ import asyncio
 import concurrent.futures as cf
 import logging
 import math
+import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -591,18 +592,9 @@ class RemoteExecutor:
         order = list(futures)
         given = 0
         good = 0
-        pending = set(futures)
-        deadline = time.monotonic() + self.round_timeout
         closing = missing
-        while pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            if self.silence_s:
-                self.hub.fail_silent(self.silence_s)
-                left = min(left, max(self.silence_s / 3, 0.1))
-            done, pending = cf.wait(pending, timeout=left, return_when=cf.FIRST_COMPLETED)
-            good += sum(getattr(f.result(), "error", None) is None for f in done)
+        for future in self._completed(futures, time.monotonic() + self.round_timeout):
+            good += getattr(future.result(), "error", None) is None
             if enough and good >= enough:
                 closing = cut
                 break
@@ -631,20 +623,36 @@ class RemoteExecutor:
         for cid, message in messages.items():
             futures[self.hub.expect_exchange(cid, stage_name, phase, round)] = cid
             self.hub.send(cid, ExchangeEnvelope(stage_name, phase, round, cid, message))
-        pending = set(futures)
-        deadline = time.monotonic() + self.phase_timeout
-        while pending:  # replies as they come; a silent site is given up on before the timeout
-            left = deadline - time.monotonic()
-            if left <= 0:
+        # replies as they come; a silent site is given up on before the phase's timeout
+        for future in self._completed(futures, time.monotonic() + self.phase_timeout):
+            envelope: ExchangeEnvelope = future.result()
+            if envelope.error is None:
+                yield futures[future], envelope.message
+
+    def _completed(self, futures: Iterable[cf.Future[Any]], deadline: float) -> Iterator[cf.Future[Any]]:
+        """``futures`` as they complete, until all have or ``deadline`` (monotonic) passes;
+        every ``silence_s / 3`` seconds the sites silent for ``silence_s`` are failed. O(n) for
+        n futures (``cf.wait`` in a loop re-registers on every pending future each time)."""
+        done: queue.SimpleQueue[cf.Future[Any]] = queue.SimpleQueue()
+        remaining = 0
+        for future in futures:
+            future.add_done_callback(done.put)
+            remaining += 1
+        every = max(self.silence_s / 3, 0.1) if self.silence_s else math.inf
+        check = time.monotonic() if self.silence_s else math.inf
+        while remaining:
+            now = time.monotonic()
+            if now >= deadline:
                 return
-            if self.silence_s:
+            if now >= check:
                 self.hub.fail_silent(self.silence_s)
-                left = min(left, max(self.silence_s / 3, 0.1))
-            done, pending = cf.wait(pending, timeout=left, return_when=cf.FIRST_COMPLETED)
-            for future in done:
-                envelope: ExchangeEnvelope = future.result()
-                if envelope.error is None:
-                    yield futures[future], envelope.message
+                check = now + every
+            try:
+                future = done.get(timeout=max(min(deadline, check) - now, 0.001))
+            except queue.Empty:
+                continue
+            remaining -= 1
+            yield future
 
     def close(self) -> None:
         pass
