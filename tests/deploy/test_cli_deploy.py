@@ -57,3 +57,11 @@ def test_the_server_keeps_freed_megabyte_buffers_on_glibc() -> None:
     ).stdout.strip()
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert out == str(glibc)
+
+
+def test_the_installed_version_is_known_to_sites_and_server() -> None:
+    from importlib.metadata import version
+
+    from consortium.deploy import package_version
+
+    assert package_version() == version("consortium")  # what Register compares on both sides

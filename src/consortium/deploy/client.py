@@ -144,10 +144,19 @@ class SiteRunner:
         from consortium.deploy.proto import consortium_pb2_grpc as rpc
 
         stub = rpc.FederationStub(channel)
-        request = pb.RegisterRequest(site=self.site, client_version="consortium")
+        from consortium.deploy import package_version
+
+        mine = package_version()
+        request = pb.RegisterRequest(site=self.site, client_version=mine)
         if self.token is not None:
             request.token = self.token
         reply = stub.Register(request, timeout=30)
+        if reply.server_version and reply.server_version != mine:
+            log.warning(
+                "the server runs consortium %s, this site %s: models, algorithms and data "
+                "loaders come from the installed package, so install the same version at every "
+                "site and the server", reply.server_version, mine,
+            )
         metadata = ((SESSION_METADATA_KEY, reply.session_id),)
         config, site = self._build(reply.config_toml, stub, metadata)
         site.attach(self.policy, self._state_file(reply.run_id), self._kept.get(reply.run_id))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import sys
 import threading
@@ -24,6 +23,7 @@ import torch
 
 from consortium.config import ExperimentConfig, load_config
 from consortium.data.base import FederatedDataset, PackedClients, Split
+from consortium.deploy import package_version
 from consortium.deploy.audit import AUDIT_FILENAME, AuditLog
 from consortium.deploy.hub import Hub, RemoteExecutor, SiteInfo
 from consortium.errors import ConfigError, MissingExtraError
@@ -114,12 +114,15 @@ class FederationService:
             except AuthenticationError as exc:
                 log.warning("refused a connection claiming site %r: %s", request.site, exc)
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        if request.client_version and request.client_version != package_version():
+            log.warning("site %r runs consortium %s, the server %s; install the same version",
+                        site, request.client_version, package_version())
         try:
             session = self.hub.register(site)
         except PermissionError as exc:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{exc}; its connections are refused")
         return pb.RegisterReply(
-            session_id=session, server_version=_version(), run_id=self.hub.run_id,
+            session_id=session, server_version=package_version(), run_id=self.hub.run_id,
             heartbeat_seconds=self.heartbeat_s, config_toml=self.hub.config_toml,
         )
 
@@ -255,16 +258,6 @@ def _stamp(directory: Path | None) -> tuple[tuple[int, int], ...]:
         except OSError:
             out.append((0, 0))
     return tuple(out)
-
-
-@functools.cache
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("consortium")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "dev"
 
 
 class _ServerThread:
