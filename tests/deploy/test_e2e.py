@@ -122,7 +122,7 @@ def test_three_sites_train_over_mutual_tls_and_the_audit_chain_verifies(consorti
     summary = json.loads((d / "run" / "summary.json").read_text())
     assert summary["rounds"] == 4 and summary["clients"] == 3
     assert summary["final"]["accuracy"] > 0.75  # the simulation of the same files gives 0.84
-    records = [json.loads(line) for line in (d / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = _records(d / "run")
     assert [r["clients"] for r in records] == [3, 3, 3, 3]
     verify = _cli("audit", "verify", str(d / "run"), stdout=subprocess.PIPE)
     report, _ = verify.communicate(timeout=60)
@@ -181,6 +181,11 @@ def _missed(run: Path, site: str) -> bool:
         except ValueError:  # a line being written
             pass
     return False
+
+
+def _records(run: Path) -> list[dict]:
+    """The finished run's metrics.jsonl, one dict per round."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _rounds_done(run: Path) -> int:
@@ -267,7 +272,7 @@ def test_a_client_killed_mid_run_is_dropped_and_rejoins(consortium_dir: Path, no
         assert server.wait(timeout=240) == 0
     finally:
         _stop(server, *clients.values())
-    records = [json.loads(line) for line in (d / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = _records(d / "run")
     assert len(records) == 40
     without_east = [r for r in records if "east" in (r.get("failed") or {})]
     assert without_east, "the killed site should miss at least one round"
@@ -301,7 +306,7 @@ def test_a_site_revoked_during_the_run_is_expelled_and_the_run_goes_on(consortiu
     finally:
         _stop(server, *clients.values())
     assert clients["east"].stderr is not None and "revoked" in clients["east"].stderr.read()
-    records = [json.loads(line) for line in (d / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = _records(d / "run")
     assert len(records) == 30 and records[-1]["clients"] == 2
     assert "revoked" in records[-1]["failed"]["east"]
     assert sum(r["wall_s"] for r in records[-5:]) < 30  # no round waited for east's deadline
@@ -330,7 +335,7 @@ sampling = "fixed"
             assert c.wait(timeout=60) == 0
     finally:
         _stop(server, *clients)
-    records = [json.loads(line) for line in (d / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = _records(d / "run")
     assert [r["secagg_clients"] for r in records] == [3, 3, 3, 3]
     assert all(r["epsilon"] > 0 for r in records)
     config = (d / "run" / "config.toml").read_text()
@@ -369,7 +374,7 @@ def test_local_dp_over_grpc_and_a_sites_own_policy_refuses_past_its_budget(
             assert c.wait(timeout=60) == 0
     finally:
         _stop(server, *clients)
-    records = [json.loads(line) for line in (d / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = _records(d / "run")
     assert [r["round"] for r in records if "east" not in (r.get("failed") or {})] == [1, 2]
     assert all("DP-SGD steps" in r["failed"]["east"] for r in records[2:])
     assert [r["clients"] for r in records] == [3, 3, 2, 2]

@@ -363,17 +363,26 @@ def mutate_fields(name: str, data: bytes, rng: random.Random) -> bytes:
     return msg.SerializeToString()
 
 
-def _run(name: str, data: bytes) -> None:
-    """The fuzz tests' check: decoding ``data`` either succeeds or raises one of the entry
-    point's documented errors; any other exception fails the test with the input in hex."""
+OUTCOMES = ("decoded", "refused", "incomplete")
+
+
+def _run(name: str, data: bytes, *, seed: object = "-") -> str:
+    """Decode ``data``: ``"decoded"`` (a value came back), ``"refused"`` (one of the entry
+    point's documented errors) or, for a chunk stream only, ``"incomplete"`` (no last frame
+    yet). Any other exception — a crash — fails the test with the input in hex, and so does
+    any other entry point returning nothing."""
     try:
-        ENTRY_POINTS[name](data)
+        value = ENTRY_POINTS[name](data)
     except ALLOWED[name]:
-        pass
+        return "refused"
     except Exception as exc:  # a crash: show what reproduces it
         raise AssertionError(
-            f"{name} raised {type(exc).__name__}: {exc}\ninput: {data.hex()}"
+            f"{name} raised {type(exc).__name__}: {exc}\nseed {seed}, input: {data.hex()}"
         ) from exc
+    if value is None:
+        assert name == "chunk_stream", f"{name} returned None for input {data.hex()}"
+        return "incomplete"
+    return "decoded"
 
 
 # ------------------------------------------------------------------------- the default suite
@@ -390,21 +399,21 @@ def test_corpus_is_valid_and_covers_every_entry_point() -> None:
 @settings(FUZZ, max_examples=800)
 @given(name=st.sampled_from(sorted(ENTRY_POINTS)), data=st.binary(max_size=600))
 def test_arbitrary_bytes(name: str, data: bytes) -> None:
-    _run(name, data)
+    assert _run(name, data) in OUTCOMES
 
 
 @settings(FUZZ, max_examples=1200)
 @given(name=st.sampled_from(sorted(ENTRY_POINTS)), seed=st.integers(0, 2**32 - 1))
 def test_mutated_messages(name: str, seed: int) -> None:
     rng = random.Random(seed)
-    _run(name, mutate(rng.choice(CORPUS[name]), rng))
+    assert _run(name, mutate(rng.choice(CORPUS[name]), rng)) in OUTCOMES
 
 
 @settings(FUZZ, max_examples=1200)
 @given(name=st.sampled_from(sorted(ENTRY_POINTS)), seed=st.integers(0, 2**32 - 1))
 def test_mutated_fields(name: str, seed: int) -> None:
     rng = random.Random(seed)
-    _run(name, mutate_fields(name, rng.choice(CORPUS[name]), rng))
+    assert _run(name, mutate_fields(name, rng.choice(CORPUS[name]), rng)) in OUTCOMES
 
 
 _dims = st.one_of(st.integers(0, 6), st.integers(-(2**63), 2**63 - 1))
@@ -563,20 +572,13 @@ def test_fuzz_100k_inputs() -> None:
     count = int(os.environ.get("CONSORTIUM_FUZZ_INPUTS", "1000000"))
     rng = random.Random(seed)
     start = time.perf_counter()
-    decoded = 0
+    outcomes = dict.fromkeys(OUTCOMES, 0)
     for name, data in _inputs(rng, count):
-        try:
-            ENTRY_POINTS[name](data)
-            decoded += 1
-        except ALLOWED[name]:
-            pass
-        except Exception as exc:
-            raise AssertionError(
-                f"{name} raised {type(exc).__name__}: {exc}\nseed {seed}, input: {data.hex()}"
-            ) from exc
+        outcomes[_run(name, data, seed=seed)] += 1
     elapsed = time.perf_counter() - start
     print(
         f"\nfuzzed {count} inputs over {len(ENTRY_POINTS)} entry points in {elapsed:.1f} s "
-        f"(seed {seed}; {decoded} decoded cleanly, the rest raised DecodeError/RejectedResult)"
+        f"(seed {seed}; {outcomes})"
     )
-    assert count >= 100_000
+    assert count >= 100_000 and sum(outcomes.values()) == count
+    assert outcomes["decoded"] and outcomes["refused"]  # the inputs reach both sides

@@ -114,15 +114,7 @@ def validate_result(
             task, and what was wrong.
     """
     result = envelope.result
-
-    def reject(what: str) -> RejectedResult:
-        return RejectedResult(
-            f"rejected result from site {expected.site!r} (round {expected.round}, task "
-            f"{envelope.task_id!r}): {what}",
-            site=expected.site,
-            round=expected.round,
-            task_id=envelope.task_id,
-        )
+    reject = _rejecter("result", expected, envelope.task_id)
 
     _check_identity(
         envelope.task_id, result.client_id, result.round, expected, seen_task_ids, reject
@@ -158,15 +150,7 @@ def validate_evaluation(
         RejectedResult: the first check that failed.
     """
     result = envelope.result
-
-    def reject(what: str) -> RejectedResult:
-        return RejectedResult(
-            f"rejected evaluation from site {expected.site!r} (round {expected.round}, task "
-            f"{envelope.task_id!r}): {what}",
-            site=expected.site,
-            round=expected.round,
-            task_id=envelope.task_id,
-        )
+    reject = _rejecter("evaluation", expected, envelope.task_id)
 
     _check_identity(
         envelope.task_id, result.client_id, result.round, expected, seen_task_ids, reject
@@ -229,6 +213,20 @@ def _check_update(
     if not 0 <= update.weight <= max_weight:
         raise reject(f"the weight {update.weight} is outside [0, {max_weight}]")
     _check_metrics(update.metrics, reject)
+
+
+def _rejecter(kind: str, expected: ExpectedTask, task_id: str) -> _Reject:
+    """The error for a refused ``kind`` (result, evaluation): the log line names the site,
+    round and task, then what was wrong."""
+
+    def reject(what: str) -> RejectedResult:
+        return RejectedResult(
+            f"rejected {kind} from site {expected.site!r} (round {expected.round}, task "
+            f"{task_id!r}): {what}",
+            site=expected.site, round=expected.round, task_id=task_id,
+        )
+
+    return reject
 
 
 def _check_finite(tensor: torch.Tensor, what: str, reject: _Reject) -> None:
