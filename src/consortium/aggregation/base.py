@@ -83,6 +83,10 @@ class ClientContext:
     client_id: str
     seed: int
     session: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    site: Any = field(default=None, compare=False, repr=False)
+    """The site's own :class:`~consortium.client.environment.SiteEnvironment` (its private
+    randomness, its signing identity, the run it joined, its secure-aggregation minimums), or
+    ``None`` in a simulation that draws everything from the task's seed."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ import torch
 
 from consortium.aggregation.base import ClientContext, Pipeline
 from consortium.algorithms.base import Algorithm, TrainContext, train_with
+from consortium.client.environment import SiteEnvironment
 from consortium.client.evaluation import evaluate_model
 from consortium.client.state import ClientStateStore
 from consortium.client.training import LocalTraining
@@ -40,6 +41,7 @@ class SiteClient:
         state: ClientStateStore,
         policy: SitePolicy | None = None,
         sessions: dict[str, dict[str, Any]] | None = None,
+        environment: SiteEnvironment | None = None,
     ) -> None:
         self.client_id = client_id
         self.data = data
@@ -54,6 +56,8 @@ class SiteClient:
         self.sessions = sessions if sessions is not None else {}
         """Client id -> the interactive stages' private scratch (never sent, never
         checkpointed); shared by the clients of one pool."""
+        self.environment = environment
+        """The site's own resources (randomness, identity); ``None`` in a simulation."""
 
     @property
     def session(self) -> dict[str, Any]:
@@ -68,7 +72,7 @@ class SiteClient:
         """
         for stage in self.pipeline.stages:
             if stage.name == stage_name and hasattr(stage, "respond"):
-                ctx = ClientContext(round, self.client_id, 0, self.session)
+                ctx = ClientContext(round, self.client_id, 0, self.session, self.environment)
                 return stage.respond(phase, message, ctx)
         raise PipelineError(
             f"client {self.client_id!r} has no interactive stage named {stage_name!r}; the "
@@ -102,7 +106,8 @@ class SiteClient:
             update = train_with(self.algorithm, ctx)
             update = self.pipeline.client(
                 update, task.stage_payloads,
-                ClientContext(task.round, self.client_id, task.seed, self.session),
+                ClientContext(task.round, self.client_id, task.seed, self.session,
+                              self.environment),
             )
         except ConsortiumError as exc:
             return Result(task.round, self.client_id, None, error=str(exc))
