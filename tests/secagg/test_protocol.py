@@ -288,3 +288,70 @@ def test_a_response_revealing_both_shares_of_one_client_aborts() -> None:
     forged = dataclasses.replace(responses[0], s_shares=dict(responses[0].b_shares))
     with pytest.raises(SecAggAbort, match="both shares"):
         server.finish([forged, *responses[1:]])
+
+
+# ------------------------------------------------------------------------------- authenticated
+
+
+@pytest.fixture(scope="module")
+def pki():
+    from consortium.secagg.identity import simulated_identities
+
+    return simulated_identities([f"c{i:02d}" for i in range(30)], seed=b"\x05" * 32)
+
+
+@pytest.mark.parametrize("graph", sorted(GRAPHS))
+@pytest.mark.parametrize("phase", [None, "keys", "shares", "masked", "consistency"])
+def test_authenticated_rounds_sum_exactly_under_dropouts(graph: str, phase, pki) -> None:
+    n, k, t = GRAPHS[graph]
+    identities, trust = pki
+    inputs = _inputs(n, seed=6)
+    ids = sorted(inputs)
+    drop = {} if phase is None else {c: phase for c in ids[1:4]}
+    config = _config(n, k=k, t=t)
+    plain = run_secagg_round(inputs, config=config, drop_after=drop, graph_seed=GRAPH_SEED)
+    signed = run_secagg_round(
+        inputs, config=config, drop_after=drop, graph_seed=GRAPH_SEED,
+        identities={c: identities[c] for c in ids}, trust=trust,
+    )
+    assert signed.contributors == plain.contributors
+    assert torch.equal(signed.sum, plain.sum)
+    assert torch.equal(signed.sum, _plain_sum(inputs, signed.contributors))
+    expected = ids if phase in ("masked", "consistency") else [c for c in ids if c not in drop]
+    assert signed.contributors == tuple(expected)
+
+
+def test_the_server_runs_the_consistency_round_only_for_signed_keys(pki) -> None:
+    identities, trust = pki
+    config = _config(4, k=3, t=2)
+    ids = [f"c{i:02d}" for i in range(4)]
+    server = SecAggServer(config=config, graph_seed=GRAPH_SEED)
+    clients = {c: SecAggClient(c, config=config, identity=identities[c], trust=trust) for c in ids}
+    plain = SecAggClient("c03", config=config)  # no identity: left out of a signed round
+    adverts = [clients[c].advertise_keys() for c in ids[:3]] + [plain.advertise_keys()]
+    broadcasts = server.collect_keys(adverts)
+    assert server.authenticated and set(broadcasts) == set(ids[:3])
+    assert all(set(b.signatures) == set(b.neighbour_keys) for b in broadcasts.values())
+    _, unsigned, _, _, _ = _through_masked()
+    assert not unsigned.authenticated
+    with pytest.raises(SecAggAbort, match="only when the clients signed"):
+        unsigned.collect_consistency([])
+
+
+def test_an_identity_goes_with_a_trust_anchor_and_its_own_name(pki) -> None:
+    identities, trust = pki
+    config = _config(4, k=3, t=2)
+    with pytest.raises(ValueError, match="both an identity and a trust anchor"):
+        SecAggClient("c00", config=config, identity=identities["c00"])
+    with pytest.raises(SecAggAbort, match="certificate names site 'c01'"):
+        SecAggClient("c00", config=config, identity=identities["c01"], trust=trust)
+
+
+def test_graph_degree_is_what_the_graph_gives() -> None:
+    from consortium.secagg.protocol import graph_degree
+
+    for n in range(2, 30):
+        ids = [f"c{i:02d}" for i in range(n)]
+        for k in range(1, n + 2):
+            graph = neighbour_graph(ids, degree=k, seed=GRAPH_SEED)
+            assert {len(v) for v in graph.values()} == {graph_degree(n, k)}, (n, k)

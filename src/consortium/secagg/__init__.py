@@ -2,7 +2,9 @@
 
 Quantisation to integers, ChaCha20 mask expansion, Shamir sharing of 32-byte secrets, and
 X25519 / HKDF / AES-GCM for the keys and encrypted shares, and the SecAgg+ client and server state
-machines built on them (:mod:`consortium.secagg.protocol`). Needs the ``cryptography`` package.
+machines built on them (:mod:`consortium.secagg.protocol`), optionally authenticated against a
+malicious server with the sites' provisioned certificates (:mod:`consortium.secagg.identity`)
+and each site's own floor (:class:`SecAggFloor`). Needs the ``cryptography`` package.
 """
 
 from consortium.secagg.crypto import (
@@ -13,6 +15,16 @@ from consortium.secagg.crypto import (
     generate_keypair,
     public_bytes,
     shared_key,
+)
+from consortium.secagg.floor import SecAggFloor
+from consortium.secagg.identity import (
+    SecAggIdentity,
+    SimulatedAuthority,
+    SiteIdentity,
+    TrustAnchor,
+    UntrustedPeer,
+    simulated_identities,
+    site_identity,
 )
 from consortium.secagg.masks import apply_mask, expand_mask, mask_sign, pairwise_seed
 from consortium.secagg.protocol import (
@@ -38,10 +50,16 @@ __all__ = [
     "SecAggAbort",
     "SecAggClient",
     "SecAggConfig",
+    "SecAggFloor",
+    "SecAggIdentity",
     "SecAggRefusal",
     "SecAggResult",
     "SecAggServer",
     "Share",
+    "SimulatedAuthority",
+    "SiteIdentity",
+    "TrustAnchor",
+    "UntrustedPeer",
     "apply_mask",
     "combine_shares",
     "decrypt",
@@ -57,5 +75,7 @@ __all__ = [
     "quantize",
     "run_secagg_round",
     "shared_key",
+    "simulated_identities",
+    "site_identity",
     "split_secret",
 ]

@@ -5,24 +5,36 @@ Learning") restricted to a sparse neighbour graph as in Bell et al. 2020 ("Secur
 Aggregation with (Poly)Logarithmic Overhead", SecAgg+): each client masks and shares its secrets
 only with its ``k`` neighbours; ``k = n - 1`` is the original, complete-graph SecAgg.
 
-Four phases, each a method on :class:`SecAggClient` and one on :class:`SecAggServer`:
+The phases, each a method on :class:`SecAggClient` and one on :class:`SecAggServer` (messages
+in :mod:`consortium.secagg.messages`):
 
-1. keys:    each client publishes two X25519 public keys, ``c`` (to encrypt shares) and ``s`` (to
-            agree pairwise masks); the server fixes the neighbour graph from a public seed and
-            sends each client its neighbours' keys (:class:`KeysBroadcast`).
-2. shares:  each client draws a self-mask seed ``b``, Shamir-shares ``b`` and its ``s`` private key
-            t-of-k among its neighbours, and encrypts each neighbour's pair of shares with AES-GCM;
-            the server routes the ciphertexts (:class:`SharesForClient`).
-3. masked:  each client sends ``y = x + PRG(b) + sum_v sign(u, v) PRG(s_uv) mod 2^bits`` over the
-            neighbours ``v`` that survived phase 2 (:class:`MaskedInput`).
-4. unmask:  each survivor reveals, per neighbour, the ``b`` share if the neighbour sent a masked
-            input and the ``s`` share if it dropped after phase 2, never both
-            (:class:`UnmaskResponse`); the server removes the masks and returns the sum.
+1. keys:        each client publishes two X25519 public keys, ``c`` (to encrypt shares) and ``s``
+                (to agree pairwise masks); the server fixes the neighbour graph from a public seed
+                and sends each client its neighbours' keys (:class:`KeysBroadcast`).
+2. shares:      each client draws a self-mask seed ``b``, Shamir-shares ``b`` and its ``s``
+                private key t-of-k among its neighbours, and encrypts each neighbour's pair of
+                shares with AES-GCM; the server routes the ciphertexts (:class:`SharesForClient`).
+3. masked:      each client sends ``y = x + PRG(b) + sum_v sign(u, v) PRG(s_uv) mod 2^bits`` over
+                the neighbours ``v`` that survived phase 2 (:class:`MaskedInput`).
+(consistency):  with authentication only, each survivor signs the survivor set the server
+                states (:class:`ConsistencyRequest` -> :class:`ConsistencySignature`), and the
+                server forwards each survivor its neighbours' signatures with the unmask request.
+4. unmask:      each survivor reveals, per neighbour, the ``b`` share if the neighbour sent a
+                masked input and the ``s`` share if it dropped after phase 2, never both
+                (:class:`UnmaskResponse`); the server removes the masks and returns the sum.
+
+Without authentication the model is an honest-but-curious server. With authentication
+(``identity`` and ``trust`` given to every client: :mod:`consortium.secagg.identity`) it is
+Bonawitz et al.'s active adversary (their Fig. 4): every client signs its keys with its
+provisioned certificate and checks its neighbours' signatures before sharing, so the server
+cannot substitute keys; and every client unmasks only a survivor set that at least ``t`` of
+its neighbours signed, the same one it signed itself, so the server cannot tell some
+neighbours that a client survived (collecting ``b`` shares) and others that it dropped
+(collecting ``s`` shares). A :class:`~consortium.secagg.floor.SecAggFloor` keeps the server
+from weakening the threshold, the neighbour count or the cohort below what the site accepts.
 
 There is no transport here: the same objects run in-process (:func:`run_secagg_round`) or behind
-gRPC. The model is an honest-but-curious server. Against a malicious server, Bonawitz et al. add
-signatures and a consistency-check round so that the server cannot tell different clients
-different survivor sets; that round is not implemented.
+gRPC.
 """
 
 from __future__ import annotations
@@ -31,36 +43,56 @@ import hashlib
 import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from consortium.errors import RoundAborted
 from consortium.secagg.crypto import decrypt, encrypt, generate_keypair, shared_key
-from consortium.secagg.masks import (
-    MAX_MODULUS_BITS,
-    add_masks,
-    apply_mask,
-    mask_sign,
-    pairwise_seed,
+from consortium.secagg.floor import SecAggFloor
+from consortium.secagg.masks import add_masks, apply_mask, mask_sign, pairwise_seed
+from consortium.secagg.messages import (
+    AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
+    EncryptedShares,
+    KeysBroadcast,
+    MaskedInput,
+    SecAggAbort,
+    SecAggConfig,
+    SecAggRefusal,
+    SecAggResult,
+    SharesForClient,
+    UnmaskRequest,
+    UnmaskResponse,
+    _length_prefixed,
+    consistency_bytes,
+    signed_keys_bytes,
 )
 from consortium.secagg.shamir import Share, combine_shares, split_secret
 
+if TYPE_CHECKING:
+    from consortium.secagg.identity import SecAggIdentity, TrustAnchor
+
 __all__ = [
     "AdvertiseKeys",
+    "ConsistencyRequest",
+    "ConsistencySignature",
     "EncryptedShares",
     "KeysBroadcast",
     "MaskedInput",
     "SecAggAbort",
     "SecAggClient",
     "SecAggConfig",
+    "SecAggFloor",
     "SecAggRefusal",
     "SecAggResult",
     "SecAggServer",
     "SharesForClient",
     "UnmaskRequest",
     "UnmaskResponse",
+    "graph_degree",
     "neighbour_graph",
     "run_secagg_round",
 ]
@@ -71,143 +103,7 @@ _SHARE_KEY_INFO = b"consortium/secagg/share-encryption/v1"
 _SHARE_AD = b"consortium/secagg/shares/v1"
 _GRAPH_LABEL = b"consortium/secagg/graph/v1"
 _SHARE_BYTES = len(Share(index=1, value=0).to_bytes())
-_DROP_POINTS = ("keys", "shares", "masked")
-
-
-class SecAggAbort(RoundAborted):
-    """The secure-aggregation round stopped; nothing that would unmask an input was revealed."""
-
-
-class SecAggRefusal(SecAggAbort):
-    """A client refused an unmask request that would reveal both secrets of one client."""
-
-
-# --------------------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True, kw_only=True)
-class SecAggConfig:
-    """Parameters of one SecAgg+ round (Bell et al. 2020).
-
-    Args:
-        num_clients_expected: clients invited to the round (``n``).
-        threshold: ``t``, the Shamir threshold; any ``t`` of a client's neighbours can recover its
-            secrets, fewer learn nothing. Must be ``<= neighbours``.
-        neighbours: ``k``, the degree of the neighbour graph; ``k >= n - 1`` is full SecAgg.
-        round: the training round, bound into every key, seed and ciphertext.
-        context: bytes naming the run (e.g. ``run_id.encode()``), bound like ``round``.
-        modulus_bits: masked inputs live in ``[0, 2**modulus_bits)``.
-
-    Raises:
-        ValueError: an argument out of range.
-    """
-
-    num_clients_expected: int
-    threshold: int
-    neighbours: int
-    round: int
-    context: bytes
-    modulus_bits: int = 32
-
-    def __post_init__(self) -> None:
-        for name in ("num_clients_expected", "threshold", "neighbours", "round", "modulus_bits"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"expected {name} as an int, found {value!r}")
-        if self.num_clients_expected < 2:
-            raise ValueError(
-                f"expected num_clients_expected >= 2, found {self.num_clients_expected}; "
-                "secure aggregation of one client hides nothing"
-            )
-        if not 1 <= self.neighbours:
-            raise ValueError(f"expected neighbours >= 1, found {self.neighbours}")
-        if not 1 <= self.threshold <= self.neighbours:
-            raise ValueError(
-                f"expected 1 <= threshold <= neighbours, found threshold={self.threshold}, "
-                f"neighbours={self.neighbours}; a client's secrets are shared among its neighbours"
-            )
-        if not 0 <= self.round < 2**64:
-            raise ValueError(f"expected round in [0, 2**64), found {self.round}")
-        if not isinstance(self.context, (bytes, bytearray)):
-            raise ValueError(
-                f"expected context as bytes, found {type(self.context).__name__}; "
-                "e.g. run_id.encode()"
-            )
-        if not 1 <= self.modulus_bits <= MAX_MODULUS_BITS:
-            raise ValueError(
-                f"expected modulus_bits in [1, {MAX_MODULUS_BITS}], found {self.modulus_bits}"
-            )
-
-
-# ------------------------------------------------------------------------------------- messages
-
-
-@dataclass(frozen=True)
-class AdvertiseKeys:
-    """Phase 1, client to server: the client's two raw X25519 public keys."""
-
-    client_id: str
-    c_public: bytes
-    s_public: bytes
-
-
-@dataclass(frozen=True)
-class KeysBroadcast:
-    """Phase 1, server to one client: the graph seed, the participants and the neighbours' keys."""
-
-    round: int
-    graph_seed: bytes
-    participants: tuple[str, ...]
-    neighbour_keys: Mapping[str, tuple[bytes, bytes]]  # neighbour -> (c_public, s_public)
-
-
-@dataclass(frozen=True)
-class EncryptedShares:
-    """Phase 2, client to server: one AES-GCM ciphertext per neighbour."""
-
-    sender: str
-    ciphertexts: Mapping[str, bytes]  # recipient -> ciphertext
-
-
-@dataclass(frozen=True)
-class SharesForClient:
-    """Phase 2, server to one client: the ciphertexts its neighbours addressed to it."""
-
-    recipient: str
-    ciphertexts: Mapping[str, bytes]  # sender -> ciphertext
-
-
-@dataclass(frozen=True)
-class MaskedInput:
-    """Phase 3, client to server: the masked vector ``y`` (int64 in ``[0, 2**modulus_bits)``)."""
-
-    client_id: str
-    vector: torch.Tensor
-
-
-@dataclass(frozen=True)
-class UnmaskRequest:
-    """Phase 4, server to survivors: who sent a masked input and who dropped after phase 2."""
-
-    survivors: tuple[str, ...]
-    dropped: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class UnmaskResponse:
-    """Phase 4, client to server: ``b`` shares of surviving and ``s`` shares of dropped neighbours."""
-
-    client_id: str
-    b_shares: Mapping[str, Share]
-    s_shares: Mapping[str, Share]
-
-
-@dataclass(frozen=True)
-class SecAggResult:
-    """The unmasked sum ``sum_u x_u mod 2**modulus_bits`` and the clients whose inputs it holds."""
-
-    sum: torch.Tensor
-    contributors: tuple[str, ...]
+_DROP_POINTS = ("keys", "shares", "masked", "consistency")
 
 
 # ---------------------------------------------------------------------------------------- graph
@@ -255,6 +151,15 @@ def neighbour_graph(
     return {p: frozenset(cycle[(i + o) % n] for o in offsets) for i, p in enumerate(cycle)}
 
 
+def graph_degree(participants: int, degree: int) -> int:
+    """How many neighbours each of ``participants`` clients gets from :func:`neighbour_graph`
+    asked for ``degree``: ``degree + 1`` when both are odd (no odd-degree regular graph has an
+    odd number of vertices), at most ``participants - 1``."""
+    if degree >= participants - 1:
+        return participants - 1
+    return degree + 1 if degree % 2 and participants % 2 else degree
+
+
 # --------------------------------------------------------------------------------------- client
 
 
@@ -264,27 +169,71 @@ class _ClientState:
     participants: tuple[str, ...] = ()
     neighbours: tuple[str, ...] = ()
     keys: Mapping[str, tuple[bytes, bytes]] = field(default_factory=dict)
+    certificates: Mapping[str, bytes] = field(default_factory=dict)  # verified, per neighbour
     received: Mapping[str, bytes] = field(default_factory=dict)
+    signed: tuple[str, ...] | None = None  # the survivor set this client signed
     revealed: dict[str, str] = field(default_factory=dict)  # owner -> "b" or "s"
 
 
 class SecAggClient:
     """One client's side of a SecAgg+ round (Bonawitz et al. 2017, Fig. 4; Bell et al. 2020).
 
-    Call :meth:`advertise_keys`, :meth:`share_keys`, :meth:`masked_input` and :meth:`unmask` in
-    this order, feeding each the server's message from the previous phase. A client object serves
-    exactly one round: its keys and self-mask seed are fresh and never reused.
+    Call :meth:`advertise_keys`, :meth:`share_keys`, :meth:`masked_input`, with authentication
+    :meth:`sign_consistency`, and :meth:`unmask` in this order, feeding each the server's message
+    from the previous phase. A client object serves exactly one round: its keys and self-mask
+    seed are fresh and never reused.
+
+    Args:
+        client_id: this client's id (a site name when authenticated).
+        config: the round's parameters, as the server sent them.
+        identity: this client's signing identity; with ``trust``, the round is authenticated:
+            this client signs its keys and its survivor set, and checks its neighbours'.
+        trust: the consortium CA that vouches for the neighbours' certificates.
+        floor: the least this client accepts (threshold, neighbours, cohort, signatures);
+            ``None`` checks nothing beyond the config's own consistency.
+
+    Raises:
+        ValueError: an empty client id, or only one of ``identity`` and ``trust``.
+        SecAggAbort: an identity for another client, or a config below ``floor``.
     """
 
-    def __init__(self, client_id: str, *, config: SecAggConfig) -> None:
+    def __init__(
+        self,
+        client_id: str,
+        *,
+        config: SecAggConfig,
+        identity: SecAggIdentity | None = None,
+        trust: TrustAnchor | None = None,
+        floor: SecAggFloor | None = None,
+    ) -> None:
         if not isinstance(client_id, str) or not client_id:
             raise ValueError(f"expected a non-empty string client id, found {client_id!r}")
+        if (identity is None) != (trust is None):
+            raise ValueError(
+                "expected both an identity and a trust anchor (authenticated) or neither, found "
+                f"identity={identity is not None}, trust={trust is not None}"
+            )
         self.client_id = client_id
         self.config = config
+        self.floor = floor
+        self._identity = identity
+        self._trust = trust
+        if identity is not None and identity.client_id != client_id:
+            raise SecAggAbort(
+                f"client {client_id!r}: its certificate names site {identity.client_id!r}; a "
+                "site signs only as itself"
+            )
+        if floor is not None:
+            self._check_floor()
         self._c = generate_keypair()
         self._s = generate_keypair()
         self._b = secrets.token_bytes(SEED_BYTES)
         self._state = _ClientState()
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether this client signs its messages and checks its neighbours' signatures."""
+        return self._trust is not None
 
     @property
     def revealed(self) -> Mapping[str, str]:
@@ -292,19 +241,30 @@ class SecAggClient:
         return dict(self._state.revealed)
 
     def advertise_keys(self) -> AdvertiseKeys:
-        """Phase 1: the public halves of the ``c`` (encryption) and ``s`` (mask) key pairs."""
+        """Phase 1: the public halves of the ``c`` (encryption) and ``s`` (mask) key pairs,
+        signed with this client's identity when authenticated."""
         self._advance("new", "keys")
-        return AdvertiseKeys(self.client_id, self._c.public, self._s.public)
+        if self._identity is None:
+            return AdvertiseKeys(self.client_id, self._c.public, self._s.public)
+        signed = signed_keys_bytes(self.config, self.client_id, self._c.public, self._s.public)
+        return AdvertiseKeys(
+            self.client_id, self._c.public, self._s.public,
+            certificate=self._identity.certificate_der, signature=self._identity.sign(signed),
+        )
 
     def share_keys(self, broadcast: KeysBroadcast) -> EncryptedShares:
         """Phase 2: Shamir-share ``b`` and the ``s`` private key t-of-k among the neighbours.
 
         Each neighbour's pair of shares is encrypted with AES-GCM under a key derived from the
-        ``c`` keys, with associated data binding sender, recipient, round and context.
+        ``c`` keys, with associated data binding sender, recipient, round and context. When
+        authenticated, every neighbour's certificate and signature over its keys are checked
+        first.
 
         Raises:
             SecAggAbort: a broadcast for another round, neighbour keys that do not match the graph
-                derived from the broadcast seed, or fewer than ``threshold`` neighbours.
+                derived from the broadcast seed, fewer than ``threshold`` neighbours, a graph
+                below the floor, or (authenticated) a neighbour whose certificate or signature
+                does not verify, named in the message.
         """
         self._advance("keys", "shares")
         cfg = self.config
@@ -328,7 +288,16 @@ class SecAggClient:
                 f"client {self.client_id!r} has {len(mine)} neighbours, fewer than the threshold "
                 f"{cfg.threshold}; the round cannot tolerate this"
             )
+        if self.floor is not None:
+            reason = self.floor.refusal(
+                threshold=cfg.threshold, neighbours=len(mine),
+                participants=len(broadcast.participants),
+            )
+            if reason is not None:
+                raise SecAggAbort(f"client {self.client_id!r} refuses to share: {reason}")
         neighbours = tuple(sorted(mine))
+        if self._trust is not None:
+            self._state.certificates = self._verify_neighbours(broadcast, neighbours)
         self._state.participants = tuple(broadcast.participants)
         self._state.neighbours = neighbours
         self._state.keys = dict(broadcast.neighbour_keys)
@@ -355,8 +324,10 @@ class SecAggClient:
 
         Raises:
             ValueError: ``vector`` is not int64 or has values outside ``[0, 2**modulus_bits)``.
-            SecAggAbort: ciphertexts for another client or from non-neighbours, or fewer than
-                ``threshold`` of them.
+            SecAggAbort: ciphertexts for another client or from non-neighbours, fewer than
+                ``threshold`` of them, or (with the floor's ``min_cohort``) fewer than
+                ``min_cohort - 1`` neighbours that proved themselves with signed keys and sent
+                shares: the masked input is not sent then.
         """
         self._advance("shares", "masked")
         cfg = self.config
@@ -382,6 +353,16 @@ class SecAggClient:
                 f"{len(self._state.neighbours)} neighbours sent shares, fewer than the threshold "
                 f"{cfg.threshold}"
             )
+        if self.floor is not None and self.floor.min_cohort:
+            # Every sender is a neighbour whose signed keys verified in share_keys; the
+            # server's participant list counts for nothing here.
+            if len(senders) < self.floor.min_cohort - 1:
+                raise SecAggAbort(
+                    f"client {self.client_id!r} refuses to send its masked input: only "
+                    f"{len(senders)} other participants proved themselves with signed keys and "
+                    f"sent shares, its floor requires {self.floor.min_cohort - 1} "
+                    f"(min_cohort {self.floor.min_cohort})"
+                )
         self._state.received = dict(shares.ciphertexts)
         flat = vector.reshape(-1)
         bits = cfg.modulus_bits
@@ -399,20 +380,84 @@ class SecAggClient:
         y = add_masks(flat, masks, modulus_bits=bits)
         return MaskedInput(self.client_id, y.reshape(vector.shape))
 
+    def sign_consistency(self, request: ConsistencyRequest) -> ConsistencySignature:
+        """Consistency round (authenticated only): sign the survivor set ``U3`` the server states.
+
+        The client signs one set per round and will later unmask only for exactly that set,
+        proved by at least ``threshold`` of its neighbours' signatures (Bonawitz et al. 2017,
+        Fig. 4, ConsistencyCheck).
+
+        Raises:
+            SecAggAbort: the client has no identity to sign with.
+            SecAggRefusal: a set with duplicates, non-participants, or without this client; a
+                surviving neighbour whose shares never reached this client; fewer than
+                ``threshold`` surviving neighbours; or fewer survivors than the floor's
+                ``min_cohort``.
+        """
+        self._advance("masked", "consistency")
+        if self._identity is None:
+            raise SecAggAbort(
+                f"client {self.client_id!r} has no identity to sign the survivor set with; the "
+                "consistency round runs only in authenticated rounds"
+            )
+        survivors = tuple(request.survivors)
+        members = set(survivors)
+        neighbours = set(self._state.neighbours)
+        problem = None
+        if len(members) != len(survivors):
+            problem = "the survivor set lists a client twice"
+        elif self.client_id not in members:
+            problem = "it is not in the survivor set"
+        elif not members <= set(self._state.participants):
+            problem = (
+                f"{sorted(members - set(self._state.participants))[:5]} are survivors but were "
+                "never participants"
+            )
+        elif not members & neighbours <= set(self._state.received):
+            problem = (
+                f"neighbours {sorted((members & neighbours) - set(self._state.received))[:5]} "
+                "are listed as survivors but sent it no shares"
+            )
+        elif len(members & neighbours) < self.config.threshold:
+            problem = (
+                f"only {len(members & neighbours)} of its neighbours survive, fewer than the "
+                f"threshold {self.config.threshold}"
+            )
+        elif self.floor is not None and len(members) < self.floor.min_cohort:
+            problem = (
+                f"the sum would hold {len(members)} inputs, fewer than its floor's min_cohort "
+                f"{self.floor.min_cohort}"
+            )
+        if problem is not None:
+            raise SecAggRefusal(
+                f"client {self.client_id!r} refuses to sign the survivor set: {problem}"
+            )
+        self._state.signed = tuple(sorted(members))
+        data = consistency_bytes(self.config, self._state.signed)
+        return ConsistencySignature(self.client_id, self._identity.sign(data))
+
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
         """Phase 4: reveal ``b`` shares of surviving and ``s`` shares of dropped neighbours.
 
         Every needed ciphertext is decrypted before anything is revealed, so a tampered one
-        reveals nothing.
+        reveals nothing. When authenticated, the request must carry the survivor set this client
+        signed, with at least ``threshold`` valid signatures of its neighbours over that set.
 
         Raises:
             SecAggRefusal: a client listed as both survivor and dropped, or asked for the other
                 secret of a client whose share was revealed before (revealing both would unmask
                 its input, Bonawitz et al. 2017, section 4); this client not among the survivors;
-                fewer than ``threshold`` survivors; or a "dropped" client that had not sent shares.
+                fewer than ``threshold`` survivors; a "dropped" client that had not sent shares;
+                or, authenticated, survivors other than those it signed, a dropped list that
+                does not follow from them, or a consistency proof with fewer than ``threshold``
+                valid neighbour signatures or any invalid one (the signer is named).
             DecryptionError: a ciphertext failed authentication (altered in transit).
         """
-        self._advance("masked", "unmasked", allow_repeat=True)
+        if self._trust is not None:
+            self._advance("consistency", "unmasked", allow_repeat=True)
+            self._check_proof(request)
+        else:
+            self._advance("masked", "unmasked", allow_repeat=True)
         cfg = self.config
         survivors, dropped = set(request.survivors), set(request.dropped)
         both = survivors & dropped
@@ -463,12 +508,108 @@ class SecAggClient:
 
     # -- helpers
 
+    def _check_floor(self) -> None:
+        floor, cfg = self.floor, self.config
+        assert floor is not None
+        problem = None
+        if floor.require_signatures and self._trust is None:
+            problem = "its floor requires signed keys, and it has no identity and trust anchor"
+        elif floor.min_cohort and self._trust is None:
+            problem = (
+                f"its floor's min_cohort {floor.min_cohort} counts the peers from their signed "
+                "keys, and it has no trust anchor to check them"
+            )
+        elif cfg.num_clients_expected < floor.min_cohort:
+            problem = (
+                f"the server expects {cfg.num_clients_expected} clients, fewer than its floor's "
+                f"min_cohort {floor.min_cohort}"
+            )
+        else:
+            problem = floor.refusal(
+                threshold=cfg.threshold,
+                neighbours=min(cfg.neighbours, cfg.num_clients_expected - 1),
+                participants=cfg.num_clients_expected,
+            )
+        if problem is not None:
+            raise SecAggAbort(
+                f"client {self.client_id!r} refuses the secure-aggregation config: {problem}"
+            )
+
+    def _verify_neighbours(
+        self, broadcast: KeysBroadcast, neighbours: Sequence[str]
+    ) -> dict[str, bytes]:
+        from consortium.secagg.identity import UntrustedPeer
+
+        assert self._trust is not None
+        certificates = {}
+        for v in neighbours:
+            entry = broadcast.signatures.get(v)
+            if entry is None:
+                raise SecAggAbort(
+                    f"client {self.client_id!r}: the keys of neighbour {v!r} came without a "
+                    "certificate and signature; refusing to share"
+                )
+            certificate, signature = entry
+            c_public, s_public = broadcast.neighbour_keys[v]
+            data = signed_keys_bytes(self.config, v, c_public, s_public)
+            try:
+                self._trust.verify(v, certificate, data, signature)
+            except UntrustedPeer as exc:
+                raise SecAggAbort(
+                    f"client {self.client_id!r}: the keys of neighbour {v!r} are not authentic "
+                    f"({exc}); refusing to share"
+                ) from exc
+            certificates[v] = bytes(certificate)
+        return certificates
+
+    def _check_proof(self, request: UnmaskRequest) -> None:
+        from consortium.secagg.identity import UntrustedPeer
+
+        assert self._trust is not None and self._state.signed is not None
+        me, signed = self.client_id, self._state.signed
+        if len(set(request.survivors)) != len(request.survivors) or tuple(
+            sorted(request.survivors)
+        ) != signed:
+            raise SecAggRefusal(
+                f"client {me!r} refuses to unmask: the survivors in the request are not the "
+                f"{len(signed)} it signed in the consistency round"
+            )
+        neighbours = set(self._state.neighbours)
+        expected = set(self._state.received) - set(signed)
+        if set(request.dropped) & neighbours != expected:
+            raise SecAggRefusal(
+                f"client {me!r} refuses to unmask: the dropped neighbours "
+                f"{sorted(set(request.dropped) & neighbours)[:5]} do not follow from the signed "
+                f"survivors (expected {sorted(expected)[:5]})"
+            )
+        data = consistency_bytes(self.config, signed)
+        for signer, signature in sorted(request.signatures.items()):
+            if signer not in neighbours or signer not in signed:
+                raise SecAggRefusal(
+                    f"client {me!r} refuses to unmask: a consistency signature from {signer!r}, "
+                    "which is not a surviving neighbour"
+                )
+            try:
+                self._trust.verify(signer, self._state.certificates[signer], data, signature)
+            except UntrustedPeer as exc:
+                raise SecAggRefusal(
+                    f"client {me!r} refuses to unmask: neighbour {signer!r} did not sign this "
+                    f"survivor set ({exc}); the server may be telling clients different stories"
+                ) from exc
+        if len(request.signatures) < self.config.threshold:
+            raise SecAggRefusal(
+                f"client {me!r} refuses to unmask: only {len(request.signatures)} of its "
+                f"neighbours signed the survivor set, fewer than the threshold "
+                f"{self.config.threshold}"
+            )
+
     def _advance(self, expected: str, to: str, *, allow_repeat: bool = False) -> None:
         phase = self._state.phase
         if phase != expected and not (allow_repeat and phase == to):
             raise SecAggAbort(
                 f"client {self.client_id!r}: expected phase {expected!r} before {to!r}, but the "
-                f"client is in phase {phase!r}; phases run keys, shares, masked, unmask"
+                f"client is in phase {phase!r}; phases run keys, shares, masked, (consistency,) "
+                "unmask"
             )
         self._state.phase = to
 
@@ -504,10 +645,12 @@ class SecAggClient:
 class SecAggServer:
     """The server's side of a SecAgg+ round: routes messages, checks thresholds, unmasks the sum.
 
-    Call :meth:`collect_keys`, :meth:`route_shares`, :meth:`collect_masked` and :meth:`finish` in
-    this order with the messages of the clients still present. Every step raises
-    :class:`SecAggAbort` when some client that must be recovered has fewer than ``threshold``
-    neighbours left, before asking anyone for shares (Bonawitz et al. 2017, Fig. 4).
+    Call :meth:`collect_keys`, :meth:`route_shares`, :meth:`collect_masked`, when
+    :attr:`authenticated` :meth:`collect_consistency`, and :meth:`finish` in this order with the
+    messages of the clients still present. Every step raises :class:`SecAggAbort` when some
+    client that must be recovered has fewer than ``threshold`` neighbours left, before asking
+    anyone for shares (Bonawitz et al. 2017, Fig. 4). The server verifies no signature (its
+    clients do); it only routes certificates and signatures, and keeps one running sum.
 
     Args:
         config: the round's parameters, shared with the clients.
@@ -520,6 +663,8 @@ class SecAggServer:
             secrets.token_bytes(GRAPH_SEED_BYTES) if graph_seed is None else graph_seed
         )
         self.phase = "new"
+        self.authenticated = False
+        """Whether the clients signed their keys (then the consistency round runs)."""
         self.reconstructed: list[tuple[str, str]] = []  # (client, "b" or "s"), for auditing
         self._keys: dict[str, AdvertiseKeys] = {}
         self._participants: tuple[str, ...] = ()
@@ -529,9 +674,14 @@ class SecAggServer:
         self._total: torch.Tensor | None = None  # running sum of the masked inputs
         self._shape: tuple[int, ...] = ()
         self._request: UnmaskRequest | None = None
+        self._signers: set[str] = set()
 
     def collect_keys(self, adverts: Sequence[AdvertiseKeys]) -> dict[str, KeysBroadcast]:
         """Phase 1: fix the participants and graph; each client's broadcast of neighbour keys.
+
+        If any client signed its keys the round is :attr:`authenticated`: the clients without a
+        certificate and signature are left out (their neighbours would refuse them), and each
+        broadcast carries the neighbours' certificates and signatures.
 
         Raises:
             SecAggAbort: duplicate senders, or a client with fewer than ``threshold`` neighbours.
@@ -540,20 +690,26 @@ class SecAggServer:
         ids = [a.client_id for a in adverts]
         if len(set(ids)) != len(ids):
             raise SecAggAbort("two key advertisements came from the same client id")
+        self.authenticated = any(a.certificate or a.signature for a in adverts)
+        if self.authenticated:
+            adverts = [a for a in adverts if a.certificate and a.signature]
         self._keys = {a.client_id: a for a in adverts}
-        self._participants = tuple(sorted(ids))
+        self._participants = tuple(sorted(self._keys))
         self._graph = neighbour_graph(
             self._participants, degree=self.config.neighbours, seed=self.graph_seed
         )
         self._require({u: self._graph[u] for u in self._participants}, "advertised keys")
+        keys = self._keys
         return {
             u: KeysBroadcast(
                 round=self.config.round,
                 graph_seed=self.graph_seed,
                 participants=self._participants,
-                neighbour_keys={
-                    v: (self._keys[v].c_public, self._keys[v].s_public) for v in self._graph[u]
-                },
+                neighbour_keys={v: (keys[v].c_public, keys[v].s_public) for v in self._graph[u]},
+                signatures=(
+                    {v: (keys[v].certificate, keys[v].signature) for v in self._graph[u]}
+                    if self.authenticated else {}
+                ),
             )
             for u in self._participants
         }
@@ -593,7 +749,8 @@ class SecAggServer:
 
         ``messages`` may be any iterable (a generator streaming from the clients): the server
         keeps only the running sum modulo ``2**modulus_bits``, so its memory is one vector
-        whatever the number of clients.
+        whatever the number of clients. When :attr:`authenticated`, the request's survivors go
+        to the consistency round first (:class:`ConsistencyRequest`).
 
         Raises:
             SecAggAbort: a sender that did not send shares or sent twice, vectors of different
@@ -626,28 +783,68 @@ class SecAggServer:
             self._masked_ids.add(m.client_id)
         survivors = set(self._masked_ids)
         dropped = self._sent_shares - survivors
-        needed = {u: self._graph[u] & survivors for u in survivors}
-        needed |= {v: self._graph[v] & survivors for v in dropped if self._graph[v] & survivors}
-        self._require(needed, "sent masked inputs")
+        self._require(self._needed(survivors, dropped, survivors), "sent masked inputs")
         self._request = UnmaskRequest(tuple(sorted(survivors)), tuple(sorted(dropped)))
         return self._request
+
+    def collect_consistency(
+        self, signatures: Iterable[ConsistencySignature]
+    ) -> dict[str, UnmaskRequest]:
+        """Consistency round: each signer's unmask request with its neighbours' signatures.
+
+        Only survivors that signed are asked to unmask (Bonawitz et al. 2017, Fig. 4: the users
+        of ``U4``); each gets the signatures of its neighbours among them, its proof that they
+        were told the same survivor set. The server does not check the signatures; the clients
+        do, and refuse to unmask without ``threshold`` valid ones.
+
+        Raises:
+            SecAggAbort: an unauthenticated round, a signature from a non-survivor or twice from
+                one client, or a client whose secret must be recovered with fewer than
+                ``threshold`` neighbours that signed.
+        """
+        self._advance("masked", "consistency")
+        if not self.authenticated:
+            raise SecAggAbort("the consistency round runs only when the clients signed their keys")
+        assert self._request is not None
+        survivors, dropped = set(self._request.survivors), set(self._request.dropped)
+        signed: dict[str, bytes] = {}
+        for m in signatures:
+            if m.client_id not in survivors:
+                raise SecAggAbort(f"a consistency signature from {m.client_id!r}, not a survivor")
+            if m.client_id in signed:
+                raise SecAggAbort(f"client {m.client_id!r} signed the survivor set twice")
+            signed[m.client_id] = m.signature
+        self._signers = set(signed)
+        self._require(self._needed(survivors, dropped, self._signers), "signed the survivor set")
+        request = self._request
+        return {
+            u: UnmaskRequest(
+                request.survivors, request.dropped,
+                signatures={v: signed[v] for v in sorted(self._graph[u] & self._signers)},
+            )
+            for u in sorted(self._signers)
+        }
 
     def finish(self, responses: Sequence[UnmaskResponse]) -> SecAggResult:
         """Phase 4: reconstruct ``b`` of survivors and ``s`` of dropped clients, unmask the sum.
 
         Raises:
             SecAggAbort: fewer than ``threshold`` shares for some client (nothing is reconstructed
-                then), or shares that do not combine.
+                then), shares that do not combine, or a response from a client that was not
+                asked (not a survivor; authenticated: did not sign the survivor set).
         """
-        self._advance("masked", "done")
+        self._advance("consistency" if self.authenticated else "masked", "done")
         assert self._request is not None
         cfg = self.config
         survivors, dropped = set(self._request.survivors), set(self._request.dropped)
+        asked = self._signers if self.authenticated else survivors
         b_shares: dict[str, list[Share]] = {u: [] for u in survivors}
         s_shares: dict[str, list[Share]] = {v: [] for v in dropped}
         for r in responses:
-            if r.client_id not in survivors:
-                raise SecAggAbort(f"unmask response from {r.client_id!r}, which is not a survivor")
+            if r.client_id not in asked:
+                raise SecAggAbort(
+                    f"unmask response from {r.client_id!r}, which was not asked to unmask"
+                )
             if set(r.b_shares) & set(r.s_shares):  # never both secrets of one client
                 raise SecAggAbort(
                     f"client {r.client_id!r} revealed both shares of "
@@ -696,9 +893,18 @@ class SecAggServer:
         if self.phase != expected:
             raise SecAggAbort(
                 f"server: expected phase {expected!r} before {to!r}, found {self.phase!r}; "
-                "phases run keys, shares, masked, unmask"
+                "phases run keys, shares, masked, (consistency,) unmask"
             )
         self.phase = to
+
+    def _needed(
+        self, survivors: set[str], dropped: set[str], holders: set[str]
+    ) -> dict[str, frozenset[str]]:
+        """The secrets to recover (``b`` of survivors, ``s`` of dropped clients with surviving
+        neighbours) and, per owner, its neighbours among ``holders``."""
+        needed = {u: self._graph[u] & holders for u in survivors}
+        needed |= {v: self._graph[v] & holders for v in dropped if self._graph[v] & survivors}
+        return needed
 
     def _require(self, holders: Mapping[str, frozenset[str] | set[str]], step: str) -> None:
         if not holders:
@@ -722,6 +928,8 @@ class SecAggServer:
         return secret
 
 
+
+
 # ----------------------------------------------------------------------------------- in-process
 
 
@@ -731,25 +939,32 @@ def run_secagg_round(
     config: SecAggConfig,
     drop_after: Mapping[str, str] | None = None,
     graph_seed: bytes | None = None,
+    identities: Mapping[str, SecAggIdentity] | None = None,
+    trust: TrustAnchor | None = None,
+    floor: SecAggFloor | None = None,
 ) -> SecAggResult:
     """Play one SecAgg+ round in-process and return the server's unmasked sum.
 
     Args:
         inputs: client id -> quantised int64 vector in ``[0, 2**config.modulus_bits)``.
         config: the round's parameters.
-        drop_after: client id -> ``"keys"``, ``"shares"`` or ``"masked"``: the last phase whose
-            message the client sends before it drops out. A client dropping after ``"masked"``
-            still counts in the sum but answers no unmask request.
+        drop_after: client id -> ``"keys"``, ``"shares"``, ``"masked"`` or ``"consistency"``:
+            the last phase whose message the client sends before it drops out. A client dropping
+            after ``"masked"`` still counts in the sum but answers no later request.
         graph_seed: public randomness for the neighbour graph (random if omitted).
+        identities: client id -> its signing identity; with ``trust``, the authenticated round
+            (signed keys and the consistency round) is played.
+        trust: the trust anchor every client checks its neighbours with.
+        floor: every client's floor (see :class:`~consortium.secagg.floor.SecAggFloor`).
 
     Returns:
         The sum over ``result.contributors`` (the clients that sent masked inputs) modulo
         ``2**config.modulus_bits``.
 
     Raises:
-        SecAggAbort: too many clients dropped for the threshold.
+        SecAggAbort: too many clients dropped for the threshold, or a client refused.
         DecryptionError: a client could not authenticate a ciphertext.
-        ValueError: an unknown drop point or client.
+        ValueError: an unknown drop point or client, or identities without trust.
     """
     drop_after = dict(drop_after or {})
     for cid, point in drop_after.items():
@@ -758,8 +973,16 @@ def run_secagg_round(
                 f"expected drop_after to map input clients to one of {_DROP_POINTS}, found "
                 f"{cid!r}: {point!r}"
             )
+    if (identities is None) != (trust is None):
+        raise ValueError("expected identities and trust together (authenticated) or neither")
     server = SecAggServer(config=config, graph_seed=graph_seed)
-    clients = {cid: SecAggClient(cid, config=config) for cid in inputs}
+    clients = {
+        cid: SecAggClient(
+            cid, config=config, identity=identities[cid] if identities else None, trust=trust,
+            floor=floor,
+        )
+        for cid in inputs
+    }
 
     def alive(after: str) -> list[str]:
         stop = _DROP_POINTS.index(after)
@@ -776,7 +999,13 @@ def run_secagg_round(
     request = server.collect_masked(
         [clients[c].masked_input(routed[c], inputs[c]) for c in alive("shares") if c in routed]
     )
-    responses = [clients[c].unmask(request) for c in alive("masked") if c in request.survivors]
+    requests: Mapping[str, UnmaskRequest] = dict.fromkeys(request.survivors, request)
+    if server.authenticated:
+        check = ConsistencyRequest(request.survivors)
+        requests = server.collect_consistency(
+            [clients[c].sign_consistency(check) for c in alive("masked") if c in requests]
+        )
+    responses = [clients[c].unmask(requests[c]) for c in alive("consistency") if c in requests]
     return server.finish(responses)
 
 
@@ -786,10 +1015,6 @@ def _private_bytes(private: X25519PrivateKey) -> bytes:
         format=serialization.PrivateFormat.Raw,
         encryption_algorithm=serialization.NoEncryption(),
     )
-
-
-def _length_prefixed(*parts: bytes) -> bytes:
-    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
 
 
 def _bind(config: SecAggConfig) -> bytes:
