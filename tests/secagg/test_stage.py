@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 import consortium
 from consortium.aggregation.base import Aggregate, ClientContext, Pipeline, RoundContext
 from consortium.errors import PipelineError, RoundAborted
-from consortium.secagg.protocol import SecAggConfig
+from consortium.secagg.protocol import SecAggAbort, SecAggConfig
 from consortium.secagg.quantize import quantization_error_bound
 from consortium.secagg.stage import secure_aggregation
 from consortium.types import Layout, Parameters, TensorSpec, Update
@@ -21,10 +22,12 @@ class Sites:
     """The clients' side in this process: each client's session and its stage's ``respond``,
     with optional drop-outs (client -> the last phase it answers)."""
 
-    def __init__(self, stage, round: int = 1, drop_after: dict[str, str] | None = None) -> None:
+    def __init__(self, stage, round: int = 1, drop_after: dict[str, str] | None = None,
+                 site=None) -> None:
         self.stage, self.round = stage, round
         self.sessions: dict[str, dict] = {}
         self.drop_after = drop_after or {}
+        self.site = site  # client id -> its SiteEnvironment (a deployment), or None
         self.seen: list[tuple[str, str, object]] = []  # every reply the server received
         self.ended: set[str] = set()
 
@@ -33,13 +36,14 @@ class Sites:
         return self.stage.client(update, {}, ctx)
 
     def exchange(self, stage_name: str, phase: str, messages):
-        order = ["keys", "shares", "masked", "unmask"]
+        order = ["keys", "shares", "masked", "consistency", "unmask"]
         for cid, message in messages.items():
             if phase == "end":
                 self.ended.add(cid)
             elif cid in self.drop_after and order.index(phase) > order.index(self.drop_after[cid]):
                 continue
-            ctx = ClientContext(self.round, cid, 0, self.sessions[cid])
+            site = self.site(cid) if self.site else None
+            ctx = ClientContext(self.round, cid, 0, self.sessions[cid], site)
             reply = self.stage.respond(phase, message, ctx)
             self.seen.append((cid, phase, reply))
             yield cid, reply
@@ -110,8 +114,9 @@ def test_a_client_refuses_a_threshold_below_its_own() -> None:
     stage, _ = secure_aggregation(threshold=0.5)
     sites = Sites(stage)
     sites.send(RAW[0], 0)
-    weak = SecAggConfig(num_clients_expected=9, threshold=1, neighbours=8, round=1, context=b"x")
-    with pytest.raises(PipelineError, match="threshold of at least 4"):
+    weak = SecAggConfig(num_clients_expected=9, threshold=1, neighbours=8, round=1,
+                        context=b"consortium")
+    with pytest.raises(SecAggAbort, match="threshold 1 is below this site's floor of at least 4"):
         stage.respond("keys", weak, ClientContext(1, "a", 0, sites.sessions["a"]))
     with pytest.raises(PipelineError, match="no secure-aggregation input for round 2"):
         stage.respond("keys", weak, ClientContext(2, "a", 0, sites.sessions["a"]))
@@ -189,3 +194,67 @@ def test_a_round_that_aborts_leaves_the_model_as_it_was() -> None:
     result = consortium.simulate(cfg, dataset=make_toy(4), model=lambda: copy.deepcopy(start))
     assert all("aborted" in r for r in result.history)
     assert torch.equal(result.params.vector, Parameters.from_module(start).vector)
+
+
+# ------------------------------------------------------------------------------- authenticated
+
+
+def test_an_authenticated_run_gives_the_same_mean_as_an_unauthenticated_one() -> None:
+    plain = run(RAW, Sites(secure_aggregation(weight_bound=100.0)[0]),
+                secure_aggregation(weight_bound=100.0)[1])
+    stage, summer = secure_aggregation(weight_bound=100.0, authenticate=True)
+    sites = Sites(stage)
+    signed = run(RAW, sites, summer)
+    assert torch.equal(signed.delta, plain.delta) and signed.weight == plain.weight
+    adverts = [r for _, phase, r in sites.seen if phase == "keys"]
+    assert adverts and all(a.certificate and a.signature for a in adverts)
+    assert sorted(cid for cid, phase, _ in sites.seen if phase == "consistency") == list("abcd")
+
+
+@pytest.mark.parametrize("phase", ["keys", "shares", "masked", "consistency"])
+def test_an_authenticated_run_survives_a_drop_out_at_every_phase(phase: str) -> None:
+    stage, summer = secure_aggregation(weight_bound=100.0, authenticate=True)
+    agg = run(RAW, Sites(stage, drop_after={"b": phase}), summer)
+    in_sum = phase in ("masked", "consistency")
+    assert agg.info["secagg_dropped"] == ([] if in_sum else ["b"])
+    kept = RAW if in_sum else [u for u in RAW if u.client_id != "b"]
+    bound = quantization_error_bound(count=4, clip=1.0, bits=16) * 100.0
+    assert agg.weight == pytest.approx(sum(u.weight for u in kept), abs=bound)
+
+
+def _deployed(run_id: str, floor, authority):
+    from consortium.client.environment import SiteEnvironment
+
+    return lambda cid: SiteEnvironment(identity=authority.identity(cid), run_id=run_id,
+                                       secagg=floor)
+
+
+def test_a_deployed_site_signs_with_its_identity_and_keeps_its_floor_and_run() -> None:
+    from consortium.secagg.floor import SecAggFloor
+    from consortium.secagg.identity import SimulatedAuthority
+
+    authority = SimulatedAuthority(b"\x07" * 32)
+    floor = SecAggFloor(min_cohort=4, require_signatures=True)
+    stage, _ = secure_aggregation(weight_bound=100.0)  # no simulated identities here
+    summer = dataclasses.replace(secure_aggregation(weight_bound=100.0, threshold=0.7)[1],
+                                 run_id="run-7")
+    sites = Sites(stage, site=_deployed("run-7", floor, authority))
+    agg = run(RAW, sites, summer)
+    assert agg.count == 4
+    assert all(r.signature for _, phase, r in sites.seen if phase == "keys")
+    # a site whose floor needs all 3 neighbours refuses the server's 2 of 3, before any key
+    strict = SecAggFloor(min_threshold=1.0)
+    sites = Sites(stage, site=_deployed("run-7", strict, authority))
+    with pytest.raises(RoundAborted, match="threshold"):
+        run(RAW, sites, dataclasses.replace(summer, threshold=0.5))
+    assert not [r for _, phase, r in sites.seen if phase == "keys"]
+
+
+def test_a_message_of_the_wrong_type_for_its_phase_is_refused() -> None:
+    stage, _ = secure_aggregation()
+    sites = Sites(stage)
+    sites.send(RAW[0], 0)
+    with pytest.raises(PipelineError, match="expected a KeysBroadcast in phase 'shares'"):
+        stage.respond("shares", object(), ClientContext(1, "a", 0, sites.sessions["a"]))
+    with pytest.raises(PipelineError, match="unknown secure-aggregation phase"):
+        stage.respond("later", None, ClientContext(1, "a", 0, sites.sessions["a"]))

@@ -1,11 +1,22 @@
 """Secure aggregation in the pipeline: a client stage that quantises, an aggregator that sums
-through the SecAgg+ protocol (Bell et al. 2020) and sees only the sum."""
+through the SecAgg+ protocol (Bell et al. 2020) and sees only the sum.
+
+The exchange runs the phases ``keys``, ``shares``, ``masked``, then, when the clients signed
+their keys, ``consistency`` (Bonawitz et al. 2017's consistency check against a malicious
+server), then ``unmask`` and ``end``. A deployed site signs with its provisioned identity and
+enforces its own floor (``ClientContext.site``: a
+:class:`~consortium.client.environment.SiteEnvironment` whose ``identity`` is a
+:class:`~consortium.secagg.identity.SiteIdentity` and ``secagg`` a
+:class:`~consortium.secagg.floor.SecAggFloor`); a simulation plays unauthenticated, or
+authenticated with in-memory certificates (``secure_aggregation(authenticate=True)``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,9 +26,18 @@ from consortium.errors import PipelineError
 from consortium.seeds import derive_seed
 from consortium.types import Layout, Update
 
-__all__ = ["SecureAggregation", "SecureSum", "secure_aggregation"]
+__all__ = ["SecureAggregation", "SecureSum", "secagg_context", "secure_aggregation"]
 
 MODULUS_BITS = 32
+SIMULATION_CONTEXT = b"consortium"
+"""The SecAgg context of a simulation (no run id): the constant of earlier versions."""
+
+
+def secagg_context(run_id: str) -> bytes:
+    """The SecAgg context that binds a round's keys, masks and signatures to run ``run_id``:
+    ``b"consortium/secagg/v2/" + run_id``; a simulation without a run id keeps the constant
+    ``b"consortium"`` (so its results are those of earlier versions)."""
+    return b"consortium/secagg/v2/" + run_id.encode() if run_id else SIMULATION_CONTEXT
 
 
 @dataclass
@@ -54,8 +74,13 @@ class SecureAggregation:
     its own bound from ``extra_bounds`` (an algorithm's ``secure_bounds``). Values beyond the
     range are clipped; the ``secagg_clipped`` metric counts them.
 
-    ``threshold`` is checked at the client too: a server asking for a smaller Shamir threshold
-    than this fraction of the neighbours is refused (the client drops out).
+    The server's round config is checked against a floor (:class:`SecAggFloor`): a deployed
+    site's own (``ClientContext.site.secagg``), with ``threshold`` as a further minimum; in a
+    simulation, ``threshold`` alone (a server asking for a smaller Shamir threshold than this
+    fraction of the neighbours is refused: the client drops out). A deployed site signs with
+    ``ClientContext.site.identity`` (a :class:`~consortium.secagg.identity.SiteIdentity`);
+    a simulation with ``simulated`` (a :class:`~consortium.secagg.identity.SimulatedAuthority`)
+    signs with a certificate it issues per client id, and requires signatures.
     """
 
     clip: float = 1.0
@@ -66,6 +91,7 @@ class SecureAggregation:
     name: str = "secure_aggregation"
     needs: frozenset[str] = frozenset()
     gives: frozenset[str] = frozenset({"sum_only", "quantized"})
+    simulated: Any = field(default=None, compare=False, repr=False)
 
     def init(self, layout: Layout) -> StageState:
         return {}
@@ -91,14 +117,17 @@ class SecureAggregation:
 
     def respond(self, phase: str, message: Any, ctx: ClientContext) -> Any:
         """The client's side of one protocol phase: ``keys`` (message: the round's
-        ``SecAggConfig``), ``shares``, ``masked``, ``unmask``, then ``end`` (forget the session).
+        ``SecAggConfig``), ``shares``, ``masked``, ``consistency`` (authenticated rounds),
+        ``unmask``, then ``end`` (forget the session).
 
         Raises:
-            PipelineError: no quantised input for this round, an unknown phase, or a config
-                the client does not accept (another round, modulus or a lower threshold).
-            SecAggAbort, DecryptionError: from the protocol (the client drops out).
+            PipelineError: no quantised input for this round, an unknown phase, a message of the
+                wrong type for its phase, or a config for another round, modulus or run (its
+                context is not this site's run's).
+            SecAggAbort, DecryptionError: from the protocol (the client drops out), among them a
+                config below the site's floor.
         """
-        from consortium.secagg.protocol import SecAggClient, SecAggConfig
+        from consortium.secagg import protocol as p
 
         if phase == "end":
             ctx.session.pop(self.name, None)
@@ -109,18 +138,36 @@ class SecureAggregation:
                 f"client {ctx.client_id!r} holds no secure-aggregation input for round "
                 f"{ctx.round}; it must train in the round before the protocol runs"
             )
+        expected = {
+            "keys": p.SecAggConfig, "shares": p.KeysBroadcast, "masked": p.SharesForClient,
+            "consistency": p.ConsistencyRequest, "unmask": p.UnmaskRequest,
+        }.get(phase)
+        if expected is None:
+            raise PipelineError(
+                f"unknown secure-aggregation phase {phase!r}; expected keys, shares, masked, "
+                "consistency, unmask, end"
+            )
+        if not isinstance(message, expected):
+            raise PipelineError(
+                f"expected a {expected.__name__} in phase {phase!r}, found {type(message).__name__}"
+            )
         if phase == "keys":
-            if not isinstance(message, SecAggConfig):
-                raise PipelineError(f"expected a SecAggConfig to start, found {type(message).__name__}")
-            least = max(1, math.ceil(self.threshold * message.neighbours))
+            run_id = ctx.site.run_id if ctx.site is not None else ""
+            context = secagg_context(run_id)
             if (message.round != ctx.round or message.modulus_bits != MODULUS_BITS
-                    or message.threshold < least):
+                    or bytes(message.context) != context):
                 raise PipelineError(
                     f"client {ctx.client_id!r} refuses the secure-aggregation config {message}: "
-                    f"expected round {ctx.round}, modulus 2**{MODULUS_BITS} and a threshold of at "
-                    f"least {least} of {message.neighbours} neighbours"
+                    f"expected round {ctx.round}, modulus 2**{MODULUS_BITS} and the context "
+                    f"{context!r} of run {run_id!r}"
                 )
-            session.client = SecAggClient(ctx.client_id, config=message)
+            identity = self._identity(ctx)
+            session.client = p.SecAggClient(
+                ctx.client_id, config=message,
+                identity=identity.identity if identity is not None else None,
+                trust=identity.trust if identity is not None else None,
+                floor=self._floor(ctx),
+            )
             return session.client.advertise_keys()
         if session.client is None:
             raise PipelineError(f"phase {phase!r} before 'keys' at client {ctx.client_id!r}")
@@ -132,10 +179,27 @@ class SecureAggregation:
             masked = session.client.masked_input(message, session.vector)
             session.vector = None
             return masked
-        if phase == "unmask":
-            return session.client.unmask(message)
-        raise PipelineError(
-            f"unknown secure-aggregation phase {phase!r}; expected keys, shares, masked, unmask, end"
+        if phase == "consistency":
+            return session.client.sign_consistency(message)
+        return session.client.unmask(message)
+
+    def _identity(self, ctx: ClientContext) -> Any:
+        """The site's :class:`SiteIdentity`, the simulated one, or ``None`` (unauthenticated)."""
+        found = getattr(ctx.site, "identity", None) if ctx.site is not None else None
+        if found is None and self.simulated is not None:
+            found = self.simulated.identity(ctx.client_id)
+        return found
+
+    def _floor(self, ctx: ClientContext) -> Any:
+        """The site's floor, raised to ``threshold``; in a simulation, ``threshold`` alone."""
+        from consortium.secagg.floor import SecAggFloor
+
+        own = getattr(ctx.site, "secagg", None) if ctx.site is not None else None
+        if own is not None:
+            return dataclasses.replace(own, min_threshold=max(own.min_threshold, self.threshold))
+        return SecAggFloor(
+            min_threshold=self.threshold, min_neighbours=1,
+            require_signatures=self.simulated is not None,
         )
 
 
@@ -150,7 +214,9 @@ class SecureSum:
     if too few remain to unmask, :class:`SecAggAbort` (a ``RoundAborted``) ends the round with
     nothing revealed and the run goes on. ``threshold`` is the fraction of a client's
     ``neighbours`` needed to recover its secrets (``neighbours = 0``: every other client, i.e.
-    full SecAgg).
+    full SecAgg). ``run_id`` names the run in the round's context (:func:`secagg_context`);
+    a deployed site refuses a context that is not its run's. When the clients sign their keys,
+    the consistency round runs between ``masked`` and ``unmask``.
     """
 
     clip: float = 1.0
@@ -163,9 +229,15 @@ class SecureSum:
     name: str = "secure_sum"
     needs: frozenset[str] = frozenset({"quantized"})
     linear: bool = True
+    run_id: str = ""
 
     def aggregate(self, updates: list[Update], *, ctx: RoundContext) -> Aggregate:
-        from consortium.secagg.protocol import SecAggConfig, SecAggServer
+        from consortium.secagg.protocol import (
+            ConsistencyRequest,
+            SecAggConfig,
+            SecAggServer,
+            graph_degree,
+        )
         from consortium.secagg.quantize import dequantize_sum
 
         exchange = ctx.exchange
@@ -181,10 +253,12 @@ class SecureSum:
                 f"secure aggregation needs at least 2 clients in a round, got {n}; raise "
                 "sampling.clients_per_round"
             )
-        k = n - 1 if self.neighbours <= 0 else min(self.neighbours, n - 1)
+        # The threshold is a fraction of the neighbours each client really gets (one more than
+        # asked when both counts are odd), the number its floor is checked against.
+        k = graph_degree(n, n - 1 if self.neighbours <= 0 else min(self.neighbours, n - 1))
         config = SecAggConfig(
             num_clients_expected=n, threshold=max(1, math.ceil(self.threshold * k)), neighbours=k,
-            round=ctx.round, context=b"consortium", modulus_bits=MODULUS_BITS,
+            round=ctx.round, context=secagg_context(self.run_id), modulus_bits=MODULUS_BITS,
         )
         server = SecAggServer(
             config=config, graph_seed=derive_seed(ctx.seed, "secagg-graph").to_bytes(8, "big")
@@ -200,7 +274,11 @@ class SecureSum:
             broadcasts = server.collect_keys(list(replies("keys", dict.fromkeys(ids, config))))
             routed = server.route_shares(list(replies("shares", broadcasts)))
             request = server.collect_masked(replies("masked", routed))
-            answers = list(replies("unmask", dict.fromkeys(request.survivors, request)))
+            requests = dict.fromkeys(request.survivors, request)
+            if server.authenticated:  # Bonawitz et al. 2017, Fig. 4: ConsistencyCheck
+                check = dict.fromkeys(request.survivors, ConsistencyRequest(request.survivors))
+                requests = server.collect_consistency(replies("consistency", check))
+            answers = list(replies("unmask", requests))
             result = server.finish(answers)
         finally:
             for _ in exchange(self.stage, "end", dict.fromkeys(ids)):
@@ -227,12 +305,18 @@ class SecureSum:
 
 def secure_aggregation(
     *, clip: float = 1.0, bits: int = 16, weight_bound: float = 1000.0, threshold: float = 0.5,
-    neighbours: int = 0, extra_bounds: Mapping[str, float] | None = None,
+    neighbours: int = 0, extra_bounds: Mapping[str, float] | None = None, run_id: str = "",
+    authenticate: bool = False,
 ) -> tuple[SecureAggregation, SecureSum]:
     """The stage and the aggregator of secure aggregation, to put in a pipeline together.
 
     ``extra_bounds`` gives the largest ``|value|`` of each named extra of one client (see an
     algorithm's ``secure_bounds``); extras without one are scaled by ``weight_bound``.
+    ``run_id`` binds the rounds to the run (the deployment passes its run id; the sites check
+    it). ``authenticate`` makes an in-process run sign and check every key and survivor set
+    with certificates of an in-memory CA (:class:`~consortium.secagg.identity.SimulatedAuthority`)
+    and run the consistency round, as a deployment with provisioned sites does; deployed sites
+    sign with their own identities whatever this says.
     """
     if not clip > 0 or not weight_bound > 0:
         raise PipelineError("secure aggregation needs clip > 0 and weight_bound > 0")
@@ -244,7 +328,12 @@ def secure_aggregation(
     for name, bound in bounds:
         if not bound > 0:
             raise PipelineError(f"secure aggregation bound of extra {name!r} = {bound} must be > 0")
+    simulated = None
+    if authenticate:
+        from consortium.secagg.identity import SimulatedAuthority
+
+        simulated = SimulatedAuthority()
     return (
-        SecureAggregation(clip, bits, weight_bound, threshold, bounds),
-        SecureSum(clip, bits, weight_bound, threshold, neighbours, bounds),
+        SecureAggregation(clip, bits, weight_bound, threshold, bounds, simulated=simulated),
+        SecureSum(clip, bits, weight_bound, threshold, neighbours, bounds, run_id=run_id),
     )
