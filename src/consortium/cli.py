@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 an unexpected internal error (a bug: please report it);
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -129,8 +130,19 @@ def _parser() -> argparse.ArgumentParser:
     cli_.add_argument("--state", metavar="DIR",
                       help="where the site keeps its privacy spend and client state across "
                       "restarts (default: <certs>/state)")
+    cli_.add_argument("--approve", action="append", default=[], metavar="MANIFEST_HASH",
+                      help="join the experiment with this manifest hash (`consortium manifest "
+                           "EXPERIMENT.toml` prints it); repeatable")
+    cli_.add_argument("--allow-model", action="append", default=[], metavar="PKG.MOD:FACTORY",
+                      help="a model factory this site trusts to import (built-in models need "
+                           "none); repeatable")
     cli_.add_argument("--give-up-after", type=float, default=0.0, metavar="S",
                       help="stop reconnecting after S seconds without the server (default: never)")
+    man = sub.add_parser("manifest", help="what an experiment asks of each site, and its hash "
+                         "(for consortium client --approve)")
+    man.add_argument("config", nargs="?", help="experiment TOML file (default: the demo)")
+    man.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    man.add_argument("--json", action="store_true", help="print JSON (manifest and sha256)")
     audit = sub.add_parser("audit", help="check a run's hash-chained audit log")
     asub = audit.add_subparsers(dest="audit_command", required=True)
     aver = asub.add_parser("verify", help="verify every link of RUN_DIR/audit.jsonl")
@@ -180,12 +192,22 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def _cmd_privacy(args: argparse.Namespace) -> int:
-    from consortium.privacy.accountant import RoundMechanism, calibrate_noise, epsilon
+    from consortium.privacy.accountant import (
+        RoundMechanism,
+        calibrate_noise,
+        epsilon,
+        epsilon_without_sampling,
+    )
 
     if args.privacy_command == "epsilon":
         m = RoundMechanism(args.noise, "poisson", rate=args.rate)
         rows = [
-            (name, f"ε = {epsilon(m, args.steps, args.delta, name):.6g} at δ = {args.delta:g}")
+            (f"{name}, secret sample", f"ε = {epsilon(m, args.steps, args.delta, name):.6g} at "
+             f"δ = {args.delta:g}: holds if no one but the server knows who took part")
+            for name in ("rdp", "pld")
+        ] + [
+            (f"{name}, known sample", f"ε = {epsilon_without_sampling(m, args.steps, args.delta, name):.6g}"
+             f" at δ = {args.delta:g}: holds against anyone who knows who took part")
             for name in ("rdp", "pld")
         ]
         _print_table(
@@ -368,8 +390,22 @@ def _cmd_client(args: argparse.Namespace) -> int:
     certs = _secure_or_insecure(args)
     answered = run_client(args.server, site=args.site, data=args.data, certs=certs,
                           target=args.target, give_up_after_s=args.give_up_after,
-                          policy=args.policy, state_dir=args.state)
+                          policy=args.policy, state_dir=args.state, approve=args.approve,
+                          allow_models=args.allow_model)
     print(f"consortium client: the run is over; {answered} tasks answered", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_manifest(args: argparse.Namespace) -> int:
+    from consortium.client.approval import experiment_manifest, format_manifest, manifest_hash
+    from consortium.config import load_config
+
+    cfg = load_config(args.config, list(args.overrides))
+    manifest = experiment_manifest(cfg)
+    if args.json:
+        print(json.dumps({"manifest": manifest, "sha256": manifest_hash(manifest)}, indent=2))
+    else:
+        print(format_manifest(manifest))
     return EXIT_OK
 
 
@@ -426,6 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_client(args)
         if args.command == "audit":
             return _cmd_audit(args)
+        if args.command == "manifest":
+            return _cmd_manifest(args)
         return _cmd_run(args)
     except ConsortiumError as exc:
         print(f"consortium: error: {exc}", file=sys.stderr)

@@ -92,10 +92,19 @@ def _start_server(d: Path, *extra: str) -> tuple[subprocess.Popen, int]:
     raise AssertionError(f"the server did not start: {server.stderr.read()}")
 
 
+def _approval(config: Path | None, overrides: list[str] | None = None) -> tuple[str, str]:
+    """``--approve HASH`` for the experiment a server runs: a site joins only what it approved."""
+    from consortium.client.approval import manifest_hash
+    from consortium.config import load_config
+
+    return "--approve", manifest_hash(load_config(config, overrides or []))
+
+
 def _client(d: Path, port: int, site: str, certs: Path | None = None, *extra: str) -> subprocess.Popen:
     return _cli(
         "client", "--server", f"127.0.0.1:{port}", "--site", site, "--data",
-        str(d / f"{site}.csv"), "--certs", str(certs or d / "certs" / "sites" / site), *extra,
+        str(d / f"{site}.csv"), "--certs", str(certs or d / "certs" / "sites" / site),
+        *_approval(d / "exp.toml"), *extra,
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
     )
 
@@ -409,7 +418,7 @@ def test_the_four_hospitals_over_tls_reach_the_simulations_accuracy(tmp_path: Pa
     clients = [_cli(
         "client", "--server", f"127.0.0.1:{port}", "--site", site, "--data",
         str(tmp_path / f"{site}.data"), "--certs", str(tmp_path / "certs" / "sites" / site),
-        stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        *_approval(None, overrides), stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
     ) for site in HOSPITALS]
     try:
         assert server.wait(timeout=300) == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -36,6 +36,8 @@ class TrainContext:
         work: fraction of the planned steps to do (stragglers do less).
         payload: tensors the algorithm's server side sent (``make_payload``).
         client_state: this client's persistent state (mutable; survives rounds).
+        randomness: the site's own CSPRNG for privacy-relevant draws (DP-SGD noise and
+            batches); ``None`` draws them from ``seed`` (simulation only).
     """
 
     client_id: str
@@ -48,6 +50,7 @@ class TrainContext:
     work: float = 1.0
     payload: dict[str, torch.Tensor] = field(default_factory=dict)
     client_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    randomness: Any = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ def local_update(ctx: TrainContext, terms: LocalTerms | None = None) -> LocalRes
     steps = steps_for_work(planned_steps(len(ctx.data), ctx.settings), ctx.work)
     stats = train_locally(
         ctx.module, ctx.data, ctx.settings, loss_fn=ctx.loss_fn, seed=ctx.seed, steps=steps,
-        terms=terms,
+        terms=terms, randomness=ctx.randomness,
     )
     local = Parameters.from_module(ctx.module).vector
     return LocalResult(

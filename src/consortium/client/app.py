@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -84,7 +85,8 @@ class SiteClient:
         client_state = self.state.get(self.client_id)
         if self.policy is not None:
             reason = self.policy.review(
-                task, client_state, settings=self.settings, examples=len(self.data.train)
+                task, client_state, settings=self.settings, examples=len(self.data.train),
+                deployed=self.environment is not None,
             )
             if reason is not None:
                 return Result(task.round, self.client_id, None, error=reason, refused=True)
@@ -101,6 +103,7 @@ class SiteClient:
             work=task.work,
             payload=task.payload,
             client_state=client_state,
+            randomness=self.environment.randomness if self.environment is not None else None,
         )
         try:
             update = train_with(self.algorithm, ctx)
@@ -111,6 +114,11 @@ class SiteClient:
             )
         except ConsortiumError as exc:
             return Result(task.round, self.client_id, None, error=str(exc))
+        allowed = self.environment.send_metrics if self.environment is not None else None
+        if allowed is not None:  # the site's policy decides which metrics leave in the clear
+            update = dataclasses.replace(
+                update, metrics={k: v for k, v in update.metrics.items() if k in allowed}
+            )
         if self.policy is not None:  # the site's own ledger exists only for its policy
             steps = int(update.metrics.get("steps", 0)) if self.settings.local_dp else 0
             record_release(client_state, steps=steps)

@@ -6,6 +6,9 @@ L2 norm ``clip``, adds ``N(0, (noise_multiplier·clip)²)`` to their sum and div
 *expected* batch size ``q·n``. That is exactly the mechanism the accountant composes:
 ``PoissonSampledDpEvent(q, GaussianDpEvent(noise_multiplier))`` per step.
 
+At a deployed site the batches and the noise come from the site's own CSPRNG, never from the
+task's seed, which the server chooses: with the seed, a server could subtract the noise exactly.
+
 Abadi, Chu, Goodfellow, McMahan, Mironov, Talwar, Zhang. "Deep Learning with Differential
 Privacy", CCS 2016.
 """
@@ -13,6 +16,7 @@ Privacy", CCS 2016.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch.func import functional_call, grad, vmap
@@ -20,13 +24,24 @@ from torch.func import functional_call, grad, vmap
 from consortium.data.base import Split
 from consortium.seeds import derive_seed
 
+if TYPE_CHECKING:
+    from consortium.privacy.randomness import Randomness
+
 __all__ = ["poisson_batches", "private_step"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def poisson_batches(n: int, steps: int, rate: float, *, seed: int) -> list[torch.Tensor]:
-    """``steps`` batches, each example in each batch independently with probability ``rate``."""
+def poisson_batches(
+    n: int, steps: int, rate: float, *, seed: int, randomness: Randomness | None = None
+) -> list[torch.Tensor]:
+    """``steps`` batches, each example in each batch independently with probability ``rate``.
+
+    With ``randomness`` (a site's CSPRNG) the draws are the site's own; otherwise they follow
+    from ``seed`` (simulation: repeatable, and known to whoever knows the seed).
+    """
+    if randomness is not None:
+        return [torch.nonzero(randomness.bernoulli(n, rate)).flatten() for _ in range(steps)]
     gen = torch.Generator().manual_seed(derive_seed(seed, "dp-batches") % 2**63)
     return [torch.nonzero(torch.rand(n, generator=gen) < rate).flatten() for _ in range(steps)]
 
@@ -42,10 +57,15 @@ def private_step(
     expected_batch: float,
     seed: int,
     step: int,
+    randomness: Randomness | None = None,
 ) -> float | None:
     """Write the DP-SGD gradient into ``p.grad`` of the trainable parameters.
 
     Returns the batch's mean loss (``None`` for an empty batch, which still gets its noise).
+    With ``randomness`` (a deployed site's CSPRNG) the noise is the snapped discrete Gaussian
+    (:meth:`~consortium.privacy.randomness.SystemRandomness.snapped_gaussian`): the same
+    noise multiplier for the accountant, and no floating-point noise for Mironov's (2012)
+    attack; otherwise a float Gaussian from ``seed`` (simulation).
     """
     named = {n: p for n, p in module.named_parameters() if p.requires_grad}
     sizes = [p.numel() for p in named.values()]
@@ -66,9 +86,14 @@ def private_step(
         total = (flat * factor.unsqueeze(1)).sum(0)
         with torch.no_grad():
             loss_value = float(loss_fn(module(x), y))
-    gen = torch.Generator().manual_seed(derive_seed(seed, "dp-noise", step) % 2**63)
-    noise = torch.randn(d, generator=gen, dtype=torch.float64) * (noise_multiplier * clip)
-    gradient = ((total + noise) / expected_batch).to(torch.float32)
+    if randomness is not None:
+        noisy = randomness.snapped_gaussian(
+            total.reshape(-1), sensitivity=clip, noise_multiplier=noise_multiplier
+        )
+    else:
+        gen = torch.Generator().manual_seed(derive_seed(seed, "dp-noise", step) % 2**63)
+        noisy = total + torch.randn(d, generator=gen, dtype=torch.float64) * (noise_multiplier * clip)
+    gradient = (noisy / expected_batch).to(torch.float32)
     offset = 0
     for p, size in zip(named.values(), sizes):
         p.grad = gradient[offset : offset + size].view_as(p).clone()

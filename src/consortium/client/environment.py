@@ -27,9 +27,12 @@ class SiteEnvironment:
         run_id: the run the site joined (secure aggregation binds its keys to it).
         secagg: the site's own secure-aggregation minimums (threshold, neighbours, cohort);
             the server's configuration can raise them, never lower them.
+        send_metrics: the training metrics allowed to leave the site in the clear (None: all,
+            as in a simulation).
     """
 
     randomness: Any = None
     identity: Any = None
     run_id: str = ""
     secagg: Any = None
+    send_metrics: frozenset[str] | None = None

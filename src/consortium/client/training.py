@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -139,8 +140,13 @@ def train_locally(
     seed: int,
     steps: int,
     terms: LocalTerms | None = None,
+    randomness: Any = None,
 ) -> TrainStats:
     """Train ``module`` in place for ``steps`` mini-batch steps on ``data``.
+
+    ``randomness``: the site's own CSPRNG (:mod:`consortium.privacy.randomness`); under local
+    DP it draws the Poisson batches and the noise, which is then snapped to a grid (no
+    floating-point noise leaves the site). ``None`` draws both from ``seed`` (simulation).
 
     Raises:
         ClientError: the loss became NaN or infinite (lower the learning rate).
@@ -151,7 +157,7 @@ def train_locally(
     module.train()
     if settings.local_dp:
         return _train_private(module, data, settings, opt, all_params, loss_fn=loss_fn,
-                              seed=seed, steps=steps, terms=terms)
+                              seed=seed, steps=steps, terms=terms, randomness=randomness)
     total = 0.0
     for step, idx in enumerate(batch_indices(len(data), steps, settings.batch_size, seed=seed)):
         opt.zero_grad(set_to_none=True)
@@ -180,6 +186,7 @@ def _train_private(
     seed: int,
     steps: int,
     terms: LocalTerms | None,
+    randomness: Any = None,
 ) -> TrainStats:
     """DP-SGD steps (see :mod:`consortium.client.dp_sgd`); the optimiser then applies
     momentum and weight decay to the private gradient, as Opacus does."""
@@ -188,11 +195,12 @@ def _train_private(
     n = len(data)
     rate = min(1.0, settings.batch_size / n)
     losses = []
-    for step, idx in enumerate(poisson_batches(n, steps, rate, seed=seed)):
+    for step, idx in enumerate(poisson_batches(n, steps, rate, seed=seed, randomness=randomness)):
         opt.zero_grad(set_to_none=True)
         loss = private_step(
             module, data, idx, loss_fn=loss_fn, clip=settings.dp_clip,
             noise_multiplier=settings.dp_noise, expected_batch=rate * n, seed=seed, step=step,
+            randomness=randomness,
         )
         if loss is not None:
             if not math.isfinite(loss):

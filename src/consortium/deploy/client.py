@@ -14,18 +14,23 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from consortium.errors import ConfigError, ConsortiumError, MissingExtraError
 
-__all__ = ["SiteRunner", "run_client"]
+__all__ = ["ExperimentRefused", "SiteRunner", "run_client"]
 
 log = logging.getLogger("consortium.client")
 
 _BEFORE = "before\x1e"  # state-file keys of the algorithm state before the latest round
 _PRIVACY = "privacy."  # the site's privacy ledger in its client state (never rolled back)
+
+
+class ExperimentRefused(ConsortiumError):
+    """The site refused the experiment the server sent (not approved, or against its policy)."""
 
 
 @dataclass
@@ -86,13 +91,19 @@ class SiteRunner:
         state_dir: where the site keeps what must outlive a restart (its privacy spend, an
             algorithm's client state), one file per run; default ``<certs>/state``. Required
             with ``policy`` under ``--insecure``.
+        approve: manifest hashes of experiments this site's operator approved
+            (:mod:`consortium.client.approval`); the site refuses any other experiment unless
+            its policy says ``approve = "matching"``.
+        allow_models: ``package.module:factory`` models the operator trusts the site to import;
+            any other non-built-in model is refused before anything is imported.
     """
 
     def __init__(
         self, server: str, *, site: str, data: str | Path, certs: str | Path | None,
         target: str = "", poll_s: float = 5.0, max_backoff_s: float = 30.0,
         give_up_after_s: float = 0.0, policy: str | Path | None = None,
-        state_dir: str | Path | None = None,
+        state_dir: str | Path | None = None, approve: Sequence[str] = (),
+        allow_models: Sequence[str] = (),
     ) -> None:
         try:
             import grpc
@@ -107,6 +118,9 @@ class SiteRunner:
         self.max_backoff_s = max_backoff_s
         self.give_up_after_s = give_up_after_s
         self.token: str | None = None
+        self.approve = tuple(approve)
+        self.allow_models = tuple(allow_models)
+        self.identity: Any = None  # the site's signing identity for secure aggregation
         if certs is None:
             print("consortium client: WARNING --insecure: no TLS; the server is not authenticated "
                   "and the data's updates travel in the clear. Local experiments only.",
@@ -117,6 +131,7 @@ class SiteRunner:
 
             creds = load_site_credentials(certs, site)
             self.token = creds.token
+            self.identity = _signing_identity(creds, site)
             self.credentials = grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem)
         if not self.data.is_file():
             raise ConfigError(f"--data {str(self.data)!r} is not a file; give the site's CSV")
@@ -158,7 +173,7 @@ class SiteRunner:
                 "site and the server", reply.server_version, mine,
             )
         metadata = ((SESSION_METADATA_KEY, reply.session_id),)
-        config, site = self._build(reply.config_toml, stub, metadata)
+        config, site = self._build(reply.config_toml, stub, metadata, reply.run_id)
         site.attach(self.policy, self._state_file(reply.run_id), self._kept.get(reply.run_id))
         self._kept = {reply.run_id: site}  # a reconnection to this run keeps the state
         info = site.describe()
@@ -175,16 +190,57 @@ class SiteRunner:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id) or "run"
         return self.state_dir / f"{safe}.safetensors"
 
-    def _build(self, config_toml: str, stub: Any, metadata: Any) -> tuple[Any, Any]:
+    def _build(self, config_toml: str, stub: Any, metadata: Any, run_id: str) -> tuple[Any, Any]:
         import tomllib
 
+        from consortium.client.approval import experiment_manifest, format_manifest
         from consortium.config import ExperimentConfig
 
         config = ExperimentConfig.from_dict(tomllib.loads(config_toml))
+        self.review(config)
+        log.info("joining run %r:\n%s", run_id, format_manifest(experiment_manifest(config)))
+        environment = self.environment(run_id)
         if config.data.dataset == "heart-disease":
             data = self._heart_disease(config, stub, metadata)
-            return config, _Site.build(config, self.site, data)
-        return config, _Site.build(config, self.site, self._table(config, stub, metadata))
+        else:
+            data = self._table(config, stub, metadata)
+        return config, _Site.build(config, self.site, data, environment=environment,
+                                   allow_models=self._allowed_models())
+
+    def _allowed_models(self) -> tuple[str, ...]:
+        return self.allow_models + (tuple(self.policy.models) if self.policy is not None else ())
+
+    def review(self, config: Any) -> None:
+        """Refuse (before anything is imported or read) an experiment this site did not
+        approve, or one its policy forbids.
+
+        Raises:
+            ExperimentRefused: with the reason and the manifest's hash.
+        """
+        from consortium.client.approval import (
+            experiment_manifest,
+            format_manifest,
+            review_experiment,
+        )
+
+        reason = review_experiment(config, self.policy, approved=self.approve,
+                                   allow_models=self.allow_models,
+                                   can_sign=self.identity is not None)
+        if reason is not None:
+            log.warning("refusing the experiment:\n%s", format_manifest(experiment_manifest(config)))
+            raise ExperimentRefused(f"site {self.site!r} refuses to join: {reason}")
+
+    def environment(self, run_id: str) -> Any:
+        """The site's own resources for this run: its CSPRNG, its signing identity, its
+        secure-aggregation minimums and the metrics it lets leave."""
+        from consortium.client.environment import SiteEnvironment
+        from consortium.privacy.randomness import SystemRandomness
+
+        return SiteEnvironment(
+            randomness=SystemRandomness(), identity=self.identity, run_id=run_id,
+            secagg=_secagg_floor(self.policy, can_sign=self.identity is not None),
+            send_metrics=frozenset(self.policy.send_metrics if self.policy else ()) | {"steps"},
+        )
 
     def _table(self, cfg: Any, stub: Any, metadata: Any) -> Any:
         """The site's own table file, encoded with every site's statistics: send this file's
@@ -465,7 +521,8 @@ class _Site:
         os.replace(tmp, self.state_file)
 
     @classmethod
-    def build(cls, cfg: Any, name: str, dataset: Any) -> _Site:
+    def build(cls, cfg: Any, name: str, dataset: Any, *, environment: Any = None,
+              allow_models: Sequence[str] = ()) -> _Site:
         from consortium.algorithms import build_algorithm
         from consortium.client.app import SiteClient
         from consortium.client.state import ClientStateStore
@@ -474,13 +531,14 @@ class _Site:
 
         (data,) = dataset.clients.values()
         factory = model_factory(cfg.model.name, dataset.input_shape, dataset.num_classes,
-                                hidden=cfg.model.hidden)
+                                hidden=cfg.model.hidden, allowed=allow_models)
         algorithm = build_algorithm(cfg.algorithm.name, mu=cfg.algorithm.mu)
         settings = local_training(cfg)
         client = SiteClient(
             name, data, model_factory=factory, algorithm=algorithm,
             pipeline=site_pipeline(cfg, algorithm, settings), settings=settings,
             loss_fn=_cross_entropy, num_classes=dataset.num_classes, state=ClientStateStore(),
+            environment=environment,
         )
         info = (tuple(dataset.input_shape), dataset.num_classes, len(data.train), len(data.test))
         return cls(client, info)
@@ -491,6 +549,31 @@ class _Site:
         shape, classes, n_train, n_test = self.info
         return pb.SiteInfo(input_shape=list(shape), num_classes=classes, num_train=n_train,
                            num_test=n_test)
+
+
+def _signing_identity(creds: Any, site: str) -> Any:
+    """The site's provisioned key and certificate, and the consortium CA, for signing and
+    checking secure-aggregation keys; None when the secagg extra is missing."""
+    try:
+        from consortium.secagg.identity import site_identity
+    except ImportError:  # pragma: no cover - cryptography comes with the deploy extra
+        return None
+    return site_identity(creds, site)
+
+
+def _secagg_floor(policy: Any, *, can_sign: bool) -> Any:
+    """The site's own secure-aggregation minimums (never lowered by the server)."""
+    from consortium.secagg.floor import SecAggFloor
+
+    kwargs: dict[str, Any] = {"require_signatures": can_sign}
+    if policy is not None:
+        if policy.secagg_threshold:
+            kwargs["min_threshold"] = policy.secagg_threshold
+        if policy.secagg_neighbours:
+            kwargs["min_neighbours"] = policy.secagg_neighbours
+        if policy.min_sites:
+            kwargs["min_cohort"] = policy.min_sites + 1
+    return SecAggFloor(**kwargs)
 
 
 def _cross_entropy(logits: Any, y: Any) -> Any:

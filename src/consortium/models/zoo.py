@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from math import prod
 
 import torch
@@ -12,7 +12,7 @@ from torch import nn
 
 from consortium.errors import ModelError
 
-__all__ = ["MODELS", "build_model", "cnn", "logistic", "mlp", "model_factory"]
+__all__ = ["BUILT_IN", "MODELS", "build_model", "check_allowed", "cnn", "logistic", "mlp", "model_factory"]
 
 MODELS = {
     "logistic": "multinomial logistic regression (one linear layer on the flattened input)",
@@ -76,10 +76,38 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
     return factory
 
 
+BUILT_IN = ("logistic", "mlp", "cnn")
+
+
+def check_allowed(name: str, allowed: Collection[str] | None) -> None:
+    """Refuse a model that is not built in and not on ``allowed``, before anything is imported.
+
+    ``allowed`` is the list of ``package.module:factory`` names a site's own operator trusts
+    (``consortium client --allow-model``, or ``models`` in the site policy); ``None`` allows any
+    (a simulation, where the experiment file is the user's own).
+
+    Raises:
+        ModelError: the name would import code the site has not allowed.
+    """
+    if allowed is None or name in BUILT_IN or name in allowed:
+        return
+    raise ModelError(
+        f"model.name = {name!r} would import and run code named by the experiment; this site "
+        "builds only the built-in models (logistic, mlp, cnn) and factories its operator "
+        f"allows. If you trust {name!r}, start the site with --allow-model {name} (or list it "
+        "under models in the site policy)"
+    )
+
+
 def model_factory(
-    name: str, input_shape: Sequence[int], num_classes: int, *, hidden: Sequence[int] = (64,)
+    name: str, input_shape: Sequence[int], num_classes: int, *, hidden: Sequence[int] = (64,),
+    allowed: Collection[str] | None = None,
 ) -> Callable[[], nn.Module]:
-    """A zero-argument function that builds a fresh model of the chosen kind."""
+    """A zero-argument function that builds a fresh model of the chosen kind.
+
+    ``allowed``: see :func:`check_allowed` (a deployed site passes its own list).
+    """
+    check_allowed(name, allowed)
     shape = tuple(input_shape)
     if name == "logistic":
         return lambda: logistic(shape, num_classes)

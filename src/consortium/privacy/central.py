@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -53,9 +52,13 @@ class CentralDP:
 
     The whole round is one Gaussian mechanism with multiplier ``noise_multiplier``; that is
     what the accountant composes. Noise is drawn from a generator seeded by (run seed,
-    round), so a run can be repeated and resumed exactly; with ``noise_source = "os"`` (what
-    ``consortium server`` uses) each round's generator is seeded with 128 bits from the
-    operating system (``secrets``) instead, so nobody who knows the run seed can subtract it.
+    round), so a run can be repeated and resumed exactly (simulation). With ``noise_source =
+    "os"`` (what ``consortium server`` uses) the noise comes from a CSPRNG keyed by the
+    operating system and is the snapped discrete Gaussian of
+    :meth:`~consortium.privacy.randomness.SystemRandomness.snapped_gaussian`: nobody who knows
+    the run seed can subtract it, and no floating-point noise is released (Mironov 2012); the
+    accountant's noise multiplier is unchanged. Either way the server adds it: against the
+    server itself central DP protects nothing (see the README's "Threat model").
     """
 
     noise_multiplier: float
@@ -99,17 +102,21 @@ class CentralDP:
     ) -> tuple[Aggregate, StageState]:
         clip = float(state["clip"])
         expected = ctx.expected
-        gen = torch.Generator().manual_seed(
-            secrets.randbits(63) if self.noise_source == "os"
-            else derive_seed(ctx.seed, "central_dp") % 2**63
-        )
         sigma_b = self.count_noise(expected)
         z = update_noise_multiplier(self.noise_multiplier, sigma_b) if self.adaptive else (
             self.noise_multiplier
         )
         total = aggregate.delta.double() * aggregate.weight  # weights are 1: the sum
-        noise = torch.randn(total.shape, generator=gen, dtype=torch.float64) * (z * clip)
-        delta = ((total + noise) / expected).to(torch.float32)
+        rng = None
+        if self.noise_source == "os":
+            from consortium.privacy.randomness import SystemRandomness
+
+            rng = SystemRandomness()
+            noisy = rng.snapped_gaussian(total, sensitivity=clip, noise_multiplier=z)
+        else:
+            gen = torch.Generator().manual_seed(derive_seed(ctx.seed, "central_dp") % 2**63)
+            noisy = total + torch.randn(total.shape, generator=gen, dtype=torch.float64) * (z * clip)
+        delta = (noisy / expected).to(torch.float32)
         extras = {k: v for k, v in aggregate.extras.items() if k != _UNCLIPPED}
         info = {
             **aggregate.info, "dp_clip": clip, "dp_noise_multiplier": self.noise_multiplier,
@@ -118,8 +125,15 @@ class CentralDP:
         new_state = dict(state)
         if self.adaptive:
             centred = float(aggregate.extras[_UNCLIPPED][0])  # Σ (b_i − ½)
-            noisy = centred + float(torch.randn((), generator=gen, dtype=torch.float64)) * sigma_b
-            fraction = noisy / expected + 0.5
+            if rng is not None:  # sensitivity ½ (one site's centred bit)
+                noisy_count = float(rng.snapped_gaussian(
+                    torch.tensor([centred], dtype=torch.float64), sensitivity=0.5,
+                    noise_multiplier=sigma_b / 0.5,
+                )[0])
+            else:
+                noisy_count = centred + float(
+                    torch.randn((), generator=gen, dtype=torch.float64)) * sigma_b
+            fraction = noisy_count / expected + 0.5
             new_state["clip"] = clip * math.exp(-self.clip_lr * (fraction - self.target_quantile))
             info["dp_unclipped_fraction"] = fraction
         out = Aggregate(delta, aggregate.weight, aggregate.count, extras, info)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -42,12 +42,38 @@ def site_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
 
 @dataclass(frozen=True)
 class SitePolicy:
-    """A site's rules: never spend more than ``max_epsilon`` at ``delta``; never contribute to
-    an aggregate with fewer than ``min_sites`` other sites in it (0 = no such rule)."""
+    """A site's own rules, enforced by the site whatever the server asks.
+
+    Budget (every task): never spend more than ``max_epsilon`` at ``delta``; never contribute
+    to an aggregate with fewer than ``min_sites`` other sites in it (0 = no such rule).
+
+    Experiment (when a deployed site joins a run, see :mod:`consortium.client.approval`):
+    ``approve`` lists the experiment manifests' hashes the site approved, or is
+    ``"matching"`` to join any experiment that keeps the rules below; ``models`` the
+    ``package.module:factory`` models the operator allows beyond the built-in ones;
+    ``algorithms`` the algorithms it accepts (empty: any); ``require_dp`` and
+    ``require_secure_aggregation`` what must protect its updates; ``trust_server_noise``
+    whether central DP noise, which the server adds and the site cannot see, counts for
+    ``max_epsilon`` and ``require_dp``; ``send_metrics`` the training metrics allowed to leave
+    the site in the clear (``steps`` always does: it follows from the declared data size);
+    ``secagg_threshold`` / ``secagg_neighbours`` the least Shamir threshold (a fraction of the
+    neighbours) and neighbour count it accepts in secure aggregation (0 keeps the built-in
+    safe defaults). A deployed site counts ``min_sites`` from the signed secure-aggregation
+    keys of its peers, so that rule needs secure aggregation with provisioned certificates.
+    """
 
     max_epsilon: float = float("inf")
     delta: float = 1e-5
     min_sites: int = 0
+    approve: tuple[str, ...] | str = ()
+    models: tuple[str, ...] = ()
+    algorithms: tuple[str, ...] = ()
+    require_dp: bool = False
+    require_secure_aggregation: bool = False
+    trust_server_noise: bool = False
+    send_metrics: tuple[str, ...] = ()
+    secagg_threshold: float = 0.0
+    secagg_neighbours: int = 0
 
     def __post_init__(self) -> None:
         if not self.max_epsilon > 0:
@@ -56,6 +82,22 @@ class SitePolicy:
             raise ConfigError(f"site policy delta = {self.delta} must be in (0, 1)")
         if self.min_sites < 0:
             raise ConfigError(f"site policy min_sites = {self.min_sites} must be >= 0")
+        if isinstance(self.approve, str) and self.approve != "matching":
+            raise ConfigError(
+                f'site policy approve = {self.approve!r}: give a list of manifest hashes or '
+                '"matching" (join any experiment that keeps this policy\'s rules)'
+            )
+        for key in ("approve", "models", "algorithms", "send_metrics"):
+            value = getattr(self, key)
+            if isinstance(value, list):
+                object.__setattr__(self, key, tuple(str(v) for v in value))
+        if not 0 <= self.secagg_threshold <= 1:
+            raise ConfigError(
+                f"site policy secagg_threshold = {self.secagg_threshold} must be a fraction of "
+                "the neighbours in [0, 1] (0: the built-in default)"
+            )
+        if self.secagg_neighbours < 0:
+            raise ConfigError(f"site policy secagg_neighbours = {self.secagg_neighbours} must be >= 0")
 
     def review(
         self,
@@ -64,15 +106,22 @@ class SitePolicy:
         *,
         settings: LocalTraining | None = None,
         examples: int = 0,
+        deployed: bool = False,
     ) -> str | None:
         """Why this site refuses ``task``, or ``None`` if it takes part.
 
         Under local DP (``settings.local_dp``) the spend is the site's DP-SGD accounting over
         all its local steps, this task's included; otherwise it counts the central releases of
         its update it took part in.
+
+        ``deployed``: the task comes from a server the site does not trust, so the policy
+        relies only on what the site can check. The cohort size the task states is ignored
+        (``min_sites`` is counted from the peers' signed secure-aggregation keys instead), and
+        central DP noise, which the server adds out of the site's sight, counts only with
+        ``trust_server_noise``.
         """
         others = task.cohort_size - 1
-        if self.min_sites and others < self.min_sites:
+        if self.min_sites and not deployed and others < self.min_sites:
             return (
                 f"site {task.client_id!r} refuses round {task.round}: the aggregate would hold "
                 f"{others} other sites, its policy requires at least {self.min_sites}"
@@ -89,6 +138,14 @@ class SitePolicy:
             return (
                 f"site {task.client_id!r} refuses round {task.round}: the round releases its "
                 "update without differential privacy and its policy sets max_epsilon"
+            )
+        if deployed and not self.trust_server_noise:
+            return (
+                f"site {task.client_id!r} refuses round {task.round}: its budget counts only "
+                "noise it can verify, and central DP noise is added by the server out of the "
+                "site's sight (the server states noise_multiplier "
+                f"{z:g}); ask for privacy.mode = \"local\", or set trust_server_noise = true "
+                "in the site policy to accept the server's word"
             )
         done = int(state[RELEASES][0]) if RELEASES in state else 0
         after = site_epsilon(z, done + 1, self.delta)
@@ -143,7 +200,7 @@ def load_policies(path: str | Path) -> dict[str, SitePolicy]:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"site policy file {str(p)!r} is not valid TOML: {exc}") from exc
-    allowed = {"max_epsilon", "delta", "min_sites"}
+    allowed = {f.name for f in fields(SitePolicy)}
 
     def build(table: object, where: str) -> SitePolicy:
         if not isinstance(table, dict):

@@ -171,12 +171,14 @@ class Server:
             )
             params = state.params.replace(new_vector)
 
-        total_w = sum(u.weight for u in updates)
+        # sites may keep their training loss to themselves (their policy's send_metrics)
+        reporting = [u for u in updates if "train_loss" in u.metrics]
+        total_w = sum(u.weight for u in reporting)
         record: dict[str, Any] = {
             "round": rnd,
             "clients": len(updates),
             "train_loss": (
-                sum(u.metrics.get("train_loss", 0.0) * u.weight for u in updates) / total_w
+                sum(u.metrics["train_loss"] * u.weight for u in reporting) / total_w
                 if total_w else None
             ),
         }

@@ -1,0 +1,158 @@
+"""Experiment approval at a site: the manifest of what a run asks of the site, its hash, and the
+site's review of it.
+
+Fed-BioMed has each site's operator approve a training plan (its code) before it runs; ours is
+declarative. A run is configuration only (models and algorithms come from the installed package),
+so what a site approves is the :func:`experiment_manifest`: the model, the algorithm, the rounds,
+the sampling, the DP and secure-aggregation settings, and a plain list of what leaves the site.
+Its SHA-256 over canonical JSON is the manifest hash. A site joins only an experiment whose hash
+its operator approved (``consortium client --approve HASH``, or ``approve`` in the site policy),
+or, with ``approve = "matching"``, any experiment that keeps the policy's rules. A changed
+experiment has another hash and needs a new approval. Keys that only the server uses (its
+optimiser, executor, report) are not in the manifest: they do not change what a site sends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Collection
+from dataclasses import asdict
+from typing import Any
+
+from consortium.config import ExperimentConfig
+from consortium.models.zoo import BUILT_IN
+from consortium.privacy.policy import SitePolicy
+
+__all__ = ["experiment_manifest", "format_manifest", "manifest_hash", "review_experiment"]
+
+FORMAT = 1
+
+
+def experiment_manifest(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What the experiment asks of a site, as plain JSON-able data (see the module docstring)."""
+    privacy = {k: v for k, v in asdict(cfg.privacy).items()
+               if k not in ("noise_source", "site_policies")}
+    return {
+        "format": FORMAT,
+        "name": cfg.name,
+        "seed": cfg.seed,
+        "rounds": cfg.rounds,
+        "data": {"dataset": cfg.data.dataset, "target": cfg.data.target,
+                 "test_fraction": cfg.data.test_fraction},
+        "model": {"name": cfg.model.name, "hidden": list(cfg.model.hidden)},
+        "algorithm": asdict(cfg.algorithm),
+        "sampling": asdict(cfg.sampling),
+        "privacy": privacy,
+        "secure_aggregation": asdict(cfg.secure_aggregation),
+        "evaluation_every": cfg.evaluation.every,
+        "leaves_site": leaves_site(cfg),
+    }
+
+
+def leaves_site(cfg: ExperimentConfig) -> list[str]:
+    """What leaves the site, in the order it leaves, in words an operator can check."""
+    p, sa = cfg.privacy, cfg.secure_aggregation
+    out = [
+        "once, before round 1: the data's input shape, class count and numbers of training and "
+        "test examples, and per-column sums, counts and category sets of the training split "
+        "(in the clear, so that every site encodes its features alike)",
+    ]
+    if p.mode == "local":
+        update = (f"the model update after local DP-SGD with the site's own noise (noise "
+                  f"multiplier {p.noise_multiplier:g}, per-example clip {p.clip:g}, batch "
+                  f"{cfg.algorithm.batch_size}, drawn from the site's own random generator)")
+    elif p.mode == "central":
+        update = (f"the model update clipped to L2 norm {p.clip:g} (the server adds central DP "
+                  "noise to the sum; the site cannot verify it) and whether it was clipped")
+    else:
+        update = "the model update (local minus global parameters)"
+    if sa.enabled:
+        update += (f", quantised to {sa.bits} bits and masked by secure aggregation (SecAgg+): "
+                   "the server can unmask only the sum over the round's sites")
+    else:
+        update += " in the clear, with its weight (the number of training examples)"
+    if cfg.algorithm.name == "scaffold":
+        update += "; SCAFFOLD's control-variate change, protected like the update"
+    if cfg.algorithm.name == "fednova":
+        update += "; FedNova's normalised step count, protected like the update"
+    out.append("each round the site is picked: " + update)
+    out.append("each round the site is picked: its local step count, and the training metrics "
+               "the site's policy lists in send_metrics (none by default)")
+    out.append(f"every {cfg.evaluation.every} round(s): accuracy, loss, AUC and balanced accuracy "
+               "of the global model on the site's test split, and that split's size")
+    return out
+
+
+def manifest_hash(manifest: dict[str, Any] | ExperimentConfig) -> str:
+    """SHA-256 (hex) of the manifest's canonical JSON (sorted keys, no spaces)."""
+    if isinstance(manifest, ExperimentConfig):
+        manifest = experiment_manifest(manifest)
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def format_manifest(manifest: dict[str, Any]) -> str:
+    """The manifest for a person to read, with its hash on the last line."""
+    lines = [f"experiment {manifest['name']!r}: {manifest['rounds']} rounds"]
+    for key in ("model", "algorithm", "sampling", "privacy", "secure_aggregation"):
+        values = ", ".join(f"{k}={v}" for k, v in manifest[key].items())
+        lines.append(f"  {key}: {values}")
+    lines.append("  what leaves the site:")
+    lines += [f"    - {item}" for item in manifest["leaves_site"]]
+    lines.append(f"manifest sha256: {manifest_hash(manifest)}")
+    return "\n".join(lines)
+
+
+def review_experiment(
+    cfg: ExperimentConfig,
+    policy: SitePolicy | None,
+    *,
+    approved: Collection[str] = (),
+    allow_models: Collection[str] = (),
+    can_sign: bool = False,
+) -> str | None:
+    """Why this site refuses to join the experiment, or ``None`` if it joins.
+
+    Args:
+        cfg: the experiment the server sent.
+        policy: the site's policy (None: only ``approved`` hashes and the built-in models).
+        approved: manifest hashes the operator approved on the command line.
+        allow_models: ``package.module:factory`` models the operator allows on the command line.
+        can_sign: the site holds a provisioned certificate (needed to count peers in
+            secure aggregation, which ``min_sites`` relies on).
+    """
+    rules = policy or SitePolicy()
+    digest = manifest_hash(cfg)
+    models = set(BUILT_IN) | set(allow_models) | set(rules.models)
+    if cfg.model.name not in models:
+        return (
+            f"the experiment's model {cfg.model.name!r} is not built in and this site's operator "
+            f"has not allowed it; a site never imports code the server names (allow it with "
+            f"--allow-model {cfg.model.name} if you trust it)"
+        )
+    if rules.algorithms and cfg.algorithm.name not in rules.algorithms:
+        return (f"the experiment's algorithm {cfg.algorithm.name!r} is not among those this "
+                f"site's policy accepts ({', '.join(rules.algorithms)})")
+    mode = cfg.privacy.mode
+    if rules.require_dp and mode == "none":
+        return "this site's policy requires differential privacy and the experiment has none"
+    if rules.require_dp and mode == "central" and not rules.trust_server_noise:
+        return ("this site's policy requires differential privacy it can verify, and central DP "
+                "noise is added by the server; ask for privacy.mode = \"local\" (or set "
+                "trust_server_noise = true in the site policy)")
+    if rules.require_secure_aggregation and not cfg.secure_aggregation.enabled:
+        return "this site's policy requires secure aggregation and the experiment does not use it"
+    if rules.min_sites and not (cfg.secure_aggregation.enabled and can_sign):
+        return (f"this site's policy requires at least {rules.min_sites} other sites in every "
+                "aggregate, which a site can count only from its peers' signed keys in secure "
+                "aggregation: the experiment needs secure_aggregation.enabled = true and the "
+                "site its provisioned certificate (--certs)")
+    if digest in set(approved) or rules.approve == "matching" or digest in set(rules.approve):
+        return None
+    return (
+        f"this site has not approved experiment {cfg.name!r} (manifest sha256 {digest}). "
+        "Review what it asks with `consortium manifest EXPERIMENT.toml` (or the lines logged "
+        f"above), then start the site with --approve {digest}, or list the hash under approve "
+        "in the site policy"
+    )
