@@ -25,7 +25,7 @@ from consortium.executors import Executor, build_executor
 from consortium.models.zoo import check_fits
 from consortium.models.zoo import model_factory as zoo_factory
 from consortium.privacy.ledger import LocalPrivacyLedger, PrivacyLedger
-from consortium.privacy.plan import plan_central_dp
+from consortium.privacy.plan import plan_central_dp, sample_trust
 from consortium.privacy.policy import load_policies
 from consortium.reporting.callbacks import CallbackList, MetricsLog, ProgressBar, read_metrics
 from consortium.seeds import derive_seed
@@ -198,7 +198,7 @@ def simulate(
     if plan:
         ledger = PrivacyLedger(
             plan.mechanism, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
-            path=ledger_path,
+            path=ledger_path, sample=sample_trust(cfg, sampler),
         )
     elif cfg.privacy.mode == "local":
         sizes = dataset.packed().train_sizes().tolist()

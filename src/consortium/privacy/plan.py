@@ -1,4 +1,5 @@
-"""From the ``[privacy]`` section to the objects that carry it out: stage, sampler, mechanism."""
+"""From the ``[privacy]`` section to the objects that carry it out: stage, sampler, mechanism,
+and whether the participation sample is secret (what the reported epsilon rests on)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from consortium.config import ExperimentConfig
 from consortium.errors import ConfigError
 from consortium.privacy.accountant import RoundMechanism, calibrate_noise
 from consortium.privacy.central import CentralDP, central_dp
+from consortium.privacy.ledger import SIMULATED_SAMPLE, SampleTrust
 from consortium.server.sampling import PoissonSampler, Sampler, UniformSampler
 
-__all__ = ["PrivacyPlan", "plan_central_dp"]
+__all__ = ["PrivacyPlan", "plan_central_dp", "plan_sampler", "sample_trust"]
 
 _PRIVATE_ALGORITHMS = ("fedavg", "fedprox")
 
@@ -21,6 +23,58 @@ class PrivacyPlan:
     stage: CentralDP
     sampler: Sampler
     mechanism: RoundMechanism
+
+
+def _cohort(cfg: ExperimentConfig, population: int) -> tuple[int, float]:
+    """Clients per round ``k`` and the sampling rate ``q`` that ``[sampling]`` asks for."""
+    s = cfg.sampling
+    k = s.clients_per_round or (math.ceil(s.fraction * population) if s.fraction else population)
+    if k > population:
+        raise ConfigError(
+            f"sampling.clients_per_round = {k} but the data set has only {population} clients"
+        )
+    return k, s.fraction or k / population
+
+
+def plan_sampler(cfg: ExperimentConfig, population: int) -> Sampler:
+    """The sampler the experiment asks for: with central DP, the one its accountant composes
+    (``privacy.sampling``); otherwise ``[sampling]``'s uniform draw.
+
+    Raises:
+        ConfigError: more clients per round than the population.
+    """
+    if cfg.privacy.mode != "central":
+        return UniformSampler(cfg.sampling.clients_per_round, cfg.sampling.fraction)
+    k, rate = _cohort(cfg, population)
+    return PoissonSampler(rate) if cfg.privacy.sampling == "poisson" else UniformSampler(count=k)
+
+
+def sample_trust(cfg: ExperimentConfig, sampler: Sampler) -> SampleTrust:
+    """Whether the sites cannot know who took part in a round, and why.
+
+    Secret when the sampler draws from the server's own secret
+    (:class:`~consortium.server.sampling.SecretSampler`), or in plain simulation, where the
+    process is every party and the sample is modelled as the server's. Not secret when secure
+    aggregation is on (its first phase sends every participant the round's cohort), or when
+    the noise is real (``noise_source = "os"``, a deployment) but the sample still comes from
+    the run seed that every site receives.
+    """
+    if cfg.secure_aggregation.enabled:
+        return SampleTrust(
+            False, "the sample is not secret: secure aggregation sends every participant the "
+            "round's list of participants"
+        )
+    if getattr(sampler, "secret_from_sites", False):
+        return SampleTrust(
+            True, "the sample is drawn from the server's own 256-bit secret, kept in its "
+            "checkpoint and never sent to the sites"
+        )
+    if cfg.privacy.noise_source == "os":
+        return SampleTrust(
+            False, "the sample is not secret: it is drawn from the run seed, which every site "
+            "receives in the experiment's configuration"
+        )
+    return SIMULATED_SAMPLE
 
 
 def plan_central_dp(cfg: ExperimentConfig, population: int) -> PrivacyPlan:
@@ -42,21 +96,12 @@ def plan_central_dp(cfg: ExperimentConfig, population: int) -> PrivacyPlan:
             f"control variates or step counts in the clear. Use algorithm.name = "
             f"{' or '.join(repr(a) for a in _PRIVATE_ALGORITHMS)} with privacy.mode = \"central\""
         )
-    s = cfg.sampling
-    k = s.clients_per_round or (math.ceil(s.fraction * population) if s.fraction else population)
-    if k > population:
-        raise ConfigError(
-            f"sampling.clients_per_round = {k} but the data set has only {population} clients"
-        )
-    rate = s.fraction or k / population
+    k, rate = _cohort(cfg, population)
+    sampler = plan_sampler(cfg, population)
     if p.sampling == "poisson":
-        sampler: Sampler = PoissonSampler(rate)
-
         def mechanism(z: float) -> RoundMechanism:
             return RoundMechanism(z, "poisson", rate=rate)
     else:
-        sampler = UniformSampler(count=k)
-
         def mechanism(z: float) -> RoundMechanism:
             return RoundMechanism(z, "fixed", population=population, sample_size=k)
 
