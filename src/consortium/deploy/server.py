@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from consortium.deploy import package_version
 from consortium.deploy.audit import AUDIT_FILENAME, AuditLog
 from consortium.deploy.hub import Hub, RemoteExecutor, SiteInfo
 from consortium.errors import ConfigError, MissingExtraError
+
+if TYPE_CHECKING:
+    from consortium.server.sampling import SecretSampler
 
 __all__ = ["FederationService", "serve", "tune_malloc"]
 
@@ -400,6 +403,37 @@ def _placeholder_dataset(cfg: ExperimentConfig, sites: dict[str, SiteInfo]) -> F
     return FederatedDataset(cfg.data.dataset, packed, num_classes, shape)
 
 
+SAMPLING_SECRET = "sampling_secret"
+"""The key of the server's sampling secret in its checkpoint's extras (never sent to sites)."""
+
+
+def _sampling_secret(saved: dict[str, Any], *, resumed: bool) -> str | None:
+    """A fresh secret for a new run; a resumed run's own, so it samples the same cohorts. None:
+    a run checkpointed before the server kept a secret, which goes on sampling from the run
+    seed as it did (its privacy.json then says the sample is not secret)."""
+    from consortium.server.sampling import new_sampling_secret
+
+    if not resumed:
+        return new_sampling_secret()
+    secret = saved.get(SAMPLING_SECRET)
+    return str(secret) if secret is not None else None
+
+
+def participation_sampler(
+    cfg: ExperimentConfig, population: int, secret: str | None
+) -> SecretSampler | None:
+    """The experiment's sampler, drawing from the server's ``secret`` instead of the run seed:
+    every site has the run seed (it reads its data split from it), so a sample drawn from it
+    would be no secret and amplification by sampling would not hold. None: the run seed's
+    sampler, as :func:`~consortium.simulation.simulate` builds it."""
+    if secret is None:
+        return None
+    from consortium.privacy.plan import plan_sampler
+    from consortium.server.sampling import SecretSampler
+
+    return SecretSampler(plan_sampler(cfg, population), secret)
+
+
 def tune_malloc() -> bool:
     """Keep freed megabyte buffers in the heap instead of returning them to the kernel.
 
@@ -514,11 +548,13 @@ def serve(
     _raise_file_limit(min_sites)
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    registry = None
+    saved: dict[str, Any] = {}
     if resume is not None:
         from consortium.server.checkpoint import load_checkpoint_extras
 
-        registry = load_checkpoint_extras(run_dir / "checkpoint").get("registry")
+        saved = load_checkpoint_extras(run_dir / "checkpoint")
+    registry = saved.get("registry")
+    secret = _sampling_secret(saved, resumed=resume is not None)
     # entries reach the OS at once; the disk once per round, before the results are used
     audit = AuditLog(run_dir / AUDIT_FILENAME, recover=True, fsync=False)
     thread = _ServerThread(listen, certs=Path(certs) if certs else None, hub_args={
@@ -554,7 +590,10 @@ def serve(
         common: dict[str, Any] = {
             "dataset": dataset, "executor": executor, "progress": progress,
             "callbacks": [_RoundReport(hub, cfg.rounds)],
-            "checkpoint_extras": lambda: {"registry": hub.registry()},
+            "sampler": participation_sampler(cfg, len(hub.roster), secret),
+            "checkpoint_extras": lambda: {
+                "registry": hub.registry(), **({SAMPLING_SECRET: secret} if secret else {}),
+            },
         }
         if resume is not None:
             result = simulate(resume=run_dir, **common)

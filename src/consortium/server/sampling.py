@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -12,7 +13,7 @@ import numpy as np
 from consortium.errors import ConfigError
 from consortium.seeds import derive_seed
 
-__all__ = ["PoissonSampler", "Sampler", "UniformSampler"]
+__all__ = ["PoissonSampler", "Sampler", "SecretSampler", "UniformSampler", "new_sampling_secret"]
 
 
 @runtime_checkable
@@ -94,3 +95,54 @@ class PoissonSampler:
         rng = np.random.default_rng(derive_seed(seed, "poisson", round))
         keep = rng.random(len(client_ids)) < self.rate
         return [cid for cid, k in zip(client_ids, keep) if k]
+
+
+def new_sampling_secret() -> str:
+    """A fresh 256-bit secret from the operating system's CSPRNG, as 64 hex digits."""
+    return secrets.token_hex(32)
+
+
+@dataclass(frozen=True)
+class SecretSampler:
+    """``inner``'s draws, seeded from the server's own ``secret`` instead of the run seed.
+
+    A deployment's run seed travels to every site in the experiment's configuration, so a
+    sample drawn from it is known to all of them, and amplification by sampling — which
+    assumes the adversary cannot tell who took part (Balle et al. 2018) — no longer holds.
+    The round loop still passes the run seed; this sampler ignores it. Each round's draw is
+    seeded from ``(secret, round)``, so a run resumed with the same secret samples the same
+    cohorts. The secret never appears in the ``repr``.
+
+    Args:
+        inner: the sampler the configuration asks for (Poisson or uniform).
+        secret: hex digits (:func:`new_sampling_secret`), kept by the server alone.
+
+    Raises:
+        ConfigError: a secret that is not at least 128 bits of hex.
+    """
+
+    inner: Sampler
+    secret: str = field(repr=False)
+    secret_from_sites = True
+    """The sites cannot reproduce the sample (what the privacy ledger's trust rests on)."""
+
+    def __post_init__(self) -> None:
+        hex_digits = isinstance(self.secret, str) and all(
+            c in "0123456789abcdefABCDEF" for c in self.secret
+        )
+        if not hex_digits or len(self.secret) < 32:
+            found = "non-hex characters" if not hex_digits else f"{len(self.secret)} digits"
+            raise ConfigError(
+                f"the sampling secret must be at least 32 hex digits (128 bits); found {found}. "
+                "Draw one with new_sampling_secret()"
+            )
+
+    def size(self, population: int) -> int:
+        size = getattr(self.inner, "size", None)
+        return int(size(population)) if size is not None else population
+
+    def expected_size(self, population: int) -> float:
+        return self.inner.expected_size(population)
+
+    def sample(self, round: int, client_ids: Sequence[str], *, seed: int) -> list[str]:
+        return self.inner.sample(round, client_ids, seed=int(self.secret, 16))
