@@ -143,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     man.add_argument("config", nargs="?", help="experiment TOML file (default: the demo)")
     man.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     man.add_argument("--json", action="store_true", help="print JSON (manifest and sha256)")
+    man.add_argument("--hash", action="store_true", help="print only the hash (for --approve)")
     audit = sub.add_parser("audit", help="check a run's hash-chained audit log")
     asub = audit.add_subparsers(dest="audit_command", required=True)
     aver = asub.add_parser("verify", help="verify every link of RUN_DIR/audit.jsonl")
@@ -402,7 +403,9 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, list(args.overrides))
     manifest = experiment_manifest(cfg)
-    if args.json:
+    if args.hash:
+        print(manifest_hash(manifest))
+    elif args.json:
         print(json.dumps({"manifest": manifest, "sha256": manifest_hash(manifest)}, indent=2))
     else:
         print(format_manifest(manifest))
