@@ -110,6 +110,8 @@ _LITTLE_ENDIAN: Final = sys.byteorder == "little"
 _MAX_ELEMENT_BYTES: Final = 1 << 62  # torch computes sizes and strides in int64
 _KEY_BYTES: Final = 32  # raw X25519 public key
 _SHARE_VALUE_BYTES: Final = 66  # consortium.secagg.shamir: a value in GF(2^521 - 1)
+_CERTIFICATE_BYTES: Final = 8 * 1024  # consortium.secagg.identity.MAX_CERTIFICATE_BYTES
+_SIGNATURE_BYTES: Final = 256  # consortium.secagg.identity.MAX_SIGNATURE_BYTES
 _INT64: Final = (-(1 << 63), (1 << 63) - 1)
 
 Buffer = bytes | bytearray | memoryview
@@ -657,8 +659,9 @@ def decode_exchange(data: pb.Exchange | Buffer) -> ExchangeEnvelope:
     """The phase message an ``Exchange`` message holds, as the SecAgg+ dataclass it mirrors.
 
     Checks what the protocol objects would otherwise trip over: 32-byte public keys, distinct
-    participants, shares with an index >= 1 and a value of at most 66 bytes, and an unmask
-    response that does not reveal both shares of one client.
+    participants and survivors, shares with an index >= 1 and a value of at most 66 bytes, an
+    unmask response that does not reveal both shares of one client, and certificates (at most
+    8 KiB) and signatures (1 to 256 bytes) that come in pairs.
 
     Raises:
         DecodeError: a malformed message, or a SecAgg+ message that breaks these rules.
@@ -719,8 +722,9 @@ def _fill_secagg(msg: pb.Exchange, m: Any) -> None:
         )
         c.round, c.context, c.modulus_bits = m.round, bytes(m.context), m.modulus_bits
     elif isinstance(m, p.AdvertiseKeys):
-        msg.advertise_keys.client_id = m.client_id
-        msg.advertise_keys.c_public, msg.advertise_keys.s_public = m.c_public, m.s_public
+        a = msg.advertise_keys
+        a.client_id, a.c_public, a.s_public = m.client_id, m.c_public, m.s_public
+        a.certificate, a.signature = m.certificate, m.signature
     elif isinstance(m, p.KeysBroadcast):
         b = msg.keys_broadcast
         b.round, b.graph_seed = m.round, m.graph_seed
@@ -728,6 +732,17 @@ def _fill_secagg(msg: pb.Exchange, m: Any) -> None:
         for owner, (c_public, s_public) in m.neighbour_keys.items():
             b.neighbour_keys[owner].c_public = c_public
             b.neighbour_keys[owner].s_public = s_public
+        for owner, (certificate, signature) in m.signatures.items():
+            if owner not in m.neighbour_keys:
+                raise EncodeError(f"a signature for {owner!r}, whose keys the broadcast lacks")
+            b.neighbour_keys[owner].certificate = certificate
+            b.neighbour_keys[owner].signature = signature
+    elif isinstance(m, p.ConsistencyRequest):
+        msg.consistency_request.SetInParent()
+        msg.consistency_request.survivors.extend(m.survivors)
+    elif isinstance(m, p.ConsistencySignature):
+        msg.consistency_signature.client_id = m.client_id
+        msg.consistency_signature.signature = m.signature
     elif isinstance(m, p.EncryptedShares):
         msg.encrypted_shares.sender = m.sender
         msg.encrypted_shares.ciphertexts.update(m.ciphertexts)
@@ -741,6 +756,7 @@ def _fill_secagg(msg: pb.Exchange, m: Any) -> None:
         msg.unmask_request.SetInParent()
         msg.unmask_request.survivors.extend(m.survivors)
         msg.unmask_request.dropped.extend(m.dropped)
+        msg.unmask_request.signatures.update(m.signatures)
     elif isinstance(m, p.UnmaskResponse):
         r = msg.unmask_response
         r.client_id = m.client_id
@@ -776,21 +792,25 @@ def _secagg_of(body: str, m: Any) -> Any:
             raise DecodeError(f"{where}: {exc}") from exc
     if body == "advertise_keys":
         _check_id(m.client_id, f"{where} client id")
+        certificate, signature = _signed(m.certificate, m.signature, f"{where} of {m.client_id!r}")
         return p.AdvertiseKeys(
-            m.client_id, _key(m.c_public, where, "c"), _key(m.s_public, where, "s")
+            m.client_id, _key(m.c_public, where, "c"), _key(m.s_public, where, "s"),
+            certificate, signature,
         )
     if body == "keys_broadcast":
-        participants = _ids(m.participants, f"{where} participant")
-        if len(set(participants)) != len(participants):
-            raise DecodeError(f"{where}: a participant appears twice")
-        keys = {
-            _check_id(owner, f"{where} neighbour"): (
-                _key(k.c_public, where, "c"),
-                _key(k.s_public, where, "s"),
-            )
-            for owner, k in m.neighbour_keys.items()
-        }
-        return p.KeysBroadcast(m.round, m.graph_seed, participants, keys)
+        participants = _distinct(m.participants, where, "participant")
+        keys, signed = {}, {}
+        for owner, k in m.neighbour_keys.items():
+            _check_id(owner, f"{where} neighbour")
+            keys[owner] = (_key(k.c_public, where, "c"), _key(k.s_public, where, "s"))
+            if k.certificate or k.signature:
+                signed[owner] = _signed(k.certificate, k.signature, f"{where} of {owner!r}")
+        return p.KeysBroadcast(m.round, m.graph_seed, participants, keys, signed)
+    if body == "consistency_request":
+        return p.ConsistencyRequest(_distinct(m.survivors, where, "survivor"))
+    if body == "consistency_signature":
+        _check_id(m.client_id, f"{where} client id")
+        return p.ConsistencySignature(m.client_id, _signature(m.signature, where))
     if body == "encrypted_shares":
         _check_id(m.sender, f"{where} sender")
         return p.EncryptedShares(m.sender, _ciphertexts(m.ciphertexts, where))
@@ -806,8 +826,13 @@ def _secagg_of(body: str, m: Any) -> Any:
             raise DecodeError(f"{where}: expected an int64 vector, found {vector.dtype}")
         return p.MaskedInput(m.client_id, vector)
     if body == "unmask_request":
+        signatures = {
+            _check_id(v, f"{where} signer"): _signature(sig, f"{where} of {v!r}")
+            for v, sig in m.signatures.items()
+        }
         return p.UnmaskRequest(
-            _ids(m.survivors, f"{where} survivor"), _ids(m.dropped, f"{where} dropped client")
+            _ids(m.survivors, f"{where} survivor"), _ids(m.dropped, f"{where} dropped client"),
+            signatures,
         )
     assert body == "unmask_response", body  # the oneof has no other member
     _check_id(m.client_id, f"{where} client id")
@@ -842,6 +867,34 @@ def _key(raw: bytes, where: str, which: str) -> bytes:
 
 def _ids(values: Iterable[str], what: str) -> tuple[str, ...]:
     return tuple(_check_id(v, what) for v in values)
+
+
+def _distinct(values: Iterable[str], where: str, what: str) -> tuple[str, ...]:
+    ids = _ids(values, f"{where} {what}")
+    if len(set(ids)) != len(ids):
+        raise DecodeError(f"{where}: a {what} appears twice")
+    return ids
+
+
+def _signature(raw: bytes, where: str) -> bytes:
+    if not 0 < len(raw) <= _SIGNATURE_BYTES:
+        raise DecodeError(
+            f"{where}: the signature has {len(raw)} bytes, expected 1 to {_SIGNATURE_BYTES} "
+            "(ECDSA P-256 in DER is at most 72)"
+        )
+    return raw
+
+
+def _signed(certificate: bytes, signature: bytes, where: str) -> tuple[bytes, bytes]:
+    """An optional (certificate, signature) pair: both empty, or both present and bounded."""
+    if not certificate and not signature:
+        return b"", b""
+    if not certificate or len(certificate) > _CERTIFICATE_BYTES:
+        raise DecodeError(
+            f"{where}: the certificate has {len(certificate)} bytes, expected 1 to "
+            f"{_CERTIFICATE_BYTES} beside a signature"
+        )
+    return certificate, _signature(signature, where)
 
 
 def _ciphertexts(table: Mapping[str, bytes], where: str) -> dict[str, bytes]:

@@ -271,22 +271,30 @@ class SecAggConfig(_message.Message):
     def __init__(self, num_clients_expected: _Optional[int] = ..., threshold: _Optional[int] = ..., neighbours: _Optional[int] = ..., round: _Optional[int] = ..., context: _Optional[bytes] = ..., modulus_bits: _Optional[int] = ...) -> None: ...
 
 class AdvertiseKeys(_message.Message):
-    __slots__ = ("client_id", "c_public", "s_public")
+    __slots__ = ("client_id", "c_public", "s_public", "certificate", "signature")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     C_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     S_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     c_public: bytes
     s_public: bytes
-    def __init__(self, client_id: _Optional[str] = ..., c_public: _Optional[bytes] = ..., s_public: _Optional[bytes] = ...) -> None: ...
+    certificate: bytes
+    signature: bytes
+    def __init__(self, client_id: _Optional[str] = ..., c_public: _Optional[bytes] = ..., s_public: _Optional[bytes] = ..., certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class PublicKeys(_message.Message):
-    __slots__ = ("c_public", "s_public")
+    __slots__ = ("c_public", "s_public", "certificate", "signature")
     C_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     S_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     c_public: bytes
     s_public: bytes
-    def __init__(self, c_public: _Optional[bytes] = ..., s_public: _Optional[bytes] = ...) -> None: ...
+    certificate: bytes
+    signature: bytes
+    def __init__(self, c_public: _Optional[bytes] = ..., s_public: _Optional[bytes] = ..., certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class KeysBroadcast(_message.Message):
     __slots__ = ("round", "graph_seed", "participants", "neighbour_keys")
@@ -345,13 +353,36 @@ class MaskedInput(_message.Message):
     vector: Tensor
     def __init__(self, client_id: _Optional[str] = ..., vector: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class ConsistencyRequest(_message.Message):
+    __slots__ = ("survivors",)
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ConsistencySignature(_message.Message):
+    __slots__ = ("client_id", "signature")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    signature: bytes
+    def __init__(self, client_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
 class UnmaskRequest(_message.Message):
-    __slots__ = ("survivors", "dropped")
+    __slots__ = ("survivors", "dropped", "signatures")
+    class SignaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
     survivors: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+    signatures: _containers.ScalarMap[str, bytes]
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., signatures: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class Share(_message.Message):
     __slots__ = ("index", "value")
@@ -386,7 +417,7 @@ class UnmaskResponse(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., b_shares: _Optional[_Mapping[str, Share]] = ..., s_shares: _Optional[_Mapping[str, Share]] = ...) -> None: ...
 
 class Exchange(_message.Message):
-    __slots__ = ("stage", "phase", "round", "client_id", "error", "secagg_config", "advertise_keys", "keys_broadcast", "encrypted_shares", "shares_for_client", "masked_input", "unmask_request", "unmask_response")
+    __slots__ = ("stage", "phase", "round", "client_id", "error", "secagg_config", "advertise_keys", "keys_broadcast", "encrypted_shares", "shares_for_client", "masked_input", "unmask_request", "unmask_response", "consistency_request", "consistency_signature")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -400,6 +431,8 @@ class Exchange(_message.Message):
     MASKED_INPUT_FIELD_NUMBER: _ClassVar[int]
     UNMASK_REQUEST_FIELD_NUMBER: _ClassVar[int]
     UNMASK_RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     stage: str
     phase: str
     round: int
@@ -413,7 +446,9 @@ class Exchange(_message.Message):
     masked_input: MaskedInput
     unmask_request: UnmaskRequest
     unmask_response: UnmaskResponse
-    def __init__(self, stage: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ..., error: _Optional[str] = ..., secagg_config: _Optional[_Union[SecAggConfig, _Mapping]] = ..., advertise_keys: _Optional[_Union[AdvertiseKeys, _Mapping]] = ..., keys_broadcast: _Optional[_Union[KeysBroadcast, _Mapping]] = ..., encrypted_shares: _Optional[_Union[EncryptedShares, _Mapping]] = ..., shares_for_client: _Optional[_Union[SharesForClient, _Mapping]] = ..., masked_input: _Optional[_Union[MaskedInput, _Mapping]] = ..., unmask_request: _Optional[_Union[UnmaskRequest, _Mapping]] = ..., unmask_response: _Optional[_Union[UnmaskResponse, _Mapping]] = ...) -> None: ...
+    consistency_request: ConsistencyRequest
+    consistency_signature: ConsistencySignature
+    def __init__(self, stage: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ..., error: _Optional[str] = ..., secagg_config: _Optional[_Union[SecAggConfig, _Mapping]] = ..., advertise_keys: _Optional[_Union[AdvertiseKeys, _Mapping]] = ..., keys_broadcast: _Optional[_Union[KeysBroadcast, _Mapping]] = ..., encrypted_shares: _Optional[_Union[EncryptedShares, _Mapping]] = ..., shares_for_client: _Optional[_Union[SharesForClient, _Mapping]] = ..., masked_input: _Optional[_Union[MaskedInput, _Mapping]] = ..., unmask_request: _Optional[_Union[UnmaskRequest, _Mapping]] = ..., unmask_response: _Optional[_Union[UnmaskResponse, _Mapping]] = ..., consistency_request: _Optional[_Union[ConsistencyRequest, _Mapping]] = ..., consistency_signature: _Optional[_Union[ConsistencySignature, _Mapping]] = ...) -> None: ...
 
 class Wait(_message.Message):
     __slots__ = ("seconds",)
