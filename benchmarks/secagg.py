@@ -1,10 +1,10 @@
 """SecAgg+ cost beside Flower's: client and server time and bytes per client, for n clients and d parameters.
 
-Both columns drive a SecAgg+ round (Bell et al. 2020) phase by phase in one process, with no
-transport, and time the client calls and the server calls separately, at the same settings:
+Every column drives a SecAgg+ round (Bell et al. 2020) phase by phase in one process, with no
+transport, and times the client calls and the server calls separately, at the same settings:
 k = 2·⌈log2 n⌉ neighbours, threshold t = ⌈k/2⌉, 10 % of the clients drop after sending their
 masked input (so the server reconstructs their self-mask seeds from their neighbours' shares;
-no client drops before phase 3, so neither column reconstructs pairwise masks), masks modulo
+no client drops before phase 3, so no column reconstructs pairwise masks), masks modulo
 2**32. Each cell of each system runs in its own process, with a time limit (--timeout).
 
 - consortium: ``SecAggClient`` / ``SecAggServer`` from src/consortium/secagg/protocol.py, on
@@ -13,12 +13,22 @@ no client drops before phase 3, so neither column reconstructs pairwise masks), 
   regenerated from a per-client seed when needed, and ``collect_masked`` consumes the masked
   inputs from a generator, keeping only their running sum, so a cell needs O(d) memory
   (estimated up front; cells above --max-gb would be skipped).
+- consortium-auth: the same round authenticated against a malicious server (Bonawitz et al.
+  2017, Fig. 4): every client signs its keys with its ECDSA P-256 site certificate and checks its
+  k neighbours' certificates (chain to the consortium CA, dates, site name) and signatures before
+  sharing; after the masked inputs, the consistency round (each survivor signs the survivor
+  set; the server forwards each its neighbours' signatures, which it checks before unmasking).
+  Each client has its own ``TrustAnchor`` with a cold cache, so every neighbour certificate is
+  parsed and checked once in the round (a first round; later rounds hit the cache). The
+  certificates come from an in-memory CA (``simulated_identities``), issued before the timed
+  round as provisioning is. Same k, t and drop pattern as ``consortium`` (the 10 % that drop
+  after their masked input sign nothing), so the two columns differ only by authentication.
 - flower: Flower's own SecAgg+ functions (``SecAggPlusWorkflow`` and ``secaggplus_mod``, flwr
   1.41), replayed phase by phase by benchmarks/flower/secagg_worker.py in Flower's own venv;
   its docstring lists every function called and what is left out (transport, serialisation).
   Float inputs quantised to 2**16 levels; the quantisation is timed apart, outside the ratio.
 
-Both sides do their arithmetic on one core: Flower's numpy arithmetic is single-threaded, and
+Every column does its arithmetic on one core: Flower's numpy arithmetic is single-threaded, and
 consortium's torch runs with --threads 1 (torch's two threads stall badly when this shared
 2-core machine is busy). The ratio is Flower's time over consortium's, client and server.
 
@@ -28,13 +38,14 @@ Flower's simulation engine (benchmarks/flower/secagg_simulation.py: ``run_simula
 driver's figures add up to, n · client s / cores + server s.
 
 Bytes per client count what a client sends: public keys, share ciphertexts, the masked vector
-and the revealed shares (no ids, no framing). consortium has no wire format for SecAgg
+and the revealed shares (no ids, no framing); authenticated, also its certificate (DER) and its
+two signatures. consortium has no wire format for SecAgg
 messages yet: its masked vector is counted at 4 bytes a coordinate (values < 2**32 packed as
 uint32; the tensor itself is int64). Flower's is ``ndarray_to_bytes`` of its int64 arrays, what
 its messages carry: 8 bytes a coordinate.
 
-Run:  python benchmarks/secagg.py                       # both systems, every cell
-      python benchmarks/secagg.py --systems consortium --n 100 --d 10000
+Run:  python benchmarks/secagg.py                       # every system, every cell
+      python benchmarks/secagg.py --systems consortium,consortium-auth --n 100 --d 10000
       python benchmarks/secagg.py --flower-venv /tmp/flower-venv --timeout 900
 """
 
@@ -56,7 +67,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SYSTEMS = ("consortium", "flower")
+SYSTEMS = ("consortium", "consortium-auth", "flower")
 INPUT_BITS = 16  # consortium's inputs are in [0, 2**16); Flower quantises to 2**16 levels
 BASELINE_GB = 0.5  # interpreter, torch, client objects
 
@@ -102,9 +113,10 @@ def client_input(seed: int, index: int, d: int):  # type: ignore[no-untyped-def]
     return torch.randint(0, 2**INPUT_BITS, (d,), generator=gen)
 
 
-def run_consortium_cell(n: int, d: int, *, drop: float, seed: int,
-                        threads: int) -> dict[str, Any]:
+def run_consortium_cell(n: int, d: int, *, drop: float, seed: int, threads: int,
+                        authenticated: bool = False) -> dict[str, Any]:
     """One SecAgg+ round of consortium's state machines; times per side and phase, bytes sent.
+    ``authenticated``: signed keys, certificate checks and the consistency round.
 
     Raises:
         SystemExit: the unmasked sum differs from the plain sum of the contributors' inputs.
@@ -113,13 +125,32 @@ def run_consortium_cell(n: int, d: int, *, drop: float, seed: int,
 
     torch.set_num_threads(threads)
     sys.path.insert(0, str(ROOT / "src"))
-    from consortium.secagg.protocol import SecAggClient, SecAggConfig, SecAggServer
+    from consortium.secagg.protocol import (
+        ConsistencyRequest,
+        SecAggClient,
+        SecAggConfig,
+        SecAggFloor,
+        SecAggServer,
+    )
 
     k, t = neighbours_and_threshold(n)
     config = SecAggConfig(num_clients_expected=n, threshold=t, neighbours=k, round=1,
                           context=b"bench")
     ids = [f"c{i:04d}" for i in range(n)]
     drops = set(ids[: int(drop * n)])
+    credentials: dict[str, Any] = dict.fromkeys(ids, {})
+    if authenticated:  # provisioning, before the round: untimed
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        from consortium.secagg.identity import TrustAnchor, simulated_identities
+
+        identities, ca = simulated_identities(ids)
+        ca_pem = ca.ca.public_bytes(Encoding.PEM)
+        floor = SecAggFloor(min_threshold=0.5, min_neighbours=k, require_signatures=True)
+        credentials = {  # each site its own trust anchor, its certificate cache empty
+            cid: {"identity": identities[cid], "trust": TrustAnchor(ca_pem), "floor": floor}
+            for cid in ids
+        }
     clock = Clock()
     sent = dict.fromkeys(ids, 0)
     with clock("server", "keys"):
@@ -128,9 +159,11 @@ def run_consortium_cell(n: int, d: int, *, drop: float, seed: int,
     clients, adverts = {}, []
     for cid in ids:
         with clock("client", "keys"):
-            clients[cid] = SecAggClient(cid, config=config)  # draws the key pairs and seed
+            # draws the key pairs and seed (and signs the keys, authenticated)
+            clients[cid] = SecAggClient(cid, config=config, **credentials[cid])
             adverts.append(clients[cid].advertise_keys())
-        sent[cid] += len(adverts[-1].c_public) + len(adverts[-1].s_public)
+        a = adverts[-1]
+        sent[cid] += len(a.c_public) + len(a.s_public) + len(a.certificate) + len(a.signature)
     with clock("server", "keys"):
         broadcasts = server.collect_keys(adverts)
 
@@ -163,12 +196,25 @@ def run_consortium_cell(n: int, d: int, *, drop: float, seed: int,
     request = server.collect_masked(stream())
     clock.totals["server", "masked"] += time.perf_counter() - start - waited
 
+    requests = dict.fromkeys(request.survivors, request)
+    if authenticated:
+        check = ConsistencyRequest(request.survivors)
+        signatures = []
+        for cid in request.survivors:
+            if cid in drops:
+                continue  # sent its masked input, never answers
+            with clock("client", "consistency"):
+                signatures.append(clients[cid].sign_consistency(check))
+            sent[cid] += len(signatures[-1].signature)
+        with clock("server", "consistency"):
+            requests = server.collect_consistency(signatures)
+
     responses = []
     for cid in request.survivors:
         if cid in drops:
             continue  # sent its masked input, never answers
         with clock("client", "unmask"):
-            responses.append(clients[cid].unmask(request))
+            responses.append(clients[cid].unmask(requests[cid]))
         r = responses[-1]
         sent[cid] += sum(len(s.to_bytes()) for s in [*r.b_shares.values(), *r.s_shares.values()])
     with clock("server", "unmask"):
@@ -183,7 +229,8 @@ def run_consortium_cell(n: int, d: int, *, drop: float, seed: int,
         raise SystemExit("the unmasked sum differs from the plain sum")
     client, server_phases = clock.phases("client"), clock.phases("server")
     return {
-        "system": "consortium", "n": n, "d": d, "neighbours": k, "threshold": t,
+        "system": "consortium-auth" if authenticated else "consortium", "n": n, "d": d,
+        "neighbours": k, "threshold": t,
         "dropped_after_masked": len(drops),
         "client_s_per_client": sum(client.values()) / n, "server_s": sum(server_phases.values()),
         "client_phases_s_per_client": {p: s / n for p, s in client.items()},
@@ -217,10 +264,11 @@ def flower_python(venv: str) -> str:
 def worker_command(system: str, n: int, d: int, args: argparse.Namespace) -> list[str]:
     """The command that runs one cell of ``system`` and prints one JSON line."""
     k, t = neighbours_and_threshold(n)
-    if system == "consortium":
+    if system in ("consortium", "consortium-auth"):
         return [sys.executable, str(Path(__file__).resolve()), "--worker", "--n", str(n),
                 "--d", str(d), "--threads", str(args.threads),
-                "--drop", str(args.drop), "--seed", str(args.seed)]
+                "--drop", str(args.drop), "--seed", str(args.seed),
+                *(["--authenticated"] if system == "consortium-auth" else [])]
     script = {"flower": "secagg_worker.py", "flower-simulation": "secagg_simulation.py"}[system]
     return [flower_python(args.flower_venv), str(HERE / "flower" / script),
             "--n", str(n), "--d", str(d), "--neighbours", str(k), "--threshold", str(t),
@@ -229,7 +277,7 @@ def worker_command(system: str, n: int, d: int, args: argparse.Namespace) -> lis
 
 def run_system(system: str, n: int, d: int, args: argparse.Namespace) -> dict[str, Any]:
     """One cell of one system in its own process; its JSON line, or why there is none."""
-    if system == "consortium" and (need := consortium_need_gb(d)) > args.max_gb:
+    if system != "flower" and (need := consortium_need_gb(d)) > args.max_gb:
         return {"skipped": f"needs ~{need:.1f} GB, above --max-gb {args.max_gb:g}"}
     start = time.perf_counter()
     try:
@@ -275,30 +323,34 @@ def fmt_ratio(value: float | None) -> str:
     return f"{'—' if value is None else f'{value:.1f}×':>7}"
 
 
-def ratio(cell: dict[str, Any], key: str) -> float | None:
-    ours, theirs = cell.get("consortium") or {}, cell.get("flower") or {}
+def ratio(cell: dict[str, Any], key: str, over: str = "consortium",
+          system: str = "flower") -> float | None:
+    """``system``'s figure over ``over``'s (Flower's time over consortium's by default)."""
+    ours, theirs = cell.get(over) or {}, cell.get(system) or {}
     if key in ours and key in theirs and ours[key] > 0:
         return theirs[key] / ours[key]
     return None
 
 
 def print_header() -> None:
-    print(f"{'':>21} │ {'client s per client':^29} │ {'server s':^29} │ {'KiB sent per client':^21}")
-    print(f"{'n':>5} {'d':>7} {'k':>3} {'t':>3} │ {'consortium':>10} {'Flower':>10} {'F÷c':>7} │ "
-          f"{'consortium':>10} {'Flower':>10} {'F÷c':>7} │ {'consortium':>10} {'Flower':>10}")
+    print(f"{'':>21} │ {'client s per client':^40} │ {'server s':^40} │ "
+          f"{'KiB sent per client':^32}")
+    print(f"{'n':>5} {'d':>7} {'k':>3} {'t':>3} │ "
+          + " │ ".join(f"{'consortium':>10} {'+auth':>10} {'Flower':>10} {'F÷auth':>7}"
+                       for _ in range(2))
+          + f" │ {'consortium':>10} {'+auth':>10} {'Flower':>10}")
 
 
 def print_cell(cell: dict[str, Any]) -> None:
-    ours, theirs = cell.get("consortium") or {}, cell.get("flower") or {}
-    ratios = cell["flower_over_consortium"]
-    print(f"{cell['n']:>5} {cell['d']:>7} {cell['neighbours']:>3} {cell['threshold']:>3} │ "
-          f"{fmt(ours.get('client_s_per_client'), '.4f')} "
-          f"{fmt(theirs.get('client_s_per_client'), '.4f')} {fmt_ratio(ratios['client'])} │ "
-          f"{fmt(ours.get('server_s'), '.3f')} {fmt(theirs.get('server_s'), '.3f')} "
-          f"{fmt_ratio(ratios['server'])} │ "
-          f"{fmt(ours.get('kib_sent_per_client'), ',.1f')} "
-          f"{fmt(theirs.get('kib_sent_per_client'), ',.1f')}")
-    for system, row in (("consortium", ours), ("Flower", theirs)):
+    rows = [cell.get(s) or {} for s in SYSTEMS]
+    ratios = cell["flower_over_consortium_auth"]
+    line = f"{cell['n']:>5} {cell['d']:>7} {cell['neighbours']:>3} {cell['threshold']:>3}"
+    for key, spec, side in (("client_s_per_client", ".4f", "client"), ("server_s", ".3f", "server")):
+        line += " │ " + " ".join(fmt(r.get(key), spec) for r in rows)
+        line += f" {fmt_ratio(ratios[side])}"
+    line += " │ " + " ".join(fmt(r.get("kib_sent_per_client"), ",.1f") for r in rows)
+    print(line)
+    for system, row in zip(SYSTEMS, rows):
         if "skipped" in row or "error" in row:
             why = row.get("skipped") or f"failed: {row['error'][:100]}"
             print(f"{'':>21} │   {system}: {why}")
@@ -326,10 +378,11 @@ def main() -> None:
                              "a sanity check on the phase driver ('' for none)")
     parser.add_argument("--out", default=str(HERE / "out" / "secagg.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--authenticated", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         out = run_consortium_cell(int(args.n), int(args.d), drop=args.drop, seed=args.seed,
-                                  threads=args.threads)
+                                  threads=args.threads, authenticated=args.authenticated)
         print(json.dumps(out))
         return
 
@@ -347,6 +400,14 @@ def main() -> None:
                 cell[system] = run_system(system, n, d, args)
             cell["flower_over_consortium"] = {
                 "client": ratio(cell, "client_s_per_client"), "server": ratio(cell, "server_s"),
+            }
+            cell["flower_over_consortium_auth"] = {
+                side: ratio(cell, key, over="consortium-auth")
+                for side, key in (("client", "client_s_per_client"), ("server", "server_s"))
+            }
+            cell["auth_over_consortium"] = {
+                side: ratio(cell, key, system="consortium-auth")
+                for side, key in (("client", "client_s_per_client"), ("server", "server_s"))
             }
             cells.append(cell)
             print_cell(cell)
