@@ -248,16 +248,18 @@ class TrustAnchor:
             cert = _parse_certificate(data)
         except ValueError as exc:
             raise UntrustedPeer(f"a peer certificate cannot be parsed: {exc}") from exc
-        subject = cert.subject.rfc4514_string()
         try:
             cert.verify_directly_issued_by(self.ca)
         except (ValueError, TypeError, InvalidSignature) as exc:
             raise UntrustedPeer(
-                f"the certificate {subject!r} was not issued by this consortium's CA "
-                f"({self.ca.subject.rfc4514_string()}): {exc or type(exc).__name__}"
+                f"the certificate {cert.subject.rfc4514_string()!r} was not issued by this "
+                f"consortium's CA ({self.ca.subject.rfc4514_string()}): "
+                f"{exc or type(exc).__name__}"
             ) from exc
         if ExtendedKeyUsageOID.CLIENT_AUTH not in _extended_key_usages(cert):
-            raise UntrustedPeer(f"the certificate {subject!r} is not a site certificate")
+            raise UntrustedPeer(
+                f"the certificate {cert.subject.rfc4514_string()!r} is not a site certificate"
+            )
         try:
             site = _site_identity(cert)
         except ConfigError as exc:
@@ -266,7 +268,9 @@ class TrustAnchor:
         if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
             public_key.curve, _CURVE
         ):
-            raise UntrustedPeer(f"the certificate {subject!r} does not hold a P-256 key")
+            raise UntrustedPeer(
+                f"the certificate {cert.subject.rfc4514_string()!r} does not hold a P-256 key"
+            )
         return _Peer(site, public_key, cert.not_valid_before_utc, cert.not_valid_after_utc)
 
 

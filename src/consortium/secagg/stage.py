@@ -138,7 +138,7 @@ class SecureAggregation:
                 f"client {ctx.client_id!r} holds no secure-aggregation input for round "
                 f"{ctx.round}; it must train in the round before the protocol runs"
             )
-        expected = {
+        expected: Any = {
             "keys": p.SecAggConfig, "shares": p.KeysBroadcast, "masked": p.SharesForClient,
             "consistency": p.ConsistencyRequest, "unmask": p.UnmaskRequest,
         }.get(phase)
