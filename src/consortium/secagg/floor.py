@@ -1,7 +1,7 @@
 """A site's own minimums for secure aggregation, which the server's configuration can raise but never lower.
 
 The server proposes each round's :class:`~consortium.secagg.protocol.SecAggConfig` (Shamir
-threshold, neighbour count). Against a malicious server (Bonawitz et al. 2017, §6.2; Bell et
+threshold, neighbour count). Against a malicious server (Bonawitz et al. 2017, §6; Bell et
 al. 2020) those numbers are the attack surface: a threshold of 1 lets any one colluding
 neighbour unmask a site, and a cohort of one other site makes "the sum" that site's input.
 A :class:`SecAggFloor` is what a site checks every config against before it reveals anything.
@@ -26,13 +26,16 @@ class SecAggFloor:
             ``k`` neighbours. Default 2/3, the bound of Bonawitz et al. 2017's active-adversary
             analysis: to learn a site's input the server needs ``t`` of its neighbours to reveal
             shares of its self-mask seed ``b`` and ``t`` to reveal shares of its mask key ``s``.
-            Honest neighbours reveal one kind only, and after the consistency round every honest
-            neighbour that reveals anything signed the same survivor set, so the two groups
-            overlap only in colluders ``c``: the attack needs ``2t <= k + c``. With
-            ``t >= 2k/3`` it needs ``c >= k/3`` colluding neighbours (Bonawitz et al.'s
-            ``t > 2n/3`` tolerating ``n/3`` corrupt clients, with ``n`` replaced by the
-            neighbourhood of SecAgg+, Bell et al. 2020). 1/2 (the simulation default) protects
-            against an honest-but-curious server only.
+            An honest neighbour reveals one of the two for any one client and refuses the
+            other, so two disjoint groups of honest neighbours, each joined by the ``c``
+            colluding ones, must reach ``t``: the attack needs ``2t <= k + c`` (and one more
+            neighbour with the consistency round, since the victim signs only survivor sets
+            that hold it). With ``t >= 2k/3`` it needs ``c >= k/3`` colluders among the
+            neighbours: Bonawitz et al.'s ``t > 2n/3`` against fewer than ``n/3`` corrupt
+            clients, with ``n`` replaced by the neighbourhood of SecAgg+ (Bell et al. 2020).
+            1/2 (the simulation default) protects against an honest-but-curious server only:
+            at ``t = k/2`` two dropout stories told to two halves of the neighbours unmask a
+            client when nothing else stops them (``tests/secagg/test_malicious.py``).
         min_neighbours: the neighbour count must be at least ``min(min_neighbours, n - 1)``
             for ``n`` participants, so below ``min_neighbours + 1`` participants the graph is
             complete (the original SecAgg). Default 128: Bell et al. 2020 size the neighbourhood

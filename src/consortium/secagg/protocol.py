@@ -30,8 +30,9 @@ provisioned certificate and checks its neighbours' signatures before sharing, so
 cannot substitute keys; and every client unmasks only a survivor set that at least ``t`` of
 its neighbours signed, the same one it signed itself, so the server cannot tell some
 neighbours that a client survived (collecting ``b`` shares) and others that it dropped
-(collecting ``s`` shares). A :class:`~consortium.secagg.floor.SecAggFloor` keeps the server
-from weakening the threshold, the neighbour count or the cohort below what the site accepts.
+(collecting ``s`` shares) unless enough neighbours collude; a
+:class:`~consortium.secagg.floor.SecAggFloor` keeps the threshold high enough for that (and the
+neighbour count and cohort) whatever the server asks.
 
 There is no transport here: the same objects run in-process (:func:`run_secagg_round`) or behind
 gRPC.
