@@ -320,24 +320,30 @@ class SimulatedAuthority:
 
     Certificates have provisioning's shape (``_client_certificate``), so :class:`TrustAnchor`
     checks them with the same code as a deployment's. Keys derive from ``seed`` (32 random bytes
-    by default): the authority pickles as its seed and rebuilds the same CA and site keys in
-    another process. Whoever holds the seed holds every key, which is fine where the simulator
-    plays every party and nowhere else.
+    by default) and the CA's name and dates from the creation time: the authority pickles as
+    those two and rebuilds the same CA and site keys in another process, so certificates issued
+    by a copy verify with the original's trust anchor. Whoever holds the seed holds every key,
+    which is fine where the simulator plays every party and nowhere else.
     """
 
-    def __init__(self, seed: bytes | None = None, *, days: int = 30) -> None:
+    def __init__(
+        self, seed: bytes | None = None, *, days: int = 30, created: dt.datetime | None = None
+    ) -> None:
         self.seed = secrets.token_bytes(32) if seed is None else bytes(seed)
         self.days = days
+        self.created = (created or _now()).replace(microsecond=0)
         self._lock = threading.RLock()
         self._identities: dict[str, SiteIdentity] = {}
         self._ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None = None
         self._trust: TrustAnchor | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"seed": self.seed, "days": self.days}
+        return {"seed": self.seed, "days": self.days, "created": self.created}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["seed"], days=state["days"])  # type: ignore[misc]
+        self.__init__(  # type: ignore[misc]
+            state["seed"], days=state["days"], created=state["created"]
+        )
 
     @property
     def trust(self) -> TrustAnchor:
@@ -357,7 +363,7 @@ class SimulatedAuthority:
             if found is None:
                 key = self._key(b"site", client_id.encode())
                 cert = _client_certificate(
-                    key, client_id, ca_cert, ca_key, now=_now(), days=self.days
+                    key, client_id, ca_cert, ca_key, now=self.created, days=self.days
                 )
                 pem = cert.public_bytes(serialization.Encoding.PEM)
                 found = SiteIdentity(SecAggIdentity(key, pem), self.trust)
@@ -368,7 +374,7 @@ class SimulatedAuthority:
         with self._lock:
             if self._ca is None:
                 key = self._key(b"ca", b"")
-                self._ca = key, _ca_certificate(key, now=_now(), days=self.days)
+                self._ca = key, _ca_certificate(key, now=self.created, days=self.days)
                 self._trust = TrustAnchor(self._ca[1].public_bytes(serialization.Encoding.PEM))
             return self._ca
 
