@@ -94,6 +94,7 @@ def simulate(
     callbacks: Sequence[object] = (),
     report: bool = True,
     checkpoint_extras: Callable[[], Mapping[str, Any]] | None = None,
+    run_id: str = "",
 ) -> SimulationResult:
     """Run a federated simulation.
 
@@ -111,6 +112,8 @@ def simulate(
         checkpoint_extras: called after every round; its JSON-able mapping is saved inside
             the checkpoint, atomically with it (read back with
             :func:`~consortium.server.checkpoint.load_checkpoint_extras`).
+        run_id: a deployment's run id (``consortium server``): secure aggregation binds its
+            keys and signatures to it, and the sites refuse another run's.
 
     Raises:
         ConsortiumError: any configuration, data, model or checkpoint problem.
@@ -179,7 +182,7 @@ def simulate(
             )
         aggregator = make_rule(cfg.aggregation.rule, **rule_params)
     if cfg.secure_aggregation.enabled:
-        quantise, aggregator = secure_aggregation_parts(cfg, algorithm, settings)
+        quantise, aggregator = secure_aggregation_parts(cfg, algorithm, settings, run_id=run_id)
         stages.append(quantise)
     if threat is not None:
         aggregator = threat.wrap(aggregator)
@@ -306,8 +309,12 @@ def simulate(
     )
 
 
-def secure_aggregation_parts(cfg: ExperimentConfig, algorithm: Algorithm, settings: LocalTraining) -> tuple[Any, Any]:
-    """Secure aggregation's client stage and aggregator for an experiment (see ``[secure_aggregation]``)."""
+def secure_aggregation_parts(
+    cfg: ExperimentConfig, algorithm: Algorithm, settings: LocalTraining, *, run_id: str = ""
+) -> tuple[Any, Any]:
+    """Secure aggregation's client stage and aggregator for an experiment (see
+    ``[secure_aggregation]``); ``run_id`` binds a deployment's keys to its run (the sites
+    check it)."""
     from consortium.secagg.stage import secure_aggregation
 
     sa = cfg.secure_aggregation
@@ -317,7 +324,7 @@ def secure_aggregation_parts(cfg: ExperimentConfig, algorithm: Algorithm, settin
         bounds = dict.fromkeys(bounds, sa.extras_bound)
     return secure_aggregation(
         clip=sa.clip, bits=sa.bits, weight_bound=sa.weight_bound, threshold=sa.threshold,
-        neighbours=sa.neighbours, extra_bounds=bounds,
+        neighbours=sa.neighbours, extra_bounds=bounds, run_id=run_id,
     )
 
 

@@ -329,6 +329,7 @@ def test_secure_aggregation_and_central_dp_run_over_grpc(consortium_dir: Path) -
     (d / "exp.toml").write_text(EXPERIMENT + """
 [secure_aggregation]
 enabled = true
+threshold = 0.67  # the sites' floor against a malicious server (SecAggFloor)
 [privacy]
 mode = "central"
 noise_multiplier = 0.3
@@ -346,6 +347,7 @@ sampling = "fixed"
         _stop(server, *clients)
     records = _records(d / "run")
     assert [r["secagg_clients"] for r in records] == [3, 3, 3, 3]
+    assert all(r["secagg_authenticated"] for r in records)  # signed keys, consistency round
     assert all(r["epsilon"] > 0 for r in records)
     config = (d / "run" / "config.toml").read_text()
     assert 'noise_source = "os"' in config
@@ -391,10 +393,12 @@ def test_local_dp_over_grpc_and_a_sites_own_policy_refuses_past_its_budget(
     assert int(load_file(str(state))["east\x1fprivacy.dp_steps"][0]) == 2 * steps
 
 
-def test_the_four_hospitals_over_tls_reach_the_simulations_accuracy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
+def test_the_four_hospitals_over_tls_reach_the_simulations_accuracy(tmp_path: Path, secure: bool) -> None:
     """The demo deployed: each hospital reads only its own file, the features are standardised
     with every hospital's statistics (sent as per-column sums), and the accuracy is the
-    simulation's."""
+    simulation's — also under authenticated secure aggregation (signed keys, consistency
+    round, each site's own rounding randomness)."""
     from importlib.resources import files
 
     import consortium
@@ -407,6 +411,8 @@ def test_the_four_hospitals_over_tls_reach_the_simulations_accuracy(tmp_path: Pa
             (files("consortium.data") / "_heart_disease" / name).read_bytes()
         )
     overrides = ["rounds=10", "evaluation.baselines=[]"]
+    if secure:
+        overrides += ["secure_aggregation.enabled=true", "secure_aggregation.threshold=0.67"]
     simulated = consortium.simulate(None, overrides=overrides)
     port = _free_port()
     server = _cli(
@@ -428,3 +434,6 @@ def test_the_four_hospitals_over_tls_reach_the_simulations_accuracy(tmp_path: Pa
         _stop(server, *clients)
     deployed = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert deployed["final"]["accuracy"] == pytest.approx(simulated.summary["final"]["accuracy"], abs=0.01)
+    if secure:
+        assert all(r["secagg_authenticated"] and r["secagg_clients"] == 4
+                   for r in _records(tmp_path / "run"))

@@ -251,3 +251,131 @@ def test_training_metrics_stay_at_the_site_unless_its_policy_lets_them_out(tmp_p
             hostile.finish()
             site.join()
         assert set(upload.result.update.metrics) == expected
+
+
+# ------------------------------------------------------------------ secure aggregation over gRPC
+
+SECAGG = BASE + "[secure_aggregation]\nenabled = true\nthreshold = 0.67\n"
+
+
+class _SecAggRig:
+    """A provisioned consortium (north, south, east); the hostile server holds the server's
+    folder, "east" is the real site, and the test holds north's and south's keys (colluding
+    or honest peers, as the attack needs)."""
+
+    def __init__(self, tmp_path: Path, policy: str | None = None) -> None:
+        from consortium.deploy.provision import load_site_credentials, provision
+        from consortium.secagg.identity import site_identity
+
+        provision(["north", "south", "east"], tmp_path / "certs")
+        self.tmp = tmp_path
+        self.peers = {s: site_identity(load_site_credentials(tmp_path / "certs" / "sites" / s, s), s)
+                      for s in ("north", "south")}
+        self.policy = None
+        if policy is not None:
+            self.policy = tmp_path / "policy.toml"
+            self.policy.write_text(policy)
+
+    def start(self, hostile: HostileServer) -> _Site:
+        runner = SiteRunner(hostile.address, site="east", data=_csv(self.tmp / "east.csv"),
+                            certs=self.tmp / "certs" / "sites" / "east", poll_s=1,
+                            give_up_after_s=20, approve=[_hash(SECAGG)], policy=self.policy)
+        site = _Site(runner)
+        assert hostile.service.described.wait(60), site.error
+        hostile.send(TaskEnvelope("t1", Task(round=1, client_id="east", seed=1,
+                                             parameters=_logistic_params(hostile.service.info),
+                                             stage_payloads=({},))))
+        upload = hostile.upload()
+        assert upload.result.update is not None, upload.result.error
+        return site
+
+    def peer(self, name: str, config: Any) -> Any:
+        from consortium.secagg.protocol import SecAggClient
+
+        me = self.peers[name]
+        return SecAggClient(name, config=config, identity=me.identity, trust=me.trust)
+
+
+def _phase(hostile: HostileServer, phase: str, message: Any) -> Any:
+    from consortium.deploy.codec import ExchangeEnvelope
+
+    hostile.send(ExchangeEnvelope("secure_aggregation", phase, 1, "east", message))
+    return hostile.exchange()
+
+
+def _config(**changes: Any) -> Any:
+    from consortium.secagg.protocol import SecAggConfig
+    from consortium.secagg.stage import secagg_context
+
+    values = dict(num_clients_expected=3, threshold=2, neighbours=2, round=1,
+                  context=secagg_context("hostile-run"), modulus_bits=32)
+    values.update(changes)
+    return SecAggConfig(**values)
+
+
+def test_a_lowered_secagg_threshold_is_refused_by_the_site(tmp_path: Path) -> None:
+    """The server's configuration asked for 1 of 99 neighbours (the experiment file's own
+    threshold is beside the point: the site's floor is its own)."""
+    rig = _SecAggRig(tmp_path)
+    with HostileServer(SECAGG, certs=tmp_path / "certs" / "server") as hostile:
+        site = rig.start(hostile)
+        reply = _phase(hostile, "keys", _config(num_clients_expected=100, neighbours=99, threshold=1))
+        hostile.finish()
+        site.join()
+    assert reply.message is None and "below this site's floor" in reply.error
+
+
+def test_a_substituted_neighbour_key_is_refused_over_grpc(tmp_path: Path) -> None:
+    """The server swaps north's mask key for its own (it cannot re-sign: north's certificate
+    key stays at north); east refuses to share, naming north."""
+    import dataclasses
+
+    from consortium.secagg.crypto import generate_keypair
+    from consortium.secagg.protocol import SecAggServer
+
+    rig = _SecAggRig(tmp_path)
+    config = _config()
+    with HostileServer(SECAGG, certs=tmp_path / "certs" / "server") as hostile:
+        site = rig.start(hostile)
+        east = _phase(hostile, "keys", config)
+        assert east.error is None and east.message.signature  # east signs its keys
+        server = SecAggServer(config=config)
+        broadcasts = server.collect_keys(
+            [east.message] + [rig.peer(p, config).advertise_keys() for p in ("north", "south")])
+        mine = broadcasts["east"]
+        c_north, _ = mine.neighbour_keys["north"]
+        forged = dataclasses.replace(mine, neighbour_keys={
+            **mine.neighbour_keys, "north": (c_north, generate_keypair().public)})
+        reply = _phase(hostile, "shares", forged)
+        hostile.finish()
+        site.join()
+    assert reply.message is None and "north" in reply.error
+
+
+def test_a_cohort_the_server_made_up_does_not_get_the_sites_masked_input(tmp_path: Path) -> None:
+    """min_sites = 2, and only north (colluding: the test holds its key) joins east. Told the
+    truth (two participants), east refuses at once; told "50" (the threshold and degree fit that
+    claim), east finds one signed neighbour where the claim needs 33 and stops before its masked
+    input leaves. The cohort the task states (`cohort_size = 50`) is never what east counts."""
+    from consortium.secagg.protocol import SecAggServer
+
+    rig = _SecAggRig(tmp_path, '[default]\nmin_sites = 2\napprove = "matching"\n')
+    honest = _config(num_clients_expected=2, neighbours=1, threshold=1)
+    claimed = _config(num_clients_expected=50, neighbours=49, threshold=33)
+    with HostileServer(SECAGG, certs=tmp_path / "certs" / "server") as hostile:
+        site = rig.start(hostile)
+        told_truth = _phase(hostile, "keys", honest)
+        hostile.send(TaskEnvelope("t2", Task(round=1, client_id="east", seed=2,
+                                             parameters=_logistic_params(hostile.service.info),
+                                             stage_payloads=({},))))
+        assert hostile.upload().result.update is not None  # east trains the round again
+        keys = _phase(hostile, "keys", claimed)
+        assert keys.error is None, keys.error  # the claim itself is acceptable
+        north = rig.peer("north", claimed)  # north signs what east was told
+        router = SecAggServer(config=honest)  # the server routes the two it really has
+        broadcasts = router.collect_keys([keys.message, north.advertise_keys()])
+        shares = _phase(hostile, "shares", broadcasts["east"])
+        hostile.finish()
+        site.join()
+    assert told_truth.message is None and "min_cohort" in told_truth.error, told_truth.error
+    assert shares.message is None and "fewer than the threshold 33" in shares.error, shares.error

@@ -535,6 +535,18 @@ def serve(
     if cfg.privacy.mode == "central" and cfg.privacy.noise_source != "os":
         # a deployment's noise must not be reproducible from the run seed
         cfg = cfg.replace(privacy=dataclasses.replace(cfg.privacy, noise_source="os"))
+    if cfg.secure_aggregation.enabled:
+        from consortium.secagg.floor import SecAggFloor
+
+        floor = SecAggFloor()
+        if cfg.secure_aggregation.threshold < floor.min_threshold:
+            print(
+                f"consortium server: WARNING secure_aggregation.threshold = "
+                f"{cfg.secure_aggregation.threshold:g} is below {floor.min_threshold:.3g}, the "
+                "least sites accept by default against a malicious server: sites refuse such "
+                "rounds unless their policy lowers secagg_threshold; set "
+                "secure_aggregation.threshold = 0.67", file=sys.stderr,
+            )
     if cfg.evaluation.baselines:
         print("consortium server: evaluation.baselines need pooled data; skipped in a deployment",
               file=sys.stderr)
@@ -591,6 +603,7 @@ def serve(
             "dataset": dataset, "executor": executor, "progress": progress,
             "callbacks": [_RoundReport(hub, cfg.rounds)],
             "sampler": participation_sampler(cfg, len(hub.roster), secret),
+            "run_id": hub.run_id,  # secure aggregation binds keys to it; kept by --resume
             "checkpoint_extras": lambda: {
                 "registry": hub.registry(), **({SAMPLING_SECRET: secret} if secret else {}),
             },

@@ -51,14 +51,18 @@ def quantization_error_bound(*, count: int, clip: float, bits: int) -> float:
 
 
 def quantize(
-    x: torch.Tensor, *, clip: float, bits: int, generator: torch.Generator
+    x: torch.Tensor, *, clip: float, bits: int, generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Clip ``x`` to ``[-clip, clip]`` and round it stochastically to int64 levels in ``[0, 2**bits)``.
 
     Level ``k`` stands for ``-clip + k * step``. The rounding is unbiased:
     ``E[-clip + quantize(x) * step] == clamp(x, -clip, clip)``. ``generator`` supplies the rounding
     noise; it need not be secret (the masks hide the values), but deriving it from (run seed,
-    round, client) keeps runs repeatable.
+    round, client) keeps runs repeatable. A deployed site passes ``uniform`` instead: one draw
+    in (0, 1) per value from its own CSPRNG, so the rounding is no function of a seed the
+    server sent (rounding that the server could predict would leak, once the sum is known,
+    which way each value was rounded).
 
     Raises:
         ValueError: ``x`` is not floating point or holds NaN, ``clip`` not positive and finite, or
@@ -77,7 +81,14 @@ def quantize(
     # Rounding can push the top value a hair above `levels`; keep it in range.
     scaled = scaled.clamp(0.0, float(levels))
     low = torch.floor(scaled)
-    noise = torch.rand(scaled.shape, generator=generator, dtype=torch.float64, device=scaled.device)
+    if uniform is not None:
+        if uniform.numel() != scaled.numel():
+            raise ValueError(f"expected {scaled.numel()} uniform draws, found {uniform.numel()}")
+        noise = uniform.to(torch.float64).reshape(scaled.shape)
+    elif generator is not None:
+        noise = torch.rand(scaled.shape, generator=generator, dtype=torch.float64, device=scaled.device)
+    else:
+        raise ValueError("expected a generator (simulation) or uniform draws (a site's CSPRNG)")
     rounded = low + (noise < (scaled - low)).to(torch.float64)
     return rounded.to(torch.int64).clamp(0, levels)
 

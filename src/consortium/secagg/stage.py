@@ -104,8 +104,12 @@ class SecureAggregation:
         parts += [update.extras[n].double().reshape(-1) / scale for n, _, scale in segments]
         parts.append(torch.tensor([update.weight / self.weight_bound], dtype=torch.float64))
         x = torch.cat(parts)
-        gen = torch.Generator().manual_seed(derive_seed(ctx.seed, "secagg-quantise") % 2**63)
-        q = quantize(x, clip=self.clip, bits=self.bits, generator=gen)
+        randomness = getattr(ctx.site, "randomness", None) if ctx.site is not None else None
+        if randomness is not None:  # a deployed site rounds with its own CSPRNG
+            q = quantize(x, clip=self.clip, bits=self.bits, uniform=randomness.uniform(x.numel()))
+        else:
+            gen = torch.Generator().manual_seed(derive_seed(ctx.seed, "secagg-quantise") % 2**63)
+            q = quantize(x, clip=self.clip, bits=self.bits, generator=gen)
         clipped = float((x.abs() > self.clip).sum())
         ctx.session[self.name] = _Session(round=ctx.round, vector=q)
         # Only the extras' shapes travel in the clear; every value goes through the protocol.
@@ -299,7 +303,8 @@ class SecureSum:
         dropped = sorted(set(ids) - set(result.contributors))
         return Aggregate(
             (total[:d] * self.weight_bound / weight).to(torch.float32), weight, count, extras,
-            info={"secagg_clients": count, "secagg_dropped": dropped},
+            info={"secagg_clients": count, "secagg_dropped": dropped,
+                  "secagg_authenticated": server.authenticated},
         )
 
 
