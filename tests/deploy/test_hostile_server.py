@@ -276,10 +276,11 @@ class _SecAggRig:
             self.policy = tmp_path / "policy.toml"
             self.policy.write_text(policy)
 
-    def start(self, hostile: HostileServer) -> _Site:
+    def start(self, hostile: HostileServer, *, signed: bool = True) -> _Site:
         runner = SiteRunner(hostile.address, site="east", data=_csv(self.tmp / "east.csv"),
-                            certs=self.tmp / "certs" / "sites" / "east", poll_s=1,
-                            give_up_after_s=20, approve=[_hash(SECAGG)], policy=self.policy)
+                            certs=self.tmp / "certs" / "sites" / "east" if signed else None,
+                            poll_s=1, give_up_after_s=20, approve=[_hash(SECAGG)],
+                            policy=self.policy, state_dir=self.tmp / "state")
         site = _Site(runner)
         assert hostile.service.described.wait(60), site.error
         hostile.send(TaskEnvelope("t1", Task(round=1, client_id="east", seed=1,
@@ -289,10 +290,12 @@ class _SecAggRig:
         assert upload.result.update is not None, upload.result.error
         return site
 
-    def peer(self, name: str, config: Any) -> Any:
+    def peer(self, name: str, config: Any, *, signed: bool = True) -> Any:
         from consortium.secagg.protocol import SecAggClient
 
         me = self.peers[name]
+        if not signed:
+            return SecAggClient(name, config=config)
         return SecAggClient(name, config=config, identity=me.identity, trust=me.trust)
 
 
@@ -379,3 +382,73 @@ def test_a_cohort_the_server_made_up_does_not_get_the_sites_masked_input(tmp_pat
         site.join()
     assert told_truth.message is None and "min_cohort" in told_truth.error, told_truth.error
     assert shares.message is None and "fewer than the threshold 33" in shares.error, shares.error
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_two_dropout_stories_do_not_get_a_victims_mask_key(tmp_path: Path, signed: bool) -> None:
+    """Bonawitz et al. 2017, §4: north (the victim) sent its masked input; the server tells east
+    that north dropped, to get north's mask-key share from east while south (colluding) hands
+    over both of north's shares — enough to unmask north's input alone. Without signatures east
+    reveals the share; with the consistency round it refuses to sign a survivor set without
+    north, and no unmask request without `threshold` neighbours' signatures gets anything."""
+    import torch as _torch
+
+    from consortium.secagg.messages import ConsistencyRequest, UnmaskRequest, consistency_bytes
+    from consortium.secagg.protocol import SecAggServer
+
+    rig = _SecAggRig(tmp_path)
+    config = _config()  # 3 sites, complete graph, threshold 2 of 2
+    server_certs = tmp_path / "certs" / "server" if signed else None
+    vector = _torch.zeros(8, dtype=_torch.int64)
+    with HostileServer(SECAGG, certs=server_certs) as hostile:
+        site = rig.start(hostile, signed=signed)
+        north, south = (rig.peer(p, config, signed=signed) for p in ("north", "south"))
+        east_keys = _phase(hostile, "keys", config).message
+        router = SecAggServer(config=config)
+        broadcasts = router.collect_keys([east_keys, north.advertise_keys(), south.advertise_keys()])
+        east_shares = _phase(hostile, "shares", broadcasts["east"]).message
+        routed = router.route_shares([east_shares, north.share_keys(broadcasts["north"]),
+                                      south.share_keys(broadcasts["south"])])
+        masked = _phase(hostile, "masked", routed["east"])
+        north.masked_input(routed["north"], vector)
+        south.masked_input(routed["south"], vector)
+        assert masked.error is None  # every input arrived: north did not drop
+        story = ("east", "south")  # what the server tells east
+        if signed:
+            consistency = _phase(hostile, "consistency", ConsistencyRequest(story))
+            # south colludes: it signs whatever set the server likes, with its own key
+            proof = {"south": rig.peers["south"].identity.sign(
+                consistency_bytes(config, tuple(sorted(story))))}
+            if consistency.message is not None:
+                proof["east"] = consistency.message.signature
+            unmask = _phase(hostile, "unmask", UnmaskRequest(story, ("north",), proof))
+        else:
+            consistency = None
+            unmask = _phase(hostile, "unmask", UnmaskRequest(story, ("north",)))
+        hostile.finish()
+        site.join()
+    if not signed:  # the attack the consistency round exists for
+        assert unmask.error is None and "north" in unmask.message.s_shares
+        return
+    assert consistency.message is None and "refuses to sign" in consistency.error
+    assert unmask.message is None and "signed no survivor set" in unmask.error
+    assert site.error is None  # the site refused and went on serving until the server finished
+
+
+def test_a_malformed_task_is_answered_with_an_error_and_the_site_serves_on(tmp_path: Path) -> None:
+    """A model of the wrong shape (the server's choice) fails that task at the site, with the
+    reason sent back; the next, well-formed task is trained as usual."""
+    config = BASE
+    with HostileServer(config) as hostile:
+        site = _Site(_runner(hostile, tmp_path, approve=[_hash(config)]))
+        assert hostile.service.described.wait(60), site.error
+        wrong = Parameters.from_module(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 7)))
+        hostile.send(TaskEnvelope("bad", Task(round=1, client_id="east", parameters=wrong, seed=1)))
+        bad = hostile.upload()
+        hostile.send(TaskEnvelope("good", Task(round=2, client_id="east", seed=1,
+                                               parameters=_logistic_params(hostile.service.info))))
+        good = hostile.upload()
+        hostile.finish()
+        site.join()
+    assert bad.result.update is None and bad.result.error
+    assert good.result.update is not None and site.error is None

@@ -379,6 +379,7 @@ class SiteRunner:
             reassemble,
         )
         from consortium.deploy.proto import consortium_pb2 as pb
+        from consortium.messages import EvaluationResult, Result
 
         frames = session.stub.PullTask(
             pb.PullRequest(wait_seconds=int(self.poll_s)), metadata=session.metadata,
@@ -399,6 +400,10 @@ class SiteRunner:
                 except ConsortiumError as exc:
                     out = ExchangeEnvelope(item.stage, item.phase, item.round, self.site, None,
                                            str(exc))
+                except Exception as exc:
+                    log.exception("answering the server's %r message failed", item.phase)
+                    out = ExchangeEnvelope(item.stage, item.phase, item.round, self.site, None,
+                                           f"the site could not answer: {type(exc).__name__}")
                 ack = session.stub.Exchange(
                     chunk(encode_exchange(out).SerializeToString(), uuid.uuid4().hex),
                     metadata=session.metadata, timeout=120,
@@ -410,9 +415,20 @@ class SiteRunner:
         upload: ResultEnvelope | EvaluationEnvelope
         with _Heartbeats(session, item.task.round):
             if item.evaluate:
-                upload = EvaluationEnvelope(item.task_id, session.site.client.evaluate(item.task))
+                try:
+                    evaluation = session.site.client.evaluate(item.task)
+                except Exception as exc:  # noqa: BLE001 - a malformed task never stops the site
+                    log.exception("evaluating the server's task failed")
+                    evaluation = EvaluationResult(item.task.round, self.site, 0, {})
+                    log.warning("answered with no metrics: %s", type(exc).__name__)
+                upload = EvaluationEnvelope(item.task_id, evaluation)
             else:
-                result = session.site.fit(item.task)
+                try:
+                    result = session.site.fit(item.task)
+                except Exception as exc:  # noqa: BLE001 - a malformed task never stops the site
+                    log.exception("training on the server's task failed")
+                    result = Result(item.task.round, self.site, None,
+                                    error=f"the site could not train on this task: {type(exc).__name__}: {exc}")
                 if result.refused:
                     log.warning("%s", result.error)
                 upload = ResultEnvelope(item.task_id, result)

@@ -566,8 +566,13 @@ class SecAggClient:
     def _check_proof(self, request: UnmaskRequest) -> None:
         from consortium.secagg.identity import UntrustedPeer
 
-        assert self._trust is not None and self._state.signed is not None
+        assert self._trust is not None
         me, signed = self.client_id, self._state.signed
+        if signed is None:  # it refused to sign (or was never asked): nothing to prove
+            raise SecAggRefusal(
+                f"client {me!r} refuses to unmask: it signed no survivor set in this round's "
+                "consistency round"
+            )
         if len(set(request.survivors)) != len(request.survivors) or tuple(
             sorted(request.survivors)
         ) != signed:
