@@ -417,7 +417,7 @@ class SiteRunner:
             if item.evaluate:
                 try:
                     evaluation = session.site.client.evaluate(item.task)
-                except Exception as exc:  # noqa: BLE001 - a malformed task never stops the site
+                except Exception as exc:
                     log.exception("evaluating the server's task failed")
                     evaluation = EvaluationResult(item.task.round, self.site, 0, {})
                     log.warning("answered with no metrics: %s", type(exc).__name__)
@@ -425,7 +425,7 @@ class SiteRunner:
             else:
                 try:
                     result = session.site.fit(item.task)
-                except Exception as exc:  # noqa: BLE001 - a malformed task never stops the site
+                except Exception as exc:
                     log.exception("training on the server's task failed")
                     result = Result(item.task.round, self.site, None,
                                     error=f"the site could not train on this task: {type(exc).__name__}: {exc}")
