@@ -153,3 +153,24 @@ def test_a_run_asking_for_central_dp_and_a_robust_rule_fails_before_round_1() ->
            "aggregation": {"rule": "median"}, "evaluation": {"baselines": []}}
     with pytest.raises(ConsortiumError, match="central_dp.*'median' is not such a sum"):
         consortium.simulate(cfg)
+
+
+def test_os_noise_is_the_snapped_gaussian_nobody_can_repeat() -> None:
+    """``noise_source = "os"`` (what ``consortium server`` uses): the stated standard
+    deviation, on the snapping grid, different every time for the same round and seed, and
+    the adaptive clip still follows the (snapped) noisy count."""
+    from consortium.privacy.randomness import snap_grid
+
+    z, clip, expected = 1.3, 0.7, 10.0
+    stage = central_dp(z, clip, noise_source="os", adaptive=True, count_stddev=2.0)
+    zero = lambda: Aggregate(torch.zeros(D), weight=10.0, count=10,
+                             extras={"dp.unclipped": torch.tensor([5.0])})
+    a, state_a = stage.server(zero(), stage.init(LAYOUT), ctx(expected=expected))
+    b, _ = stage.server(zero(), stage.init(LAYOUT), ctx(expected=expected))
+    assert not torch.equal(a.delta, b.delta)
+    zu = update_noise_multiplier(z, 2.0)
+    measured = float(a.delta.double().std())
+    assert measured == pytest.approx(zu * clip / expected, rel=0.03)
+    steps = (a.delta.double() * expected / snap_grid(clip, D)).numpy()
+    assert abs(steps - steps.round()).max() < 0.1  # float32 of grid points (~5e5 steps), back
+    assert state_a["clip"] != clip and math.isfinite(state_a["clip"])

@@ -239,14 +239,26 @@ def test_snapped_release_is_on_the_grid_with_the_stated_noise() -> None:
     assert abs(float(noise.mean())) < 5 * z * sensitivity / math.sqrt(d)
 
 
-def test_snapped_noise_is_the_discrete_gaussian_with_sigma_z_1025_sqrt_d_steps() -> None:
-    # sigma / (sensitivity / g + sqrt(d)) must be z exactly, a 0.1 % change no statistic sees
+def test_snapped_noise_is_the_rounded_gaussian_with_sigma_z_1025_sqrt_d_steps() -> None:
+    # sigma / (sensitivity / g + sqrt(d)) must be z exactly, a 0.1 % change no statistic sees;
+    # the noise is floor(sigma Z + 1/2) for the stream's standard normals Z (post-processing of
+    # the Gaussian mechanism on the grid point)
     d, sensitivity, z = 900, 3.0, 0.8
     out = SeededRandomness(4).snapped_gaussian(
         torch.zeros(d, dtype=torch.float64), sensitivity=sensitivity, noise_multiplier=z
     )
     steps = torch.round(out / snap_grid(sensitivity, d)).to(torch.int64)
-    assert torch.equal(steps, SeededRandomness(4).discrete_gaussian(d, z * 1025 * 30))
+    expected = torch.floor(SeededRandomness(4).gaussian(d) * (z * 1025 * 30) + 0.5).to(torch.int64)
+    assert torch.equal(steps, expected)
+
+
+def test_the_gaussian_is_standard_normal() -> None:
+    from scipy import stats
+
+    draws = SeededRandomness(11).gaussian(50_001).numpy()
+    assert draws.shape == (50_001,) and np.abs(draws).max() < 8.6
+    assert stats.kstest(draws, "norm").pvalue > 1e-3
+    assert abs(draws.mean()) < 0.02 and draws.std() == pytest.approx(1.0, rel=0.02)
 
 
 def rounded_difference(x: torch.Tensor, y: torch.Tensor, sensitivity: float) -> float:

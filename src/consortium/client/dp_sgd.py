@@ -62,7 +62,7 @@ def private_step(
     """Write the DP-SGD gradient into ``p.grad`` of the trainable parameters.
 
     Returns the batch's mean loss (``None`` for an empty batch, which still gets its noise).
-    With ``randomness`` (a deployed site's CSPRNG) the noise is the snapped discrete Gaussian
+    With ``randomness`` (a deployed site's CSPRNG) the noise is the snapped Gaussian
     (:meth:`~consortium.privacy.randomness.SystemRandomness.snapped_gaussian`): the same
     noise multiplier for the accountant, and no floating-point noise for Mironov's (2012)
     attack; otherwise a float Gaussian from ``seed`` (simulation).

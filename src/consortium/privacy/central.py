@@ -54,7 +54,7 @@ class CentralDP:
     what the accountant composes. Noise is drawn from a generator seeded by (run seed,
     round), so a run can be repeated and resumed exactly (simulation). With ``noise_source =
     "os"`` (what ``consortium server`` uses) the noise comes from a CSPRNG keyed by the
-    operating system and is the snapped discrete Gaussian of
+    operating system and is the snapped Gaussian of
     :meth:`~consortium.privacy.randomness.SystemRandomness.snapped_gaussian`: nobody who knows
     the run seed can subtract it, and no floating-point noise is released (Mironov 2012); the
     accountant's noise multiplier is unchanged. Either way the server adds it: against the
