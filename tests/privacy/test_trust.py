@@ -213,3 +213,20 @@ def test_local_dp_states_its_trust_and_its_figure_without_sampling() -> None:
     assert summary["epsilon"] < summary["epsilon_without_sampling"]
     assert any("each site adds its own noise" in t for t in summary["trust"])
     assert any("draws them itself" in t for t in summary["trust"])
+
+
+def test_target_epsilon_under_secure_aggregation_is_met_by_the_reported_figure() -> None:
+    """Secure aggregation names the cohort to every participant, so the run reports epsilon
+    without amplification: calibration must aim at that figure, not at the amplified one."""
+    import consortium
+
+    cfg = {"rounds": 3, "evaluation": {"baselines": []},
+           "data": {"dataset": "breast-cancer", "partition": "iid", "clients": 20},
+           "sampling": {"fraction": 0.5},
+           "privacy": {"mode": "central", "target_epsilon": 20.0, "clip": 1.0},
+           "secure_aggregation": {"enabled": True}}
+    result = consortium.simulate(cfg)
+    privacy = result.summary["privacy"]
+    assert privacy["sample_secret"] is False
+    assert privacy["epsilon"] == pytest.approx(20.0, rel=0.01)
+    assert privacy["epsilon"] == privacy["epsilon_without_sampling"]

@@ -152,9 +152,13 @@ def calibrate_noise(
     rate: float = 1.0,
     population: int = 0,
     sample_size: int = 0,
+    amplified: bool = True,
 ) -> float:
     """The smallest noise multiplier whose epsilon after ``rounds`` is at most the target
-    (``dp_accounting.calibrate_dp_mechanism``, bisection to a relative tolerance of 1e-4)."""
+    (``dp_accounting.calibrate_dp_mechanism``, bisection to a relative tolerance of 1e-4).
+
+    ``amplified = False`` calibrates the figure without amplification by sampling (what a run
+    whose sample is not secret reports, see :func:`epsilon_without_sampling`)."""
     if not target_epsilon > 0:
         raise ConfigError(f"privacy.target_epsilon = {target_epsilon} must be > 0")
     if rounds < 1:
@@ -168,10 +172,12 @@ def calibrate_noise(
     _accountant(accountant, probe)  # fail early on impossible combinations
 
     def event(z: float):  # type: ignore[no-untyped-def]
-        return dp.SelfComposedDpEvent(mechanism(z).event(), rounds)
+        m = mechanism(z)
+        return dp.SelfComposedDpEvent(m.event() if amplified else m.unsampled_event(), rounds)
 
+    measure = epsilon if amplified else epsilon_without_sampling
     lowest = 0.3  # below this the PLD grid explodes, and no FL deployment uses less noise
-    if epsilon(mechanism(lowest), rounds, delta, accountant) <= target_epsilon:
+    if measure(mechanism(lowest), rounds, delta, accountant) <= target_epsilon:
         raise ConfigError(
             f"target epsilon {target_epsilon} is reached with a noise multiplier below {lowest}; "
             "set privacy.noise_multiplier directly instead of calibrating"

@@ -108,9 +108,12 @@ def plan_central_dp(cfg: ExperimentConfig, population: int) -> PrivacyPlan:
     z = p.noise_multiplier
     if p.target_epsilon > 0:
         m = mechanism(1.0)
+        # under secure aggregation the participants learn the cohort: the reported epsilon is
+        # the one without amplification, so that is the one to calibrate
         z = calibrate_noise(
             p.target_epsilon, p.delta, cfg.rounds, accountant=p.accountant, sampling=m.sampling,
             rate=m.rate, population=m.population, sample_size=m.sample_size,
+            amplified=not cfg.secure_aggregation.enabled,
         )
     stage = central_dp(
         z, p.clip, adaptive=p.adaptive, target_quantile=p.target_quantile, clip_lr=p.clip_lr,
