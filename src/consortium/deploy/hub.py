@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import dataclasses
 import logging
 import math
 import queue
@@ -546,7 +547,10 @@ class RemoteExecutor:
             expected = ExpectedTask(site=task.client_id, round=task.round, task_id=task_id, secure=secure)
             future = self.hub.expect(task.client_id, task.round, task_id, "train", expected)
             futures[future] = (task_id, task)
-            self.hub.send(task.client_id, TaskEnvelope(task_id, task))
+            # the cohort's size stays at the server: a deployed site counts its peers from
+            # signed secure-aggregation keys, and the realised size of a secret sample is
+            # itself something the sites should not learn
+            self.hub.send(task.client_id, TaskEnvelope(task_id, dataclasses.replace(task, cohort_size=0)))
         enough = math.ceil(len(tasks) / (1 + self.over_select)) if self.over_select else 0
         good = 0
         for result in self._collect(futures, lambda t: Result(
