@@ -125,8 +125,10 @@ def _parser() -> argparse.ArgumentParser:
     cli_.add_argument("--insecure", action="store_true", help="no TLS (local tests only)")
     cli_.add_argument("--target", default="", help="label column (default: the experiment's data.target)")
     cli_.add_argument("--policy", metavar="FILE",
-                      help="this site's privacy policy (TOML: max_epsilon, delta, min_sites); "
-                      "tasks that would break it are refused")
+                      help="this site's policy (TOML: max_epsilon, delta, min_sites, approve, "
+                      "models, algorithms, require_dp, require_secure_aggregation, "
+                      "trust_server_noise, send_metrics, secagg_threshold, secagg_neighbours); "
+                      "experiments and tasks that would break it are refused")
     cli_.add_argument("--state", metavar="DIR",
                       help="where the site keeps its privacy spend and client state across "
                       "restarts (default: <certs>/state)")
