@@ -154,6 +154,9 @@ class SecureAggregationConfig:
     extras_bound: float = 0.0
     """Largest |value| of an algorithm's extra sums per client (SCAFFOLD's control-variate
     change); 0 uses the algorithm's own bounds."""
+    authenticate: bool = False
+    """Simulation: play the malicious-server variant (signed keys from an in-memory CA and the
+    consistency round). Deployed sites with certificates always sign."""
 
 
 Params = tuple[tuple[str, Any], ...]

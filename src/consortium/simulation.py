@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -325,6 +326,7 @@ def secure_aggregation_parts(
     return secure_aggregation(
         clip=sa.clip, bits=sa.bits, weight_bound=sa.weight_bound, threshold=sa.threshold,
         neighbours=sa.neighbours, extra_bounds=bounds, run_id=run_id,
+        authenticate=sa.authenticate,
     )
 
 
@@ -342,7 +344,10 @@ def site_pipeline(cfg: ExperimentConfig, algorithm: Algorithm, settings: LocalTr
         stages.append(CentralDP(noise_multiplier=cfg.privacy.noise_multiplier or 1.0,
                                 clip=cfg.privacy.clip))
     if cfg.secure_aggregation.enabled:
-        stages.append(secure_aggregation_parts(cfg, algorithm, settings)[0])
+        # a deployed site signs with its own certificate, never with a simulated CA
+        sa = dataclasses.replace(cfg.secure_aggregation, authenticate=False)
+        stages.append(secure_aggregation_parts(cfg.replace(secure_aggregation=sa), algorithm,
+                                               settings)[0])
     return Pipeline(stages)
 
 

@@ -258,3 +258,15 @@ def test_a_message_of_the_wrong_type_for_its_phase_is_refused() -> None:
         stage.respond("shares", object(), ClientContext(1, "a", 0, sites.sessions["a"]))
     with pytest.raises(PipelineError, match="unknown secure-aggregation phase"):
         stage.respond("later", None, ClientContext(1, "a", 0, sites.sessions["a"]))
+
+
+def test_the_authenticated_simulation_is_reachable_from_the_config_and_learns_the_same() -> None:
+    import consortium
+
+    base = {"rounds": 2, "evaluation": {"baselines": []}, "secure_aggregation": {"enabled": True}}
+    plain = consortium.simulate(base)
+    signed = consortium.simulate({**base, "secure_aggregation": {"enabled": True,
+                                                                "authenticate": True}})
+    assert [r["secagg_authenticated"] for r in signed.history] == [True, True]
+    assert not plain.history[-1]["secagg_authenticated"]
+    assert torch.equal(plain.params.vector, signed.params.vector)
