@@ -334,6 +334,9 @@ def _cmd_provision(args: argparse.Namespace) -> int:
         revoke(out, args.revoke)
         print(f"revoked site {args.revoke!r} in {out}; a server running from this folder applies "
               "it within a second (elsewhere, copy server/sites.json to the server)")
+        if (out / "crl.pem").exists():
+            print(f"hand {out / 'crl.pem'} to every site (into its certs folder): sites refuse "
+                  "the revoked site's keys in secure aggregation")
         return EXIT_OK
     if args.add_site:
         folder = add_site(out, args.add_site, days=args.days)

@@ -125,3 +125,36 @@ def test_the_floor_refuses_what_is_below_it_and_says_why() -> None:
         SecAggFloor(min_threshold=1.5)
     with pytest.raises(ConfigError, match="min_cohort"):
         SecAggFloor(min_cohort=-1)
+
+
+def test_a_revoked_peer_is_refused_by_the_sites_that_hold_the_revocation_list(tmp_path) -> None:
+    """`consortium provision --revoke` writes a CA-signed crl.pem into every site folder: a
+    site holding it refuses the revoked site's signed keys; others still verify."""
+    from consortium.deploy.provision import (
+        load_site_credentials,
+        provision,
+        revoke,
+        write_revocation_list,
+    )
+    from consortium.errors import ConfigError
+    from consortium.secagg.identity import UntrustedPeer, site_identity
+
+    provision(["north", "south", "east"], tmp_path / "c")
+    north = site_identity(load_site_credentials(tmp_path / "c" / "sites" / "north", "north"))
+    south = site_identity(load_site_credentials(tmp_path / "c" / "sites" / "south", "south"))
+    before = site_identity(load_site_credentials(tmp_path / "c" / "sites" / "east", "east"))
+    data = b"keys"
+    before.trust.verify("north", north.identity.certificate_der, data, north.identity.sign(data))
+    revoke(tmp_path / "c", "north")
+    assert (tmp_path / "c" / "sites" / "east" / "crl.pem").exists()
+    east = site_identity(load_site_credentials(tmp_path / "c" / "sites" / "east", "east"))
+    with pytest.raises(UntrustedPeer, match="revoked"):
+        east.trust.verify("north", north.identity.certificate_der, data, north.identity.sign(data))
+    east.trust.verify("south", south.identity.certificate_der, data, south.identity.sign(data))
+    # a list signed by another consortium's CA is refused when the site starts
+    provision(["north"], tmp_path / "other")
+    write_revocation_list(tmp_path / "other", ["north"])
+    (tmp_path / "c" / "sites" / "east" / "crl.pem").write_bytes(
+        (tmp_path / "other" / "crl.pem").read_bytes())
+    with pytest.raises(ConfigError, match="not signed by this consortium's CA"):
+        load_site_credentials(tmp_path / "c" / "sites" / "east", "east")

@@ -64,10 +64,12 @@ __all__ = [
     "certificate_fingerprint",
     "hash_token",
     "load_registry",
+    "load_revocation_list",
     "load_server_credentials",
     "load_site_credentials",
     "provision",
     "revoke",
+    "write_revocation_list",
 ]
 
 SITE_URI_PREFIX = "consortium://site/"
@@ -146,6 +148,9 @@ class SiteCredentials:
     cert_pem: bytes
     key_pem: bytes
     token: str
+    crl_pem: bytes | None = None
+    """The consortium's certificate revocation list (``crl.pem`` in the site's folder, signed
+    by the CA), or None: peers whose certificates it lists are refused in secure aggregation."""
 
 
 @dataclass(frozen=True)
@@ -296,6 +301,70 @@ def revoke(certs_dir: Path | str, site: str) -> None:
         )
     records[site] = SiteRecord(site, records[site].fingerprint, revoked=True)
     _save_registry(server_dir, records, token_hashes)
+    root = Path(certs_dir)
+    if (root / "ca.key").exists():
+        write_revocation_list(root, sorted(s for s, r in records.items() if r.revoked))
+
+
+def write_revocation_list(root: Path | str, sites: Sequence[str]) -> Path:
+    """Write the CA-signed revocation list of ``sites`` to ``root/crl.pem`` and into every
+    site folder under ``root/sites/`` (what each site checks its secure-aggregation peers
+    against; hand the updated ``crl.pem`` to the sites — it must not travel through the
+    server, which could withhold it).
+
+    Needs the top folder (``ca.key``) and the revoked sites' certificates (``sites/<name>/
+    client.pem``) to read their serial numbers.
+
+    Raises:
+        ConfigError: no CA key, or a revoked site's certificate is missing.
+    """
+    root = Path(root)
+    ca_cert = x509.load_pem_x509_certificate(_read(root / "ca.pem", fix=_FIX))
+    ca_key = serialization.load_pem_private_key(_read(root / "ca.key", fix=_FIX), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{root / 'ca.key'} is not an EC private key; re-run `consortium provision`")
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=30))
+    )
+    for site in sites:
+        cert = x509.load_pem_x509_certificate(_read(
+            root / "sites" / site / "client.pem",
+            fix="the revocation list needs the revoked site's certificate (its serial number)",
+        ))
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(cert.serial_number)
+            .revocation_date(now).build()
+        )
+    pem = builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    _write_public(root / "crl.pem", pem)
+    for folder in sorted((root / "sites").glob("*")):
+        if folder.is_dir():
+            _write_public(folder / "crl.pem", pem)
+    return root / "crl.pem"
+
+
+def load_revocation_list(crl_pem: bytes, ca_pem: bytes, *, where: str = "crl.pem") -> frozenset[int]:
+    """The serial numbers a CA-signed revocation list revokes.
+
+    Raises:
+        ConfigError: not a CRL, or not signed by this consortium's CA.
+    """
+    try:
+        crl = x509.load_pem_x509_crl(crl_pem)
+        ca = x509.load_pem_x509_certificate(ca_pem)
+    except ValueError as exc:
+        raise ConfigError(f"{where} is not a PEM certificate revocation list: {exc}") from exc
+    public = ca.public_key()
+    if crl.issuer != ca.subject or not crl.is_signature_valid(public):  # type: ignore[arg-type]
+        raise ConfigError(
+            f"{where} is not signed by this consortium's CA; take crl.pem from the folder "
+            "`consortium provision --revoke` wrote"
+        )
+    return frozenset(r.serial_number for r in crl)
 
 
 # --------------------------------------------------------------------------- loading
@@ -373,6 +442,10 @@ def load_site_credentials(certs_dir: Path | str, site: str | None = None) -> Sit
         )
     if not token:
         raise ConfigError(f"{directory / 'token'} is empty; {_SITE_FIX}")
+    crl_pem = None
+    if (directory / "crl.pem").exists():
+        crl_pem = _read(directory / "crl.pem", fix=_SITE_FIX)
+        load_revocation_list(crl_pem, ca_pem, where=str(directory / "crl.pem"))
     return SiteCredentials(
         directory=directory,
         site=name,
@@ -380,6 +453,7 @@ def load_site_credentials(certs_dir: Path | str, site: str | None = None) -> Sit
         cert_pem=cert_pem,
         key_pem=key_pem,
         token=token,
+        crl_pem=crl_pem,
     )
 
 

@@ -166,25 +166,31 @@ class TrustAnchor:
     passed are cached by the SHA-256 of their bytes (a client checks its ``k`` neighbours every
     round); the validity dates and the name are checked again at every use.
 
-    Revocation is the server's registry (:mod:`consortium.deploy.provision`); a site has no
-    revocation list, so a revoked site's certificate still verifies here until it expires.
+    Revocation: the server refuses revoked sites from its registry; a site refuses peers whose
+    certificates the consortium's CA-signed revocation list names (``crl.pem``, written by
+    ``consortium provision --revoke`` into every site folder and handed to the sites out of
+    band, not through the server). Without a list a revoked certificate verifies here until it
+    expires.
 
     Args:
         ca_pem: the consortium CA certificate (provision's ``ca.pem``).
         clock: the current time (UTC); for tests.
+        revoked: serial numbers of revoked certificates (from ``load_revocation_list``).
 
     Raises:
         ConfigError: ``ca_pem`` is not a certificate.
     """
 
     def __init__(
-        self, ca_pem: bytes, *, clock: Callable[[], dt.datetime] | None = None
+        self, ca_pem: bytes, *, clock: Callable[[], dt.datetime] | None = None,
+        revoked: frozenset[int] = frozenset(),
     ) -> None:
         try:
             self.ca = _parse_certificate(bytes(ca_pem))
         except ValueError as exc:
             raise ConfigError(f"the consortium CA certificate cannot be parsed: {exc}") from exc
         self._clock = clock or _now
+        self.revoked = frozenset(revoked)
         self._verified: dict[str, _Peer] = {}
         self._lock = threading.Lock()
 
@@ -256,6 +262,11 @@ class TrustAnchor:
                 f"consortium's CA ({self.ca.subject.rfc4514_string()}): "
                 f"{exc or type(exc).__name__}"
             ) from exc
+        if cert.serial_number in self.revoked:
+            raise UntrustedPeer(
+                f"the certificate {cert.subject.rfc4514_string()!r} is revoked (the consortium's "
+                "revocation list)"
+            )
         if ExtendedKeyUsageOID.CLIENT_AUTH not in _extended_key_usages(cert):
             raise UntrustedPeer(
                 f"the certificate {cert.subject.rfc4514_string()!r} is not a site certificate"
@@ -309,7 +320,13 @@ def site_identity(credentials: Any, site: str | None = None) -> SiteIdentity:
             f"the certificate names site {identity.client_id!r}, not {site!r}; pass the "
             "credentials provisioned for this site"
         )
-    return SiteIdentity(identity, TrustAnchor(credentials.ca_pem))
+    revoked: frozenset[int] = frozenset()
+    crl_pem = getattr(credentials, "crl_pem", None)
+    if crl_pem:
+        from consortium.deploy.provision import load_revocation_list
+
+        revoked = load_revocation_list(crl_pem, credentials.ca_pem)
+    return SiteIdentity(identity, TrustAnchor(credentials.ca_pem, revoked=revoked))
 
 
 # ----------------------------------------------------------------------------------- simulation
