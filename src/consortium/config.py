@@ -123,7 +123,7 @@ class SimulationConfig:
 class PrivacyConfig:
     """Central DP (DP-FedAvg). ``noise_multiplier = 0`` with ``target_epsilon > 0`` calibrates."""
 
-    mode: Literal["none", "central", "local"] = "none"
+    mode: Literal["none", "central", "local", "distributed"] = "none"
     noise_multiplier: float = 0.0
     clip: float = 1.0
     adaptive: bool = False
@@ -282,11 +282,13 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
             "privacy.mode = \"local\" (DP-SGD in each site) needs privacy.noise_multiplier > 0; "
             "target_epsilon calibrates central DP only"
         )
-    if p.mode == "central" and not (p.noise_multiplier > 0) ^ (p.target_epsilon > 0):
+    if p.mode in ("central", "distributed") and not (p.noise_multiplier > 0) ^ (p.target_epsilon > 0):
         raise ConfigError(
-            "privacy.mode = \"central\" needs exactly one of privacy.noise_multiplier (the noise) "
+            f"privacy.mode = \"{p.mode}\" needs exactly one of privacy.noise_multiplier (the noise) "
             "or privacy.target_epsilon (to calibrate the noise)"
         )
+    if p.mode == "distributed":
+        _check_distributed(cfg)
     sa = cfg.secure_aggregation
     need(2 <= sa.bits <= 24, "secure_aggregation.bits", sa.bits, "an integer in [2, 24]")
     need(sa.clip > 0, "secure_aggregation.clip", sa.clip, "a number > 0")
@@ -329,6 +331,33 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
 
 
 # -- building and checking ----------------------------------------------------------------------
+
+
+def _check_distributed(cfg: ExperimentConfig) -> None:
+    """``privacy.mode = "distributed"``: what the sites need to add their own noise."""
+    p = cfg.privacy
+    if not cfg.secure_aggregation.enabled:
+        raise ConfigError(
+            "privacy.mode = \"distributed\" adds each site's noise before secure aggregation, "
+            "so that the server sees only the noised sum: set secure_aggregation.enabled = true "
+            "(or use privacy.mode = \"central\")"
+        )
+    if p.adaptive:
+        raise ConfigError(
+            "privacy.mode = \"distributed\" has no adaptive clipping (its noise is fixed by the "
+            "sites' approved config): set privacy.adaptive = false and choose privacy.clip"
+        )
+    if p.accountant != "rdp":
+        raise ConfigError(
+            "privacy.mode = \"distributed\" accounts each round as rho-zCDP (Kairouz et al. "
+            "2021), composed by the RDP accountant: set privacy.accountant = \"rdp\""
+        )
+    if cfg.sampling.clients_per_round < 1:
+        raise ConfigError(
+            "privacy.mode = \"distributed\" needs sampling.clients_per_round: the number of "
+            "sites whose noise together makes the round's noise (each site divides its share by "
+            "it, and a site does not know the population)"
+        )
 
 
 def check_rule(name: str, params: dict[str, Any]) -> None:

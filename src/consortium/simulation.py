@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,7 +26,12 @@ from consortium.executors import Executor, build_executor
 from consortium.models.zoo import check_fits
 from consortium.models.zoo import model_factory as zoo_factory
 from consortium.privacy.ledger import LocalPrivacyLedger, PrivacyLedger
-from consortium.privacy.plan import plan_central_dp, sample_trust
+from consortium.privacy.plan import (
+    distributed_stage,
+    plan_central_dp,
+    plan_distributed_dp,
+    sample_trust,
+)
 from consortium.privacy.policy import load_policies
 from consortium.reporting.callbacks import CallbackList, MetricsLog, ProgressBar, read_metrics
 from consortium.seeds import derive_seed
@@ -37,6 +42,9 @@ from consortium.server.heterogeneity import Dropouts, Stragglers
 from consortium.server.loop import RunState, Server
 from consortium.server.sampling import Sampler, UniformSampler
 from consortium.types import Parameters
+
+if TYPE_CHECKING:
+    from consortium.privacy.distributed import DistributedLedger
 
 __all__ = ["SimulationResult", "simulate"]
 
@@ -164,8 +172,12 @@ def simulate(
     algorithm = algorithm or build_algorithm(cfg.algorithm.name, mu=cfg.algorithm.mu)
     settings = local_training(cfg)
     plan = plan_central_dp(cfg, len(dataset.clients)) if cfg.privacy.mode == "central" else None
+    distributed = plan_distributed_dp(cfg, len(dataset.clients), init.layout.size) if (
+        cfg.privacy.mode == "distributed") else None
     s = cfg.server
     stages: list[Any] = [plan.stage] if plan else []
+    if distributed is not None:
+        stages.append(distributed.stage)
     aggregator: Any = weighted_mean()
     if cfg.aggregation.rule != "mean":
         from consortium.aggregation.robust import make_rule
@@ -195,11 +207,18 @@ def simulate(
         ),
     )
     sampler = sampler or (
-        plan.sampler if plan else UniformSampler(cfg.sampling.clients_per_round, cfg.sampling.fraction)
+        plan.sampler if plan else distributed.sampler if distributed else
+        UniformSampler(cfg.sampling.clients_per_round, cfg.sampling.fraction)
     )
     ledger_path = run_dir / "privacy.json" if run_dir is not None else None
-    ledger: PrivacyLedger | LocalPrivacyLedger | None = None
-    if plan:
+    ledger: PrivacyLedger | LocalPrivacyLedger | DistributedLedger | None = None
+    if distributed is not None:
+        from consortium.privacy.distributed import DistributedLedger
+
+        ledger = DistributedLedger(
+            distributed.stage, init.layout.size, delta=cfg.privacy.delta, path=ledger_path
+        )
+    elif plan:
         ledger = PrivacyLedger(
             plan.mechanism, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
             path=ledger_path, sample=sample_trust(cfg, sampler),
@@ -326,7 +345,7 @@ def secure_aggregation_parts(
     return secure_aggregation(
         clip=sa.clip, bits=sa.bits, weight_bound=sa.weight_bound, threshold=sa.threshold,
         neighbours=sa.neighbours, extra_bounds=bounds, run_id=run_id,
-        authenticate=sa.authenticate,
+        authenticate=sa.authenticate, integer=cfg.privacy.mode == "distributed",
     )
 
 
@@ -335,7 +354,8 @@ def site_pipeline(cfg: ExperimentConfig, algorithm: Algorithm, settings: LocalTr
     (their client halves and ``respond``); the server's aggregator is not needed here.
 
     Central DP's client half reads its clip norm from the task's payload, so the stage's own
-    noise settings do not matter at the site.
+    noise settings do not matter at the site. Distributed DP's stage is built from the
+    config the site approved: its noise scale is the site's own reading of it.
     """
     from consortium.privacy.central import CentralDP
 
@@ -343,6 +363,8 @@ def site_pipeline(cfg: ExperimentConfig, algorithm: Algorithm, settings: LocalTr
     if cfg.privacy.mode == "central":
         stages.append(CentralDP(noise_multiplier=cfg.privacy.noise_multiplier or 1.0,
                                 clip=cfg.privacy.clip))
+    if cfg.privacy.mode == "distributed":
+        stages.append(distributed_stage(cfg))
     if cfg.secure_aggregation.enabled:
         # a deployed site signs with its own certificate, never with a simulated CA
         sa = dataclasses.replace(cfg.secure_aggregation, authenticate=False)

@@ -62,6 +62,12 @@ def leaves_site(cfg: ExperimentConfig) -> list[str]:
         update = (f"the model update after local DP-SGD with the site's own noise (noise "
                   f"multiplier {p.noise_multiplier:g}, per-example clip {p.clip:g}, batch "
                   f"{cfg.algorithm.batch_size}, drawn from the site's own random generator)")
+    elif p.mode == "distributed":
+        update = (f"the model update clipped to L2 norm {p.clip:g}, rounded to integers and "
+                  "noised with discrete Gaussian noise drawn from the site's own random "
+                  f"generator (its share of noise multiplier "
+                  f"{p.noise_multiplier or 'calibrated to epsilon ' + format(p.target_epsilon, 'g')} "
+                  f"over {cfg.sampling.clients_per_round} sites)")
     elif p.mode == "central":
         update = (f"the model update clipped to L2 norm {p.clip:g} (the server adds central DP "
                   "noise to the sum; the site cannot verify it) and whether it was clipped")

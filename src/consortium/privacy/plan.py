@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from consortium.config import ExperimentConfig
 from consortium.errors import ConfigError
@@ -13,7 +14,10 @@ from consortium.privacy.central import CentralDP, central_dp
 from consortium.privacy.ledger import SIMULATED_SAMPLE, SampleTrust
 from consortium.server.sampling import PoissonSampler, Sampler, UniformSampler
 
-__all__ = ["PrivacyPlan", "plan_central_dp", "plan_sampler", "sample_trust"]
+__all__ = [
+    "DistributedPlan", "PrivacyPlan", "plan_central_dp", "plan_distributed_dp", "plan_sampler",
+    "sample_trust",
+]
 
 _PRIVATE_ALGORITHMS = ("fedavg", "fedprox")
 
@@ -43,6 +47,8 @@ def plan_sampler(cfg: ExperimentConfig, population: int) -> Sampler:
     Raises:
         ConfigError: more clients per round than the population.
     """
+    if cfg.privacy.mode == "distributed":
+        return UniformSampler(count=_cohort(cfg, population)[0])
     if cfg.privacy.mode != "central":
         return UniformSampler(cfg.sampling.clients_per_round, cfg.sampling.fraction)
     k, rate = _cohort(cfg, population)
@@ -120,3 +126,50 @@ def plan_central_dp(cfg: ExperimentConfig, population: int) -> PrivacyPlan:
         count_stddev=p.count_stddev, noise_source=p.noise_source,
     )
     return PrivacyPlan(stage, sampler, mechanism(z))
+
+
+@dataclass(frozen=True)
+class DistributedPlan:
+    stage: Any  # DistributedDP (imported lazily: keeps this module light)
+    sampler: Sampler
+
+
+def _check_private_algorithm(cfg: ExperimentConfig) -> None:
+    if cfg.algorithm.name not in _PRIVATE_ALGORITHMS:
+        raise ConfigError(
+            f"DP protects the model update only; {cfg.algorithm.name!r} also sends "
+            f"control variates or step counts in the clear. Use algorithm.name = "
+            f"{' or '.join(repr(a) for a in _PRIVATE_ALGORITHMS)} with privacy.mode = "
+            f"\"{cfg.privacy.mode}\""
+        )
+
+
+def distributed_stage(cfg: ExperimentConfig) -> Any:
+    """The distributed-DP stage an experiment asks for: what the server and every site build
+    from the same config (a site's noise scale comes from the config it approved)."""
+    from consortium.privacy.distributed import distributed_dp
+
+    p = cfg.privacy
+    return distributed_dp(
+        p.clip, expected_sites=cfg.sampling.clients_per_round,
+        noise_multiplier=p.noise_multiplier, target_epsilon=p.target_epsilon, delta=p.delta,
+        rounds=cfg.rounds,
+    )
+
+
+def plan_distributed_dp(cfg: ExperimentConfig, population: int, d: int) -> DistributedPlan:
+    """Distributed DP (Kairouz et al. 2021) for a ``d``-parameter model: the stage and a
+    fixed-size sampler of ``sampling.clients_per_round`` sites (the count the noise is split
+    over).
+
+    Raises:
+        ConfigError: an algorithm with extra messages, more sites per round than the
+            population, or a noise scale whose integer sum could wrap modulo 2**32.
+    """
+    from consortium.privacy.distributed import check_no_wrap
+
+    _check_private_algorithm(cfg)
+    k, _ = _cohort(cfg, population)
+    stage = distributed_stage(cfg)
+    check_no_wrap(k, stage.sigma(d), d)
+    return DistributedPlan(stage, UniformSampler(count=k))

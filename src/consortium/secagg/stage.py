@@ -92,6 +92,9 @@ class SecureAggregation:
     needs: frozenset[str] = frozenset()
     gives: frozenset[str] = frozenset({"sum_only", "quantized"})
     simulated: Any = field(default=None, compare=False, repr=False)
+    integer: bool = False
+    """Send the delta as it is, integers (distributed DP's noised grid values), and the weight
+    as an integer count, both modulo 2**32: no scaling, clipping or rounding here."""
 
     def init(self, layout: Layout) -> StageState:
         return {}
@@ -99,6 +102,8 @@ class SecureAggregation:
     def client(self, update: Update, payload: Mapping[str, Any], ctx: ClientContext) -> Update:
         from consortium.secagg.quantize import quantize
 
+        if self.integer:
+            return self._client_integer(update, ctx)
         segments = _encode_scales(update.extras, self.weight_bound, dict(self.extra_bounds))
         parts = [update.delta.double() * update.weight / self.weight_bound]
         parts += [update.extras[n].double().reshape(-1) / scale for n, _, scale in segments]
@@ -118,6 +123,30 @@ class SecureAggregation:
             update.client_id, torch.zeros(0), 0.0,
             metrics={**update.metrics, "secagg_clipped": clipped}, extras=shapes,
         )
+
+    def _client_integer(self, update: Update, ctx: ClientContext) -> Update:
+        """The integer path: ``[Δ..., w] mod 2**32`` with ``Δ`` and ``w`` integers in
+        ``(-2**31, 2**31)``, decoded centred by :class:`SecureSum` (``integer=True``).
+
+        Raises:
+            PipelineError: extras to send, or values that are not integers in range.
+        """
+        if update.extras:
+            raise PipelineError(
+                f"secure aggregation's integer mode sends the delta and weight only, found "
+                f"extras {sorted(update.extras)}; use an algorithm without extra sums"
+            )
+        x = torch.cat([update.delta.double().reshape(-1),
+                       torch.tensor([update.weight], dtype=torch.float64)])
+        half = float(2 ** (MODULUS_BITS - 1))
+        if not bool((x == torch.round(x)).all()) or bool((x.abs() >= half).any()):
+            raise PipelineError(
+                "secure aggregation's integer mode expects integers in (-2**31, 2**31) (the "
+                "distributed DP stage's output); put distributed_dp before it"
+            )
+        q = x.to(torch.int64) & ((1 << MODULUS_BITS) - 1)
+        ctx.session[self.name] = _Session(round=ctx.round, vector=q)
+        return Update(update.client_id, torch.zeros(0), 0.0, metrics=dict(update.metrics))
 
     def respond(self, phase: str, message: Any, ctx: ClientContext) -> Any:
         """The client's side of one protocol phase: ``keys`` (message: the round's
@@ -234,6 +263,10 @@ class SecureSum:
     needs: frozenset[str] = frozenset({"quantized"})
     linear: bool = True
     run_id: str = ""
+    integer: bool = False
+    """Decode the sum as centred integers (values in ``[-2**31, 2**31)``), for
+    :class:`SecureAggregation` with ``integer=True``: the exact sum goes to the server's
+    halves in the extra ``secagg.integer_sum`` (int64), the weight is the summed count."""
 
     def aggregate(self, updates: list[Update], *, ctx: RoundContext) -> Aggregate:
         from consortium.secagg.protocol import (
@@ -288,6 +321,11 @@ class SecureSum:
             for _ in exchange(self.stage, "end", dict.fromkeys(ids)):
                 pass
         count = len(result.contributors)
+        dropped = sorted(set(ids) - set(result.contributors))
+        info = {"secagg_clients": count, "secagg_dropped": dropped,
+                "secagg_authenticated": server.authenticated}
+        if self.integer:
+            return self._decode_integer(result.sum, count, ctx, info)
         total = dequantize_sum(
             result.sum, count=count, clip=self.clip, bits=self.bits, modulus=2**MODULUS_BITS,
         )
@@ -300,18 +338,33 @@ class SecureSum:
             offset += size
         if weight <= 0:
             raise PipelineError("the securely summed weight is not positive; raise weight_bound")
-        dropped = sorted(set(ids) - set(result.contributors))
         return Aggregate(
             (total[:d] * self.weight_bound / weight).to(torch.float32), weight, count, extras,
-            info={"secagg_clients": count, "secagg_dropped": dropped,
-                  "secagg_authenticated": server.authenticated},
+            info=info,
+        )
+
+    def _decode_integer(
+        self, total: torch.Tensor, count: int, ctx: RoundContext, info: dict[str, Any]
+    ) -> Aggregate:
+        from consortium.privacy.distributed import INTEGER_SUM
+
+        modulus = 1 << MODULUS_BITS
+        v = total.to(torch.int64) % modulus
+        v = torch.where(v >= modulus // 2, v - modulus, v)  # centred: [-2**31, 2**31)
+        d = ctx.layout.size
+        weight = float(v[d])
+        if weight <= 0:
+            raise PipelineError("the securely summed count is not positive")
+        return Aggregate(
+            (v[:d].double() / weight).to(torch.float32), weight, count, {INTEGER_SUM: v[:d]},
+            info=info,
         )
 
 
 def secure_aggregation(
     *, clip: float = 1.0, bits: int = 16, weight_bound: float = 1000.0, threshold: float = 0.5,
     neighbours: int = 0, extra_bounds: Mapping[str, float] | None = None, run_id: str = "",
-    authenticate: bool = False,
+    authenticate: bool = False, integer: bool = False,
 ) -> tuple[SecureAggregation, SecureSum]:
     """The stage and the aggregator of secure aggregation, to put in a pipeline together.
 
@@ -321,7 +374,9 @@ def secure_aggregation(
     it). ``authenticate`` makes an in-process run sign and check every key and survivor set
     with certificates of an in-memory CA (:class:`~consortium.secagg.identity.SimulatedAuthority`)
     and run the consistency round, as a deployment with provisioned sites does; deployed sites
-    sign with their own identities whatever this says.
+    sign with their own identities whatever this says. ``integer`` sums integer deltas and
+    weights exactly (distributed DP, :mod:`consortium.privacy.distributed`) instead of
+    quantising floats.
     """
     if not clip > 0 or not weight_bound > 0:
         raise PipelineError("secure aggregation needs clip > 0 and weight_bound > 0")
@@ -339,6 +394,8 @@ def secure_aggregation(
 
         simulated = SimulatedAuthority()
     return (
-        SecureAggregation(clip, bits, weight_bound, threshold, bounds, simulated=simulated),
-        SecureSum(clip, bits, weight_bound, threshold, neighbours, bounds, run_id=run_id),
+        SecureAggregation(clip, bits, weight_bound, threshold, bounds, simulated=simulated,
+                          integer=integer),
+        SecureSum(clip, bits, weight_bound, threshold, neighbours, bounds, run_id=run_id,
+                  integer=integer),
     )
