@@ -245,3 +245,27 @@ def test_a_resumed_run_matches_an_uninterrupted_one(tmp_path) -> None:
     a = json.loads((tmp_path / "a" / "privacy.json").read_text())
     b = json.loads((tmp_path / "b" / "privacy.json").read_text())
     assert a == b and len(a["releases"]) == 4
+
+
+def test_a_sites_budget_counts_its_own_noise_under_distributed_dp(tmp_path) -> None:
+    """A site with max_epsilon takes part under distributed DP, counting only the noise it adds
+    itself (z / sqrt(expected sites), a plain Gaussian per release), and refuses once that
+    would pass its budget."""
+    import consortium
+    from consortium.privacy.policy import site_epsilon
+
+    z, sites = 2.0, 4
+    own = z / sites**0.5
+    budget = (site_epsilon(own, 2, 1e-5) + site_epsilon(own, 3, 1e-5)) / 2  # room for 2 rounds
+    policies = tmp_path / "p.toml"
+    policies.write_text(f"[default]\nmax_epsilon = {budget}\n")
+    result = consortium.simulate({
+        "rounds": 4, "evaluation": {"baselines": []},
+        "privacy": {"mode": "distributed", "noise_multiplier": z, "clip": 1.0,
+                    "site_policies": str(policies)},
+        "secure_aggregation": {"enabled": True, "threshold": 0.67},
+        "sampling": {"clients_per_round": sites},
+    })
+    takes = [r["clients"] for r in result.history]
+    assert takes[:2] == [4, 4] and all(n == 0 for n in takes[2:]), takes
+    assert "counting its own noise" in next(iter(result.history[-1]["failed"].values()))

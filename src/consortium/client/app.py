@@ -19,7 +19,7 @@ from consortium.errors import ConsortiumError, PipelineError
 from consortium.messages import EvaluationResult, Result, Task
 from consortium.privacy.policy import SitePolicy, record_release
 
-__all__ = ["SiteClient"]
+__all__ = ["SiteClient", "own_noise"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -86,7 +86,7 @@ class SiteClient:
         if self.policy is not None:
             reason = self.policy.review(
                 task, client_state, settings=self.settings, examples=len(self.data.train),
-                deployed=self.environment is not None,
+                deployed=self.environment is not None, own_noise=own_noise(self.pipeline, task),
             )
             if reason is not None:
                 return Result(task.round, self.client_id, None, error=reason, refused=True)
@@ -132,3 +132,13 @@ class SiteClient:
             module, self.data.test, loss_fn=self.loss_fn, num_classes=self.num_classes
         )
         return EvaluationResult(task.round, self.client_id, len(self.data.test), metrics)
+
+
+def own_noise(pipeline: Pipeline, task: Task) -> float | None:
+    """Under distributed DP, the noise multiplier of the noise a site adds itself (what its
+    budget counts: :meth:`SitePolicy.review`'s ``own_noise``); ``None`` otherwise."""
+    for stage in pipeline.stages:
+        own = getattr(stage, "own_noise_multiplier", None)
+        if own is not None:
+            return float(own(task.parameters.vector.numel()))
+    return None

@@ -26,7 +26,7 @@ from torch.func import functional_call, vmap
 
 from consortium.aggregation.base import ClientContext
 from consortium.algorithms.base import LocalResult, TrainContext
-from consortium.client.app import SiteClient
+from consortium.client.app import SiteClient, own_noise
 from consortium.client.dp_sgd import poisson_batches
 from consortium.client.evaluation import auc_binary
 from consortium.client.pool import ClientPool
@@ -255,7 +255,8 @@ class VectorizedExecutor:
             if policy is not None:
                 n = int(sizes[pool.packed.index(task.client_id)])
                 reason = policy.review(
-                    task, pool.state.get(task.client_id), settings=pool.settings, examples=n
+                    task, pool.state.get(task.client_id), settings=pool.settings, examples=n,
+                    own_noise=own_noise(pool.pipeline, task),
                 )
                 if reason is not None:
                     refused[k] = Result(task.round, task.client_id, None, error=reason, refused=True)

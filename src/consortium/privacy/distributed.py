@@ -215,6 +215,11 @@ class DistributedDP:
         """Each site's noise scale in grid units."""
         return site_sigma(self.multiplier(d), self.expected_sites, d)
 
+    def own_noise_multiplier(self, d: int) -> float:
+        """The noise multiplier of this site's own noise alone (``z / sqrt(expected_sites)``):
+        what a site can count on without trusting any other site to add theirs."""
+        return self.sigma(d) / sensitivity(d)
+
     def init(self, layout: Layout) -> StageState:
         return {}
 

@@ -107,6 +107,7 @@ class SitePolicy:
         settings: LocalTraining | None = None,
         examples: int = 0,
         deployed: bool = False,
+        own_noise: float | None = None,
     ) -> str | None:
         """Why this site refuses ``task``, or ``None`` if it takes part.
 
@@ -119,6 +120,10 @@ class SitePolicy:
         (``min_sites`` is counted from the peers' signed secure-aggregation keys instead), and
         central DP noise, which the server adds out of the site's sight, counts only with
         ``trust_server_noise``.
+
+        ``own_noise``: under distributed DP, the noise multiplier of the noise this site adds
+        itself (:meth:`DistributedDP.own_noise_multiplier`); the budget counts that alone,
+        each release a plain Gaussian — the other sites' noise is their word.
         """
         others = task.cohort_size - 1
         if self.min_sites and not deployed and others < self.min_sites:
@@ -130,6 +135,8 @@ class SitePolicy:
             return None
         if settings is not None and settings.local_dp:
             return self._review_local(task, state, settings, examples)
+        if own_noise is not None:
+            return self._review_releases(task, state, own_noise, "its own noise")
         z = next(
             (float(p["noise_multiplier"]) for p in task.stage_payloads if "noise_multiplier" in p),
             None,
@@ -147,16 +154,20 @@ class SitePolicy:
                 f"{z:g}); ask for privacy.mode = \"local\", or set trust_server_noise = true "
                 "in the site policy to accept the server's word"
             )
+        return self._review_releases(task, state, z, "the central noise")
+
+    def _review_releases(
+        self, task: Task, state: Mapping[str, torch.Tensor], z: float, noise: str
+    ) -> str | None:
         done = int(state[RELEASES][0]) if RELEASES in state else 0
         after = site_epsilon(z, done + 1, self.delta)
         if after > self.max_epsilon:
             return (
                 f"site {task.client_id!r} refuses round {task.round}: taking part would bring its "
-                f"epsilon to {after:.3g} (delta {self.delta:g}), past its budget of "
-                f"{self.max_epsilon:g}"
+                f"epsilon to {after:.3g} (delta {self.delta:g}, counting {noise}), past its "
+                f"budget of {self.max_epsilon:g}"
             )
         return None
-
 
     def _review_local(
         self, task: Task, state: Mapping[str, torch.Tensor], settings: LocalTraining, examples: int
