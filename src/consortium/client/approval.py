@@ -74,7 +74,9 @@ def leaves_site(cfg: ExperimentConfig) -> list[str]:
     else:
         update = "the model update (local minus global parameters)"
     if sa.enabled:
-        update += (f", quantised to {sa.bits} bits and masked by secure aggregation (SecAgg+): "
+        coded = ("as integers modulo 2**32" if p.mode == "distributed"
+                 else f"quantised to {sa.bits} bits")
+        update += (f", {coded} and masked by secure aggregation (SecAgg+): "
                    "the server can unmask only the sum over the round's sites")
     else:
         update += " in the clear, with its weight (the number of training examples)"
