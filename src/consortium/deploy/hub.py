@@ -32,7 +32,13 @@ from consortium.deploy.codec import (
     TaskEnvelope,
     Wait,
 )
-from consortium.deploy.validate import ExpectedTask, RejectedResult, validate_result
+from consortium.deploy.validate import (
+    DEFAULT_MAX_WEIGHT,
+    ExpectedTask,
+    RejectedResult,
+    validate_evaluation,
+    validate_result,
+)
 from consortium.errors import ConsortiumError, RoundAborted
 from consortium.messages import EvaluationResult, Result, Task
 from consortium.types import Layout
@@ -368,17 +374,35 @@ class Hub:
         if pending is None or pending.site != site:
             return self.reject(site, upload.task_id, getattr(upload.result, "round", -1),
                                 "no such task open for this site (unknown, answered, or late)")
+        declared = self._declared(site)
         if isinstance(upload, EvaluationEnvelope):
             r = upload.result
             if pending.kind != "evaluate" or r.client_id != site or r.round != pending.round:
                 return self.reject(site, upload.task_id, r.round, "not the evaluation asked for")
+            try:  # no more test examples than the site declared; metrics finite and in range
+                validate_evaluation(
+                    upload, expected=pending.expected, max_bytes=self.upload_limit(),
+                    seen_task_ids=self._seen,
+                    max_examples=declared.num_test if declared is not None else DEFAULT_MAX_WEIGHT,
+                )
+            except RejectedResult as exc:
+                self._finish(upload.task_id, None)
+                return self.reject(site, upload.task_id, pending.round, str(exc))
             self._finish(upload.task_id, EvaluationResult(r.round, site, r.num_examples, r.metrics))
             return True, ""
+        if pending.kind != "train":
+            self._finish(upload.task_id, None)
+            return self.reject(site, upload.task_id, pending.round,
+                               "a training result for an evaluation task")
         try:
             assert self.layout is not None
             validate_result(
                 upload, expected=pending.expected, layout=self.layout,
                 max_bytes=self.upload_limit(), seen_task_ids=self._seen,
+                # a site's weight is its number of training examples: never more than it
+                # declared at Describe (a weight of 1e9 replaced the model in one round)
+                max_weight=max(1.0, float(declared.num_train)) if declared is not None
+                else DEFAULT_MAX_WEIGHT,
             )
         except RejectedResult as exc:
             self._finish(upload.task_id, Result(pending.round, site, None, error=f"rejected: {exc}"))
@@ -394,6 +418,14 @@ class Hub:
                       error=result.error, refused=result.refused)
         self._finish(upload.task_id, result)
         return True, ""
+
+    def _declared(self, site: str) -> SiteInfo | None:
+        """What ``site`` declared at Describe (the roster's record once the run started)."""
+        with self._lock:
+            if self.roster is not None and site in self.roster:
+                return self.roster[site]
+            entry = self._sites.get(site)
+        return entry.info if entry is not None else None
 
     def deliver_exchange(self, session: str, envelope: ExchangeEnvelope) -> tuple[bool, str]:
         site = self.site_of(session)
@@ -516,9 +548,14 @@ class RemoteExecutor:
     ``over_select`` = x > 0 the round's sites are an over-selection (Bonawitz et al., "Towards
     Federated Learning at Scale", SysML 2019): it closes as soon as ceil(n / (1 + x)) of its n
     tasks have good results, and the slowest sites' answers are refused as late.
+
+    ``round_errors``: what the sites send is another institution's, so any error while a round
+    aggregates it ends that round (the model and every state stay, ``aborted`` names the round
+    and the cause), never the run (see ``Server.run_round``).
     """
 
     name = "remote"
+    round_errors: tuple[type[BaseException], ...] = (Exception,)
 
     def __init__(
         self, hub: Hub, *, round_timeout: float = 600.0, phase_timeout: float = 120.0,

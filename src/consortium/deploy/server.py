@@ -150,6 +150,10 @@ class FederationService:
                         int(request.num_train), int(request.num_test))
         if not info.input_shape or any(v < 1 for v in info.input_shape) or info.num_classes < 2:
             return pb.Ack(accepted=False, reason="input_shape and num_classes must be positive")
+        refused = _implausible(info)
+        if refused is not None:
+            log.warning("site %r: %s", self.hub.site_of(session), refused)
+            return pb.Ack(accepted=False, reason=refused)
         refused = self.hub.describe(session, info)
         if refused is not None:
             log.warning("%s", refused)
@@ -474,6 +478,29 @@ def _raise_file_limit(sites: int) -> None:
         if target < need:
             print(f"consortium server: WARNING only {target} open files allowed (ulimit -n); "
                   f"{sites} sites need about {need}", file=sys.stderr)
+
+
+_MAX_EXAMPLES = 1 << 31
+_MAX_FEATURES = 1 << 31
+_MAX_CLASSES = 1 << 20
+
+
+def _implausible(info: SiteInfo) -> str | None:
+    """Why a site's description cannot be real (sizes that would overflow the server's
+    arithmetic or allocations), or None."""
+    if len(info.input_shape) > 8:
+        return f"an input of {len(info.input_shape)} dimensions; at most 8 are supported"
+    features = 1
+    for v in info.input_shape:
+        features *= v
+        if features > _MAX_FEATURES:
+            return f"input shape {list(info.input_shape)} has more than 2**31 values"
+    if info.num_classes > _MAX_CLASSES:
+        return f"{info.num_classes} classes; at most 2**20 are supported"
+    if info.num_train > _MAX_EXAMPLES or info.num_test > _MAX_EXAMPLES:
+        return (f"{info.num_train} training and {info.num_test} test examples; at most 2**31 "
+                "each are supported")
+    return None
 
 
 def serve(

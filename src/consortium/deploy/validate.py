@@ -29,6 +29,8 @@ __all__ = [
     "validate_result",
 ]
 
+_UNIT_METRICS: Final = frozenset({"accuracy", "balanced_accuracy", "auc"})
+
 DEFAULT_MAX_WEIGHT: Final = 1e9
 """Largest aggregation weight (or evaluation example count) accepted by default: weights are
 sample counts."""
@@ -160,6 +162,12 @@ def validate_evaluation(
     if result.num_examples > max_examples:
         raise reject(f"{result.num_examples} examples exceed the limit of {max_examples:g}")
     _check_metrics(result.metrics, reject)
+    # a metric out of its range would pull the federated average anywhere it likes
+    for name, value in sorted(result.metrics.items()):
+        if name in _UNIT_METRICS and not 0.0 <= value <= 1.0:
+            raise reject(f"metric {name!r} = {value:g} is outside [0, 1]")
+        if name == "loss" and value < 0:
+            raise reject(f"metric 'loss' = {value:g} is negative")
 
 
 def _check_identity(

@@ -151,10 +151,16 @@ class Server:
                     yield r.update
 
         aborted = None
+        # errors an executor says come from its clients' messages (a deployment: what another
+        # institution sent) end the round, never the run
+        contained: tuple[type[BaseException], ...] = tuple(getattr(self.executor, "round_errors", ()))
         try:
             aggregate, pipeline_state = self.pipeline.aggregate(successful(), state.pipeline, ctx)
         except RoundAborted as exc:  # nothing revealed; the model and every state stay
             aggregate, pipeline_state, aborted = None, state.pipeline, str(exc)
+        except contained as exc:
+            aggregate, pipeline_state = None, state.pipeline
+            aborted = f"round {rnd}: aggregation failed ({type(exc).__name__}: {exc})"
         updates = [r for r in results if r.has_update]
         failed = {r.client_id: r.error for r in results if not r.has_update}
         broken = [r.error for r in results if not r.has_update and not r.refused]
@@ -165,11 +171,18 @@ class Server:
             params, algorithm_state = state.params, state.algorithm
             aggregate = Aggregate(torch.zeros(0), 0.0, 0)
         else:
-            delta, algorithm_state = self.algorithm.server_step(aggregate, state.algorithm, ctx)
-            new_vector, pipeline_state = self.pipeline.step(
-                state.params.vector, delta, pipeline_state
-            )
-            params = state.params.replace(new_vector)
+            try:
+                delta, algorithm_state = self.algorithm.server_step(aggregate, state.algorithm, ctx)
+                new_vector, pipeline_state = self.pipeline.step(
+                    state.params.vector, delta, pipeline_state
+                )
+                if contained and not bool(torch.isfinite(new_vector).all()):
+                    raise ArithmeticError("the new model is not finite")
+                params = state.params.replace(new_vector)
+            except contained as exc:
+                params, algorithm_state, pipeline_state = state.params, state.algorithm, state.pipeline
+                aborted = f"round {rnd}: the server step failed ({type(exc).__name__}: {exc})"
+                aggregate = Aggregate(torch.zeros(0), 0.0, 0)
 
         # sites may keep their training loss to themselves (their policy's send_metrics)
         reporting = [u for u in updates if "train_loss" in u.metrics]

@@ -1,0 +1,146 @@
+"""One malicious site against the server (issue 13, first slice): what it sends is refused with
+the reason, and nothing it sends ends the run.
+
+Covered here: an evaluation task answered with a training result, a weight above the site's
+declared size (the one-round model takeover), evaluation counts and metrics out of range, a
+Describe whose sizes cannot be real, and an error while aggregating a round (contained in that
+round). Memory limits, SecAgg bounds, logs and the audit head are the issue's later slices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+pytest.importorskip("grpc", reason="deployment needs: pip install 'consortium[deploy]'")
+
+from consortium.deploy.audit import AuditLog
+from consortium.deploy.codec import (
+    EvaluationEnvelope,
+    ResultEnvelope,
+    decode_upload,
+    encode_upload,
+)
+from consortium.deploy.hub import Hub, SiteInfo
+from consortium.deploy.server import _implausible
+from consortium.deploy.validate import ExpectedTask
+from consortium.messages import EvaluationResult, Result
+from consortium.types import Layout, TensorSpec, Update
+
+LAYOUT = Layout((TensorSpec("w", (3,), torch.float32),))
+
+
+@pytest.fixture()
+def hub(tmp_path):
+    loop = asyncio.new_event_loop()
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    h = Hub(loop, config_toml="", run_id="t", max_result_bytes=1 << 20, audit=audit)
+    h.layout = LAYOUT
+    yield h
+    audit.close()
+    loop.close()
+
+
+def _task(hub: Hub, kind: str, task_id: str = "t1"):
+    session = hub.register("a")
+    hub.describe(session, SiteInfo((3,), 2, 90, 30))  # 90 training, 30 test examples
+    future = hub.expect("a", 1, task_id, kind, ExpectedTask(site="a", round=1, task_id=task_id))
+    return session, future
+
+
+def _wire(item):
+    return decode_upload(encode_upload(item))
+
+
+def test_an_evaluation_task_answered_with_a_training_result_is_rejected(hub: Hub) -> None:
+    session, future = _task(hub, "evaluate")
+    upload = _wire(ResultEnvelope("t1", Result(1, "a", Update("a", torch.zeros(3), 10.0))))
+    accepted, why = hub.deliver(session, upload)
+    assert not accepted and "training result for an evaluation task" in why
+    assert future.result(timeout=1) is None  # the evaluation goes on without this site
+
+
+@pytest.mark.parametrize(("weight", "accepted"), [(90.0, True), (91.0, False), (1e9, False)])
+def test_a_weight_above_the_declared_training_examples_is_rejected(
+    hub: Hub, weight: float, accepted: bool,
+) -> None:
+    """The review's takeover: weight 1e9 from a site that declared 90 rows replaced the model."""
+    session, future = _task(hub, "train")
+    upload = _wire(ResultEnvelope("t1", Result(1, "a", Update("a", torch.ones(3), weight))))
+    ok, why = hub.deliver(session, upload)
+    assert ok is accepted, why
+    if not accepted:
+        assert "weight" in why and future.result(timeout=1).update is None
+
+
+@pytest.mark.parametrize(("examples", "metrics", "reason"), [
+    (10**18, {"accuracy": 0.9}, "examples exceed"),
+    (31, {"accuracy": 0.9}, "examples exceed"),
+    (30, {"accuracy": float("inf")}, "NaN or infinite"),
+    (30, {"accuracy": 1.5}, "outside [0, 1]"),
+    (30, {"loss": -2.0}, "negative"),
+])
+def test_an_evaluation_out_of_range_is_rejected(hub: Hub, examples: int, metrics: dict,
+                                                reason: str) -> None:
+    """The review: a site claiming 10**18 test examples set the federated accuracy to 0.99999."""
+    session, future = _task(hub, "evaluate")
+    upload = _wire(EvaluationEnvelope("t1", EvaluationResult(1, "a", examples, metrics)))
+    accepted, why = hub.deliver(session, upload)
+    assert not accepted and reason in why
+    assert future.result(timeout=1) is None
+
+
+def test_a_plausible_evaluation_is_accepted(hub: Hub) -> None:
+    session, future = _task(hub, "evaluate")
+    upload = _wire(EvaluationEnvelope("t1", EvaluationResult(1, "a", 30, {"accuracy": 0.8})))
+    assert hub.deliver(session, upload) == (True, "")
+    assert future.result(timeout=1).num_examples == 30
+
+
+@pytest.mark.parametrize(("info", "reason"), [
+    (SiteInfo((3,), 2, 2**64 - 1, 5), "examples"),
+    (SiteInfo((1 << 16, 1 << 16), 2, 10, 5), "2**31 values"),
+    (SiteInfo((3,), 1 << 21, 10, 5), "classes"),
+    (SiteInfo((1,) * 9, 2, 10, 5), "dimensions"),
+])
+def test_a_description_that_cannot_be_real_is_refused(info: SiteInfo, reason: str) -> None:
+    """The review: `num_train = 2**64 - 1` crashed the server at round start."""
+    assert reason in (_implausible(info) or "")
+    assert _implausible(SiteInfo((13,), 2, 90, 30)) is None
+
+
+def test_an_error_while_aggregating_ends_the_round_not_the_run() -> None:
+    """An executor whose clients are other institutions (``round_errors``) turns an error in
+    a round's aggregation or server step into an aborted round: the model stays and the run
+    goes on (in a plain simulation the same error still stops the run, naming the problem)."""
+    import consortium
+    from consortium.aggregation.mean import weighted_mean
+    from consortium.executors.sequential import SequentialExecutor
+
+    class Exploding:
+        name = "exploding"
+        calls = 0
+
+        def init(self, layout):
+            return {}
+
+        def step(self, params, delta, state):
+            Exploding.calls += 1
+            if Exploding.calls == 2:
+                raise OverflowError("math range error (a site's extreme value)")
+            return params + delta, state
+
+    class Institutions(SequentialExecutor):
+        round_errors = (Exception,)
+
+    cfg = {"rounds": 3, "evaluation": {"baselines": []}}
+    run = consortium.simulate(cfg, pipeline=consortium.pipeline(weighted_mean(), Exploding()),
+                              executor=Institutions())
+    assert [("aborted" in r) for r in run.history] == [False, True, False]
+    assert "round 2" in run.history[1]["aborted"] and "OverflowError" in run.history[1]["aborted"]
+    Exploding.calls = 0
+    with pytest.raises(OverflowError):
+        consortium.simulate(cfg, pipeline=consortium.pipeline(weighted_mean(), Exploding()),
+                            executor=SequentialExecutor())
