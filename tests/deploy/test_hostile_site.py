@@ -144,3 +144,31 @@ def test_an_error_while_aggregating_ends_the_round_not_the_run() -> None:
     with pytest.raises(OverflowError):
         consortium.simulate(cfg, pipeline=consortium.pipeline(weighted_mean(), Exploding()),
                             executor=SequentialExecutor())
+
+
+@pytest.mark.parametrize("name", ["-rf", ".hidden", "..", "_x"])
+def test_a_site_name_that_could_be_an_option_or_a_hidden_file_is_refused(tmp_path, name) -> None:
+    from consortium.deploy.provision import provision
+    from consortium.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="starting with a letter or digit"):
+        provision(["north", name], tmp_path / "c")
+
+
+def test_the_server_requires_the_token_with_the_certificate(tmp_path) -> None:
+    """A stolen key alone is not enough: the server asks for the site's token too."""
+    from consortium.deploy.provision import (
+        AuthenticationError,
+        authenticate,
+        load_registry,
+        load_site_credentials,
+        provision,
+    )
+
+    provision(["north"], tmp_path / "c")
+    registry = load_registry(tmp_path / "c" / "server")
+    creds = load_site_credentials(tmp_path / "c" / "sites" / "north", "north")
+    with pytest.raises(AuthenticationError, match="no token"):
+        authenticate(registry, peer_cert_pem=creds.cert_pem, token=None, require_token=True)
+    assert authenticate(registry, peer_cert_pem=creds.cert_pem, token=creds.token,
+                        require_token=True) == "north"

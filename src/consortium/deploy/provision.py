@@ -75,7 +75,9 @@ __all__ = [
 SITE_URI_PREFIX = "consortium://site/"
 """A site's identity in its certificate's subjectAltName (RFC 5280 §4.2.1.6), besides the CN."""
 
-_SITE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")  # 64 = ub-common-name, RFC 5280 Appendix A.1
+# 64 = ub-common-name, RFC 5280 Appendix A.1; a letter or digit first, so that a name is never
+# an option (`-rf`) or a hidden file (`.ssh`) where it becomes a folder or a command argument
+_SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DNS_NAME = re.compile(r"(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+")
 _RESERVED_NAMES = {"server", "ca", "sites"}
 _CLOCK_SKEW = dt.timedelta(minutes=5)  # sites' clocks may lag; certificates start a bit early
@@ -467,6 +469,7 @@ def authenticate(
     token: str | None,
     claimed_site: str | None = None,
     now: dt.datetime | None = None,
+    require_token: bool = False,
 ) -> str:
     """Return the name of the site behind a connection, or refuse it.
 
@@ -484,6 +487,8 @@ def authenticate(
         token: the bearer token the peer sent, or ``None``.
         claimed_site: the sender a message claims to come from; refused if it differs.
         now: the time to check validity at (default: now, UTC).
+        require_token: refuse a connection without the site's token even when its certificate
+            checks out (``consortium server``: a stolen key alone is not enough).
 
     Raises:
         AuthenticationError: neither credential, an unknown or revoked site, a certificate not
@@ -494,6 +499,11 @@ def authenticate(
         raise AuthenticationError(
             "the peer presented neither a client certificate nor a token; "
             "start the client with --certs pointing to its provisioned folder"
+        )
+    if require_token and token is None:
+        raise AuthenticationError(
+            "the peer presented no token; every site sends its provisioned token with its "
+            "certificate (the `token` file in its folder)"
         )
     names: list[str] = []
     if peer_cert_pem:
@@ -868,8 +878,8 @@ def _check_site_names(sites: Sequence[str]) -> list[str]:
     for name in names:
         if not isinstance(name, str) or not _SITE_NAME.fullmatch(name) or set(name) == {"."}:
             raise ConfigError(
-                f"invalid site name {name!r}: use 1-64 letters, digits, '.', '_' or '-' "
-                "(not only dots)"
+                f"invalid site name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
             )
         if name.lower() in _RESERVED_NAMES:
             raise ConfigError(f"site name {name!r} is reserved; choose another name")

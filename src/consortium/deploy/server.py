@@ -112,7 +112,7 @@ class FederationService:
                 site = authenticate(
                     self.registry, peer_cert_pem=certs[0],
                     token=request.token if request.HasField("token") else None,
-                    claimed_site=request.site,
+                    claimed_site=request.site, require_token=True,
                 )
             except AuthenticationError as exc:
                 log.warning("refused a connection claiming site %r: %s", request.site, exc)
