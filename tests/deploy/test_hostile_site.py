@@ -172,3 +172,14 @@ def test_the_server_requires_the_token_with_the_certificate(tmp_path) -> None:
         authenticate(registry, peer_cert_pem=creds.cert_pem, token=None, require_token=True)
     assert authenticate(registry, peer_cert_pem=creds.cert_pem, token=creds.token,
                         require_token=True) == "north"
+
+
+def test_a_site_whose_data_disagree_is_named() -> None:
+    from consortium.config import ExperimentConfig
+    from consortium.deploy.server import _placeholder_dataset
+    from consortium.errors import ConfigError
+
+    sites = {"a": SiteInfo((13,), 2, 90, 30), "b": SiteInfo((13,), 2, 50, 10),
+             "odd": SiteInfo((12,), 2, 40, 10)}
+    with pytest.raises(ConfigError, match=r"site\(s\) \['odd'\] differ"):
+        _placeholder_dataset(ExperimentConfig(), sites)

@@ -386,9 +386,20 @@ def _placeholder_dataset(cfg: ExperimentConfig, sites: dict[str, SiteInfo]) -> F
     shapes = {info.input_shape for info in sites.values()}
     classes = {info.num_classes for info in sites.values()}
     if len(shapes) != 1 or len(classes) != 1:
+        def odd(key: Any) -> list[str]:  # the sites that differ from the most common value
+            counts: dict[Any, int] = {}
+            for info in sites.values():
+                counts[key(info)] = counts.get(key(info), 0) + 1
+            usual = max(counts, key=lambda v: (counts[v], str(v)))
+            return sorted(s for s, info in sites.items() if key(info) != usual)
+
+        differ = sorted(set(odd(lambda i: i.input_shape)) | set(odd(lambda i: i.num_classes)))
+        described = "; ".join(f"{s}: shape {list(sites[s].input_shape)}, {sites[s].num_classes} "
+                              "classes" for s in differ)
         raise ConfigError(
-            f"the sites' data do not agree: input shapes {sorted(shapes)}, classes "
-            f"{sorted(classes)}; every site must encode the same features and labels"
+            f"the sites' data do not agree: site(s) {differ} differ from the others ({described}; "
+            f"input shapes {sorted(shapes)}, classes {sorted(classes)}); every site must encode "
+            "the same features and labels — check those sites' files"
         )
     (shape,), (num_classes,) = shapes, classes
 
