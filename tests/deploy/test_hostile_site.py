@@ -183,3 +183,16 @@ def test_a_site_whose_data_disagree_is_named() -> None:
              "odd": SiteInfo((12,), 2, 40, 10)}
     with pytest.raises(ConfigError, match=r"site\(s\) \['odd'\] differ"):
         _placeholder_dataset(ExperimentConfig(), sites)
+
+
+def test_over_selection_with_central_or_distributed_dp_is_refused(tmp_path) -> None:
+    """Cutting the slowest sites biases DP-FedAvg's fixed denominator: refused before the
+    server listens."""
+    from consortium.deploy.server import serve
+    from consortium.errors import ConfigError
+
+    exp = tmp_path / "exp.toml"
+    exp.write_text('[privacy]\nmode = "central"\nnoise_multiplier = 1.0\n')
+    with pytest.raises(ConfigError, match="over-select"):
+        serve(exp, listen="127.0.0.1:0", certs=None, out=tmp_path / "run", min_sites=1,
+              over_select=0.3)

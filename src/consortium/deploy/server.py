@@ -565,6 +565,13 @@ def serve(
             "attack.kind is for simulation only (`consortium run`, `consortium robustness`); "
             "remove [attack] to deploy"
         )
+    if over_select and cfg.privacy.mode in ("central", "distributed"):
+        raise ConfigError(
+            f"--over-select with privacy.mode = {cfg.privacy.mode!r}: DP-FedAvg divides the noisy "
+            "sum by the expected number of sites, so cutting the slowest ones biases every round "
+            "(and the accountant assumes the sample it drew); drop --over-select, or use "
+            "--min-results to let a round go on without silent sites"
+        )
     if cfg.privacy.site_policies:
         raise ConfigError(
             "privacy.site_policies is for simulation; in a deployment each site enforces its "
