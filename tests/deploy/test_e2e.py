@@ -448,3 +448,43 @@ def test_the_four_hospitals_over_tls_reach_the_simulations_accuracy(tmp_path: Pa
     if secure:
         assert all(r["secagg_authenticated"] and r["secagg_clients"] == 4
                    for r in _records(tmp_path / "run"))
+
+
+def test_a_session_id_works_only_over_the_connection_of_the_site_it_belongs_to(
+    consortium_dir: Path,
+) -> None:
+    """Session ids are bound to the TLS identity that registered: south, holding north's
+    session id, cannot describe data (or pull north's tasks) in north's name."""
+    import grpc
+
+    from consortium.deploy.codec import SESSION_METADATA_KEY
+    from consortium.deploy.proto import consortium_pb2 as pb
+    from consortium.deploy.proto import consortium_pb2_grpc as rpc
+    from consortium.deploy.provision import load_site_credentials
+
+    d = consortium_dir
+    server, port = _start_server(d)
+
+    def stub(site: str):
+        creds = load_site_credentials(d / "certs" / "sites" / site, site)
+        channel = grpc.secure_channel(
+            f"127.0.0.1:{port}",
+            grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem))
+        return rpc.FederationStub(channel), creds.token, channel
+
+    try:
+        north, north_token, c1 = stub("north")
+        south, _, c2 = stub("south")
+        session = north.Register(pb.RegisterRequest(site="north", token=north_token),
+                                 timeout=30).session_id
+        info = pb.SiteInfo(input_shape=[4], num_classes=2, num_train=10, num_test=5)
+        with pytest.raises(grpc.RpcError) as refused:
+            south.Describe(info, metadata=((SESSION_METADATA_KEY, session),), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "another site's certificate" in refused.value.details()
+        ack = north.Describe(info, metadata=((SESSION_METADATA_KEY, session),), timeout=30)
+        assert ack.accepted
+        c1.close()
+        c2.close()
+    finally:
+        _stop(server)

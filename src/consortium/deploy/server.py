@@ -71,6 +71,7 @@ class FederationService:
         # at most this many tasks stream out at once: gRPC buffers every concurrent send, and
         # 1,000 sites pulling a 1 MB model together held gigabytes (benchmarks/deployment.py)
         self._sending = asyncio.Semaphore(32)
+        self._fingerprints: dict[bytes, str] = {}  # client certificate PEM -> SHA-256
 
     def current_registry(self) -> Any:
         """The registry, re-read if its files changed (checked at most once a second); sites
@@ -137,10 +138,35 @@ class FederationService:
         if self.registry is not None:
             self.current_registry()
         try:
-            self.hub.site_of(session)
+            site = self.hub.site_of(session)
         except KeyError:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown session; register again")
+        if self.registry is not None and not self._is_peer(context, site):
+            # a session id is bound to the TLS identity that registered it: another site's
+            # connection cannot act for it, even with its session id
+            log.warning("refused a call for site %r's session from another TLS identity", site)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "this session belongs to another site's certificate")
         return str(session)
+
+    def _is_peer(self, context: Any, site: str) -> bool:
+        """Whether the call's client certificate is the one provisioned for ``site``."""
+        certs = dict(context.auth_context()).get("x509_pem_cert") or [None]
+        pem = certs[0]
+        if not pem:
+            return False
+        fingerprint = self._fingerprints.get(pem)
+        if fingerprint is None:
+            from consortium.deploy.provision import certificate_fingerprint
+
+            try:
+                fingerprint = certificate_fingerprint(pem)
+            except Exception:
+                return False
+            if len(self._fingerprints) < 4096:  # one entry per site certificate
+                self._fingerprints[pem] = fingerprint
+        record = self.registry.sites.get(site)
+        return record is not None and record.fingerprint == fingerprint
 
     async def Describe(self, request: Any, context: Any) -> Any:
         from consortium.deploy.proto import consortium_pb2 as pb
