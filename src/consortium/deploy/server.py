@@ -165,7 +165,8 @@ class FederationService:
                 return False
             if len(self._fingerprints) < 4096:  # one entry per site certificate
                 self._fingerprints[pem] = fingerprint
-        record = self.registry.sites.get(site)
+        registry = self.registry
+        record = registry.sites.get(site) if registry is not None else None
         return record is not None and record.fingerprint == fingerprint
 
     async def Describe(self, request: Any, context: Any) -> Any:
