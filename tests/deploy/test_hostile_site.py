@@ -9,14 +9,11 @@ round). Memory limits, SecAgg bounds, logs and the audit head are the issue's la
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 
 pytest.importorskip("grpc", reason="deployment needs: pip install 'consortium[deploy]'")
 
-from consortium.deploy.audit import AuditLog
 from consortium.deploy.codec import (
     EvaluationEnvelope,
     ResultEnvelope,
@@ -27,20 +24,7 @@ from consortium.deploy.hub import Hub, SiteInfo
 from consortium.deploy.server import _implausible
 from consortium.deploy.validate import ExpectedTask
 from consortium.messages import EvaluationResult, Result
-from consortium.types import Layout, TensorSpec, Update
-
-LAYOUT = Layout((TensorSpec("w", (3,), torch.float32),))
-
-
-@pytest.fixture()
-def hub(tmp_path):
-    loop = asyncio.new_event_loop()
-    audit = AuditLog(tmp_path / "audit.jsonl")
-    h = Hub(loop, config_toml="", run_id="t", max_result_bytes=1 << 20, audit=audit)
-    h.layout = LAYOUT
-    yield h
-    audit.close()
-    loop.close()
+from consortium.types import Update
 
 
 def _task(hub: Hub, kind: str, task_id: str = "t1"):

@@ -13,20 +13,8 @@ from consortium.deploy.codec import ResultEnvelope, decode_upload, encode_upload
 from consortium.deploy.hub import Hub, SiteInfo
 from consortium.deploy.validate import ExpectedTask
 from consortium.messages import Result
-from consortium.types import Layout, TensorSpec, Update
-
-LAYOUT = Layout((TensorSpec("w", (3,), torch.float32),))
-
-
-@pytest.fixture()
-def hub(tmp_path):
-    loop = asyncio.new_event_loop()
-    audit = AuditLog(tmp_path / "audit.jsonl")
-    h = Hub(loop, config_toml="", run_id="t", max_result_bytes=1 << 20, audit=audit)
-    h.layout = LAYOUT
-    yield h
-    audit.close()
-    loop.close()
+from consortium.types import Update
+from tests.deploy.conftest import LAYOUT
 
 
 def _open(hub: Hub, site: str, task_id: str, rnd: int = 1):
