@@ -131,7 +131,9 @@ class SiteRunner:
 
             creds = load_site_credentials(certs, site)
             self.token = creds.token
-            self.identity = _signing_identity(creds, site)
+            from consortium.secagg.identity import site_identity
+
+            self.identity = site_identity(creds, site)
             self.credentials = grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem)
         if not self.data.is_file():
             raise ConfigError(f"--data {str(self.data)!r} is not a file; give the site's CSV")
@@ -565,16 +567,6 @@ class _Site:
         shape, classes, n_train, n_test = self.info
         return pb.SiteInfo(input_shape=list(shape), num_classes=classes, num_train=n_train,
                            num_test=n_test)
-
-
-def _signing_identity(creds: Any, site: str) -> Any:
-    """The site's provisioned key and certificate, and the consortium CA, for signing and
-    checking secure-aggregation keys; None when the secagg extra is missing."""
-    try:
-        from consortium.secagg.identity import site_identity
-    except ImportError:  # pragma: no cover - cryptography comes with the deploy extra
-        return None
-    return site_identity(creds, site)
 
 
 def _secagg_floor(policy: Any, *, can_sign: bool) -> Any:

@@ -96,12 +96,7 @@ def plan_central_dp(cfg: ExperimentConfig, population: int) -> PrivacyPlan:
             impossible sampling/accountant combination.
     """
     p = cfg.privacy
-    if cfg.algorithm.name not in _PRIVATE_ALGORITHMS:
-        raise ConfigError(
-            f"central DP protects the model update only; {cfg.algorithm.name!r} also sends "
-            f"control variates or step counts in the clear. Use algorithm.name = "
-            f"{' or '.join(repr(a) for a in _PRIVATE_ALGORITHMS)} with privacy.mode = \"central\""
-        )
+    _check_private_algorithm(cfg)
     k, rate = _cohort(cfg, population)
     sampler = plan_sampler(cfg, population)
     if p.sampling == "poisson":
