@@ -114,7 +114,17 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--over-select", type=float, default=0.0, metavar="X",
                      help="the sampled sites are an over-selection by X (e.g. 0.3): a round "
                      "closes once n/(1+X) of its n sites answered; the slowest are dropped")
+    srv.add_argument("--update-bound", type=float, default=None, metavar="X",
+                     help="scale every site's update to at most X times the round's median "
+                     "update norm (default: aggregation.update_bound, else 3); 0 turns the "
+                     "bound off (a warning)")
     srv.add_argument("--register-timeout", type=float, default=600.0, help="seconds to wait for the sites")
+    srv.add_argument("--stream-idle-timeout", type=float, default=30.0, metavar="S",
+                     help="a site's upload or task stream that moves no frame for S seconds is "
+                     "dropped and its memory released")
+    srv.add_argument("--stream-min-rate", type=float, default=16384.0, metavar="BYTES",
+                     help="after the first S seconds a stream must average BYTES a second "
+                     "(0: no floor)")
     srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     srv.add_argument("--no-progress", action="store_true", help="no progress bar")
     cli_ = sub.add_parser("client", help="serve one site's data to a consortium server")
@@ -132,6 +142,10 @@ def _parser() -> argparse.ArgumentParser:
     cli_.add_argument("--state", metavar="DIR",
                       help="where the site keeps its privacy spend and client state across "
                       "restarts (default: <certs>/state)")
+    cli_.add_argument("--receipts", metavar="FILE",
+                      help="the site's receipt log: the server's signed audit head with each "
+                      "task and the digest of what was sent (default: <state>/receipts.jsonl); "
+                      "check a server with `consortium audit verify RUN --against FILE`")
     cli_.add_argument("--approve", action="append", default=[], metavar="MANIFEST_HASH",
                       help="join the experiment with this manifest hash (`consortium manifest "
                            "EXPERIMENT.toml` prints it); repeatable")
@@ -151,6 +165,13 @@ def _parser() -> argparse.ArgumentParser:
     aver = asub.add_parser("verify", help="verify every link of RUN_DIR/audit.jsonl")
     aver.add_argument("run_dir", help="the server's run directory")
     aver.add_argument("--expect-hash", help="the last entry's hash recorded elsewhere (detects truncation)")
+    aver.add_argument("--against", nargs="+", metavar="RECEIPTS", default=[],
+                      help="the sites' receipt logs (<state>/receipts.jsonl): the log must hold "
+                      "every signed head and accepted result they record (detects a rewritten, "
+                      "re-hashed or truncated log)")
+    aver.add_argument("--server-cert", metavar="PEM",
+                      help="the server certificate that signed the heads (default: the one the "
+                      "sites recorded)")
     ds = sub.add_parser("datasets", help="list the built-in data sets and partitioners")
     ds.add_argument("--export-heart-disease", metavar="DIR",
                     help="write the four hospitals' files into DIR (one per site, for a deployment)")
@@ -380,7 +401,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
         min_sites=args.min_sites, overrides=args.overrides,
         register_timeout=args.register_timeout, round_timeout=args.round_timeout,
         min_results=args.min_results, over_select=args.over_select, heartbeat_s=args.heartbeat,
-        progress=not args.no_progress, resume=args.resume,
+        stream_idle_timeout=args.stream_idle_timeout, stream_min_rate=args.stream_min_rate,
+        progress=not args.no_progress, resume=args.resume, update_bound=args.update_bound,
     )
     assert result.run_dir is not None
     _print_results(result.summary, result.run_dir)
@@ -397,7 +419,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     answered = run_client(args.server, site=args.site, data=args.data, certs=certs,
                           target=args.target, give_up_after_s=args.give_up_after,
                           policy=args.policy, state_dir=args.state, approve=args.approve,
-                          allow_models=args.allow_model)
+                          allow_models=args.allow_model, receipts=args.receipts)
     print(f"consortium client: the run is over; {answered} tasks answered", file=sys.stderr)
     return EXIT_OK
 
@@ -420,6 +442,19 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from consortium.deploy.audit import verify_run
 
+    if args.against:
+        from consortium.deploy.audit import AuditError, verify_against
+
+        cert = None
+        if args.server_cert:
+            try:
+                cert = Path(args.server_cert).read_bytes()
+            except OSError as exc:
+                raise AuditError(f"--server-cert {args.server_cert!r}: {exc.strerror}") from None
+        verify_run(Path(args.run_dir))  # the folder and its log exist (one clear error if not)
+        checked = verify_against(Path(args.run_dir), args.against, server_cert=cert)
+        print(checked.summary())
+        return EXIT_OK if checked.ok else 1
     report = verify_run(Path(args.run_dir), expected_last_hash=args.expect_hash)
     print(report.summary())
     return EXIT_OK if report.ok else 1

@@ -167,9 +167,14 @@ Params = tuple[tuple[str, Any], ...]
 class AggregationConfig:
     """The aggregation rule: ``"mean"`` (FedAvg's weighted mean) or a robust rule
     (``consortium.aggregation.robust``); every other key of the section is the rule's parameter,
-    e.g. ``[aggregation] rule = "trimmed-mean"`` and ``f = 2``."""
+    e.g. ``[aggregation] rule = "trimmed-mean"`` and ``f = 2``.
+
+    ``update_bound``: each update's delta is scaled to at most this multiple of the round's
+    median update norm before the rule runs (``consortium.aggregation.bound``); 0 leaves it
+    to where the run happens: off in a simulation, 3.0 in ``consortium server``."""
 
     rule: str = "mean"
+    update_bound: float = 0.0
     params: Params = ()
 
 
@@ -297,6 +302,9 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(sa.neighbours >= 0, "secure_aggregation.neighbours", sa.neighbours, "0 (all) or >= 1")
     if cfg.aggregation.rule != "mean" or cfg.aggregation.params:
         check_rule(cfg.aggregation.rule, dict(cfg.aggregation.params))
+    from consortium.aggregation.bound import check_multiplier
+
+    check_multiplier(cfg.aggregation.update_bound)
     if sa.enabled and cfg.aggregation.rule != "mean":
         raise ConfigError(
             f"aggregation.rule = {cfg.aggregation.rule!r} needs every client's update, which "

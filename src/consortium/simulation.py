@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from consortium.aggregation.base import Pipeline
+from consortium.aggregation.bound import bound_updates
 from consortium.aggregation.mean import weighted_mean
 from consortium.aggregation.optimizers import server_optimizer
 from consortium.algorithms import Algorithm, build_algorithm
@@ -103,6 +104,7 @@ def simulate(
     callbacks: Sequence[object] = (),
     report: bool = True,
     checkpoint_extras: Callable[[], Mapping[str, Any]] | None = None,
+    on_checkpoint: Callable[[int, str], None] | None = None,
     run_id: str = "",
 ) -> SimulationResult:
     """Run a federated simulation.
@@ -121,6 +123,8 @@ def simulate(
         checkpoint_extras: called after every round; its JSON-able mapping is saved inside
             the checkpoint, atomically with it (read back with
             :func:`~consortium.server.checkpoint.load_checkpoint_extras`).
+        on_checkpoint: called with (round, digest) once each checkpoint is written and before
+            it takes effect (a deployment records the digest in its audit log).
         run_id: a deployment's run id (``consortium server``): secure aggregation binds its
             keys and signatures to it, and the sites refuse another run's.
 
@@ -195,8 +199,11 @@ def simulate(
             )
         aggregator = make_rule(cfg.aggregation.rule, **rule_params)
     if cfg.secure_aggregation.enabled:
-        quantise, aggregator = secure_aggregation_parts(cfg, algorithm, settings, run_id=run_id)
+        quantise, aggregator = secure_aggregation_parts(cfg, algorithm, settings, run_id=run_id,
+                                                        sizes=_train_sizes(dataset))
         stages.append(quantise)
+    # before the attack's wrapper: a simulated attacker's update is bounded as a real one is
+    aggregator = bound_updates(aggregator, cfg.aggregation.update_bound, stages=stages)
     if threat is not None:
         aggregator = threat.wrap(aggregator)
     pipeline = pipeline or Pipeline(
@@ -246,7 +253,9 @@ def simulate(
     history: list[dict[str, Any]] = []
     state: RunState | None = None
     if resume is not None:
-        state, store = load_checkpoint(run_dir / "checkpoint")  # type: ignore[operator]
+        state, store = load_checkpoint(  # checked: finite float32 of this model, round in range
+            run_dir / "checkpoint", layout=init.layout, rounds=cfg.rounds  # type: ignore[operator]
+        )
         log = MetricsLog(run_dir / "metrics.jsonl")  # type: ignore[operator]
         log.truncate_after(state.round)
         history = read_metrics(log.path) if log.path.exists() else []
@@ -269,7 +278,7 @@ def simulate(
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume is None:
             (run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
-        cbs += [MetricsLog(run_dir / "metrics.jsonl"), Checkpointer(run_dir / "checkpoint", store, checkpoint_extras)]
+        cbs += [MetricsLog(run_dir / "metrics.jsonl"), Checkpointer(run_dir / "checkpoint", store, checkpoint_extras, on_checkpoint)]
     if progress:
         cbs.append(ProgressBar(cfg.name))
     cbs += list(callbacks)
@@ -329,12 +338,20 @@ def simulate(
     )
 
 
+def _train_sizes(dataset: FederatedDataset) -> dict[str, int]:
+    """Each client's training examples (a deployment's placeholder: the roster's num_train)."""
+    return dict(zip(dataset.client_ids, (int(n) for n in dataset.packed().train_sizes())))
+
+
 def secure_aggregation_parts(
-    cfg: ExperimentConfig, algorithm: Algorithm, settings: LocalTraining, *, run_id: str = ""
+    cfg: ExperimentConfig, algorithm: Algorithm, settings: LocalTraining, *, run_id: str = "",
+    sizes: Mapping[str, int] | None = None,
 ) -> tuple[Any, Any]:
     """Secure aggregation's client stage and aggregator for an experiment (see
     ``[secure_aggregation]``); ``run_id`` binds a deployment's keys to its run (the sites
-    check it)."""
+    check it). ``sizes`` (each client's training examples, as the server knows them) become
+    the weights the server checks the secure weight sum against: a client's weight is its
+    examples, or 1 under central and distributed DP, whose client halves send weight 1."""
     from consortium.secagg.stage import secure_aggregation
 
     sa = cfg.secure_aggregation
@@ -342,10 +359,12 @@ def secure_aggregation_parts(
     bounds = dict(bounds_of(settings, sa.weight_bound)) if bounds_of else {}
     if sa.extras_bound > 0:
         bounds = dict.fromkeys(bounds, sa.extras_bound)
+    unit = cfg.privacy.mode in ("central", "distributed")
+    weights = {c: 1.0 if unit else float(n) for c, n in (sizes or {}).items()}
     return secure_aggregation(
         clip=sa.clip, bits=sa.bits, weight_bound=sa.weight_bound, threshold=sa.threshold,
         neighbours=sa.neighbours, extra_bounds=bounds, run_id=run_id,
-        authenticate=sa.authenticate, integer=cfg.privacy.mode == "distributed",
+        authenticate=sa.authenticate, integer=cfg.privacy.mode == "distributed", weights=weights,
     )
 
 

@@ -24,6 +24,7 @@ from consortium.aggregation.base import (
     RoundContext,
     pipeline,
 )
+from consortium.aggregation.bound import bound_updates
 from consortium.aggregation.clipping import clip_by_l2_norm
 from consortium.aggregation.mean import weighted_mean
 from consortium.aggregation.optimizers import SERVER_OPTIMIZERS, adam, avgm, server_optimizer, sgd
@@ -420,8 +421,15 @@ CONFORMANCE: dict[str, Part] = {
     "norm_bound": Part(lambda: norm_bound()),
     "fltrust": Part(lambda: fltrust(lambda ctx: torch.linspace(-1.0, 1.0, ctx.layout.size))),
     "flame": Part(lambda: flame(f=1)),
+    # the update bound wraps any aggregator; at 1 × the median it clips half of every round
+    "bound_updates": Part(lambda: bound_updates(weighted_mean(), 1.0)),
+    "bound_updates[centered_clipping]": Part(
+        lambda: bound_updates(centered_clipping(tau=1.0, momentum=0.5), 1.0)
+    ),
 }
-NOT_PARTS = {"pipeline", "server_optimizer", "make_rule"}  # builders, not parts
+NOT_PARTS = {  # builders and helpers, not parts
+    "pipeline", "server_optimizer", "make_rule", "check_multiplier", "enforce_norm",
+}
 
 
 def random_vector(n: int, seed: int) -> torch.Tensor:

@@ -316,7 +316,7 @@ def test_the_upload_limit_follows_the_model_so_a_site_cannot_make_the_server_buf
     from consortium.deploy.server import _reassemble
 
     big = Hub(asyncio.new_event_loop(), config_toml="", run_id="t", max_result_bytes=2 << 30)
-    assert big.upload_limit() == 2 << 30  # before round 1 the layout is unknown
+    assert big.upload_limit() == 1 << 20  # before round 1 no task was sent: a small cap
     big.layout = LAYOUT  # 3 floats
     assert big.upload_limit() == 4 * 3 * 4 + (1 << 20)
 

@@ -319,6 +319,7 @@ def test_fabricated_participants_without_valid_certificates_are_refused() -> Non
     ghost = AdvertiseKeys(
         "ghost", ghost_c.public, ghost_s.public, rogue["ghost"].certificate_der,
         rogue["ghost"].sign(signed_keys_bytes(config, "ghost", ghost_c.public, ghost_s.public)),
+        seed_commitment=bytes(32),
     )
     server = SecAggServer(config=config, graph_seed=SEED)
     broadcasts = server.collect_keys([victim.advertise_keys(), other.advertise_keys(), ghost])

@@ -23,6 +23,7 @@ __all__ = [
     "BufferedAggregator",
     "ClientContext",
     "Exchange",
+    "ExtraSpec",
     "Pipeline",
     "RoundContext",
     "ServerOptimizer",
@@ -108,6 +109,34 @@ class Aggregate:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ExtraSpec:
+    """What one extra tensor a client sends must be, declared by the code that makes it.
+
+    A deployed server sums the extras of sites it does not trust: an extra of the wrong shape
+    broke the round, and a centred bit of -1e6 broke adaptive clipping (issue 13). Algorithms
+    declare theirs with ``expected_extras(layout, settings, max_weight)``, stages how their
+    client half changes them with ``expected_extras(before, layout)``
+    (:meth:`Pipeline.client_extras` folds them), and the server checks every result against
+    the declaration (:func:`consortium.deploy.validate.validate_result`).
+
+    Attributes:
+        shape: the tensor's exact shape.
+        dtype: its dtype.
+        low: the smallest value any coordinate may take.
+        high: the largest.
+        per_weight: ``low`` and ``high`` are per unit of the update's weight (FedNova's
+            ``w·a`` is at most ``w`` times the largest ``a``), so a site cannot pair a small
+            weight with a large extra.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    low: float = -float("inf")
+    high: float = float("inf")
+    per_weight: bool = False
+
+
 @runtime_checkable
 class Stage(Protocol):
     """One step of the pipeline.
@@ -122,7 +151,9 @@ class Stage(Protocol):
     - ``server(aggregate, state, ctx) -> (Aggregate, state)``: runs on the aggregate, reverse order;
     - ``respond(phase, message, ctx) -> reply``: runs on the client for each message an
       interactive part sends through ``RoundContext.exchange`` (``ctx.session`` holds what the
-      client half kept).
+      client half kept);
+    - ``expected_extras(before, layout) -> {name: ExtraSpec}``: the extras its client half
+      leaves, given those it receives (see :class:`ExtraSpec`); without it, unchanged.
 
     ``needs`` and ``gives`` are capability names checked when the pipeline is built. A stage
     whose server half treats ``aggregate.delta × aggregate.weight`` as the plain sum of the
@@ -363,6 +394,25 @@ class Pipeline:
         """Apply the server optimiser to the global parameters."""
         new_params, opt_state = self.optimizer.step(params, delta, state.optimizer)
         return new_params, PipelineState(state.stages, opt_state, state.aggregator)
+
+    def client_extras(
+        self, extras: Mapping[str, ExtraSpec], layout: Layout
+    ) -> dict[str, ExtraSpec]:
+        """The extras an honest client sends after the client halves, given those its
+        algorithm made (``Algorithm.expected_extras``).
+
+        Each stage with ``expected_extras(before, layout)`` says what its client half makes of
+        them (central DP adds its clipping bit, secure aggregation sends zeros of the same
+        sizes); a stage without one passes them on unchanged, so a stage that adds an extra
+        without declaring it has its clients' results rejected (naming the extra) rather than
+        their extra summed unchecked.
+        """
+        out = dict(extras)
+        for stage in self.stages:
+            declare = getattr(stage, "expected_extras", None)
+            if declare is not None:
+                out = dict(declare(out, layout))
+        return out
 
     def describe(self) -> str:
         parts = [s.name for s in self.stages] + [self.aggregator.name, self.optimizer.name]

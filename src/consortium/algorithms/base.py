@@ -69,6 +69,11 @@ class Algorithm(Protocol):
     (sequential, vectorised, Ray, remote) runs the same algorithm: ``local_terms`` says what
     to add to each local gradient, the executor runs local SGD, and ``make_update`` turns the
     result into what the client sends (updating the client's state if the algorithm has any).
+
+    Optional: ``expected_extras(layout, settings, max_weight) -> {name: ExtraSpec}``, the
+    extras ``make_update`` sends for a client of at most ``max_weight`` examples (see
+    :class:`~consortium.aggregation.base.ExtraSpec`); a deployed server rejects any other.
+    Without it the server checks the extras' values but not their names and shapes.
     """
 
     @property

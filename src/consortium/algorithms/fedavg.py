@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from consortium.aggregation.base import Aggregate, RoundContext, StageState
+from consortium.aggregation.base import Aggregate, ExtraSpec, RoundContext, StageState
 from consortium.algorithms.base import LocalResult, TrainContext, train_with
 from consortium.client.training import LocalTerms, LocalTraining
 from consortium.types import Layout, Update
@@ -40,6 +40,12 @@ class FedAvg:
 
     def check_settings(self, settings: LocalTraining) -> None:
         pass
+
+    def expected_extras(
+        self, layout: Layout, settings: LocalTraining, max_weight: float
+    ) -> dict[str, ExtraSpec]:
+        """None: the update is the delta and the weight."""
+        return {}
 
     def local_terms(self, ctx: TrainContext) -> LocalTerms:
         return LocalTerms()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from consortium.aggregation.base import Aggregate, RoundContext, StageState
+from consortium.aggregation.base import Aggregate, ExtraSpec, RoundContext, StageState
 from consortium.algorithms.base import LocalResult, TrainContext, train_with
 from consortium.client.training import LocalTerms, LocalTraining, planned_steps
 from consortium.errors import ConfigError
@@ -61,6 +61,18 @@ class FedNova:
         ``weight_bound`` examples doing their planned local steps."""
         steps = planned_steps(max(1, math.ceil(weight_bound)), settings)
         return {_A: weight_bound * normalising_factor(steps, settings.momentum)}
+
+    def expected_extras(
+        self, layout: Layout, settings: LocalTraining, max_weight: float
+    ) -> dict[str, ExtraSpec]:
+        """``w·a``, one value in ``[0, w·a_max]``: ``a`` grows with the local steps, and a
+        client with at most ``max_weight`` examples plans at most
+        ``planned_steps(max_weight)`` of them. Bounded per unit of weight because
+        ``τ_eff = Σ wᵢaᵢ / Σ wᵢ`` scales the whole step: a site sending weight 1 with a large
+        ``w·a`` would otherwise multiply the round's step at will."""
+        steps = planned_steps(max(1, math.ceil(max_weight)), settings)
+        return {_A: ExtraSpec((1,), low=0.0, high=normalising_factor(steps, settings.momentum),
+                              per_weight=True)}
 
     def make_update(self, ctx: TrainContext, result: LocalResult) -> Update:
         a = normalising_factor(result.steps, ctx.settings.momentum)

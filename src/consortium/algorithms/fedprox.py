@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from consortium.aggregation.base import Aggregate, RoundContext, StageState
+from consortium.aggregation.base import Aggregate, ExtraSpec, RoundContext, StageState
 from consortium.algorithms.base import LocalResult, TrainContext, train_with
 from consortium.algorithms.fedavg import plain_update
 from consortium.client.training import LocalTerms, LocalTraining
@@ -42,6 +42,12 @@ class FedProx:
 
     def check_settings(self, settings: LocalTraining) -> None:
         pass
+
+    def expected_extras(
+        self, layout: Layout, settings: LocalTraining, max_weight: float
+    ) -> dict[str, ExtraSpec]:
+        """None: the update is the delta and the weight."""
+        return {}
 
     def local_terms(self, ctx: TrainContext) -> LocalTerms:
         if self.mu == 0:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from consortium.aggregation.base import Aggregate, RoundContext, StageState
+from consortium.aggregation.base import Aggregate, ExtraSpec, RoundContext, StageState
 from consortium.algorithms.base import LocalResult, TrainContext, train_with
 from consortium.client.training import LocalTerms, LocalTraining
 from consortium.errors import ConfigError
@@ -56,6 +56,13 @@ class Scaffold:
         mean gradients): ``SECURE_BOUND`` per coordinate; larger values are clipped and counted
         in ``secagg_clipped`` (set ``secure_aggregation.extras_bound`` to widen it)."""
         return {_DC: SECURE_BOUND}
+
+    def expected_extras(
+        self, layout: Layout, settings: LocalTraining, max_weight: float
+    ) -> dict[str, ExtraSpec]:
+        """The control-variate change ``c_i⁺ − c_i``: one value per parameter. A change of
+        mean gradients has no bound of its own; the server's absurd-magnitude cap applies."""
+        return {_DC: ExtraSpec((layout.size,))}
 
     def local_terms(self, ctx: TrainContext) -> LocalTerms:
         c = ctx.payload["c"]

@@ -58,7 +58,11 @@ class AttackedAggregator:
 
     @property
     def stateful(self) -> bool:
-        """Whether the wrapped rule keeps state across rounds (centered clipping)."""
+        """Whether the wrapped rule keeps state across rounds (centered clipping); a wrapper
+        (the update bound) says so with its own ``stateful``."""
+        declared = getattr(self.inner, "stateful", None)
+        if declared is not None:
+            return bool(declared)
         return not hasattr(self.inner, "accumulate") and hasattr(self.inner, "init")
 
     def init(self, layout: Layout) -> StageState:

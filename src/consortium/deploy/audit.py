@@ -14,7 +14,10 @@ inserting or reordering any line breaks a link that :func:`verify` reports with 
 
 A plain hash chain has no secret, so it cannot tell a log rewritten in full, or cut short at
 the end, from an honest one. Record the last hash somewhere else (the run report, a message to
-the sites) and pass it to :func:`verify` as ``expected_last_hash`` to close that gap.
+the sites) and pass it to :func:`verify` as ``expected_last_hash`` to close that gap. A deployed
+server does so with every task: it signs the chain's :class:`AuditHead` and each site keeps it
+in its receipt log; :func:`verify_against` then checks the log against every site's receipts
+(:mod:`consortium.deploy.receipts`).
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ import math
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from consortium.errors import ConsortiumError
+
+if TYPE_CHECKING:
+    from consortium.deploy.receipts import ReceiptReport
 
 try:
     import fcntl
@@ -43,12 +49,15 @@ __all__ = [
     "AUDIT_FILENAME",
     "GENESIS_HASH",
     "AuditError",
+    "AuditHead",
     "AuditLog",
     "AuditProblem",
     "AuditReport",
     "canonical_bytes",
+    "last_entries",
     "update_digest",
     "verify",
+    "verify_against",
     "verify_run",
 ]
 
@@ -63,6 +72,18 @@ _RESERVED = ("seq", "time", "kind", "prev", "hash")
 
 class AuditError(ConsortiumError, RuntimeError):
     """The audit log cannot be opened, resumed or verified as asked."""
+
+
+@dataclass(frozen=True)
+class AuditHead:
+    """Where the log stands: its number of entries (the newest ``seq``) and the newest hash,
+    which commits to every entry before it; ``signature`` is the server's over the head and
+    the task it came with (empty: unsigned, ``--insecure``). See :mod:`consortium.deploy.receipts`.
+    """
+
+    seq: int
+    hash: str
+    signature: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -198,6 +219,11 @@ class AuditLog:
     def entries(self) -> int:
         """How many entries the log holds (the newest entry's ``seq``)."""
         return self._seq
+
+    def head(self) -> AuditHead:
+        """The newest ``seq`` and hash, read together (unsigned)."""
+        with self._lock:
+            return AuditHead(self._seq, self._last_hash)
 
     def append(self, kind: str, /, **fields: Any) -> dict[str, Any]:
         """Add one entry and return it as written (with ``seq``, ``time``, ``prev``, ``hash``).
@@ -386,6 +412,58 @@ def verify_run(run_dir: Path | str, *, expected_last_hash: str | None = None) ->
             "--insecure) keep an audit log. Check the run directory"
         )
     return verify(run_dir / AUDIT_FILENAME, expected_last_hash=expected_last_hash)
+
+
+def verify_against(
+    run_dir: Path | str, receipts: Path | str | Iterable[Path | str], *,
+    server_cert: bytes | None = None,
+) -> ReceiptReport:
+    """Check a run's audit log against the sites' receipt logs: every signed head a site was
+    told must be in the log, the log must reach the newest, and every result the server
+    accepted must be there with the site's digest. See
+    :func:`consortium.deploy.receipts.verify_against`, which this calls (signatures need the
+    optional ``cryptography``, which this module does not import).
+
+    Raises:
+        AuditError: the log or a receipt file cannot be read.
+    """
+    from consortium.deploy.receipts import verify_against as verify_receipts
+
+    return verify_receipts(run_dir, receipts, server_cert=server_cert)
+
+
+def last_entries(path: Path | str, kind: str, count: int = 1) -> list[dict[str, Any]]:
+    """The newest ``count`` entries of ``kind``, newest first, read from the end of the file
+    (a resumed server looks up its last checkpoint without reading a long log in full).
+
+    Entries whose hash does not match their content are skipped: an edited entry vouches for
+    nothing. Returns fewer (or none) when the log holds fewer, or does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    needle = b'"kind":' + json.dumps(kind).encode()
+    found: list[dict[str, Any]] = []
+    with open(path, "rb") as fh:
+        fd = fh.fileno()
+        end = os.fstat(fd).st_size
+        while end > 0 and len(found) < count:
+            start = _last_line_start(fd, end - 1) if end > 1 else 0
+            raw = _pread(fd, end - start, start).rstrip(b"\n")
+            end = start
+            if needle not in raw:
+                continue
+            entry, problem = _parse_entry(raw)
+            if entry is not None and entry["kind"] == kind and _hash_matches(entry):
+                found.append(entry)
+    return found
+
+
+def _hash_matches(entry: Mapping[str, Any]) -> bool:
+    try:
+        return bool(entry["hash"] == _entry_hash(entry))
+    except ValueError:
+        return False
 
 
 def _parse_entry(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:

@@ -19,14 +19,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from consortium.deploy.logsafe import peer_text
 from consortium.errors import ConfigError, ConsortiumError, MissingExtraError
 
-__all__ = ["ExperimentRefused", "SiteRunner", "run_client"]
+__all__ = ["ExperimentRefused", "SiteRunner", "run_client", "task_limit"]
 
 log = logging.getLogger("consortium.client")
 
 _BEFORE = "before\x1e"  # state-file keys of the algorithm state before the latest round
 _PRIVACY = "privacy."  # the site's privacy ledger in its client state (never rolled back)
+
+
+TASK_OVERHEAD_BYTES = 64 << 20
+"""What a task or exchange may hold beyond four copies of the model: its metadata, and under
+secure aggregation every peer's signed keys and shares (about 10 KiB a peer)."""
+
+
+def task_limit(layout: Any) -> int:
+    """The largest task or exchange this site accepts for a model of ``layout``: room for the
+    model and three more of its size (an algorithm's payload, e.g. SCAFFOLD's control variate)
+    plus :data:`TASK_OVERHEAD_BYTES`. The site knows its model from the experiment, so a server
+    cannot make it buffer gigabytes (it accepted up to 4 GiB before, issue 13)."""
+    model = sum(s.numel * s.dtype.itemsize for s in layout.specs)
+    return 4 * model + TASK_OVERHEAD_BYTES
 
 
 class ExperimentRefused(ConsortiumError):
@@ -40,6 +55,9 @@ class _Session:
     config: Any
     site: Any  # the SiteClient
     heartbeat_s: float = 30.0
+    run_id: str = ""
+    server_key: Any = None  # checks the audit heads; None: the server signs none
+    task_limit: int = TASK_OVERHEAD_BYTES  # the largest task accepted (task_limit of the model)
 
 
 class _Heartbeats:
@@ -96,6 +114,10 @@ class SiteRunner:
             its policy says ``approve = "matching"``.
         allow_models: ``package.module:factory`` models the operator trusts the site to import;
             any other non-built-in model is refused before anything is imported.
+        receipts: the site's receipt log (:class:`~consortium.deploy.receipts.ReceiptLog`):
+            per task, the server's signed audit head and the digest of what the site sent, so
+            the server's log can be checked later (``consortium audit verify --against``);
+            default ``<state>/receipts.jsonl`` when there is a state folder, else none.
     """
 
     def __init__(
@@ -103,7 +125,7 @@ class SiteRunner:
         target: str = "", poll_s: float = 5.0, max_backoff_s: float = 30.0,
         give_up_after_s: float = 0.0, policy: str | Path | None = None,
         state_dir: str | Path | None = None, approve: Sequence[str] = (),
-        allow_models: Sequence[str] = (),
+        allow_models: Sequence[str] = (), receipts: str | Path | None = None,
     ) -> None:
         try:
             import grpc
@@ -121,6 +143,7 @@ class SiteRunner:
         self.approve = tuple(approve)
         self.allow_models = tuple(allow_models)
         self.identity: Any = None  # the site's signing identity for secure aggregation
+        self.ca_pem: bytes | None = None  # the consortium CA: checks the server's audit key
         if certs is None:
             print("consortium client: WARNING --insecure: no TLS; the server is not authenticated "
                   "and the data's updates travel in the clear. Local experiments only.",
@@ -134,6 +157,7 @@ class SiteRunner:
             from consortium.secagg.identity import site_identity
 
             self.identity = site_identity(creds, site)
+            self.ca_pem = creds.ca_pem
             self.credentials = grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem)
         if not self.data.is_file():
             raise ConfigError(f"--data {str(self.data)!r} is not a file; give the site's CSV")
@@ -147,6 +171,12 @@ class SiteRunner:
             )
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self._kept: dict[str, _Site] = {}
+        from consortium.deploy.receipts import RECEIPTS_FILENAME, ReceiptLog
+
+        if receipts is None and self.state_dir is not None:
+            receipts = self.state_dir / RECEIPTS_FILENAME
+        self.receipts = ReceiptLog(receipts) if receipts is not None else None
+        self._told: dict[str, int] = {}  # run id -> the largest audit seq the server told us
 
     def _channel(self) -> Any:
         options = [("grpc.max_receive_message_length", 8 << 20),
@@ -172,19 +202,93 @@ class SiteRunner:
             log.warning(
                 "the server runs consortium %s, this site %s: models, algorithms and data "
                 "loaders come from the installed package, so install the same version at every "
-                "site and the server", reply.server_version, mine,
+                "site and the server", peer_text(reply.server_version, 80), mine,
             )
         metadata = ((SESSION_METADATA_KEY, reply.session_id),)
+        server_key = self._server_key(reply.server_certificate, reply.run_id)
         config, site = self._build(reply.config_toml, stub, metadata, reply.run_id)
         site.attach(self.policy, self._state_file(reply.run_id), self._kept.get(reply.run_id))
         self._kept = {reply.run_id: site}  # a reconnection to this run keeps the state
         info = site.describe()
         ack = stub.Describe(info, metadata=metadata, timeout=30)
         if not ack.accepted:
-            raise ConsortiumError(f"the server refused this site's description: {ack.reason}")
+            raise ConsortiumError(f"the server refused this site's description: {peer_text(ack.reason, 500)}")
         log.info("registered as %r in run %r", self.site, reply.run_id)
+        from consortium.types import Parameters
+
+        layout = Parameters.from_module(site.client.model_factory()).layout
         return _Session(stub, metadata, config, site,
-                        heartbeat_s=max(float(reply.heartbeat_seconds or 30), 0.5))
+                        heartbeat_s=max(float(reply.heartbeat_seconds or 30), 0.5),
+                        run_id=reply.run_id, server_key=server_key,
+                        task_limit=task_limit(layout))
+
+    def _server_key(self, certificate: bytes, run_id: str) -> Any:
+        """The key the server signs audit heads with, checked against the consortium CA, and
+        recorded in the receipt log. None: the server sent no certificate (``--insecure``).
+
+        Raises:
+            UntrustedServer: the certificate is not a server certificate of this consortium.
+        """
+        from consortium.deploy.receipts import server_public_key
+
+        key = None
+        if certificate:
+            # a certificate this site cannot check (no CA under --insecure) proves nothing
+            key = server_public_key(certificate, ca_pem=self.ca_pem) if self.ca_pem else None
+        elif self.ca_pem is not None:
+            log.warning("the server sends no audit certificate: its audit heads are unsigned and "
+                        "the receipts bind it less (an older server version?)")
+        if self.receipts is not None:
+            self.receipts.server(run_id=run_id, site=self.site,
+                                 certificate=certificate if key is not None else b"")
+        return key
+
+    def _check_head(self, session: _Session, item: Any) -> bool | None:
+        """Whether the task's audit head is signed by the server (None: unsigned); warns when
+        it is not, or when the log went back (it was cut short or rewritten)."""
+        from consortium.deploy.receipts import head_message, verify_head
+
+        head = item.head
+        if head is None:
+            return None
+        last = self._told.get(session.run_id, 0)
+        if head.seq < last:
+            log.warning("the server's audit log went back from seq %d to %d: it was cut short "
+                        "or rewritten (the receipts keep both)", last, head.seq)
+        self._told[session.run_id] = max(last, head.seq)
+        if session.server_key is None or not head.signature:
+            return None
+        message = head_message(
+            run_id=session.run_id, site=self.site, round=item.task.round, task_id=item.task_id,
+            kind="evaluate" if item.evaluate else "train", seq=head.seq, hash=head.hash,
+        )
+        verified = verify_head(session.server_key, message, head.signature)
+        if not verified:
+            log.warning("the audit head of task %s is not signed by the server's key", item.task_id)
+        return verified
+
+    def _receipt(self, session: _Session, item: Any, verified: bool | None, upload: Any,
+                 ack: Any) -> None:
+        """Append the task's receipt: the head it came with, what was sent, the server's ack."""
+        if self.receipts is None:
+            return
+        from consortium.deploy.audit import update_digest
+
+        result = upload.result if upload is not None else None
+        update = getattr(result, "update", None)
+        if item.evaluate:
+            sent = "evaluation"
+        elif update is not None:
+            sent = "update"
+        else:
+            sent = "refused" if getattr(result, "refused", False) else "error"
+        self.receipts.record(
+            run_id=session.run_id, site=self.site, round=item.task.round, task_id=item.task_id,
+            kind="evaluate" if item.evaluate else "train", head=item.head, verified=verified,
+            sent=sent, update_sha256=update_digest(update.delta)[0] if update is not None else None,
+            accepted=bool(ack.accepted) if ack is not None else None,
+            reason=str(getattr(ack, "reason", "")) if ack is not None else "no acknowledgement",
+        )
 
     def _state_file(self, run_id: str) -> Path | None:
         if self.state_dir is None:
@@ -312,8 +416,16 @@ class SiteRunner:
         from consortium.data.base import ClientData, Split
 
         def split(x: Any, y: Any) -> Split:
-            return Split(torch.as_tensor(x, dtype=torch.float32),
-                         torch.as_tensor(y, dtype=torch.long))
+            features = torch.as_tensor(x, dtype=torch.float32)
+            if not bool(torch.isfinite(features).all()):
+                # the server's merged statistics put this site's values beyond float32 (a
+                # poisoned encoding): training on them would only produce NaN losses
+                raise ConsortiumError(
+                    "the server's merged data encoding turns this site's rows into NaN or "
+                    "infinite features (its means or deviations are absurd); refusing to "
+                    "train on them: ask the operator to check the sites' data summaries"
+                )
+            return Split(features, torch.as_tensor(y, dtype=torch.long))
 
         return ClientData(split(x_train, y_train), split(x_test, y_test))
 
@@ -324,7 +436,7 @@ class SiteRunner:
 
         ack = stub.Summarize(summary_to_pb(mine, schema=schema), metadata=metadata, timeout=30)
         if not ack.accepted:
-            raise ConsortiumError(f"the server refused this site's data summary: {ack.reason}")
+            raise ConsortiumError(f"the server refused this site's data summary: {peer_text(ack.reason, 500)}")
         while True:  # every site must send its summary first
             reply = stub.Encoding(pb.PullRequest(wait_seconds=10), metadata=metadata, timeout=60)
             if reply.ready:
@@ -350,9 +462,9 @@ class SiteRunner:
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.UNAUTHENTICATED and "register again" not in str(exc.details()):
-                    raise ConsortiumError(f"the server refused site {self.site!r}: {exc.details()}") from None
+                    raise ConsortiumError(f"the server refused site {self.site!r}: {peer_text(exc.details(), 500)}") from None
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
-                    raise ConsortiumError(f"the run cannot use this site's data: {exc.details()}") from None
+                    raise ConsortiumError(f"the run cannot use this site's data: {peer_text(exc.details(), 500)}") from None
                 if self.give_up_after_s and time.monotonic() - lost_since > self.give_up_after_s:
                     raise ConsortiumError(
                         f"no connection to {self.server} for {self.give_up_after_s:.0f} s ({code}: "
@@ -381,15 +493,15 @@ class SiteRunner:
             reassemble,
         )
         from consortium.deploy.proto import consortium_pb2 as pb
-        from consortium.messages import EvaluationResult, Result
 
         frames = session.stub.PullTask(
             pb.PullRequest(wait_seconds=int(self.poll_s)), metadata=session.metadata,
             timeout=self.poll_s + 30,
         )
-        item = decode_work(bytes(reassemble(frames, max_total_bytes=4 << 30)))
+        # the call's deadline bounds a stalled stream; the model bounds what it may hold
+        item = decode_work(bytes(reassemble(frames, max_total_bytes=session.task_limit)))
         if isinstance(item, Finished):
-            log.info("the server finished the run: %s", item.reason)
+            log.info("the server finished the run: %s", peer_text(item.reason, 500))
             return None
         if isinstance(item, Wait):
             return 0
@@ -411,37 +523,48 @@ class SiteRunner:
                     metadata=session.metadata, timeout=120,
                 )
             if not ack.accepted:
-                log.warning("the server refused our %r reply: %s", item.phase, ack.reason)
+                log.warning("the server refused our %r reply: %s", item.phase, peer_text(ack.reason, 500))
             return 0
         assert isinstance(item, TaskEnvelope)
-        upload: ResultEnvelope | EvaluationEnvelope
-        with _Heartbeats(session, item.task.round):
-            if item.evaluate:
-                try:
-                    evaluation = session.site.client.evaluate(item.task)
-                except Exception as exc:
-                    log.exception("evaluating the server's task failed")
-                    evaluation = EvaluationResult(item.task.round, self.site, 0, {})
-                    log.warning("answered with no metrics: %s", type(exc).__name__)
-                upload = EvaluationEnvelope(item.task_id, evaluation)
-            else:
-                try:
-                    result = session.site.fit(item.task)
-                except Exception as exc:
-                    log.exception("training on the server's task failed")
-                    result = Result(item.task.round, self.site, None,
-                                    error=f"the site could not train on this task: {type(exc).__name__}: {exc}")
-                if result.refused:
-                    log.warning("%s", result.error)
-                upload = ResultEnvelope(item.task_id, result)
-                session.site.save_state()  # the spend is on disk before the update leaves
-            ack = session.stub.PushResult(
-                chunk(encode_upload(upload), uuid.uuid4().hex), metadata=session.metadata,
-                timeout=600,
-            )
+        verified = self._check_head(session, item)
+        upload: ResultEnvelope | EvaluationEnvelope | None = None
+        ack = None
+        try:
+            with _Heartbeats(session, item.task.round):
+                upload = self._work(session, item)
+                ack = session.stub.PushResult(
+                    chunk(encode_upload(upload), uuid.uuid4().hex), metadata=session.metadata,
+                    timeout=600,
+                )
+        finally:  # a receipt even when the push failed: the task and its head came
+            self._receipt(session, item, verified, upload, ack)
         if not ack.accepted:
-            log.warning("the server refused our result: %s", ack.reason)
+            log.warning("the server refused our result: %s", peer_text(ack.reason, 500))
         return 1
+
+    def _work(self, session: _Session, item: Any) -> Any:
+        """Run a task: the ``ResultEnvelope`` or ``EvaluationEnvelope`` to send back."""
+        from consortium.deploy.codec import EvaluationEnvelope, ResultEnvelope
+        from consortium.messages import EvaluationResult, Result
+
+        if item.evaluate:
+            try:
+                evaluation = session.site.client.evaluate(item.task)
+            except Exception as exc:
+                log.exception("evaluating the server's task failed")
+                evaluation = EvaluationResult(item.task.round, self.site, 0, {})
+                log.warning("answered with no metrics: %s", type(exc).__name__)
+            return EvaluationEnvelope(item.task_id, evaluation)
+        try:
+            result = session.site.fit(item.task)
+        except Exception as exc:
+            log.exception("training on the server's task failed")
+            result = Result(item.task.round, self.site, None,
+                            error=f"the site could not train on this task: {type(exc).__name__}: {exc}")
+        if result.refused:
+            log.warning("%s", result.error)
+        session.site.save_state()  # the spend is on disk before the update leaves
+        return ResultEnvelope(item.task_id, result)
 
 
 def _site_policy(path: str | Path, site: str) -> Any:

@@ -30,6 +30,7 @@ from typing import Any, Final, TypeVar
 
 import torch
 
+from consortium.deploy.audit import AuditHead
 from consortium.errors import ConsortiumError, MissingExtraError
 from consortium.messages import EvaluationResult, Result, Task
 from consortium.types import Layout, Parameters, TensorSpec, Update
@@ -131,11 +132,13 @@ class EncodeError(ConsortiumError, ValueError):
 
 @dataclass(frozen=True)
 class TaskEnvelope:
-    """A task with its wire-level id; ``evaluate`` marks an evaluation task (no payloads)."""
+    """A task with its wire-level id; ``evaluate`` marks an evaluation task (no payloads);
+    ``head`` is the server's signed audit head when the task was sent (None: not sent)."""
 
     task_id: str
     task: Task
     evaluate: bool = False
+    head: AuditHead | None = None
 
 
 @dataclass(frozen=True)
@@ -467,10 +470,14 @@ def decode_evaluation_task(
     return _evaluation_task_of(_parse(pb.EvaluationTask, data), expected_layout)
 
 
-def _fill_task(msg: pb.Task, task: Task, task_id: str, *, parameters: bool = True) -> None:
+def _fill_task(
+    msg: pb.Task, task: Task, task_id: str, *, parameters: bool = True,
+    head: AuditHead | None = None,
+) -> None:
     with _encoding("task"):
         msg.round, msg.task_id, msg.client_id = task.round, task_id, task.client_id
         msg.seed, msg.work, msg.cohort_size = task.seed, task.work, task.cohort_size
+        _fill_head(msg.audit_head, head)
     if parameters:
         _fill_parameters(msg.parameters, task.parameters)
     _fill_tensors(msg.payload, task.payload)
@@ -495,11 +502,31 @@ def _task_of(msg: pb.Task, expected: Layout | None) -> TaskEnvelope:
         work=msg.work,
         cohort_size=msg.cohort_size,
     )
-    return TaskEnvelope(msg.task_id, task)
+    return TaskEnvelope(msg.task_id, task, head=_head_of(msg, f"task {msg.task_id!r}"))
+
+
+def _fill_head(msg: pb.AuditHead, head: AuditHead | None) -> None:
+    if head is not None:
+        msg.seq, msg.hash, msg.signature = head.seq, head.hash, head.signature
+
+
+_MAX_HEAD_SIGNATURE = 256  # an ECDSA P-256 signature in DER is at most 72 bytes
+
+
+def _head_of(msg: pb.Task | pb.EvaluationTask, where: str) -> AuditHead | None:
+    if not msg.HasField("audit_head"):
+        return None
+    head = msg.audit_head
+    if len(head.hash) != 64 or not set(head.hash) <= set("0123456789abcdef"):
+        raise DecodeError(f"{where}: the audit head's hash is not 64 hex digits")
+    if len(head.signature) > _MAX_HEAD_SIGNATURE:
+        raise DecodeError(f"{where}: the audit head's signature is over {_MAX_HEAD_SIGNATURE} bytes")
+    return AuditHead(head.seq, head.hash, bytes(head.signature))
 
 
 def _fill_evaluation_task(
-    msg: pb.EvaluationTask, task: Task, task_id: str, *, parameters: bool = True
+    msg: pb.EvaluationTask, task: Task, task_id: str, *, parameters: bool = True,
+    head: AuditHead | None = None,
 ) -> None:
     with _encoding("evaluation task"):
         msg.round, msg.task_id, msg.client_id, msg.seed = (
@@ -508,6 +535,7 @@ def _fill_evaluation_task(
             task.client_id,
             task.seed,
         )
+        _fill_head(msg.audit_head, head)
     if parameters:
         _fill_parameters(msg.parameters, task.parameters)
 
@@ -523,7 +551,8 @@ def _evaluation_task_of(msg: pb.EvaluationTask, expected: Layout | None) -> Task
         parameters=_parameters_of(msg.parameters, expected),
         seed=msg.seed,
     )
-    return TaskEnvelope(msg.task_id, task, evaluate=True)
+    head = _head_of(msg, f"evaluation task {msg.task_id!r}")
+    return TaskEnvelope(msg.task_id, task, evaluate=True, head=head)
 
 
 # --------------------------------------------------------------------------------------- results
@@ -725,6 +754,7 @@ def _fill_secagg(msg: pb.Exchange, m: Any) -> None:
         a = msg.advertise_keys
         a.client_id, a.c_public, a.s_public = m.client_id, m.c_public, m.s_public
         a.certificate, a.signature = m.certificate, m.signature
+        a.seed_commitment = m.seed_commitment
     elif isinstance(m, p.KeysBroadcast):
         b = msg.keys_broadcast
         b.round, b.graph_seed = m.round, m.graph_seed
@@ -793,9 +823,14 @@ def _secagg_of(body: str, m: Any) -> Any:
     if body == "advertise_keys":
         _check_id(m.client_id, f"{where} client id")
         certificate, signature = _signed(m.certificate, m.signature, f"{where} of {m.client_id!r}")
+        if len(m.seed_commitment) not in (0, p.SEED_COMMITMENT_BYTES):
+            raise DecodeError(
+                f"{where}: a seed commitment of {len(m.seed_commitment)} bytes, expected "
+                f"{p.SEED_COMMITMENT_BYTES}"
+            )
         return p.AdvertiseKeys(
             m.client_id, _key(m.c_public, where, "c"), _key(m.s_public, where, "s"),
-            certificate, signature,
+            certificate, signature, seed_commitment=m.seed_commitment,
         )
     if body == "keys_broadcast":
         participants = _distinct(m.participants, where, "participant")
@@ -954,17 +989,17 @@ def encode_work(
     if cache is not None and isinstance(item, TaskEnvelope):
         inner = pb.Task() if not item.evaluate else pb.EvaluationTask()
         if item.evaluate:
-            _fill_evaluation_task(inner, item.task, item.task_id, parameters=False)
+            _fill_evaluation_task(inner, item.task, item.task_id, parameters=False, head=item.head)
         else:
-            _fill_task(inner, item.task, item.task_id, parameters=False)
+            _fill_task(inner, item.task, item.task_id, parameters=False, head=item.head)
         body = inner.SerializeToString() + cache.field(item.task.parameters)
         return _tag(2 if item.evaluate else 1) + _varint(len(body)) + body
     msg = pb.Work()
     if isinstance(item, TaskEnvelope):
         if item.evaluate:
-            _fill_evaluation_task(msg.evaluate, item.task, item.task_id)
+            _fill_evaluation_task(msg.evaluate, item.task, item.task_id, head=item.head)
         else:
-            _fill_task(msg.train, item.task, item.task_id)
+            _fill_task(msg.train, item.task, item.task_id, head=item.head)
     elif isinstance(item, ExchangeEnvelope):
         _fill_exchange(msg.exchange, item)
         msg.exchange.SetInParent()
@@ -1073,8 +1108,12 @@ class Reassembler:
     """Rebuilds the bytes of one chunked stream, checking every frame as it arrives.
 
     The first frame fixes the stream id and the total size; a total above ``max_total_bytes``
-    is refused before anything is allocated, and the buffer is allocated once at the declared
-    size. Frames must then follow each other exactly (no gap, no overlap, no growth beyond the
+    is refused before anything is allocated. The buffer then grows with the bytes received,
+    never to the declared total up front: a peer that declares the maximum and sends one byte
+    holds one byte here, not gigabytes (issue 13: three such streams held 6.1 GiB). Growing
+    appends in place (CPython over-allocates a ``bytearray``; glibc moves a large one with
+    ``mremap``, without copying), so an honest upload is still received without a second copy.
+    Frames must then follow each other exactly (no gap, no overlap, no growth beyond the
     total, no empty frame but the last) until the one marked ``last`` ends at the total.
 
     Args:
@@ -1092,6 +1131,11 @@ class Reassembler:
     def __post_init__(self) -> None:
         if self.max_total_bytes < 0:
             raise ValueError(f"expected max_total_bytes >= 0, found {self.max_total_bytes}")
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of memory the buffer holds now (what a stalled stream pins)."""
+        return self._buffer.__alloc__()
 
     def feed(self, frame: pb.Chunk | Buffer) -> bytearray | None:
         """Add the next frame; the whole payload once the last frame is in, else ``None``.
@@ -1124,7 +1168,7 @@ class Reassembler:
                     f"{self.max_total_bytes} bytes"
                 )
             self.stream_id, self.total_size = c.stream_id, c.total_size
-            self._buffer = bytearray(c.total_size)
+            self._buffer = bytearray()
         elif c.stream_id != self.stream_id or c.total_size != self.total_size:
             raise DecodeError(
                 f"stream {self.stream_id!r} of {self.total_size} bytes: a frame of stream "
@@ -1143,7 +1187,7 @@ class Reassembler:
             )
         if n == 0 and not c.last:
             raise DecodeError(f"{where}: an empty frame that is not the last")
-        self._buffer[self.received : self.received + n] = c.data
+        self._buffer += c.data
         self.received += n
         if not c.last:
             return None

@@ -18,11 +18,12 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from consortium.deploy.audit import AuditLog, update_digest
+from consortium.deploy.audit import AuditHead, AuditLog, update_digest
 from consortium.deploy.codec import (
     DecodeError,
     EvaluationEnvelope,
@@ -32,10 +33,13 @@ from consortium.deploy.codec import (
     TaskEnvelope,
     Wait,
 )
+from consortium.deploy.logsafe import MAX_REASON_CHARS, RejectionLimiter, peer_text
 from consortium.deploy.validate import (
     DEFAULT_MAX_WEIGHT,
+    MAX_UPDATE_NORM,
     ExpectedTask,
     RejectedResult,
+    update_norm_cap,
     validate_evaluation,
     validate_result,
 )
@@ -46,6 +50,12 @@ from consortium.types import Layout
 __all__ = ["Hub", "RemoteExecutor", "SiteInfo", "SitesMissingError"]
 
 log = logging.getLogger("consortium.server")
+
+PRE_LAYOUT_UPLOAD_BYTES = 1 << 20
+"""The largest upload accepted before the model's layout is known (no task sent yet)."""
+
+MAX_REJECTIONS_KEPT = 1000
+"""Rejection lines kept in memory for the operator's round report (the oldest go first)."""
 
 
 class SitesMissingError(ConsortiumError, TimeoutError):
@@ -97,18 +107,21 @@ class Hub:
         audit: the run's hash-chained audit log (every task, result and rejection).
         summaries_expected: how many sites' data summaries make the merged encoding.
         registry: a checkpointed :meth:`registry` to resume with (its roster and encoding).
+        signer: the server's key (:class:`~consortium.deploy.receipts.HeadSigner`): every task
+            carries the audit log's head signed with it; None (``--insecure``): unsigned.
     """
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, *, config_toml: str, run_id: str,
         max_result_bytes: int, audit: AuditLog | None = None, summaries_expected: int = 0,
-        registry: Mapping[str, Any] | None = None,
+        registry: Mapping[str, Any] | None = None, signer: Any = None,
     ) -> None:
         self.loop = loop
         self.config_toml = config_toml
         self.run_id = run_id
         self.max_result_bytes = max_result_bytes
         self.audit = audit
+        self.signer = signer
         self.layout: Layout | None = None
         self._lock = threading.Lock()
         self._sites: dict[str, _Site] = {}
@@ -117,9 +130,18 @@ class Hub:
         self._exchanges: dict[tuple[str, str, str, int], cf.Future[Any]] = {}
         self._seen: set[str] = set()
         self._described = threading.Condition(self._lock)
-        self.rejected: list[str] = []
+        # the latest rejections written in full, for the round report; bounded, as a site can
+        # send garbage for as long as the run lasts (rejected_total counts them all)
+        self.rejected: deque[str] = deque(maxlen=MAX_REJECTIONS_KEPT)
+        self.rejected_total = 0
+        self.rejected_logged = 0  # how many were written in full (appended to rejected)
+        self.rejections = RejectionLimiter()
         self.summaries_expected = summaries_expected
         self._summaries: dict[str, Any] = {}
+        self._summary_rows: dict[str, int] = {}  # site -> the most values its summary counts
+        # sites excluded for their data statistics whom the merge or the start waited for:
+        # the run starts with that many fewer (see _exclude)
+        self.excluded: dict[str, str] = {}
         self.merged: Any = None  # the merged SiteSummary once every expected site sent its own
         self.schema: Any = None  # the merged TableSchema (sites reading their own table files)
         self.merge_error: str | None = None  # why the merged summary cannot be used
@@ -159,9 +181,17 @@ class Hub:
         """Record the site's data description; why it is refused, or None if accepted.
 
         Once the run has its roster, a site must be on it and describe the data it described
-        when the run started (a resumed run must train on the same sites and sizes)."""
+        when the run started (a resumed run must train on the same sites and sizes). A site
+        whose data summary counted more values in a column than the training examples it now
+        declares lied in one of them: it is excluded (:meth:`_exclude`)."""
         with self._described:
             site = self._site_of(session)
+            rows = self._summary_rows.get(site.name, 0)
+        if rows > info.num_train:
+            return self._exclude(site.name, (
+                f"site {site.name!r} is excluded from the run: its data summary counts {rows} "
+                f"values in a column, but it declares {info.num_train} training examples"))
+        with self._described:
             if self.roster is not None:
                 known = self.roster.get(site.name)
                 if known is None:
@@ -248,14 +278,24 @@ class Hub:
         """A site's data summary (and its table's schema, for a site's own file); once
         ``summaries_expected`` sites sent theirs, merge them in site-name order (the
         simulation's order). Returns why the site's summary is refused, or None.
+
+        A summary that cannot describe real rows (:func:`~consortium.deploy.summary.
+        implausible_summary`: sums of 1e300, a negative variance ...) excludes its site from
+        the run (:meth:`_exclude`): the others merge without it and start without it.
         """
-        from consortium.data.files import label_order
-        from consortium.data.preprocess import merge_summaries
-        from consortium.deploy.summary import merge_schemas
+        from consortium.deploy.summary import implausible_summary, merge_schemas
         from consortium.errors import DataError
 
+        site = self.site_of(session)
         with self._lock:
-            site = self._site_of(session).name
+            first = next(iter(self._summaries.values()), None)
+        why = implausible_summary(summary, schema=schema)
+        if why is None and first is not None and len(first.categories) != len(summary.categories):
+            why = (f"its data summary has {len(summary.categories)} columns, the others' "
+                   f"{len(first.categories)}")
+        if why is not None:
+            return self._exclude(site, f"site {site!r} is excluded from the run: {why}")
+        with self._lock:
             if (schema is None) != (self.schema is None) and self._summaries:
                 return (f"site {site!r} sent a {'table' if schema else 'built-in'} data "
                         "summary, the others did not; every site must read the same data set")
@@ -268,19 +308,45 @@ class Hub:
                     self.schema = schema
             except DataError as exc:
                 return str(exc)
+            self._summary_rows[site] = int(summary.count.max(initial=0))
             if self.merged is None:
                 self._summaries[site] = summary
-                if len(self._summaries) >= self.summaries_expected:
-                    self.merged = merge_summaries(
-                        [self._summaries[k] for k in sorted(self._summaries)]
-                    )
-                    if self.schema is not None and len(label_order(self.schema.labels)) < 2:
-                        self.merge_error = (
-                            f"the sites' files hold only the label {sorted(self.schema.labels)}; "
-                            "a classifier needs at least two label values"
-                        )
+                self._merge_if_complete()
         self._log("summary", site=site)
         return None
+
+    def _merge_if_complete(self) -> None:
+        """Merge the summaries once ``summaries_expected`` are in (under the lock)."""
+        from consortium.data.files import label_order
+        from consortium.data.preprocess import merge_summaries
+
+        if self.merged is not None or not self._summaries:
+            return
+        if len(self._summaries) < self.summaries_expected:
+            return
+        self.merged = merge_summaries([self._summaries[k] for k in sorted(self._summaries)])
+        if self.schema is not None and len(label_order(self.schema.labels)) < 2:
+            self.merge_error = (
+                f"the sites' files hold only the label {sorted(self.schema.labels)}; "
+                "a classifier needs at least two label values"
+            )
+
+    def _exclude(self, site: str, reason: str) -> str:
+        """Expel ``site`` for its data statistics (named in the operator's log and the audit)
+        and go on without it: if the merge or the start was waiting for it, both now wait for
+        one site fewer, and the merge happens at once if the others are in. Returns
+        ``reason``, the refusal the site is told."""
+        with self._described:
+            counted = site in self._summaries or (self.merged is None and site not in self.excluded)
+            if counted and site not in self.excluded:
+                self.excluded[site] = reason
+                self._summaries.pop(site, None)
+                if self.merged is None:
+                    self.summaries_expected = max(self.summaries_expected - 1, 0)
+                    self._merge_if_complete()
+            self._described.notify_all()
+        self.expel(site, reason)
+        return reason
 
     async def merged_summary(self, wait_s: float) -> Any:
         deadline = time.monotonic() + wait_s
@@ -338,9 +404,10 @@ class Hub:
         """The largest result accepted: room for the delta and up to three extras of the
         model's size (SCAFFOLD's control variate) plus 1 MiB of metadata, never more than
         ``max_result_bytes`` — so a site cannot make the server buffer gigabytes for a small
-        model."""
+        model. Before round 1 no task was sent, so no update can be due: only
+        :data:`PRE_LAYOUT_UPLOAD_BYTES` (an evaluation's metrics fit many times over)."""
         if self.layout is None:
-            return self.max_result_bytes
+            return min(self.max_result_bytes, PRE_LAYOUT_UPLOAD_BYTES)
         return min(self.max_result_bytes, 4 * self.layout.size * 4 + (1 << 20))
 
     def site_of(self, session: str) -> str:
@@ -348,6 +415,11 @@ class Hub:
             site = self._site_of(session)
             site.last_seen = time.monotonic()
             return site.name
+
+    def site_named(self, session: str) -> str | None:
+        """The site of ``session`` (None: unknown), without counting this as its call."""
+        with self._lock:
+            return self._sessions.get(session)
 
     def _site_of(self, session: str) -> _Site:
         name = self._sessions.get(session)
@@ -360,11 +432,36 @@ class Hub:
         with self._lock:
             entry = self._site_of(session)
         try:
-            return await asyncio.wait_for(entry.queue.get(), timeout=wait_s)
+            item = await asyncio.wait_for(entry.queue.get(), timeout=wait_s)
         except asyncio.TimeoutError:
             return Wait(seconds=0.0)
         finally:  # it was waiting here, connected, until now
             entry.last_seen = time.monotonic()
+        if isinstance(item, TaskEnvelope):
+            item = dataclasses.replace(item, head=self.signed_head(entry.name, item))
+        return item
+
+    @property
+    def server_certificate(self) -> bytes:
+        """The certificate the sites check audit heads with (empty: unsigned heads)."""
+        return bytes(getattr(self.signer, "certificate", b""))
+
+    def signed_head(self, site: str, item: TaskEnvelope) -> AuditHead | None:
+        """The audit log's head as the task leaves (its own "task" entry is in it), signed
+        together with the task: the site keeps it as a receipt (see
+        :mod:`consortium.deploy.receipts`). None without an audit log."""
+        if self.audit is None:
+            return None
+        from consortium.deploy.receipts import head_message
+
+        head = self.audit.head()
+        if self.signer is None:
+            return head
+        message = head_message(
+            run_id=self.run_id, site=site, round=item.task.round, task_id=item.task_id,
+            kind="evaluate" if item.evaluate else "train", seq=head.seq, hash=head.hash,
+        )
+        return dataclasses.replace(head, signature=self.signer.sign(message))
 
     def deliver(self, session: str, upload: ResultEnvelope | EvaluationEnvelope) -> tuple[bool, str]:
         """Validate an upload and hand it to the waiting round; ``(accepted, reason)``."""
@@ -378,7 +475,11 @@ class Hub:
         if isinstance(upload, EvaluationEnvelope):
             r = upload.result
             if pending.kind != "evaluate" or r.client_id != site or r.round != pending.round:
-                return self.reject(site, upload.task_id, r.round, "not the evaluation asked for")
+                # the task is closed like every other refusal: the round does not wait for a
+                # second answer until its deadline
+                self._finish(upload.task_id, Result(pending.round, site, None, error="rejected")
+                             if pending.kind == "train" else None)
+                return self.reject(site, upload.task_id, pending.round, "not the evaluation asked for")
             try:  # no more test examples than the site declared; metrics finite and in range
                 validate_evaluation(
                     upload, expected=pending.expected, max_bytes=self.upload_limit(),
@@ -427,6 +528,12 @@ class Hub:
             entry = self._sites.get(site)
         return entry.info if entry is not None else None
 
+    def max_weight(self, site: str) -> float:
+        """The largest weight ``site`` may claim: its declared training examples (a site that
+        has not described its data: :data:`DEFAULT_MAX_WEIGHT`)."""
+        declared = self._declared(site)
+        return max(1.0, float(declared.num_train)) if declared is not None else DEFAULT_MAX_WEIGHT
+
     def deliver_exchange(self, session: str, envelope: ExchangeEnvelope) -> tuple[bool, str]:
         site = self.site_of(session)
         key = (site, envelope.stage, envelope.phase, envelope.round)
@@ -445,15 +552,53 @@ class Hub:
                 pending.future.set_result(value)
 
     def reject(self, site: str, task_id: str, rnd: int, reason: str) -> tuple[bool, str]:
-        """Log, audit and count a refused upload; ``(False, reason line)`` for the Ack."""
+        """Log, audit and count a refused upload; ``(False, reason line)`` for the Ack.
+
+        Every rejection is counted; the first few of each site per minute are logged and
+        audited in full (the reason sanitised and cut to :data:`MAX_REASON_CHARS`), the rest
+        only counted and reported by one ``suppressed`` audit entry per site and minute
+        (:class:`~consortium.deploy.logsafe.RejectionLimiter`), so that a site sending
+        garbage in a loop cannot grow the logs without bound.
+        """
+        task_id = peer_text(task_id, 80)
         line = f"rejected result from site {site!r} (round {rnd}, task {task_id!r}): {reason}"
         if not reason.startswith("rejected result"):
             reason = line
-        log.warning("%s", reason)
-        self.rejected.append(reason)
+        reason = peer_text(reason, MAX_REASON_CHARS)
         self._count(site, "rejected", rnd)
-        self._log("rejected", site=site, round=rnd, task_id=task_id, reason=reason)
+        with self._lock:
+            self.rejected_total += 1
+            full, ended = self.rejections.admit(site, reason)
+        if ended is not None:
+            self._suppressed(*ended)
+        if full:
+            log.warning("%s", reason)
+            with self._lock:  # the round report reads it from the main thread
+                self.rejected.append(reason)
+                self.rejected_logged += 1
+            self._log("rejected", site=site, round=rnd, task_id=task_id, reason=reason)
         return False, reason
+
+    def latest_rejections(self) -> tuple[int, int, list[str]]:
+        """(rejections counted, written in full, the latest of those) — a consistent snapshot
+        for the round report in the main thread."""
+        with self._lock:
+            return self.rejected_total, self.rejected_logged, list(self.rejected)
+
+    def flush_rejections(self, *, final: bool = False) -> None:
+        """Report the rejections counted but not written in windows that ended (the server
+        calls this every minute, so a site that stopped sending is reported too); ``final``:
+        in every window, ended or not (the run is over)."""
+        with self._lock:
+            ended = self.rejections.flush(math.inf if final else None)
+        for entry in ended:
+            self._suppressed(*entry)
+
+    def _suppressed(self, site: str, count: int, sample: str) -> None:
+        window = self.rejections.window_s
+        log.warning("suppressed %d more rejections from site %r in %.0f s; the latest: %s",
+                    count, site, window, sample)
+        self._log("suppressed", site=site, rejections=count, window_s=window, sample=sample)
 
     def _log(self, kind: str, **fields: Any) -> None:
         if self.audit is not None:
@@ -466,9 +611,10 @@ class Hub:
         deadline = time.monotonic() + timeout_s
 
         def ready() -> bool:
-            described = [s for s in self._sites.values() if s.info is not None]
-            if isinstance(names, int):
-                return len(described) >= names
+            described = [s for s in self._sites.values()
+                         if s.info is not None and s.name not in self.expelled]
+            if isinstance(names, int):  # a site excluded for its statistics is not waited for
+                return len(described) >= names - len(self.excluded)
             return all(n in self._sites and self._sites[n].info is not None for n in names)
 
         with self._described:
@@ -481,7 +627,8 @@ class Hub:
                         "missing clients (consortium client ...) or lower --min-sites"
                     )
                 self._described.wait(timeout=min(left, 1.0))
-            return {s.name: s.info for s in self._sites.values() if s.info is not None}
+            return {s.name: s.info for s in self._sites.values()
+                    if s.info is not None and s.name not in self.expelled}
 
     def connected(self) -> list[str]:
         with self._lock:
@@ -579,9 +726,14 @@ class RemoteExecutor:
         # behind secure aggregation an update's values come through the protocol, not the result
         stages = getattr(getattr(clients, "pipeline", None), "stages", ())
         secure = any(getattr(s, "name", "") == "secure_aggregation" for s in stages)
+        max_norm = update_norm_cap(_model_norm(tasks[0])) if tasks else MAX_UPDATE_NORM
         for task in tasks:
             task_id = uuid.uuid4().hex
-            expected = ExpectedTask(site=task.client_id, round=task.round, task_id=task_id, secure=secure)
+            expected = ExpectedTask(
+                site=task.client_id, round=task.round, task_id=task_id, secure=secure,
+                max_norm=max_norm, extras=_expected_extras(
+                    clients, task.parameters.layout, self.hub.max_weight(task.client_id)),
+            )
             future = self.hub.expect(task.client_id, task.round, task_id, "train", expected)
             futures[future] = (task_id, task)
             # the cohort's size stays at the server: a deployed site counts its peers from
@@ -698,3 +850,25 @@ class RemoteExecutor:
     def close(self) -> None:
         pass
 
+
+
+def _model_norm(task: Task) -> float:
+    """The L2 norm of the global model a round's tasks carry (in float64: no overflow)."""
+    import torch
+
+    return float(torch.linalg.vector_norm(task.parameters.vector, dtype=torch.float64))
+
+
+def _expected_extras(clients: Any, layout: Layout, max_weight: float) -> dict[str, Any] | None:
+    """The extras an honest site sends in this run: its algorithm's declaration
+    (``expected_extras``) as the pipeline's client halves change it
+    (:meth:`~consortium.aggregation.base.Pipeline.client_extras`). ``None`` (names and shapes
+    unchecked; dtype, finiteness and magnitude still are) when the executor is not given the
+    run's client pool or the algorithm declares nothing."""
+    algorithm = getattr(clients, "algorithm", None)
+    pipeline = getattr(clients, "pipeline", None)
+    settings = getattr(clients, "settings", None)
+    declare = getattr(algorithm, "expected_extras", None)
+    if declare is None or pipeline is None or settings is None:
+        return None
+    return dict(pipeline.client_extras(declare(layout, settings, max_weight), layout))

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,16 +28,79 @@ from consortium.data.base import FederatedDataset, PackedClients, Split
 from consortium.deploy import package_version
 from consortium.deploy.audit import AUDIT_FILENAME, AuditLog
 from consortium.deploy.hub import Hub, RemoteExecutor, SiteInfo
-from consortium.errors import ConfigError, MissingExtraError
+from consortium.deploy.logsafe import peer_text
+from consortium.errors import ConfigError, ConsortiumError, MissingExtraError
 
 if TYPE_CHECKING:
     from consortium.server.sampling import SecretSampler
 
-__all__ = ["FederationService", "serve", "tune_malloc"]
+__all__ = ["FederationService", "StreamLimits", "serve", "tune_malloc"]
 
 log = logging.getLogger("consortium.server")
 
 MAX_RESULT_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """How long a site's stream may hold the server's memory and a place in its queues.
+
+    A stream that moves no frame for ``idle_timeout_s`` seconds is aborted and its buffer
+    released (a stalled upload otherwise pins its memory for as long as the peer keeps the
+    connection open). After that first interval a stream must also average ``min_rate``
+    bytes a second, so a peer trickling one byte just inside the idle timeout is cut too;
+    0 turns the floor off. Both apply to uploads (``PushResult``, ``Exchange``) and to the
+    task a site pulls (``PullTask``).
+
+    Args:
+        idle_timeout_s: seconds without a frame before a stream is aborted
+            (``consortium server --stream-idle-timeout``).
+        min_rate: bytes a second a stream must average once it is older than
+            ``idle_timeout_s`` (``--stream-min-rate``).
+    """
+
+    idle_timeout_s: float = 30.0
+    min_rate: float = 16 * 1024
+
+    def __post_init__(self) -> None:
+        if not self.idle_timeout_s > 0:
+            raise ConfigError(f"--stream-idle-timeout {self.idle_timeout_s}: give seconds > 0, e.g. 30")
+        if not self.min_rate >= 0:
+            raise ConfigError(f"--stream-min-rate {self.min_rate}: give bytes a second >= 0 (0: off)")
+
+    def wait_s(self, started: float, moved: int, now: float) -> float:
+        """How long the stream may wait for its next frame, having moved ``moved`` bytes
+        since ``started`` (monotonic seconds); <= 0: it is too slow already."""
+        wait = self.idle_timeout_s
+        if self.min_rate:
+            wait = min(wait, started + self.idle_timeout_s + moved / self.min_rate - now)
+        return wait
+
+
+class StreamStalled(ConsortiumError):
+    """A site's stream moved no frame for the idle timeout, or fell below the byte-rate floor."""
+
+
+def _guarded(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """An RPC handler that answers a malformed call with one warning line and an error status,
+    never with a traceback in the operator's log (the peer chooses what goes wrong)."""
+
+    @functools.wraps(handler)
+    async def run(self: FederationService, request: Any, context: Any) -> Any:
+        grpc = _grpc()
+        try:
+            if isinstance(request, _Malformed):
+                raise ValueError(request.reason)
+            return await handler(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            log.warning("refused a malformed %s call from %s: %s", handler.__name__,
+                        peer_text(context.peer(), 80), peer_text(f"{type(exc).__name__}: {exc}"))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the server could not process this {handler.__name__} call")
+
+    return run
 
 
 def _grpc() -> Any:
@@ -51,9 +116,12 @@ class FederationService:
 
     def __init__(
         self, hub: Hub, *, registry: Any | None, heartbeat_s: int = 30,
-        registry_dir: Path | None = None,
+        registry_dir: Path | None = None, limits: StreamLimits | None = None,
     ) -> None:
         self.hub = hub
+        self.limits = limits if limits is not None else StreamLimits()
+        # site -> (session, stop event) of its upload in flight: one at a time per site
+        self._uploads: dict[str, tuple[str, asyncio.Event]] = {}
         self.registry = registry  # None: --insecure, sites are who they claim to be
         self.heartbeat_s = heartbeat_s
         # the provisioned registry is re-read when it changes (`consortium provision --revoke`
@@ -99,11 +167,18 @@ class FederationService:
             self.hub.expel(site, f"site {site!r} was revoked during the run")
         return fresh
 
+    @_guarded
     async def Register(self, request: Any, context: Any) -> Any:
         from consortium.deploy.proto import consortium_pb2 as pb
 
         grpc = _grpc()
         site = request.site
+        if self.registry is None and peer_text(site, 64) != site:
+            # --insecure: the claimed name is the site's name in every log line and audit entry
+            log.warning("refused a connection claiming the site name %r: not a plain name of "
+                        "at most 64 characters", peer_text(site))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "a site name is 1-64 printable characters, e.g. 'hospital-a'")
         if self.registry is not None:
             self.current_registry()
             from consortium.deploy.provision import AuthenticationError, authenticate
@@ -116,11 +191,13 @@ class FederationService:
                     claimed_site=request.site, require_token=True,
                 )
             except AuthenticationError as exc:
-                log.warning("refused a connection claiming site %r: %s", request.site, exc)
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+                log.warning("refused a connection from %s claiming site %r: %s",
+                            peer_text(context.peer(), 80), peer_text(request.site),
+                            peer_text(exc))
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, peer_text(exc, 500))
         if request.client_version and request.client_version != package_version():
             log.warning("site %r runs consortium %s, the server %s; install the same version",
-                        site, request.client_version, package_version())
+                        site, peer_text(request.client_version, 80), package_version())
         try:
             session = self.hub.register(site)
         except PermissionError as exc:
@@ -128,6 +205,7 @@ class FederationService:
         return pb.RegisterReply(
             session_id=session, server_version=package_version(), run_id=self.hub.run_id,
             heartbeat_seconds=self.heartbeat_s, config_toml=self.hub.config_toml,
+            server_certificate=self.hub.server_certificate,
         )
 
     async def _session(self, context: Any) -> str:
@@ -169,6 +247,7 @@ class FederationService:
         record = registry.sites.get(site) if registry is not None else None
         return record is not None and record.fingerprint == fingerprint
 
+    @_guarded
     async def Describe(self, request: Any, context: Any) -> Any:
         from consortium.deploy.proto import consortium_pb2 as pb
 
@@ -187,6 +266,7 @@ class FederationService:
             return pb.Ack(accepted=False, reason=refused)
         return pb.Ack(accepted=True)
 
+    @_guarded
     async def Summarize(self, request: Any, context: Any) -> Any:
         from consortium.deploy.codec import DecodeError
         from consortium.deploy.proto import consortium_pb2 as pb
@@ -199,10 +279,12 @@ class FederationService:
         except DecodeError as exc:
             refused = str(exc)
         if refused is not None:
+            refused = peer_text(refused, 500)  # it may quote the site's column names
             log.warning("refused a data summary: %s", refused)
             return pb.Ack(accepted=False, reason=refused)
         return pb.Ack(accepted=True)
 
+    @_guarded
     async def Encoding(self, request: Any, context: Any) -> Any:
         from consortium.deploy.proto import consortium_pb2 as pb
         from consortium.deploy.summary import summary_to_pb
@@ -215,51 +297,95 @@ class FederationService:
             return pb.DataSummary(ready=False)
         return summary_to_pb(merged, schema=self.hub.schema)
 
-    async def PullTask(self, request: Any, context: Any) -> AsyncIterator[Any]:
+    @_guarded
+    async def PullTask(self, request: Any, context: Any) -> None:
+        """Stream the site's next work item; a site that stops reading it (no frame taken for
+        the idle timeout, or below the byte-rate floor) loses the stream and its place."""
         from consortium.deploy.codec import chunk, encode_work
 
         session = await self._session(context)
         wait_s = min(max(float(request.wait_seconds), 0.1), 60.0)
         item = await self.hub.next_work(session, wait_s)
         async with self._sending:
+            started, sent = time.monotonic(), 0
             for frame in chunk(encode_work(item, cache=self._parameters), uuid.uuid4().hex):
-                yield frame
+                wait = self.limits.wait_s(started, sent, time.monotonic())
+                try:
+                    await asyncio.wait_for(context.write(frame), max(wait, 0.001))
+                except asyncio.TimeoutError:
+                    why = (f"the site took no frame of its task for {wait:.0f} s or fell below "
+                           f"{self.limits.min_rate:.0f} bytes/s; the stream is dropped")
+                    log.warning("site %r: %s", self.hub.site_of(session), why)
+                    await context.abort(_grpc().StatusCode.DEADLINE_EXCEEDED, why)
+                sent += len(frame.data)
 
+    @_guarded
     async def PushResult(self, request_iterator: Any, context: Any) -> Any:
-        from consortium.deploy.codec import DecodeError, decode_upload
-        from consortium.deploy.proto import consortium_pb2 as pb
+        from consortium.deploy.codec import decode_upload
 
-        session = await self._session(context)
-        try:
-            payload = await _reassemble(request_iterator, self.hub.upload_limit())
-            upload = decode_upload(payload)
-        except DecodeError as exc:
-            site = self.hub.site_of(session)
-            accepted, reason = self.hub.reject(site, "-", -1, f"undecodable upload: {exc}")
-            return pb.Ack(accepted=accepted, reason=reason)
-        accepted, reason = self.hub.deliver(session, upload)
-        return pb.Ack(accepted=accepted, reason=reason)
+        return await self._upload(request_iterator, context, "upload", lambda session, raw:
+                                  self.hub.deliver(session, decode_upload(raw)))
 
+    @_guarded
     async def Exchange(self, request_iterator: Any, context: Any) -> Any:
-        from consortium.deploy.codec import DecodeError, decode_exchange
+        from consortium.deploy.codec import decode_exchange
+
+        return await self._upload(request_iterator, context, "exchange", lambda session, raw:
+                                  self.hub.deliver_exchange(session, decode_exchange(bytes(raw))))
+
+    async def _upload(
+        self, frames: Any, context: Any, what: str,
+        deliver: Callable[[str, bytearray], tuple[bool, str]],
+    ) -> Any:
+        """Receive one upload within the limits, then ``deliver`` it; every failure is a
+        counted rejection of it.
+
+        One upload per site is in flight at a time: a second one on the same session is
+        refused at once; one on a newer session (the site registered again) ends the old
+        session's stream, which nobody can answer any more. A stream that stalls is aborted
+        (:class:`StreamLimits`), its buffer released."""
         from consortium.deploy.proto import consortium_pb2 as pb
 
         session = await self._session(context)
-        try:
-            raw = await _reassemble(request_iterator, self.hub.upload_limit())
-            envelope = decode_exchange(bytes(raw))
-        except DecodeError as exc:
-            site = self.hub.site_of(session)
-            accepted, reason = self.hub.reject(site, "-", -1, f"undecodable exchange: {exc}")
+        site = self.hub.site_of(session)
+        held = self._uploads.get(site)
+        if held is not None and held[0] == session:
+            accepted, reason = self.hub.reject(
+                site, "-", -1, f"a second {what} while one is in flight; send one at a time")
             return pb.Ack(accepted=accepted, reason=reason)
-        accepted, reason = self.hub.deliver_exchange(session, envelope)
+        if held is not None:
+            held[1].set()
+        stop = asyncio.Event()
+        self._uploads[site] = (session, stop)
+        try:
+            raw = await _reassemble(frames, self.hub.upload_limit(), limits=self.limits, stop=stop)
+            accepted, reason = deliver(session, raw)
+        except StreamStalled as exc:
+            self.hub.reject(site, "-", -1, f"{what} dropped: {exc}")
+            await context.abort(_grpc().StatusCode.CANCELLED if stop.is_set()
+                                else _grpc().StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except Exception as exc:  # what the site sent, whatever it is, is refused, not raised
+            from consortium.deploy.codec import DecodeError
+
+            why = str(exc) if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
+            accepted, reason = self.hub.reject(site, "-", -1, f"undecodable {what}: {why}")
+        finally:
+            if site in self._uploads and self._uploads[site][1] is stop:
+                del self._uploads[site]
         return pb.Ack(accepted=accepted, reason=reason)
 
+    @_guarded
     async def Heartbeat(self, request: Any, context: Any) -> Any:
         from consortium.deploy.codec import SESSION_METADATA_KEY
         from consortium.deploy.proto import consortium_pb2 as pb
 
         session = dict(context.invocation_metadata()).get(SESSION_METADATA_KEY, "")
+        site = self.hub.site_named(session)
+        if site is not None and self.registry is not None and not self._is_peer(context, site):
+            # a leaked session id must not keep another site's task alive: checked before the
+            # heartbeat counts as the site's call
+            log.warning("refused a heartbeat for site %r's session from another TLS identity", site)
+            return pb.HeartbeatReply(registered=False)
         try:
             self.hub.site_of(session)
         except KeyError:
@@ -267,16 +393,112 @@ class FederationService:
         return pb.HeartbeatReply(registered=True)
 
 
-async def _reassemble(frames: AsyncIterator[Any], limit: int) -> bytearray:
+async def _reassemble(
+    frames: AsyncIterator[Any], limit: int, *, limits: StreamLimits | None = None,
+    stop: asyncio.Event | None = None,
+) -> bytearray:
+    """The payload of an upload stream, at most ``limit`` bytes, its buffer growing with what
+    arrives; with ``limits``, :class:`StreamStalled` once the stream waits too long for a
+    frame, or at once when ``stop`` is set.
+
+    Raises:
+        DecodeError: a bad frame, too many bytes, or the stream ended before its last frame.
+        StreamStalled: no frame within the idle timeout, below the byte-rate floor, or stopped.
+    """
     from consortium.deploy.codec import DecodeError, Reassembler
 
     assembler = Reassembler(limit)
-    out = None
-    async for frame in frames:
+    iterator = frames.__aiter__()
+    started = time.monotonic()
+    while True:
+        try:
+            wait = None if limits is None else max(
+                limits.wait_s(started, assembler.received, time.monotonic()), 0.001)
+            frame = await _next_frame(iterator, wait, stop)
+        except StopAsyncIteration:
+            raise DecodeError("the stream ended before its last chunk") from None
+        except asyncio.TimeoutError:
+            if stop is not None and stop.is_set():
+                raise StreamStalled("the site started another upload on a newer session; this "
+                                    "one (of its old session) is dropped") from None
+            assert limits is not None  # no timeout without limits
+            floor = f" or slower than {limits.min_rate:.0f} bytes/s" if limits.min_rate else ""
+            raise StreamStalled(
+                f"{assembler.received} of {assembler.total_size} bytes after "
+                f"{time.monotonic() - started:.0f} s: no frame for {limits.idle_timeout_s:g} s"
+                f"{floor} (--stream-idle-timeout, --stream-min-rate)"
+            ) from None
+        if isinstance(frame, _Malformed):
+            raise DecodeError(frame.reason)
         out = assembler.feed(frame)
-    if out is None:
-        raise DecodeError("the stream ended before its last chunk")
-    return out  # decoded in place: no second copy of a large upload
+        if out is not None:
+            return out  # decoded in place: no second copy of a large upload
+
+
+async def _next_frame(iterator: Any, wait: float | None, stop: asyncio.Event | None) -> Any:
+    """The stream's next frame; ``asyncio.TimeoutError`` after ``wait`` seconds or once
+    ``stop`` is set (the read is cancelled then)."""
+    if wait is None and stop is None:
+        return await iterator.__anext__()
+    read = asyncio.ensure_future(iterator.__anext__())
+    waiting: set[asyncio.Future[Any]] = {read}
+    stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    if stopped is not None:
+        waiting.add(stopped)
+    try:
+        done, _ = await asyncio.wait(waiting, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if stopped is not None:
+            stopped.cancel()
+    if read in done:
+        return read.result()
+    read.cancel()
+    raise asyncio.TimeoutError
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    """A request gRPC could not parse: handed to the handler, which refuses it in one line
+    (gRPC itself would log the parser's traceback)."""
+
+    reason: str
+
+
+def _lenient(message: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except Exception as exc:
+            return _Malformed(f"{len(data)} bytes are not a consortium.v1.{message.__name__} "
+                              f"message: {peer_text(exc)}")
+
+    return parse
+
+
+def _add_service(service: FederationService, server: Any) -> None:
+    """``add_FederationServicer_to_server``, with request parsers that never raise: a request
+    that is not the message it should be reaches the handler as :class:`_Malformed` and is
+    refused with one warning line (the generated code's parser fails inside gRPC, which logs
+    a traceback for every such request)."""
+    grpc = _grpc()
+    from consortium.deploy.proto import consortium_pb2 as pb
+
+    methods = pb.DESCRIPTOR.services_by_name["Federation"].methods
+    handlers = {}
+    for method in methods:
+        factory = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = factory(
+            getattr(service, method.name),
+            request_deserializer=_lenient(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("consortium.v1.Federation", handlers),))
 
 
 def _stamp(directory: Path | None) -> tuple[tuple[int, int], ...]:
@@ -299,7 +521,11 @@ class _ServerThread:
 
     def __init__(
         self, listen: str, *, certs: Path | None, hub_args: dict[str, Any], heartbeat_s: int = 30,
+        limits: StreamLimits | None = None,
     ) -> None:
+        self.limits = limits
+        self.service: FederationService | None = None
+        self._flusher: asyncio.Task[None] | None = None
         self.heartbeat_s = heartbeat_s
         self.listen = listen
         self.certs = certs
@@ -333,8 +559,6 @@ class _ServerThread:
 
     async def _start(self) -> None:
         grpc = _grpc()
-        from consortium.deploy.proto import consortium_pb2_grpc as rpc
-
         self.hub = Hub(self.loop, **self.hub_args)
         registry = None
         options = [("grpc.max_receive_message_length", 8 << 20),
@@ -359,13 +583,24 @@ class _ServerThread:
             raise ConfigError(f"cannot listen on {self.listen!r}; is the port in use?")
         service = FederationService(
             self.hub, registry=registry, heartbeat_s=self.heartbeat_s,
-            registry_dir=creds.directory if self.certs is not None else None,
+            registry_dir=creds.directory if self.certs is not None else None, limits=self.limits,
         )
-        rpc.add_FederationServicer_to_server(service, self._server)
+        self.service = service
+        _add_service(service, self._server)
         await self._server.start()
+        self._flusher = asyncio.ensure_future(self._flush_rejections(self.hub))
+
+    @staticmethod
+    async def _flush_rejections(hub: Hub) -> None:
+        """Every rejection window, audit the counts of the rejections not written in full."""
+        while True:
+            await asyncio.sleep(hub.rejections.window_s)
+            hub.flush_rejections()
 
     def stop(self) -> None:
         async def _stop() -> None:
+            if self._flusher is not None:
+                self._flusher.cancel()
             await self._server.stop(grace=1.0)
 
         if self._server is not None and self.loop.is_running():
@@ -380,24 +615,32 @@ class _RoundReport:
     def __init__(self, hub: Hub, rounds: int) -> None:
         self.hub = hub
         self.rounds = rounds
-        self._rejected = 0
+        self._rejected = 0  # hub.rejected_total at the last report
+        self._logged = 0  # hub.rejected_logged at the last report
 
     def on_round_end(self, record: dict[str, Any], state: Any) -> None:
-        rejected = self.hub.rejected[self._rejected:]
-        self._rejected = len(self.hub.rejected)
+        total, logged, latest = self.hub.latest_rejections()
+        count = total - self._rejected
+        new = min(logged - self._logged, len(latest))
+        self._rejected, self._logged = total, logged
+        # the newest few in full: a site sending garbage in a loop must not flood the report
+        rejected = latest[len(latest) - min(new, 10):]
         failed = record.get("failed") or {}
         acc = record.get("accuracy")
         line = (
             f"consortium server: round {record['round']}/{self.rounds}: "
             f"{len(self.hub.connected())} sites connected, {record['clients']} results"
             + (f", {len(failed)} without an update" if failed else "")
-            + (f", {len(rejected)} rejected" if rejected else "")
+            + (f", {count} rejected" if count else "")
             + (f", accuracy {acc:.3f}" if isinstance(acc, float) else "")
             + (f" — aborted: {record['aborted']}" if record.get("aborted") else "")
         )
         print(line, file=sys.stderr, flush=True)
         for reason in rejected:
             print(f"consortium server:   {reason}", file=sys.stderr, flush=True)
+        if count > len(rejected):
+            print(f"consortium server:   ... and {count - len(rejected)} more rejections "
+                  "(audit.jsonl)", file=sys.stderr, flush=True)
         shown = sorted(failed.items())[:5]
         for site, why in shown:  # rejections are printed above with their own reason
             if not str(why).startswith("rejected"):
@@ -541,6 +784,48 @@ def _implausible(info: SiteInfo) -> str | None:
     return None
 
 
+def _log_checkpoint(audit: AuditLog, rnd: int, digest: str) -> None:
+    """Record a checkpoint's digest before it replaces the previous one (``--resume`` refuses
+    a checkpoint whose digest is not the last one recorded), on disk before it is used."""
+    audit.append("checkpoint", round=rnd, sha256=digest)
+    audit.sync()
+
+
+def _with_update_bound(cfg: ExperimentConfig, flag: float | None) -> ExperimentConfig:
+    """``cfg`` with the update bound a deployment runs with: ``--update-bound`` if given,
+    else the config's, and :data:`~consortium.aggregation.bound.DEFAULT_MULTIPLIER` for the
+    config's 0 (a server does not trust its sites by default; only the flag turns it off).
+    The resolved value is written to the run's config.toml, so ``--resume`` keeps it."""
+    from consortium.aggregation.bound import DEFAULT_MULTIPLIER, check_multiplier
+
+    if flag is None:
+        multiplier = cfg.aggregation.update_bound or DEFAULT_MULTIPLIER
+    else:
+        multiplier = check_multiplier(flag, where="--update-bound")
+        if multiplier == 0:
+            print("consortium server: WARNING --update-bound 0: no bound on the sites' updates; "
+                  "one site can move the model as far as it likes in a round (FedAvg's mean "
+                  "is not robust). Keep it only with a robust aggregation.rule or sites you "
+                  "trust", file=sys.stderr)
+    return cfg.replace(aggregation=dataclasses.replace(cfg.aggregation, update_bound=multiplier))
+
+
+def update_bound_line(cfg: ExperimentConfig) -> str:
+    """The start line that says which bound on a single site's update is in force."""
+    multiplier = cfg.aggregation.update_bound
+    if cfg.secure_aggregation.enabled:
+        return ("update bound: not applied by the server: secure aggregation hides single "
+                "updates; each site is bounded by the secure-aggregation range "
+                f"(secure_aggregation.clip = {cfg.secure_aggregation.clip:g}) at the site")
+    if cfg.privacy.mode == "central":
+        return ("update bound: central DP's clip norm (privacy.clip), re-applied by the server "
+                "to every update, with weight 1 and a centred bit of ±1/2")
+    if multiplier == 0:
+        return "update bound: OFF (aggregation.update_bound = 0 in this run)"
+    return (f"update bound: every update scaled to at most {multiplier:g} × the round's median "
+            "update norm (aggregation.update_bound; --update-bound X)")
+
+
 def serve(
     config: str | Path | None,
     *,
@@ -554,9 +839,12 @@ def serve(
     min_results: int = 1,
     over_select: float = 0.0,
     heartbeat_s: int = 30,
+    stream_idle_timeout: float = 30.0,
+    stream_min_rate: float = 16 * 1024,
     on_listening: Any = None,
     progress: bool = True,
     resume: str | Path | None = None,
+    update_bound: float | None = None,
 ) -> Any:
     """Run the experiment with the sites that connect; return the :class:`SimulationResult`.
 
@@ -565,8 +853,14 @@ def serve(
     sites reconnect by themselves. A round with fewer than ``min_results`` results by its
     deadline is skipped (the model stays; ``aborted`` in metrics.jsonl). ``over_select`` =
     x > 0: a round closes once ceil(n / (1 + x)) of its n sites answered (the run is then not
-    reproducible bit for bit: which sites are cut depends on timing).
+    reproducible bit for bit: which sites are cut depends on timing). ``update_bound``: the
+    multiple of the round's median update norm that bounds every update (``--update-bound``;
+    None: ``aggregation.update_bound``, whose 0 means 3.0 here; 0: off, with a warning).
+    ``stream_idle_timeout`` and ``stream_min_rate``: a site's stream that moves no frame for
+    that many seconds, or averages fewer bytes a second after that, is dropped
+    (:class:`StreamLimits`).
     """
+    limits = StreamLimits(idle_timeout_s=stream_idle_timeout, min_rate=stream_min_rate)
     if not heartbeat_s >= 1:
         raise ConfigError(f"--heartbeat {heartbeat_s}: give the seconds between site heartbeats (>= 1)")
     if not 0 <= over_select <= 10:
@@ -576,8 +870,9 @@ def serve(
     from consortium.simulation import simulate
 
     if resume is not None:
-        if config is not None or overrides:
-            raise ConfigError("--resume continues a run as it was configured; give no CONFIG or --set")
+        if config is not None or overrides or update_bound is not None:
+            raise ConfigError("--resume continues a run as it was configured; give no CONFIG, "
+                              "--set or --update-bound")
         out = resume
         if not (Path(resume) / "config.toml").is_file():
             raise ConfigError(
@@ -586,7 +881,7 @@ def serve(
             )
         cfg = load_config(Path(resume) / "config.toml")
     else:
-        cfg = load_config(config, list(overrides))
+        cfg = _with_update_bound(load_config(config, list(overrides)), update_bound)
     if cfg.attack.kind != "none":
         raise ConfigError(
             "attack.kind is for simulation only (`consortium run`, `consortium robustness`); "
@@ -627,6 +922,7 @@ def serve(
         print("consortium server: WARNING --insecure: no TLS, no authentication; any process "
               "that reaches the port can claim to be any site. Local experiments only.",
               file=sys.stderr)
+    print(f"consortium server: {update_bound_line(cfg)}", file=sys.stderr, flush=True)
     torch.set_num_threads(1)  # the event loop does the work; idle torch threads only contend
     tune_malloc()
     _raise_file_limit(min_sites)
@@ -634,22 +930,32 @@ def serve(
     run_dir.mkdir(parents=True, exist_ok=True)
     saved: dict[str, Any] = {}
     if resume is not None:
-        from consortium.server.checkpoint import load_checkpoint_extras
+        from consortium.deploy.audit import last_entries
+        from consortium.server.checkpoint import load_checkpoint_extras, verify_checkpoint_digest
 
+        # the checkpoint must be the one this server wrote and logged (issue 13, point 8)
+        verify_checkpoint_digest(
+            run_dir / "checkpoint", last_entries(run_dir / AUDIT_FILENAME, "checkpoint", 2)
+        )
         saved = load_checkpoint_extras(run_dir / "checkpoint")
     registry = saved.get("registry")
     secret = _sampling_secret(saved, resumed=resume is not None)
     # entries reach the OS at once; the disk once per round, before the results are used
     audit = AuditLog(run_dir / AUDIT_FILENAME, recover=True, fsync=False)
+    from consortium.deploy.receipts import HeadSigner
+
+    signer = HeadSigner.from_certs(certs) if certs else None  # signs the audit head in each task
     thread = _ServerThread(listen, certs=Path(certs) if certs else None, hub_args={
         # unique, so a site's saved state never mixes two runs kept in same-named folders
         "config_toml": cfg.to_toml(), "run_id": f"{run_dir.name}-{uuid.uuid4().hex[:8]}",
         "registry": registry,
         "max_result_bytes": MAX_RESULT_BYTES, "audit": audit,
         # the sites encode their features with every site's statistics, as simulated
-        "summaries_expected": min_sites,
-    }, heartbeat_s=heartbeat_s)
+        "summaries_expected": min_sites, "signer": signer,
+    }, heartbeat_s=heartbeat_s, limits=limits)
     hub = thread.start()
+    audit.append("run", run_id=hub.run_id, resumed=resume is not None,
+                 signed=signer is not None)  # receipts name the run; the auditor finds it here
     try:
         if on_listening is not None:
             on_listening(thread.port)
@@ -679,6 +985,7 @@ def serve(
             "checkpoint_extras": lambda: {
                 "registry": hub.registry(), **({SAMPLING_SECRET: secret} if secret else {}),
             },
+            "on_checkpoint": functools.partial(_log_checkpoint, audit),
         }
         if resume is not None:
             result = simulate(resume=run_dir, **common)
@@ -689,4 +996,5 @@ def serve(
     finally:
         time.sleep(0.5)  # let the clients pull their Finished
         thread.stop()
+        hub.flush_rejections(final=True)
         audit.close()

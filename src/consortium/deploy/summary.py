@@ -13,10 +13,27 @@ import numpy as np
 from consortium.data.preprocess import SiteSummary
 from consortium.deploy.codec import DecodeError
 
-__all__ = ["TableSchema", "merge_schemas", "schema_from_pb", "summary_from_pb", "summary_to_pb"]
+__all__ = [
+    "MAX_FEATURE_MAGNITUDE",
+    "MAX_SUMMARY_ROWS",
+    "TableSchema",
+    "implausible_summary",
+    "merge_schemas",
+    "schema_from_pb",
+    "summary_from_pb",
+    "summary_to_pb",
+]
 
 MAX_COLUMNS = 100_000
 MAX_CATEGORIES = 10_000
+
+MAX_SUMMARY_ROWS = 2**31
+"""The most rows a site's summary may count per column (Describe's limit on examples)."""
+
+MAX_FEATURE_MAGNITUDE = float(np.finfo(np.float32).max)
+"""The largest mean or root-mean-square a column may have: features reach the model as
+float32, so a value beyond 3.4e38 is not data (and a sum of squares of 2**31 such values still
+fits float64 by 10**220)."""
 
 
 @dataclass(frozen=True)
@@ -131,3 +148,62 @@ def summary_from_pb(msg: Any) -> SiteSummary:
         has_missing=np.asarray(msg.has_missing, dtype=bool),
         binary=np.asarray(msg.binary, dtype=bool), categories=tuple(categories),
     )
+
+
+def implausible_summary(summary: SiteSummary, *, schema: TableSchema | None = None) -> str | None:
+    """Why a site's data summary cannot describe real rows, or None.
+
+    The server merges the sites' sums before any site describes its data, so the checks use
+    nothing but the summary (and its schema): counts are whole numbers within
+    :data:`MAX_SUMMARY_ROWS`; a column without values has zero sums; the mean and the root
+    mean square are within :data:`MAX_FEATURE_MAGNITUDE` (column sums of 1e300 made every
+    honest site fail, issue 13); the sums obey Cauchy–Schwarz, ``(Σx)² ≤ n·Σx²``, within
+    rounding; a binary column (only 0 and 1) has ``Σx = Σx² ≤ n``; a column with categories
+    has no numeric sums, and in a table file a numeric column has no categories. Its row count
+    against what it then declares is :meth:`consortium.deploy.hub.Hub.describe`'s check.
+    """
+    count, total, total_sq = summary.count, summary.total, summary.total_sq
+    named = (lambda j: repr(schema.columns[j])) if schema is not None else (lambda j: str(j))
+
+    def first(bad: np.ndarray) -> int:
+        return int(np.flatnonzero(bad)[0])
+
+    checks: list[tuple[np.ndarray, Any]] = [
+        (~np.isfinite(count) | (count < 0) | (count > MAX_SUMMARY_ROWS) | (count != np.round(count)),
+         lambda j: f"counts {count[j]:g} values, not a whole number in [0, 2**31]"),
+        ((count == 0) & ((total != 0) | (total_sq != 0)),
+         lambda j: f"has no values but sums {total[j]:g} (squares {total_sq[j]:g})"),
+    ]
+    n = np.maximum(count, 1.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, rms = np.abs(total) / n, np.sqrt(np.abs(total_sq) / n)
+        checks += [
+            (~(mean <= MAX_FEATURE_MAGNITUDE),
+             lambda j: f"has mean {total[j] / n[j]:.3g}, beyond any float32 value"),
+            (~(rms <= MAX_FEATURE_MAGNITUDE),
+             lambda j: f"has root mean square {rms[j]:.3g}, beyond any float32 value"),
+            # mean² ≤ mean of squares; both sides are finite here, as both are within range
+            (mean * mean > (rms * rms) * (1 + 1e-9) + 1e-300,
+             lambda j: f"sums {total[j]:.6g} with squares {total_sq[j]:.6g} over {count[j]:g} "
+                       "values, which no real numbers do ((Σx)² > n·Σx²)"),
+        ]
+    binary = np.asarray(summary.binary, dtype=bool)
+    checks += [
+        (binary & ((total != total_sq) | (total > count) | (total < 0)),
+         lambda j: f"is binary (0 and 1 only) but sums {total[j]:g} with squares "
+                   f"{total_sq[j]:g} over {count[j]:g} values"),
+    ]
+    categorical = np.array([bool(c) for c in summary.categories], dtype=bool)
+    checks += [
+        (categorical & ((count != 0) | binary),
+         lambda j: f"lists categories but also {count[j]:g} numeric values"),
+    ]
+    if schema is not None:
+        numeric = np.asarray(schema.numeric, dtype=bool)
+        checks += [(numeric & categorical, lambda j: "holds only numbers but lists categories"),
+                   (~numeric & (count > 0), lambda j: "holds text but counts numeric values")]
+    for bad, why in checks:
+        if bad.any():
+            j = first(bad)
+            return f"its data summary's column {named(j)} {why(j)}"
+    return None

@@ -3,9 +3,10 @@
 A deployed server receives results from other institutions' machines. Decoding
 (:mod:`consortium.deploy.codec`) only guarantees well-formed tensors; this module checks that a
 result is the answer to the task the server sent to that site in this round, exactly once, with
-the model's layout, finite values and a sane weight, within a size limit. A failed check raises
-:class:`RejectedResult` whose message is the log line: it names the site, round and task, and
-what was wrong. The server logs it and goes on without the result; it never crashes on one.
+the model's layout, the extras its algorithm and stages declare (names, shapes, dtypes, value
+bounds), finite values of a sane magnitude and a sane weight, within a size limit. A failed
+check raises :class:`RejectedResult` whose message is the log line: it names the site, round
+and task, and what was wrong. The server logs it and goes on without the result; it never crashes on one.
 """
 
 from __future__ import annotations
@@ -17,14 +18,18 @@ from typing import Final
 
 import torch
 
+from consortium.aggregation.base import ExtraSpec
 from consortium.deploy.codec import EvaluationEnvelope, ResultEnvelope
 from consortium.errors import ConsortiumError
 from consortium.types import Layout, Update
 
 __all__ = [
     "DEFAULT_MAX_WEIGHT",
+    "MAX_UPDATE_NORM",
+    "RELATIVE_NORM_CAP",
     "ExpectedTask",
     "RejectedResult",
+    "update_norm_cap",
     "validate_evaluation",
     "validate_result",
 ]
@@ -34,6 +39,33 @@ _UNIT_METRICS: Final = frozenset({"accuracy", "balanced_accuracy", "auc"})
 DEFAULT_MAX_WEIGHT: Final = 1e9
 """Largest aggregation weight (or evaluation example count) accepted by default: weights are
 sample counts."""
+
+
+MAX_UPDATE_NORM: Final = 1e14
+"""The largest L2 norm of any update or extra, whatever the model: the robust rules compute
+squared norms and pairwise distances in float32, which overflow at 1.8e19; a sum or difference
+of up to 2**16 updates of norm 1e14 stays below that ((2**16 · 1e14)² = 4e37 < 3.4e38)."""
+
+RELATIVE_NORM_CAP: Final = 1e6
+"""An update may be at most this many times the global model's L2 norm (see
+:func:`update_norm_cap`)."""
+
+
+def update_norm_cap(model_norm: float) -> float:
+    """The largest L2 norm of an update that can still be training: ``min(1e6 · max(1, ‖x‖₂),
+    1e14)`` for a global model ``x``.
+
+    A round of local SGD moves a model by a fraction of its own size (a learning rate times a
+    few epochs of gradients); a delta a million times the model is not training but an attempt
+    to overflow the aggregate (the review's 3e38 made every honest site's loss NaN for the rest
+    of the run). ``max(1, ·)`` leaves room for a model that starts at or near zero.
+    :data:`MAX_UPDATE_NORM` keeps the float32 arithmetic of the aggregation rules finite. A
+    single coordinate is at most the norm, so one coordinate of 3e38 is refused as well.
+    Plausible but large updates are the adaptive norm bound's business, not this cap's.
+    """
+    if not math.isfinite(model_norm):
+        return MAX_UPDATE_NORM
+    return min(RELATIVE_NORM_CAP * max(1.0, model_norm), MAX_UPDATE_NORM)
 
 
 class RejectedResult(ConsortiumError):
@@ -66,18 +98,23 @@ class ExpectedTask:
             certificate), never what the result claims.
         round: the server's current round.
         task_id: the id of the task the server sent to ``site`` this round.
-        extras: the extras an update must carry, name -> shape (an algorithm's SCAFFOLD
-            control-variate delta, central DP's clipping bit); ``None`` accepts any names and
-            shapes (their dtype, values and size are still checked).
+        extras: the extras an update must carry, name -> :class:`ExtraSpec` (shape, dtype,
+            value bounds; a bare shape means float32 without bounds), as the algorithm and the
+            pipeline's stages declare them (SCAFFOLD's control-variate delta, FedNova's
+            ``w·a``, central DP's clipping bit); ``None`` accepts any names and shapes (their
+            dtype, values and magnitude are still checked).
         secure: the update's values travel through secure aggregation, so its delta is empty
             and only the extras' shapes come in the clear (``SecureAggregation``).
+        max_norm: the largest L2 norm of the delta (:func:`update_norm_cap` of the global
+            model the task carries).
     """
 
     site: str
     round: int
     task_id: str
-    extras: Mapping[str, tuple[int, ...]] | None = None
+    extras: Mapping[str, ExtraSpec | tuple[int, ...]] | None = None
     secure: bool = False
+    max_norm: float = MAX_UPDATE_NORM
 
 
 def validate_result(
@@ -95,9 +132,11 @@ def validate_result(
     task id is the expected one and was not answered before (no replay); the result is within
     ``max_bytes`` (on the wire and in tensor data); it carries an update or an error, not both;
     the delta is flat float32 with ``layout.size`` values (empty when ``expected.secure``); the
-    extras are float32 with the expected names and shapes; delta, extras, weight and metrics
-    are finite; the weight is in ``[0, max_weight]``. A result without an update (the client
-    failed or refused) passes with the first checks only.
+    extras have the expected names, shapes and dtypes; delta and extras are finite and not of
+    absurd magnitude (L2 norm within ``expected.max_norm``, :data:`MAX_UPDATE_NORM` for
+    extras); weight and metrics are finite; the weight is in ``[0, max_weight]``; every extra
+    is within its declared bounds. A result without an update (the client failed or refused)
+    passes with the first checks only.
 
     Once the sender, round and task id check out, the task id is added to ``seen_task_ids``,
     whether the rest passes or not: a site answers a task once, and cannot probe the checks
@@ -201,26 +240,58 @@ def _check_update(
             f"expected a flat float32 delta of {size} values (the model's layout), found "
             f"{delta.dtype} of shape {tuple(delta.shape)}"
         )
-    if expected.extras is not None and set(update.extras) != set(expected.extras):
-        missing = sorted(set(expected.extras) - set(update.extras))
-        unexpected = sorted(set(update.extras) - set(expected.extras))
+    specs = _specs(expected.extras)
+    if specs is not None and set(update.extras) != set(specs):
+        missing = sorted(set(specs) - set(update.extras))
+        unexpected = sorted(set(update.extras) - set(specs))
         raise reject(f"extras missing: {missing}, unexpected: {unexpected}")
-    for name, tensor in update.extras.items():
-        if tensor.dtype != torch.float32:
-            raise reject(f"extra {name!r} is {tensor.dtype}, expected float32")
-        if expected.extras is not None and tuple(tensor.shape) != tuple(expected.extras[name]):
+    for name, tensor in sorted(update.extras.items()):
+        spec = specs[name] if specs is not None else None
+        dtype = spec.dtype if spec is not None else torch.float32
+        if tensor.dtype != dtype:
+            raise reject(f"extra {name!r} is {tensor.dtype}, expected {str(dtype)[6:]}")
+        if spec is not None and tuple(tensor.shape) != tuple(spec.shape):
             raise reject(
-                f"extra {name!r} has shape {tuple(tensor.shape)}, expected "
-                f"{tuple(expected.extras[name])}"
+                f"extra {name!r} has shape {tuple(tensor.shape)}, expected {tuple(spec.shape)}"
             )
-    _check_finite(delta, "the delta", reject)
-    for name, tensor in update.extras.items():
-        _check_finite(tensor, f"extra {name!r}", reject)
+    _check_magnitude(delta, "the delta", expected.max_norm, reject)
+    for name, tensor in sorted(update.extras.items()):
+        _check_magnitude(tensor, f"extra {name!r}", MAX_UPDATE_NORM, reject)
     if not math.isfinite(update.weight):
         raise reject(f"the weight {update.weight} is not finite")
     if not 0 <= update.weight <= max_weight:
         raise reject(f"the weight {update.weight} is outside [0, {max_weight}]")
+    if specs is not None:
+        for name, spec in sorted(specs.items()):
+            _check_bounds(update.extras[name], name, spec, update.weight, reject)
     _check_metrics(update.metrics, reject)
+
+
+def _specs(
+    extras: Mapping[str, ExtraSpec | tuple[int, ...]] | None,
+) -> dict[str, ExtraSpec] | None:
+    if extras is None:
+        return None
+    return {name: s if isinstance(s, ExtraSpec) else ExtraSpec(tuple(s))
+            for name, s in extras.items()}
+
+
+def _check_bounds(
+    tensor: torch.Tensor, name: str, spec: ExtraSpec, weight: float, reject: _Reject
+) -> None:
+    """Every value of extra ``name`` in its declared ``[low, high]`` (times the update's weight
+    when ``per_weight``), up to float32 rounding of the value the client computed in float64."""
+    if tensor.numel() == 0 or not (math.isfinite(spec.low) or math.isfinite(spec.high)):
+        return
+    scale = weight if spec.per_weight else 1.0
+    low, high = spec.low * scale, spec.high * scale
+    slack = 1e-6 * max((abs(b) for b in (low, high) if math.isfinite(b)), default=0.0)
+    smallest, largest = float(tensor.min()), float(tensor.max())
+    for value in (smallest, largest):
+        if not low - slack <= value <= high + slack:
+            per = f" (for weight {weight:g})" if spec.per_weight else ""
+            raise reject(f"extra {name!r} holds {value:g}, outside its bounds "
+                         f"[{low:g}, {high:g}]{per}")
 
 
 def _rejecter(kind: str, expected: ExpectedTask, task_id: str) -> _Reject:
@@ -237,15 +308,24 @@ def _rejecter(kind: str, expected: ExpectedTask, task_id: str) -> _Reject:
     return reject
 
 
-def _check_finite(tensor: torch.Tensor, what: str, reject: _Reject) -> None:
-    # One float64 sum is finite exactly when every value is (NaN and ±inf propagate; float32
-    # values cannot overflow float64 by summing): 8× cheaper than an elementwise mask.
-    if tensor.is_floating_point() and math.isfinite(float(tensor.sum(dtype=torch.float64))):
+def _check_magnitude(tensor: torch.Tensor, what: str, cap: float, reject: _Reject) -> None:
+    """Finite values and an L2 norm within ``cap`` ("absurd magnitude" otherwise)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    # The float32 norm propagates NaN and ±inf and overflows only beyond 1.8e19 > cap, so a
+    # finite one within the cap settles both checks in one pass (20× faster than a float64
+    # sum); the float64 norm gives the reason when it does not.
+    fast = float(torch.linalg.vector_norm(tensor))
+    if math.isfinite(fast) and fast <= cap:
         return
     finite = torch.isfinite(tensor)
     if not bool(finite.all()):
         bad = int(finite.numel() - finite.sum())
         raise reject(f"{what} holds {bad} NaN or infinite values of {tensor.numel()}")
+    norm = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+    if norm > cap:
+        raise reject(f"{what} has absurd magnitude: its L2 norm {norm:.3g} exceeds the cap "
+                     f"of {cap:.3g} (no training step moves a model that far)")
 
 
 def _check_metrics(metrics: Mapping[str, float], reject: _Reject) -> None:

@@ -10,7 +10,13 @@ from typing import Any
 
 import torch
 
-from consortium.aggregation.base import Aggregate, ClientContext, RoundContext, StageState
+from consortium.aggregation.base import (
+    Aggregate,
+    ClientContext,
+    ExtraSpec,
+    RoundContext,
+    StageState,
+)
 from consortium.errors import ConfigError
 from consortium.seeds import derive_seed
 from consortium.types import Layout, Update
@@ -79,6 +85,14 @@ class CentralDP:
     def broadcast(self, state: StageState) -> dict[str, Any]:
         return {"clip": float(state["clip"]), "noise_multiplier": self.noise_multiplier}
 
+    def expected_extras(
+        self, before: Mapping[str, ExtraSpec], layout: Layout
+    ) -> dict[str, ExtraSpec]:
+        """Adds the centred clipping bit, ``±½``: one site's bit outside ``[-½, ½]`` would
+        move the noisy count, and so the next clip norm, beyond the sensitivity it is
+        calibrated to (a bit of -1e6 overflowed ``exp`` in the review)."""
+        return {**before, _UNCLIPPED: ExtraSpec((1,), low=-0.5, high=0.5)}
+
     def client(self, update: Update, payload: Mapping[str, Any], ctx: ClientContext) -> Update:
         clip = float(payload["clip"])
         norm = float(torch.linalg.vector_norm(update.delta))
@@ -91,6 +105,37 @@ class CentralDP:
             update, delta=update.delta * scale, weight=1.0, extras=extras,
             metrics={**update.metrics, "update_norm": norm},
         )
+
+    def receive(self, update: Update, state: StageState, ctx: RoundContext) -> Update:
+        """The server's half of the client's promises, which a malicious site can skip.
+
+        The noise is calibrated to a sum of updates of norm ≤ ``C`` with weight 1 and bits
+        of ±½; a site that sends more moves the sum, or the next clip norm, further than the
+        accountant assumes. So every update is re-clipped here (see
+        :func:`~consortium.aggregation.clipping.enforce_norm`), its weight set to 1, and its
+        bit checked against the delta that arrived: an honest site sends +½ with a delta
+        shorter than ``C`` and −½ with one of norm ``C`` (both are possible only within float
+        rounding of ``C``); any other bit (−1e6, NaN, a lie) is replaced by the one the delta
+        implies. An honest update is passed through as the same object. Behind secure
+        aggregation the server sees no values (an empty delta): nothing to check here, the
+        secure-aggregation range bounds the site instead.
+        """
+        if update.delta.numel() == 0:
+            return update
+        from consortium.aggregation.clipping import SLACK, enforce_norm
+
+        clip = float(state["clip"])
+        delta, norm = enforce_norm(update.delta, clip)
+        bit = update.extras.get(_UNCLIPPED)
+        sent = float(bit.reshape(-1)[0]) if bit is not None and bit.numel() == 1 else math.nan
+        allowed = {0.5} if norm < clip * (1 - SLACK) else {-0.5} if norm > clip * (1 + SLACK) else (
+            {0.5, -0.5})
+        if delta is update.delta and update.weight == 1.0 and sent in allowed:
+            return update
+        extras = dict(update.extras)
+        if sent not in allowed:
+            extras[_UNCLIPPED] = torch.tensor([0.5 if 0.5 in allowed else -0.5])
+        return dataclasses.replace(update, delta=delta, weight=1.0, extras=extras)
 
     def count_noise(self, expected_clients: float) -> float:
         """``σ_b``: as set, or Andrew et al.'s ``m/20`` — but at least ``z``, so that small

@@ -10,6 +10,7 @@ round's configuration, so that a signature from one purpose, round or run verifi
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from consortium.secagg.masks import MAX_MODULUS_BITS
 from consortium.secagg.shamir import Share
 
 __all__ = [
+    "SEED_COMMITMENT_BYTES",
     "AdvertiseKeys",
     "ConsistencyRequest",
     "ConsistencySignature",
@@ -34,11 +36,14 @@ __all__ = [
     "UnmaskRequest",
     "UnmaskResponse",
     "consistency_bytes",
+    "seed_commitment",
     "signed_keys_bytes",
 ]
 
 _KEYS_LABEL = b"consortium/secagg/signed-keys/v1"
 _CONSISTENCY_LABEL = b"consortium/secagg/consistency/v1"
+_SEED_LABEL = b"consortium/secagg/seed-commitment/v1"
+SEED_COMMITMENT_BYTES = 32
 
 
 class SecAggAbort(RoundAborted):
@@ -116,7 +121,10 @@ class AdvertiseKeys:
     """Phase 1, client to server: the client's two raw X25519 public keys.
 
     With authentication, ``certificate`` (DER, issued by the consortium CA for ``client_id``) and
-    ``signature`` (ECDSA over :func:`signed_keys_bytes`); empty without.
+    ``signature`` (ECDSA over :func:`signed_keys_bytes`); empty without. ``seed_commitment`` is
+    :func:`seed_commitment` of the client's self-mask seed ``b``: the server checks the seed it
+    reconstructs from the neighbours' shares against it, so a neighbour that reveals a shifted
+    share cannot corrupt the sum unnoticed (the server leaves out a client without one).
     """
 
     client_id: str
@@ -124,6 +132,7 @@ class AdvertiseKeys:
     s_public: bytes
     certificate: bytes = b""
     signature: bytes = b""
+    seed_commitment: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -227,6 +236,19 @@ def signed_keys_bytes(
     return _length_prefixed(
         _KEYS_LABEL, bind_config(config), client_id.encode(), bytes(c_public), bytes(s_public)
     )
+
+
+def seed_commitment(config: SecAggConfig, client_id: str, seed: bytes) -> bytes:
+    """The 32-byte hash commitment to a client's self-mask seed ``b``: SHA-256 over a fixed
+    label, the round's config, the client id and the seed.
+
+    It hides ``b`` (a uniform 32-byte secret: SHA-256 is preimage resistant) and binds it
+    (collision resistance): a seed reconstructed from shifted shares does not match. The
+    config and id in the hash keep one commitment from passing for another round or client.
+    """
+    return hashlib.sha256(
+        _length_prefixed(_SEED_LABEL, bind_config(config), client_id.encode(), bytes(seed))
+    ).digest()
 
 
 def consistency_bytes(config: SecAggConfig, survivors: Iterable[str]) -> bytes:

@@ -9,9 +9,10 @@ The phases, each a method on :class:`SecAggClient` and one on :class:`SecAggServ
 in :mod:`consortium.secagg.messages`):
 
 1. keys:        each client publishes two X25519 public keys, ``c`` (to encrypt shares) and ``s``
-                (to agree pairwise masks); the server fixes the neighbour graph from a public seed
-                and sends each client its neighbours' keys (:class:`KeysBroadcast`).
-2. shares:      each client draws a self-mask seed ``b``, Shamir-shares ``b`` and its ``s``
+                (to agree pairwise masks), and a hash commitment to its self-mask seed ``b``;
+                the server fixes the neighbour graph from a public seed and sends each client
+                its neighbours' keys (:class:`KeysBroadcast`).
+2. shares:      each client Shamir-shares its self-mask seed ``b`` and its ``s``
                 private key t-of-k among its neighbours, and encrypts each neighbour's pair of
                 shares with AES-GCM; the server routes the ciphertexts (:class:`SharesForClient`).
 3. masked:      each client sends ``y = x + PRG(b) + sum_v sign(u, v) PRG(s_uv) mod 2^bits`` over
@@ -21,7 +22,9 @@ in :mod:`consortium.secagg.messages`):
                 server forwards each survivor its neighbours' signatures with the unmask request.
 4. unmask:      each survivor reveals, per neighbour, the ``b`` share if the neighbour sent a
                 masked input and the ``s`` share if it dropped after phase 2, never both
-                (:class:`UnmaskResponse`); the server removes the masks and returns the sum.
+                (:class:`UnmaskResponse`); the server checks each reconstructed ``b`` against
+                the hash commitment sent in phase 1 and each ``s`` against its public key
+                (a neighbour may reveal a shifted share), removes the masks, returns the sum.
 
 Without authentication the model is an honest-but-curious server. With authentication
 (``identity`` and ``trust`` given to every client: :mod:`consortium.secagg.identity`) it is
@@ -41,8 +44,9 @@ gRPC.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -54,6 +58,7 @@ from consortium.secagg.crypto import decrypt, encrypt, generate_keypair, shared_
 from consortium.secagg.floor import SecAggFloor
 from consortium.secagg.masks import add_masks, apply_mask, mask_sign, pairwise_seed
 from consortium.secagg.messages import (
+    SEED_COMMITMENT_BYTES,
     AdvertiseKeys,
     ConsistencyRequest,
     ConsistencySignature,
@@ -69,14 +74,16 @@ from consortium.secagg.messages import (
     UnmaskResponse,
     _length_prefixed,
     consistency_bytes,
+    seed_commitment,
     signed_keys_bytes,
 )
-from consortium.secagg.shamir import Share, combine_shares, split_secret
+from consortium.secagg.shamir import Share, recover_checked, split_secret
 
 if TYPE_CHECKING:
     from consortium.secagg.identity import SecAggIdentity, TrustAnchor
 
 __all__ = [
+    "SEED_COMMITMENT_BYTES",
     "AdvertiseKeys",
     "ConsistencyRequest",
     "ConsistencySignature",
@@ -243,14 +250,19 @@ class SecAggClient:
 
     def advertise_keys(self) -> AdvertiseKeys:
         """Phase 1: the public halves of the ``c`` (encryption) and ``s`` (mask) key pairs,
-        signed with this client's identity when authenticated."""
+        signed with this client's identity when authenticated, and the hash commitment to the
+        self-mask seed ``b`` the server checks its reconstruction against."""
         self._advance("new", "keys")
+        commitment = seed_commitment(self.config, self.client_id, self._b)
         if self._identity is None:
-            return AdvertiseKeys(self.client_id, self._c.public, self._s.public)
+            return AdvertiseKeys(
+                self.client_id, self._c.public, self._s.public, seed_commitment=commitment
+            )
         signed = signed_keys_bytes(self.config, self.client_id, self._c.public, self._s.public)
         return AdvertiseKeys(
             self.client_id, self._c.public, self._s.public,
             certificate=self._identity.certificate_der, signature=self._identity.sign(signed),
+            seed_commitment=commitment,
         )
 
     def share_keys(self, broadcast: KeysBroadcast) -> EncryptedShares:
@@ -672,6 +684,8 @@ class SecAggServer:
         self.authenticated = False
         """Whether the clients signed their keys (then the consistency round runs)."""
         self.reconstructed: list[tuple[str, str]] = []  # (client, "b" or "s"), for auditing
+        self.corrupted: list[tuple[str, str, str]] = []
+        """(holder, owner, "b" or "s") of each revealed share found corrupted and left out."""
         self._keys: dict[str, AdvertiseKeys] = {}
         self._participants: tuple[str, ...] = ()
         self._graph: dict[str, frozenset[str]] = {}
@@ -687,7 +701,8 @@ class SecAggServer:
 
         If any client signed its keys the round is :attr:`authenticated`: the clients without a
         certificate and signature are left out (their neighbours would refuse them), and each
-        broadcast carries the neighbours' certificates and signatures.
+        broadcast carries the neighbours' certificates and signatures. A client without a
+        32-byte seed commitment is left out too: its self-mask seed could not be checked.
 
         Raises:
             SecAggAbort: duplicate senders, or a client with fewer than ``threshold`` neighbours.
@@ -699,6 +714,7 @@ class SecAggServer:
         self.authenticated = any(a.certificate or a.signature for a in adverts)
         if self.authenticated:
             adverts = [a for a in adverts if a.certificate and a.signature]
+        adverts = [a for a in adverts if len(a.seed_commitment) == SEED_COMMITMENT_BYTES]
         self._keys = {a.client_id: a for a in adverts}
         self._participants = tuple(sorted(self._keys))
         self._graph = neighbour_graph(
@@ -834,18 +850,70 @@ class SecAggServer:
     def finish(self, responses: Sequence[UnmaskResponse]) -> SecAggResult:
         """Phase 4: reconstruct ``b`` of survivors and ``s`` of dropped clients, unmask the sum.
 
+        Every reconstructed secret is verified before any mask is removed: ``b`` against the
+        owner's seed commitment from phase 1, the ``s`` private key against the public key the
+        owner advertised (signed, when authenticated). Shamir's interpolation alone would turn a
+        neighbour's shifted share into a shifted secret and a silently corrupted sum. A share
+        at another neighbour's point or off the polynomial of the verified secret is corrected
+        (left out; with more than ``threshold`` shares one corrupted share per secret can be)
+        and its holder recorded in :attr:`corrupted`.
+
         Raises:
             SecAggAbort: fewer than ``threshold`` shares for some client (nothing is reconstructed
-                then), shares that do not combine, or a response from a client that was not
-                asked (not a survivor; authenticated: did not sign the survivor set).
+                then), shares from which no secret passes its check (the owner is named), or a
+                response from a client that was not asked (not a survivor; authenticated: did
+                not sign the survivor set).
         """
         self._advance("consistency" if self.authenticated else "masked", "done")
         assert self._request is not None
         cfg = self.config
         survivors, dropped = set(self._request.survivors), set(self._request.dropped)
+        b_shares, s_shares = self._gather(responses, survivors, dropped)
+        # Check every count before combining anything, so an abort reconstructs nothing.
+        for kind, table in (("b", b_shares), ("s", s_shares)):
+            for owner, got in sorted(table.items()):
+                if len(got) < cfg.threshold:
+                    raise SecAggAbort(
+                        f"client {owner!r}: only {len(got)} of its neighbours returned its "
+                        f"{kind!r} share, fewer than the threshold {cfg.threshold}; aborting"
+                    )
+        seeds = {u: self._recover(u, "b", b_shares[u]) for u in sorted(survivors)}
+        keys = {
+            v: X25519PrivateKey.from_private_bytes(self._recover(v, "s", s_shares[v]))
+            for v in sorted(s_shares)
+        }
+        bits = cfg.modulus_bits
+        assert self._total is not None  # _require refused an empty set of survivors
+        total = self._total
+        position = {c: i for i, c in enumerate(self._participants)}
+
+        def masks_to_remove() -> Iterator[tuple[bytes, int]]:
+            for u in sorted(survivors):
+                yield seeds[u], -1
+            for v in sorted(keys):
+                for u in sorted(self._graph[v] & survivors):
+                    seed = pairwise_seed(
+                        keys[v], self._keys[u].s_public, round=cfg.round,
+                        context=bytes(cfg.context),
+                    )
+                    # Survivor u added sign(u, v) * m_uv; take it away.
+                    yield seed, -mask_sign(position[u], position[v])
+
+        total = add_masks(total, masks_to_remove(), modulus_bits=bits)
+        self._total = None
+        return SecAggResult(sum=total.reshape(self._shape), contributors=tuple(sorted(survivors)))
+
+    def _gather(
+        self, responses: Sequence[UnmaskResponse], survivors: set[str], dropped: set[str]
+    ) -> tuple[dict[str, list[tuple[str, Share]]], dict[str, list[tuple[str, Share]]]]:
+        """The revealed shares per owner, each with its holder: ``b`` of survivors, ``s`` of
+        dropped clients with surviving neighbours. A share that claims another holder's point
+        (its index is not the holder's place among the owner's sorted neighbours, where the
+        owner put it) is left out and its holder recorded in :attr:`corrupted`."""
         asked = self._signers if self.authenticated else survivors
-        b_shares: dict[str, list[Share]] = {u: [] for u in survivors}
-        s_shares: dict[str, list[Share]] = {v: [] for v in dropped}
+        points: dict[str, dict[str, int]] = {}  # owner -> holder -> the index it was given
+        b_shares: dict[str, list[tuple[str, Share]]] = {u: [] for u in survivors}
+        s_shares: dict[str, list[tuple[str, Share]]] = {v: [] for v in dropped}
         for r in responses:
             if r.client_id not in asked:
                 raise SecAggAbort(
@@ -856,42 +924,61 @@ class SecAggServer:
                     f"client {r.client_id!r} revealed both shares of "
                     f"{sorted(set(r.b_shares) & set(r.s_shares))}; refusing to unmask"
                 )
-            for owner, share in r.b_shares.items():
-                if owner in survivors and r.client_id in self._graph[owner]:
-                    b_shares[owner].append(share)
-            for owner, share in r.s_shares.items():
-                if owner in dropped and r.client_id in self._graph[owner]:
-                    s_shares[owner].append(share)
+            for kind, revealed, table, owners in (
+                ("b", r.b_shares, b_shares, survivors), ("s", r.s_shares, s_shares, dropped),
+            ):
+                for owner, share in revealed.items():
+                    if owner not in owners or r.client_id not in self._graph[owner]:
+                        continue
+                    if owner not in points:
+                        points[owner] = {v: i + 1 for i, v in enumerate(sorted(self._graph[owner]))}
+                    if share.index != points[owner][r.client_id]:
+                        self.corrupted.append((r.client_id, owner, kind))
+                        continue
+                    table[owner].append((r.client_id, share))
         s_shares = {v: s for v, s in s_shares.items() if self._graph[v] & survivors}
-        # Check every count before combining anything, so an abort reconstructs nothing.
-        for kind, table in (("b", b_shares), ("s", s_shares)):
-            for owner, got in sorted(table.items()):
-                if len(got) < cfg.threshold:
-                    raise SecAggAbort(
-                        f"client {owner!r}: only {len(got)} of its neighbours returned its "
-                        f"{kind!r} share, fewer than the threshold {cfg.threshold}; aborting"
-                    )
-        bits = cfg.modulus_bits
-        assert self._total is not None  # _require refused an empty set of survivors
-        total = self._total
-        position = {c: i for i, c in enumerate(self._participants)}
+        return b_shares, s_shares
 
-        def masks_to_remove() -> Iterator[tuple[bytes, int]]:
-            for u in sorted(survivors):
-                yield self._combine(u, "b", b_shares[u]), -1
-            for v in sorted(s_shares):
-                s_private = X25519PrivateKey.from_private_bytes(self._combine(v, "s", s_shares[v]))
-                for u in sorted(self._graph[v] & survivors):
-                    seed = pairwise_seed(
-                        s_private, self._keys[u].s_public, round=cfg.round,
-                        context=bytes(cfg.context),
-                    )
-                    # Survivor u added sign(u, v) * m_uv; take it away.
-                    yield seed, -mask_sign(position[u], position[v])
+    def _recover(self, owner: str, kind: str, held: list[tuple[str, Share]]) -> bytes:
+        """``owner``'s secret ``kind`` from its neighbours' shares, verified against what the
+        owner published in phase 1 (see :meth:`finish`).
 
-        total = add_masks(total, masks_to_remove(), modulus_bits=bits)
-        self._total = None
-        return SecAggResult(sum=total.reshape(self._shape), contributors=tuple(sorted(survivors)))
+        Raises:
+            SecAggAbort: no secret passing the check can be recovered.
+        """
+        check = self._seed_check(owner) if kind == "b" else self._key_check(owner)
+        try:
+            secret, off = recover_checked(
+                [share for _, share in held], threshold=self.config.threshold, check=check
+            )
+        except ValueError as exc:
+            raise SecAggAbort(
+                f"client {owner!r}: its {kind!r} shares do not reconstruct the secret it "
+                f"committed to in phase 1 ({exc}); a neighbour revealed a corrupted share, so "
+                "the round is aborted rather than a corrupted sum returned"
+            ) from exc
+        holder_of = {share.index: holder for holder, share in held}
+        self.corrupted += [(holder_of[i], owner, kind) for i in off]
+        self.reconstructed.append((owner, kind))
+        return secret
+
+    def _seed_check(self, owner: str) -> Callable[[bytes], bool]:
+        expected = bytes(self._keys[owner].seed_commitment)
+        return lambda seed: hmac.compare_digest(
+            seed_commitment(self.config, owner, seed), expected
+        )
+
+    def _key_check(self, owner: str) -> Callable[[bytes], bool]:
+        # A secret that differs only in bits X25519 clamps away passes, and is harmless: it is
+        # the same scalar, so it derives the same pairwise masks as the advertised key.
+        expected = bytes(self._keys[owner].s_public)
+
+        def derives_public(private: bytes) -> bool:
+            public = X25519PrivateKey.from_private_bytes(private).public_key()
+            raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            return hmac.compare_digest(raw, expected)
+
+        return derives_public
 
     # -- helpers
 
@@ -922,17 +1009,6 @@ class SecAggServer:
                     f"neighbours {step}, fewer than the threshold {self.config.threshold}; "
                     "aborting before any share is revealed"
                 )
-
-    def _combine(self, owner: str, kind: str, shares: list[Share]) -> bytes:
-        try:
-            secret = combine_shares(shares, threshold=self.config.threshold)
-        except ValueError as exc:
-            raise SecAggAbort(
-                f"client {owner!r}: its {kind!r} shares do not combine: {exc}"
-            ) from exc
-        self.reconstructed.append((owner, kind))
-        return secret
-
 
 
 

@@ -16,16 +16,25 @@ The Mersenne prime ``2^521 - 1`` exceeds every 256-bit secret, so a secret is an
 field as-is. Its size also gives a cheap sanity check: interpolating from too few, mixed-up or
 garbled shares yields a field element that almost never fits in 32 bytes. It is not an integrity
 check: a small deliberate change to a share shifts the result by a small amount and goes through,
-which is why shares travel encrypted with AES-GCM (:mod:`consortium.secagg.crypto`).
+which is why shares travel encrypted with AES-GCM (:mod:`consortium.secagg.crypto`) and why the
+server checks every secret it reconstructs against what its owner published
+(:func:`recover_checked`): a share holder can shift the share it reveals.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["PRIME", "SECRET_BYTES", "Share", "combine_shares", "split_secret"]
+__all__ = [
+    "PRIME",
+    "SECRET_BYTES",
+    "Share",
+    "combine_shares",
+    "recover_checked",
+    "split_secret",
+]
 
 PRIME = 2**521 - 1
 SECRET_BYTES = 32
@@ -110,6 +119,55 @@ def combine_shares(shares: Sequence[Share], *, threshold: int) -> bytes:
     return value.to_bytes(SECRET_BYTES, "big")
 
 
+def recover_checked(
+    shares: Sequence[Share], *, threshold: int, check: Callable[[bytes], bool]
+) -> tuple[bytes, tuple[int, ...]]:
+    """The secret that passes ``check``, and the indices of the shares off its polynomial.
+
+    Lagrange interpolation does not detect a shifted share (see the module docstring), so the
+    caller supplies what the secret must satisfy: its hash commitment, or the public key it
+    must derive. All shares are combined first (the honest case: one interpolation). If that
+    fails the check and there are more than ``threshold`` shares, each of the first
+    ``threshold + 1`` is left out in turn: with one corrupted share among them, one subset of
+    ``threshold`` honest shares gives the secret; with the corrupted share elsewhere, the first
+    subset does. The shares that do not lie on the recovered polynomial are returned, so the
+    caller can name their holders (the error-detection view of Shamir's scheme as a
+    Reed-Solomon code: McEliece and Sarwate 1981).
+
+    Raises:
+        ValueError: no subset tried gives a secret that passes ``check`` (too few shares to
+            correct, more than one corrupted share, or a check that no secret can pass), or
+            malformed shares (as :func:`combine_shares`).
+    """
+    try:
+        secret = combine_shares(shares, threshold=threshold)
+    except ValueError:
+        secret = None
+    if secret is not None and check(secret):
+        return secret, ()
+    ordered = sorted(shares, key=lambda s: s.index)
+    if len(ordered) > threshold:
+        first = ordered[: threshold + 1]
+        for left_out in range(threshold + 1):
+            subset = first[:left_out] + first[left_out + 1 :]
+            try:
+                secret = combine_shares(subset, threshold=threshold)
+            except ValueError:
+                continue
+            if check(secret):
+                points = [(s.index, s.value) for s in subset]
+                off = tuple(
+                    s.index for s in ordered
+                    if _interpolate_at(points, s.index, PRIME) != s.value
+                )
+                return secret, off
+    raise ValueError(
+        f"no secret passing the check combines from {len(shares)} shares with threshold "
+        f"{threshold}: more than one share is corrupted, too few to correct one (needs "
+        f"{threshold + 1}), or the owner's commitment does not match its own secret"
+    )
+
+
 def _check_threshold(threshold: int, num_shares: int) -> None:
     for name, v in (("threshold", threshold), ("num_shares", num_shares)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -146,6 +204,19 @@ def _evaluate(coefficients: Sequence[int], x: int, prime: int) -> int:
     for c in reversed(coefficients):
         result = (result * x + c) % prime
     return result
+
+
+def _interpolate_at(points: Sequence[tuple[int, int]], x: int, prime: int) -> int:
+    # The polynomial through `points` at `x`: L(x) = sum_j y_j prod_{m != j} (x - x_m)/(x_j - x_m).
+    total = 0
+    for j, (xj, yj) in enumerate(points):
+        numerator, denominator = 1, 1
+        for m, (xm, _) in enumerate(points):
+            if m != j:
+                numerator = numerator * (x - xm) % prime
+                denominator = denominator * (xj - xm) % prime
+        total = (total + yj * numerator * pow(denominator, -1, prime)) % prime
+    return total
 
 
 def _interpolate_at_zero(points: Sequence[tuple[int, int]], prime: int) -> int:

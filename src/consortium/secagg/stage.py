@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 
-from consortium.aggregation.base import Aggregate, ClientContext, RoundContext, StageState
+from consortium.aggregation.base import (
+    Aggregate,
+    ClientContext,
+    ExtraSpec,
+    RoundContext,
+    StageState,
+)
 from consortium.errors import PipelineError
 from consortium.seeds import derive_seed
 from consortium.types import Layout, Update
@@ -29,6 +35,10 @@ from consortium.types import Layout, Update
 __all__ = ["SecureAggregation", "SecureSum", "secagg_context", "secure_aggregation"]
 
 MODULUS_BITS = 32
+HEADROOM = 4
+"""How many times the largest honest sum the modulus must hold: then an honest sum never
+wraps, and a sum that a forged input or a corrupted share turned into noise falls outside the
+honest range in each coordinate with probability at least 3/4 (see :class:`SecureSum`)."""
 SIMULATION_CONTEXT = b"consortium"
 """The SecAgg context of a simulation (no run id): the constant of earlier versions."""
 
@@ -98,6 +108,15 @@ class SecureAggregation:
 
     def init(self, layout: Layout) -> StageState:
         return {}
+
+    def expected_extras(
+        self, before: Mapping[str, ExtraSpec], layout: Layout
+    ) -> dict[str, ExtraSpec]:
+        """Each extra's values travel in the protocol; in the clear only zeros of its size
+        (none in integer mode)."""
+        if self.integer:
+            return {}
+        return {n: ExtraSpec((math.prod(s.shape),), low=0.0, high=0.0) for n, s in before.items()}
 
     def client(self, update: Update, payload: Mapping[str, Any], ctx: ClientContext) -> Update:
         from consortium.secagg.quantize import quantize
@@ -250,6 +269,36 @@ class SecureSum:
     full SecAgg). ``run_id`` names the run in the round's context (:func:`secagg_context`);
     a deployed site refuses a context that is not its run's. When the clients sign their keys,
     the consistency round runs between ``masked`` and ``unmask``.
+
+    Bounds against a malicious client (the server cannot see one client's input, only the
+    sum, so it checks the sum against what honest inputs could produce; Bell et al. 2020 and
+    Bonawitz et al. 2017 assume honest inputs):
+
+    - Headroom: ``n·(2**bits - 1)·HEADROOM <= 2**32`` for the ``n`` clients of a round, checked
+      before the protocol starts (:meth:`check_clients`); a round without it is refused.
+    - Range: every coordinate of the unmasked sum, the weight slot included, must lie in
+      ``[0, count·(2**bits - 1)]``, the range of ``count`` honest quantised inputs. An input
+      beyond the quantisation range that wrapped, or a sum that a corrupted share turned into
+      noise, aborts the round (:class:`SecAggAbort`) instead of yielding a wrapped aggregate.
+    - Weight: ``weights`` holds what the server knows of each client's weight (its training
+      examples: the clients' sizes in a simulation, the roster's declared ``num_train`` in a
+      deployment; 1 under central or distributed DP). The secure weight sum must equal the
+      survivors' known weights (each capped at ``clip·weight_bound``, as the client's slot is)
+      within the quantisation error ``count·step·weight_bound``, else the round aborts: a
+      forged weight slot can neither inflate the sum nor shrink the divisor (a slot lowered by
+      one client amplified the aggregate ×5,900). The server still divides by the secure sum,
+      not by the known weights: the check already confines the divisor to the known weights
+      within the quantisation error (a relative change of about ``count·step·weight_bound /
+      Σw``: 3e-4 for four sites of 100 examples at the defaults), so dividing by the known
+      weights would protect no better, and would change every honest result in its last bits.
+      Without ``weights`` the sum must be positive and at most ``count·clip·weight_bound``
+      (plus the error): a shrunken divisor then goes undetected.
+
+    What stays possible: a client may put any value of its quantisation range in each
+    coordinate (``[-clip, clip]·weight_bound`` of ``w·Δ``), more if it wraps into the honest
+    range of the sum; per-client range proofs (e.g. ACORN, Bell et al. 2023) are not
+    implemented. Corrupted revealed shares are detected (and one per secret corrected) by
+    :meth:`~consortium.secagg.protocol.SecAggServer.finish`.
     """
 
     clip: float = 1.0
@@ -263,6 +312,8 @@ class SecureSum:
     needs: frozenset[str] = frozenset({"quantized"})
     linear: bool = True
     run_id: str = ""
+    weights: tuple[tuple[str, float], ...] = ()
+    """Client id -> the weight the server knows it sends (see above); empty: unknown."""
     integer: bool = False
     """Decode the sum as centred integers (values in ``[-2**31, 2**31)``), for
     :class:`SecureAggregation` with ``integer=True``: the exact sum goes to the server's
@@ -271,6 +322,7 @@ class SecureSum:
     def aggregate(self, updates: list[Update], *, ctx: RoundContext) -> Aggregate:
         from consortium.secagg.protocol import (
             ConsistencyRequest,
+            SecAggAbort,
             SecAggConfig,
             SecAggServer,
             graph_degree,
@@ -290,6 +342,9 @@ class SecureSum:
                 f"secure aggregation needs at least 2 clients in a round, got {n}; raise "
                 "sampling.clients_per_round"
             )
+        problem = self._headroom_problem(n)
+        if problem is not None:  # a sampled round larger than planned: this round only
+            raise SecAggAbort(f"round {ctx.round} not summed: {problem}")
         # The threshold is a fraction of the neighbours each client really gets (one more than
         # asked when both counts are odd), the number its floor is checked against.
         k = graph_degree(n, n - 1 if self.neighbours <= 0 else min(self.neighbours, n - 1))
@@ -322,39 +377,130 @@ class SecureSum:
                 pass
         count = len(result.contributors)
         dropped = sorted(set(ids) - set(result.contributors))
-        info = {"secagg_clients": count, "secagg_dropped": dropped,
-                "secagg_authenticated": server.authenticated}
+        info: dict[str, Any] = {"secagg_clients": count, "secagg_dropped": dropped,
+                                "secagg_authenticated": server.authenticated}
+        if server.corrupted:  # corrected: the sum is right, the holders are named
+            info["secagg_corrupted_shares"] = sorted(server.corrupted)
         if self.integer:
-            return self._decode_integer(result.sum, count, ctx, info)
+            return self._decode_integer(result.sum, result.contributors, ctx, info)
+        self._check_range(result.sum, count)
         total = dequantize_sum(
             result.sum, count=count, clip=self.clip, bits=self.bits, modulus=2**MODULUS_BITS,
         )
         d = ctx.layout.size
         weight = float(total[-1]) * self.weight_bound
+        self._check_weight(weight, result.contributors)
         segments = _encode_scales(updates[0].extras, self.weight_bound, dict(self.extra_bounds))
         extras, offset = {}, d
         for name, size, scale in segments:
             extras[name] = (total[offset : offset + size] * scale).to(torch.float32)
             offset += size
-        if weight <= 0:
-            raise PipelineError("the securely summed weight is not positive; raise weight_bound")
         return Aggregate(
             (total[:d] * self.weight_bound / weight).to(torch.float32), weight, count, extras,
             info=info,
         )
 
+    def check_clients(self, n: int) -> None:
+        """Refuse a configuration whose rounds of ``n`` clients the modulus cannot hold with
+        :data:`HEADROOM`: ``n·(2**bits - 1)·HEADROOM <= 2**32`` (the pipeline's builder calls
+        this with the planned cohort; a round that is larger anyway is aborted).
+
+        Raises:
+            PipelineError: names the cohort size, ``bits`` and the largest cohort they allow.
+        """
+        problem = self._headroom_problem(n)
+        if problem is not None:
+            raise PipelineError(problem)
+
+    def _headroom_problem(self, n: int) -> str | None:
+        if self.integer:  # values in (-2**31, 2**31), wrapping by design: no headroom to check
+            return None
+        levels = (1 << self.bits) - 1
+        largest = (1 << MODULUS_BITS) // (levels * HEADROOM)
+        if n <= largest:
+            return None
+        return (
+            f"secure aggregation of {n} clients with bits = {self.bits} leaves the modulus "
+            f"2**{MODULUS_BITS} less than {HEADROOM}× the largest honest sum ({n}·{levels}); "
+            f"at most {largest} clients per round fit: lower secure_aggregation.bits or "
+            "sampling.clients_per_round"
+        )
+
+    def _check_range(self, total: torch.Tensor, count: int) -> None:
+        """Abort unless every coordinate of the unmasked sum is one ``count`` honest quantised
+        inputs could produce: ``[0, count·(2**bits - 1)]`` (the sum is already reduced)."""
+        from consortium.secagg.messages import SecAggAbort
+
+        top = count * ((1 << self.bits) - 1)
+        flat = total.reshape(-1).to(torch.int64)
+        beyond = (flat < 0) | (flat > top)
+        if bool(beyond.any()):
+            where = beyond.nonzero().reshape(-1)
+            first = int(where[0])
+            slot = "the weight slot" if first == flat.numel() - 1 else f"coordinate {first}"
+            raise SecAggAbort(
+                f"secure aggregation range check: {int(where.numel())} coordinate(s) of the "
+                f"unmasked sum lie outside [0, {top}], the range of {count} honest inputs "
+                f"({slot}: {int(flat[first])}); a client sent a masked input beyond the "
+                "quantisation range (it wrapped) or a corrupted share; the round is aborted "
+                "rather than a wrapped aggregate used"
+            )
+
+    def _check_weight(self, weight: float, contributors: tuple[str, ...]) -> None:
+        """Abort unless the securely summed ``weight`` is what the contributors' known
+        weights allow (see the class docstring)."""
+        from consortium.secagg.messages import SecAggAbort
+        from consortium.secagg.quantize import quantization_step
+
+        count = len(contributors)
+        ceiling = self.clip * self.weight_bound  # the largest weight a slot can carry
+        known = dict(self.weights)
+        tolerance = count * quantization_step(clip=self.clip, bits=self.bits) * self.weight_bound
+        tolerance *= 1 + 1e-9  # float rounding in the decode
+        caps = [min(known.get(c, ceiling), ceiling) for c in contributors]
+        problem = None
+        if not weight > 0:
+            problem = "is not positive"
+        elif known and all(c in known for c in contributors):
+            if abs(weight - sum(caps)) >= tolerance:
+                problem = (
+                    f"differs from the contributors' known weights {sum(caps):.6g} by more "
+                    f"than the quantisation error {tolerance:.3g}"
+                )
+        elif weight >= sum(caps) + tolerance:
+            problem = f"exceeds the {count} contributors' largest possible {sum(caps):.6g}"
+        if problem is not None:
+            raise SecAggAbort(
+                f"secure aggregation weight check: the securely summed weight {weight:.6g} "
+                f"{problem}; a client forged its weight slot, and dividing by it would "
+                "amplify or shrink the aggregate; the round is aborted"
+            )
+
     def _decode_integer(
-        self, total: torch.Tensor, count: int, ctx: RoundContext, info: dict[str, Any]
+        self, total: torch.Tensor, contributors: tuple[str, ...], ctx: RoundContext,
+        info: dict[str, Any],
     ) -> Aggregate:
         from consortium.privacy.distributed import INTEGER_SUM
+        from consortium.secagg.messages import SecAggAbort
 
         modulus = 1 << MODULUS_BITS
         v = total.to(torch.int64) % modulus
         v = torch.where(v >= modulus // 2, v - modulus, v)  # centred: [-2**31, 2**31)
         d = ctx.layout.size
         weight = float(v[d])
-        if weight <= 0:
-            raise PipelineError("the securely summed count is not positive")
+        count = len(contributors)
+        known = dict(self.weights)
+        expected = (
+            sum(known[c] for c in contributors) if all(c in known for c in contributors)
+            else None
+        )
+        if not weight > 0 or (expected is not None and weight != expected):
+            raise SecAggAbort(
+                f"secure aggregation weight check: the securely summed count {weight:g} is "
+                + (f"not the contributors' known {expected:g}" if expected is not None
+                   else "not positive")
+                + "; a client forged its weight; the round is aborted"
+            )
         return Aggregate(
             (v[:d].double() / weight).to(torch.float32), weight, count, {INTEGER_SUM: v[:d]},
             info=info,
@@ -364,7 +510,7 @@ class SecureSum:
 def secure_aggregation(
     *, clip: float = 1.0, bits: int = 16, weight_bound: float = 1000.0, threshold: float = 0.5,
     neighbours: int = 0, extra_bounds: Mapping[str, float] | None = None, run_id: str = "",
-    authenticate: bool = False, integer: bool = False,
+    authenticate: bool = False, integer: bool = False, weights: Mapping[str, float] | None = None,
 ) -> tuple[SecureAggregation, SecureSum]:
     """The stage and the aggregator of secure aggregation, to put in a pipeline together.
 
@@ -376,7 +522,9 @@ def secure_aggregation(
     and run the consistency round, as a deployment with provisioned sites does; deployed sites
     sign with their own identities whatever this says. ``integer`` sums integer deltas and
     weights exactly (distributed DP, :mod:`consortium.privacy.distributed`) instead of
-    quantising floats.
+    quantising floats. ``weights`` (client id -> the weight the server knows it sends: its
+    training examples, or 1 under central or distributed DP) lets the server check the
+    securely summed weight (see :class:`SecureSum`).
     """
     if not clip > 0 or not weight_bound > 0:
         raise PipelineError("secure aggregation needs clip > 0 and weight_bound > 0")
@@ -388,6 +536,10 @@ def secure_aggregation(
     for name, bound in bounds:
         if not bound > 0:
             raise PipelineError(f"secure aggregation bound of extra {name!r} = {bound} must be > 0")
+    known = tuple(sorted((weights or {}).items()))
+    for cid, w in known:
+        if not math.isfinite(w) or w < 0:
+            raise PipelineError(f"secure aggregation: the known weight of {cid!r} = {w} must be >= 0")
     simulated = None
     if authenticate:
         from consortium.secagg.identity import SimulatedAuthority
@@ -397,5 +549,5 @@ def secure_aggregation(
         SecureAggregation(clip, bits, weight_bound, threshold, bounds, simulated=simulated,
                           integer=integer),
         SecureSum(clip, bits, weight_bound, threshold, neighbours, bounds, run_id=run_id,
-                  integer=integer),
+                  weights=known, integer=integer),
     )

@@ -91,18 +91,20 @@ class RegisterRequest(_message.Message):
     def __init__(self, site: _Optional[str] = ..., token: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("session_id", "server_version", "run_id", "heartbeat_seconds", "config_toml")
+    __slots__ = ("session_id", "server_version", "run_id", "heartbeat_seconds", "config_toml", "server_certificate")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_TOML_FIELD_NUMBER: _ClassVar[int]
+    SERVER_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     server_version: str
     run_id: str
     heartbeat_seconds: int
     config_toml: str
-    def __init__(self, session_id: _Optional[str] = ..., server_version: _Optional[str] = ..., run_id: _Optional[str] = ..., heartbeat_seconds: _Optional[int] = ..., config_toml: _Optional[str] = ...) -> None: ...
+    server_certificate: bytes
+    def __init__(self, session_id: _Optional[str] = ..., server_version: _Optional[str] = ..., run_id: _Optional[str] = ..., heartbeat_seconds: _Optional[int] = ..., config_toml: _Optional[str] = ..., server_certificate: _Optional[bytes] = ...) -> None: ...
 
 class CategorySet(_message.Message):
     __slots__ = ("text", "number")
@@ -162,8 +164,18 @@ class HeartbeatReply(_message.Message):
     registered: bool
     def __init__(self, registered: _Optional[bool] = ...) -> None: ...
 
+class AuditHead(_message.Message):
+    __slots__ = ("seq", "hash", "signature")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    hash: str
+    signature: bytes
+    def __init__(self, seq: _Optional[int] = ..., hash: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
 class Task(_message.Message):
-    __slots__ = ("round", "task_id", "client_id", "seed", "parameters", "payload", "stage_payloads", "work", "cohort_size")
+    __slots__ = ("round", "task_id", "client_id", "seed", "parameters", "payload", "stage_payloads", "work", "cohort_size", "audit_head")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +185,7 @@ class Task(_message.Message):
     STAGE_PAYLOADS_FIELD_NUMBER: _ClassVar[int]
     WORK_FIELD_NUMBER: _ClassVar[int]
     COHORT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_HEAD_FIELD_NUMBER: _ClassVar[int]
     round: int
     task_id: str
     client_id: str
@@ -182,7 +195,8 @@ class Task(_message.Message):
     stage_payloads: _containers.RepeatedCompositeFieldContainer[StagePayload]
     work: float
     cohort_size: int
-    def __init__(self, round: _Optional[int] = ..., task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., seed: _Optional[int] = ..., parameters: _Optional[_Union[Parameters, _Mapping]] = ..., payload: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., stage_payloads: _Optional[_Iterable[_Union[StagePayload, _Mapping]]] = ..., work: _Optional[float] = ..., cohort_size: _Optional[int] = ...) -> None: ...
+    audit_head: AuditHead
+    def __init__(self, round: _Optional[int] = ..., task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., seed: _Optional[int] = ..., parameters: _Optional[_Union[Parameters, _Mapping]] = ..., payload: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., stage_payloads: _Optional[_Iterable[_Union[StagePayload, _Mapping]]] = ..., work: _Optional[float] = ..., cohort_size: _Optional[int] = ..., audit_head: _Optional[_Union[AuditHead, _Mapping]] = ...) -> None: ...
 
 class Update(_message.Message):
     __slots__ = ("delta", "weight", "metrics", "extras")
@@ -220,18 +234,20 @@ class Result(_message.Message):
     def __init__(self, round: _Optional[int] = ..., task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., update: _Optional[_Union[Update, _Mapping]] = ..., error: _Optional[str] = ..., refused: _Optional[bool] = ...) -> None: ...
 
 class EvaluationTask(_message.Message):
-    __slots__ = ("round", "task_id", "client_id", "seed", "parameters")
+    __slots__ = ("round", "task_id", "client_id", "seed", "parameters", "audit_head")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_HEAD_FIELD_NUMBER: _ClassVar[int]
     round: int
     task_id: str
     client_id: str
     seed: int
     parameters: Parameters
-    def __init__(self, round: _Optional[int] = ..., task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., seed: _Optional[int] = ..., parameters: _Optional[_Union[Parameters, _Mapping]] = ...) -> None: ...
+    audit_head: AuditHead
+    def __init__(self, round: _Optional[int] = ..., task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., seed: _Optional[int] = ..., parameters: _Optional[_Union[Parameters, _Mapping]] = ..., audit_head: _Optional[_Union[AuditHead, _Mapping]] = ...) -> None: ...
 
 class EvaluationResult(_message.Message):
     __slots__ = ("round", "task_id", "client_id", "num_examples", "metrics")
@@ -271,18 +287,20 @@ class SecAggConfig(_message.Message):
     def __init__(self, num_clients_expected: _Optional[int] = ..., threshold: _Optional[int] = ..., neighbours: _Optional[int] = ..., round: _Optional[int] = ..., context: _Optional[bytes] = ..., modulus_bits: _Optional[int] = ...) -> None: ...
 
 class AdvertiseKeys(_message.Message):
-    __slots__ = ("client_id", "c_public", "s_public", "certificate", "signature")
+    __slots__ = ("client_id", "c_public", "s_public", "certificate", "signature", "seed_commitment")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     C_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     S_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SEED_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     c_public: bytes
     s_public: bytes
     certificate: bytes
     signature: bytes
-    def __init__(self, client_id: _Optional[str] = ..., c_public: _Optional[bytes] = ..., s_public: _Optional[bytes] = ..., certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    seed_commitment: bytes
+    def __init__(self, client_id: _Optional[str] = ..., c_public: _Optional[bytes] = ..., s_public: _Optional[bytes] = ..., certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., seed_commitment: _Optional[bytes] = ...) -> None: ...
 
 class PublicKeys(_message.Message):
     __slots__ = ("c_public", "s_public", "certificate", "signature")
