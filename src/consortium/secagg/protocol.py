@@ -953,9 +953,11 @@ class SecAggServer:
             )
         except ValueError as exc:
             raise SecAggAbort(
-                f"client {owner!r}: its {kind!r} shares do not reconstruct the secret it "
-                f"committed to in phase 1 ({exc}); a neighbour revealed a corrupted share, so "
-                "the round is aborted rather than a corrupted sum returned"
+                f"the {kind!r} shares of the secret of client {owner!r}, revealed by "
+                f"{sorted(holder for holder, _ in held)}, do not reconstruct what {owner!r} "
+                f"committed to in phase 1 ({exc}): one of these holders revealed a corrupted "
+                "share (with no spare share it cannot be named), so the round is aborted "
+                "rather than a corrupted sum returned"
             ) from exc
         holder_of = {share.index: holder for holder, share in held}
         self.corrupted += [(holder_of[i], owner, kind) for i in off]
