@@ -10,8 +10,9 @@
 
 Every cell is the same experiment (same seed, data, malicious clients) with only the rule and
 the attack changed. A rule that takes ``f`` (the number of faulty clients it tolerates) gets
-the expected number of attackers in a round unless the spec sets it: the defender is assumed
-to know ``f``, as the papers assume.
+the expected number of attackers in a round unless the spec sets it (or sets trimmed mean's
+``beta``): the defender is assumed to know ``f``, as the papers assume. ``--no-f`` leaves every
+rule at its own default instead, as a user who names only the rule gets it.
 """
 
 from __future__ import annotations
@@ -91,8 +92,12 @@ def robustness_matrix(
     fraction: float,
     overrides: Sequence[str] = (),
     on_cell: Callable[[str, str, dict[str, Any]], None] | None = None,
+    give_f: bool = True,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Run every rule against every attack; ``{rule: {attack: {"accuracy", "backdoor_success"}}}``.
+
+    ``give_f``: a rule that takes ``f`` and whose spec sets neither ``f`` nor ``beta`` gets the
+    expected number of attackers in a round; False leaves it at the rule's default.
 
     A cell whose run fails with a user error (a rule that needs more clients per round than the
     config has, say) gets ``{"accuracy": None, "backdoor_success": None, "error": message}``; the
@@ -126,7 +131,7 @@ def robustness_matrix(
         row: dict[str, dict[str, Any]] = {}
         for attack_spec, (attack, attack_params) in attack_specs:
             params = dict(rule_params)
-            if _takes_f(rule) and "f" not in params:
+            if give_f and _takes_f(rule) and not {"f", "beta"} & set(params):
                 params["f"] = max(expected_f, 1)
             cell_overrides = [*overrides, f'aggregation.rule="{rule}"']
             cell_overrides += [f"aggregation.{k}={_toml(v)}" for k, v in params.items()]

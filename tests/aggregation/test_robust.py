@@ -363,6 +363,51 @@ def test_centered_clipping_one_iteration_by_hand() -> None:
     assert out.info["robust_weights"] == {"c0": pytest.approx(1 / 3, abs=1e-3), "c2": 0.5}
 
 
+def test_centered_clipping_default_radius_is_the_median_distance_by_hand() -> None:
+    # center 0: distances 6, 1, 3 → τ = 3; (6, 0) → (3, 0); (0, 1) and (0, −3) stay (3 is not
+    # above τ); mean ((3 + 0 + 0)/3, (0 + 1 − 3)/3) = (1, −2/3)
+    rule = centered_clipping()
+    assert rule.tau is None
+    out, state = rule.aggregate(
+        updates([[6.0, 0.0], [0.0, 1.0], [0.0, -3.0]]), ctx=ctx(2), state=rule.init(layout(2))
+    )
+    assert close(out.delta, [1.0, -2 / 3])
+    assert out.info["robust_clip"] == 3.0
+    assert out.info["robust_flagged"] == ["c0"] and out.info["robust_weights"] == {"c0": 0.5}
+    # the same updates around the center (1, 1): distances, not norms, set τ
+    shifted = updates([[7.0, 1.0], [1.0, 2.0], [1.0, -2.0]])
+    out, _ = rule.aggregate(shifted, ctx=ctx(2), state={"center": torch.tensor([1.0, 1.0])})
+    assert close(out.delta, [2.0, 1 / 3]) and out.info["robust_clip"] == 3.0
+    # the round's τ is computed once, before the iterations: L = 2 from here by hand.
+    # v₁ = (1, −2/3); distances to v₁: (5, 2/3) → 5.044 > 3, (−1, 5/3) → 1.944, (−1, −7/3) → 2.539
+    out, _ = replace(rule, iterations=2).aggregate(
+        updates([[6.0, 0.0], [0.0, 1.0], [0.0, -3.0]]), ctx=ctx(2), state=rule.init(layout(2))
+    )
+    step = torch.tensor([5.0, 2 / 3]) * (3 / math.hypot(5.0, 2 / 3))
+    expected = torch.tensor([1.0, -2 / 3]) + (step + torch.tensor([-2.0, -2 / 3])) / 3
+    assert close(out.delta, expected.tolist()) and out.info["robust_clip"] == 3.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_centered_clipping_default_radius_stays_within_the_honest_distances(seed: int) -> None:
+    # With an honest majority the median distance lies between the smallest and the largest
+    # honest distance, whatever the faulty clients send; every clipped term is at most τ long,
+    # so the aggregate stays within the largest honest distance of the center. (The paper's
+    # fixed τ = 10 lets the three attackers move it by up to 3·10/10 = 3, four times as far.)
+    g = draw(seed)
+    honest = torch.randn(7, 20, generator=g) * 0.1 + 0.05
+    center = torch.randn(20, generator=g) * 0.05
+    attack = -1e3 * honest.mean(dim=0) * torch.tensor([1.0, 2.0, 3.0])[:, None]
+    x = torch.cat([honest, attack])
+    rule = centered_clipping(iterations=1 + seed % 3, f=3)
+    out, _ = rule.aggregate(updates(x), ctx=ctx(20), state={"center": center})
+    dist = (honest - center).double().norm(dim=1)
+    assert float(dist.min()) <= out.info["robust_clip"] <= float(dist.max())
+    assert float((out.delta.double() - center.double()).norm()) <= float(dist.max()) * (1 + 1e-6)
+    fixed, _ = centered_clipping(tau=10.0).aggregate(updates(x), ctx=ctx(20), state={"center": center})
+    assert float((fixed.delta.double() - center.double()).norm()) > 2 * float(dist.max())
+
+
 def naive_cclip(x: torch.Tensor, v: torch.Tensor, tau: float, iterations: int) -> torch.Tensor:
     x, v = x.double(), v.double()
     for _ in range(iterations):
@@ -516,6 +561,57 @@ def test_flame_noise_is_seeded_and_scaled_to_lambda_times_s() -> None:
     std = a.info["robust_noise_std"]
     assert std == pytest.approx(0.01 * a.info["robust_clip"])
     assert float((a.delta - quiet).std()) == pytest.approx(std, rel=0.03)
+
+
+# -- defaults that defend without being told f -----------------------------------------------------
+
+
+def test_multi_krum_by_default_tolerates_the_most_the_round_allows() -> None:
+    # 1-D: honest 0, 1, 2, 3, 4 and two attackers at 100. f = None → f = ⌊(7 − 3)/2⌋ = 2,
+    # n − f − 2 = 3 neighbours: honest scores 14, 6, 6, 6, 14; each attacker's 0 + 96² + 97²;
+    # m = n − f = 5 keeps the five honest: mean 2. The old default f = 1 averaged m = 6,
+    # one attacker included: (0 + 1 + 2 + 3 + 4 + 100)/6.
+    x = [[0.0], [1.0], [2.0], [3.0], [4.0], [100.0], [100.0]]
+    out = run(multi_krum(), updates(x))
+    assert close(out.delta, [2.0]) and out.info["robust_f"] == 2
+    assert out.info["robust_flagged"] == ["c5", "c6"]
+    assert close(run(multi_krum(f=1), updates(x)).delta, [110 / 6])
+    assert run(krum(), updates(x)).info["robust_f"] == 2
+
+
+def test_trimmed_mean_by_default_trims_a_quarter_from_each_end() -> None:
+    # 8 values: ⌊0.25·8⌋ = 2 from each end → 2, 3, 4, 5 → 3.5; f = 1 (the old default) kept
+    # one of the two attackers: (1 + 2 + 3 + 4 + 5 + 100)/6
+    x = [[0.0], [1.0], [2.0], [3.0], [4.0], [5.0], [100.0], [100.0]]
+    assert close(run(trimmed_mean(), updates(x)).delta, [3.5])
+    assert run(trimmed_mean(), updates(x)).info["robust_trimmed"] == 2
+    assert close(run(trimmed_mean(f=1), updates(x)).delta, [115 / 6])
+    assert trimmed_mean() == trimmed_mean(0.25) and make_rule("trimmed-mean").beta == 0.25
+
+
+@pytest.mark.parametrize(
+    ("rule", "counts"),
+    [
+        (krum(), {3: 0, 4: 0, 5: 1, 6: 1, 7: 2, 100: 48}),
+        (multi_krum(), {3: 0, 5: 1, 100: 48}),
+        (multi_krum(m=60), {59: 0, 60: 28, 100: 48}),
+        (bulyan(), {3: 0, 6: 0, 7: 1, 10: 1, 11: 2, 100: 24}),
+    ],
+)
+def test_most_tolerated_f_by_hand(rule: Any, counts: dict[int, int]) -> None:
+    assert rule.f is None and rule.min_clients() == max(3, getattr(rule, "m", 0) or 0)
+    for n, f in counts.items():
+        assert rule.most_tolerated(n) == f, n
+
+
+def test_the_default_f_is_taken_after_non_finite_updates_are_dropped() -> None:
+    # 7 updates, one NaN: 6 usable → f = ⌊(6 − 3)/2⌋ = 1, not the 2 of seven
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0], [5.0], [6.0]])
+    x[6, 0] = float("nan")
+    out = run(krum(), updates(x))
+    assert out.info["robust_f"] == 1 and out.info["robust_non_finite"] == ["c6"]
+    with pytest.raises(PipelineError, match=r"krum.*f = 0 needs at least 3 usable updates"):
+        run(krum(), updates([[0.0], [1.0], [float("nan")]]))
 
 
 # -- non-finite updates, client counts --------------------------------------------------------------

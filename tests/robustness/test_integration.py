@@ -72,6 +72,23 @@ def test_sign_flip_breaks_the_mean_and_the_median_holds() -> None:
     assert median.summary["final"]["accuracy"] > mean.summary["final"]["accuracy"] + 0.15
 
 
+def test_default_rules_hold_under_ipm_where_their_old_defaults_fell() -> None:
+    # Xie et al. 2020's IPM (ε = 10) from 2 of 10 clients. The rules named without parameters
+    # defend; their old defaults (centered clipping's τ = 10, Multi-Krum's and trimmed mean's
+    # f = 1) never clipped or excluded anyone and fell with the mean.
+    attack = {"kind": "ipm", "fraction": 0.2, "epsilon": 10.0}
+
+    def acc(**aggregation):
+        return run(10, rounds=6, attack=attack, aggregation=aggregation).summary["final"]["accuracy"]
+
+    mean = acc()
+    for default, old in [({"rule": "centered-clipping"}, {"tau": 10.0}),
+                         ({"rule": "multi-krum"}, {"f": 1}),
+                         ({"rule": "trimmed-mean"}, {"f": 1})]:
+        held, fell = acc(**default), acc(**default, **old)
+        assert held > mean + 0.15 and held > fell + 0.15, (default, held, fell, mean)
+
+
 def test_centered_clipping_resumes_to_the_same_model(tmp_path) -> None:
     cfg = {**BASE, "rounds": 4, "aggregation": {"rule": "centered-clipping", "tau": 0.05}}
     whole = consortium.simulate(cfg, dataset=make_toy(6))
@@ -126,3 +143,22 @@ def test_robustness_command_rejects_an_unknown_rule_before_running(tmp_path, cap
     code = main(["robustness", "--rules", "mean,krun", "--out", str(tmp_path / "x")])
     assert code == 2 and "known rules" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("no_f", [False, True])
+def test_robustness_command_gives_f_unless_told_not_to_and_never_with_beta(tmp_path, no_f) -> None:
+    out = tmp_path / "rob"
+    args = ["robustness", "--rules", "trimmed-mean:beta=0.25,krum", "--attacks", "none",
+            "--fraction", "0.25", "--out", str(out), "--set", "rounds=1",
+            "--set", "evaluation.baselines=[]"]
+    assert main(args + (["--no-f"] if no_f else [])) == 0
+    table = json.loads((out / "robustness.json").read_text())
+    assert "error" not in table["trimmed-mean:beta=0.25"]["none"]  # beta and f clashed before
+    # the demo's rounds have 4 clients: Krum told f = 1 needs 5; by default it takes f = 0
+    krum_cell = table["krum"]["none"]
+    if no_f:
+        assert "error" not in krum_cell and krum_cell["accuracy"] > 0
+    else:
+        assert "f = 1 needs at least 5 clients per round" in krum_cell["error"]
+    meta = "each rule's default (--no-f)" if no_f else "expected attackers per round"
+    assert f"- f: {meta}" in (out / "robustness.md").read_text()

@@ -24,6 +24,12 @@ Every rule has ``min_clients()`` and ``check_clients(n)``, which raises
 :class:`~consortium.errors.PipelineError` when rounds of ``n`` clients are too few for its
 ``f``; ``aggregate`` raises the same when a round has too few usable updates.
 
+Defaults defend without tuning or a guess of ``f``: centered clipping's radius is the round's
+median distance to its center, Krum, Multi-Krum and Bulyan take the most faults the round's
+count tolerates, the trimmed mean trims a quarter from each end, norm bounding and FLAME clip
+to the round's median norm. (Fixed defaults did not: τ = 10 never clipped a logistic model's
+updates of norm ≈ 0.2, and ``f = 1`` let 20 attackers of 100 through; see each factory.)
+
 Common behaviour:
 
 - Updates are taken in client-id order, so ties (Krum's equal scores) go to the smaller id

@@ -54,12 +54,23 @@ class FaultTolerant:
     """Mixin for rules that tolerate ``f`` faulty clients when a round has ``needed(f)`` or more.
 
     A rule with a field ``f`` declares the faults it tolerates; one without (FLTrust) has 0.
+    ``f = None`` (Krum, Multi-Krum, Bulyan by default) means "as many as each round can
+    tolerate": the build-time check asks for ``needed(0)`` and each round uses
+    :meth:`most_tolerated` of its usable updates.
     """
 
     name: str
 
     def faults(self) -> int:
-        return int(getattr(self, "f", 0))
+        f = getattr(self, "f", 0)
+        return 0 if f is None else int(f)
+
+    def most_tolerated(self, n: int) -> int:
+        """The largest ``f`` with ``needed(f) <= n`` (0 when even ``needed(0)`` is more)."""
+        f = 0
+        while self.needed(f + 1) <= n:
+            f += 1
+        return f
 
     def needed(self, f: int) -> int:
         """Fewest updates a round needs to tolerate ``f`` faulty clients."""
@@ -178,8 +189,13 @@ def short(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def prepare(rule: FaultTolerant, updates: Sequence[Update], ctx: RoundContext, f: int) -> Round:
+def prepare(
+    rule: FaultTolerant, updates: Sequence[Update], ctx: RoundContext, f: int | None
+) -> Round:
     """Check the round's updates, drop non-finite ones and stack the rest.
+
+    ``f = None``: the round's ``f`` is the most its usable updates tolerate
+    (:meth:`FaultTolerant.most_tolerated`).
 
     Raises:
         PipelineError: an update of the wrong size, a negative or non-finite weight, or fewer
@@ -212,7 +228,7 @@ def prepare(rule: FaultTolerant, updates: Sequence[Update], ctx: RoundContext, f
     if dropped:
         matrix = matrix[torch.tensor(finite, dtype=torch.bool)]
     kept = [u for u, ok in zip(ordered, finite) if ok]
-    f_left = max(0, f - len(dropped))
+    f_left = rule.most_tolerated(len(kept)) if f is None else max(0, f - len(dropped))
     note = f" ({len(dropped)} more dropped for NaN or infinite values)" if dropped else ""
     rule._require(len(kept), f_left, f"usable updates in round {ctx.round}", note=note)
     weights = torch.tensor([float(u.weight) for u in kept], dtype=torch.float64)
@@ -312,6 +328,11 @@ def check_f(rule: str, f: object) -> int:
     if isinstance(f, bool) or not isinstance(f, int) or f < 0:
         raise PipelineError(f"robust rule {rule!r}: f = {f!r} must be a whole number >= 0")
     return f
+
+
+def check_f_or_most(rule: str, f: object) -> int | None:
+    """``check_f``, with None kept: as many faults as each round tolerates."""
+    return None if f is None else check_f(rule, f)
 
 
 def check_positive(rule: str, param: str, value: object, *, allow_zero: bool = False) -> float:
