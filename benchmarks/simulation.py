@@ -9,6 +9,9 @@ Workloads (issue 3, fixed so anyone can rerun them):
 - W2: ``cnn`` on ``digits``, Dirichlet(0.3) over 100 clients, 10 a round, 1 local epoch,
   batch 16, SGD lr 0.05, 30 rounds.
 
+The user's path — the same W1 written as a Parquet file (and as CSV files), loaded by
+`consortium run` itself — is benchmarks/user_path.py.
+
 Every system runs in its own process (so peak RSS and start-up are its own), on the same
 data file, and reports the wall time of its training phase (rounds only: no evaluation, no
 data loading), the whole process's wall time, peak RSS and the final global model's accuracy

@@ -11,7 +11,7 @@ import torch
 from consortium.data.base import FederatedDataset, PackedClients, Split
 from consortium.errors import DataError
 
-__all__ = ["ClientArrays", "assemble", "to_split"]
+__all__ = ["ClientArrays", "assemble", "assemble_packed", "to_split"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,42 @@ def assemble(
         server_test=server_test,
         feature_names=tuple(feature_names) if feature_names is not None else None,
         citation=citation,
+        notes=dict(notes or {}),
+    )
+
+
+def assemble_packed(
+    name: str,
+    client_ids: Sequence[str],
+    *,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    train_offsets: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    test_offsets: np.ndarray,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    feature_names: Sequence[str] | None = None,
+    notes: dict[str, str] | None = None,
+) -> FederatedDataset:
+    """A :class:`FederatedDataset` from arrays that are packed already (client ``i`` owns rows
+    ``offsets[i]:offsets[i+1]``): no per-client arrays, and no copy of ``float32`` features."""
+    if not len(client_ids):
+        raise DataError(f"data set {name!r} has no clients")
+    out = PackedClients(
+        client_ids,
+        train=to_split(x_train, y_train),
+        test=to_split(x_test, y_test),
+        train_offsets=torch.from_numpy(np.asarray(train_offsets, dtype=np.int64)),
+        test_offsets=torch.from_numpy(np.asarray(test_offsets, dtype=np.int64)),
+    )
+    return FederatedDataset(
+        name=name,
+        clients=out,
+        num_classes=num_classes,
+        input_shape=tuple(input_shape),
+        feature_names=tuple(feature_names) if feature_names is not None else None,
         notes=dict(notes or {}),
     )
 

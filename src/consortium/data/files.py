@@ -1,51 +1,49 @@
-"""The user's own tables, CSV or Parquet: one client per file, or per value of a site column."""
+"""The user's own tables, CSV or Parquet: one client per file, or per value of a site column.
+
+Everything here works on whole columns (see :mod:`consortium.data._tables` for why pyarrow):
+reading, type inference, missing values, the site grouping (one stable sort by site), the
+labels (Python only per distinct value), the train/test split (one seeded draw per site, as
+a deployed site draws its own) and the federated encoding (:mod:`consortium.data._columnar`,
+bit for bit what summarising, merging and transforming site by site gives). The packed
+client tensors are filled in place, never built per client.
+"""
 
 from __future__ import annotations
 
-import csv
 import glob
-import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from consortium.data._assemble import ClientArrays, assemble
+from consortium.data._assemble import assemble_packed
+from consortium.data._columnar import Source, SplitRows, federated_encoding
 from consortium.data._rng import generator
+from consortium.data._tables import (
+    MISSING_TOKENS,
+    Table,
+    category_codes,
+    label_codes,
+    numbers,
+    read_csv_table,
+    read_parquet_table,
+    sort_key,
+    texts,
+)
 from consortium.data.base import FederatedDataset
 from consortium.data.holdout import holdout
-from consortium.data.partition import natural
-from consortium.data.preprocess import Column, encode_sites
-from consortium.errors import DataError, MissingExtraError
+from consortium.data.preprocess import Column
+from consortium.errors import DataError
 
 __all__ = [
     "MISSING_TOKENS", "SiteTable", "label_order", "load_csv", "load_parquet", "load_site_csv",
     "read_site_table",
 ]
 
-#: CSV cells that mean "missing" (compared after stripping, case-insensitively).
-MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
-
 Format = Literal["csv", "parquet"]
-
-
-@dataclass(frozen=True)
-class _Table:
-    """One site's columns as Python values (``None`` = missing), and the file they came from."""
-
-    path: Path
-    site: str
-    names: list[str]
-    values: dict[str, list[Any]]
-    # Where row ``i`` is in the file, for error messages ("line 7", "row 6").
-    where: Callable[[int], str]
-
-    @property
-    def rows(self) -> int:
-        return len(self.values[self.names[0]])
 
 
 def load_csv(
@@ -53,9 +51,10 @@ def load_csv(
 ) -> FederatedDataset:
     """Federated data from CSV files: see :func:`load_parquet`, which reads the same way.
 
-    Files are read with Python's ``csv`` module: comma-separated, a header row naming the
-    columns, UTF-8 (a byte-order mark is allowed). Cells in :data:`MISSING_TOKENS` (empty,
-    ``NA``, ``NaN``, ``null``, ``?`` ...) are missing.
+    Files are read with pyarrow's CSV reader in the dialect of Python's ``csv`` module:
+    comma-separated, ``"`` quotes, a header row naming the columns, UTF-8 (a byte-order mark
+    is allowed). Cells in :data:`MISSING_TOKENS` (empty, ``NA``, ``NaN``, ``null``, ``?`` ...)
+    are missing. Needs ``pyarrow`` (a dependency of consortium).
     """
     return _load(
         "csv",
@@ -142,7 +141,7 @@ class SiteTable:
     numeric: tuple[bool, ...]
     labels: frozenset[Any]
     target: str
-    _table: _Table
+    _table: Table
 
     def split(
         self, *, classes: Sequence[Any], seed: int, test_fraction: float
@@ -151,11 +150,12 @@ class SiteTable:
         place in ``classes`` (every site's labels, in :func:`label_order`), split as
         :func:`load_csv` splits this file."""
         index = {k: i for i, k in enumerate(classes)}
-        unknown = sorted(self.labels - set(index), key=_sort_key)
+        unknown = sorted(self.labels - set(index), key=sort_key)
         if unknown:
             raise DataError(f"{self._table.path} holds label {unknown[0]!r}, not among {list(classes)}")
-        x = _matrix(self._table, self.features, self.numeric)
-        y = np.array([index[_label_key(v)] for v in self._table.values[self.target]], dtype=np.int64)
+        x = _raw_matrix(self._table, self.features, self.numeric)
+        codes, keys = label_codes(self._table.columns[self.target])
+        y = np.array([index[k] for k in keys], dtype=np.int64)[codes]
         keep, held = holdout(
             y, fraction=test_fraction, rng=generator(seed, "files", "split", self.site)
         )
@@ -172,7 +172,7 @@ def read_site_table(path: str | Path, *, target: str) -> SiteTable:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{str(p)!r} is not a file; give the site's CSV file")
-    table = _read_csv(p)
+    table = read_csv_table(p)
     _require_column(table, target, "target", "the label column")
     features = tuple(c for c in table.names if c != target)
     if not features:
@@ -180,21 +180,19 @@ def read_site_table(path: str | Path, *, target: str) -> SiteTable:
             f"{table.path} has no feature columns besides the target {target!r}; "
             "add the columns to learn from"
         )
-    labels: set[Any] = set()
-    for i, v in enumerate(table.values[target]):
-        if v is None:
-            raise DataError(
-                f"{table.path} {table.where(i)} has no value in the target column {target!r}; "
-                "fill it in or drop the row"
-            )
-        labels.add(_label_key(v))
-    numeric = tuple(_all_numeric(table.values[c]) for c in features)
-    return SiteTable(table.site, features, numeric, frozenset(labels), target, table)
+    codes, keys = label_codes(table.columns[target])
+    if (codes < 0).any():
+        raise DataError(
+            f"{table.path} {table.where(int(np.flatnonzero(codes < 0)[0]))} has no value in the "
+            f"target column {target!r}; fill it in or drop the row"
+        )
+    numeric = tuple(numbers(table.columns[c]) is not None for c in features)
+    return SiteTable(table.site, features, numeric, frozenset(keys), target, table)
 
 
 def label_order(labels: Iterable[Any]) -> list[Any]:
     """Label values in the order :func:`load_csv` numbers them (numbers first, then text)."""
-    return sorted(set(labels), key=_sort_key)
+    return sorted(set(labels), key=sort_key)
 
 
 def _load(
@@ -202,40 +200,29 @@ def _load(
     single: bool = False,
 ) -> FederatedDataset:
     paths = _resolve(path, fmt)
-    tables = [_read_csv(p) if fmt == "csv" else _read_parquet(p) for p in paths]
+    read = read_csv_table if fmt == "csv" else read_parquet_table
+    tables = [read(p) for p in paths]
     _check_same_columns(tables)
     _require_column(tables[0], target, "target", "the label column")
-    sites = tables[:1] if single else _sites(tables, site_column)
+    rows = _Rows(tables[:1] if single else tables)
+    sites = _Sites([tables[0].site], np.zeros(rows.total, np.int64)) if single else _sites(rows, site_column)
     features = [c for c in tables[0].names if c not in (target, site_column)]
     if not features:
         raise DataError(
             f"{tables[0].path} has no feature columns besides the target {target!r}; "
             "add the columns to learn from"
         )
-    classes = _classes(sites, target)
-    numeric = [all(_all_numeric(s.values[c]) for s in sites) for c in features]
-    columns = [Column(c, "numeric" if num else "categorical") for c, num in zip(features, numeric)]
-
-    trains, tests, y_trains, y_tests = [], [], [], []
-    for site in sites:
-        x = _matrix(site, features, numeric)
-        y = np.array([classes[_label_key(v)] for v in site.values[target]], dtype=np.int64)
-        keep, held = holdout(
-            y, fraction=test_fraction, rng=generator(seed, "files", "split", site.site)
-        )
-        trains.append(x[keep])
-        tests.append(x[held])
-        y_trains.append(y[keep])
-        y_tests.append(y[held])
-    encoder, x_trains, x_tests = encode_sites(trains, tests, columns=columns)
-    clients = [
-        ClientArrays(site.site, x_trains[i], y_trains[i], x_tests[i], y_tests[i])
-        for i, site in enumerate(sites)
-    ]
+    classes, y = _classes(rows, sites, target)
+    numeric = _numeric_and_finite(rows, sites, features)
+    sources = [_source(rows, c, num) for c, num in zip(features, numeric)]
+    split = _split(sites, y, seed=seed, test_fraction=test_fraction)
+    encoder, x_train, x_test = federated_encoding(sources, split)
     labels = ", ".join(f"{i}={k}" for k, i in classes.items())
-    return assemble(
+    return assemble_packed(
         fmt,
-        clients,
+        sites.names,
+        x_train=x_train, y_train=y[split.train], train_offsets=split.train_offsets,
+        x_test=x_test, y_test=y[split.test], test_offsets=split.test_offsets,
         num_classes=len(classes),
         input_shape=(encoder.num_features,),
         feature_names=encoder.feature_names,
@@ -243,7 +230,7 @@ def _load(
     )
 
 
-# -- finding and reading files ------------------------------------------------------------------
+# -- finding files -----------------------------------------------------------------------------
 
 
 def _resolve(path: str, fmt: Format) -> list[Path]:
@@ -274,66 +261,7 @@ def _resolve(path: str, fmt: Format) -> list[Path]:
     return [p]
 
 
-def _read_csv(path: Path) -> _Table:
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            rows = [(n, r) for n, r in enumerate(csv.reader(handle), start=1) if any(r)]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(
-            f"cannot read {path} as CSV: {exc}; it must be a UTF-8, comma-separated text file"
-        ) from exc
-    if not rows:
-        raise DataError(f"{path} is empty; expected a header row naming the columns, then rows")
-    header = [h.strip() for h in rows[0][1]]
-    _check_header(path, header)
-    body = rows[1:]
-    if not body:
-        raise DataError(f"{path} has a header but no rows; add data or remove the file")
-    values: dict[str, list[Any]] = {h: [] for h in header}
-    for line, row in body:
-        if len(row) != len(header):
-            raise DataError(
-                f"{path} line {line} has {len(row)} fields, the header has {len(header)}; "
-                "fix the row (a comma inside a value needs quotes)"
-            )
-        for h, cell in zip(header, row):
-            values[h].append(None if cell.strip().lower() in MISSING_TOKENS else cell.strip())
-    lines = [line for line, _ in body]
-    return _Table(path, path.stem, header, values, lambda i: f"line {lines[i]}")
-
-
-def _read_parquet(path: Path) -> _Table:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise MissingExtraError("reading parquet", "parquet", "pyarrow") from None
-    try:
-        data = pq.read_table(path).to_pydict()
-    except Exception as exc:  # pyarrow raises its own ArrowInvalid, OSError ...
-        raise DataError(
-            f"cannot read {path} as Parquet: {exc}; check that it is a Parquet file"
-        ) from exc
-    header = list(data)
-    _check_header(path, header)
-    if not header:
-        raise DataError(f"{path} has no columns; expected a table with a header")
-    if not data[header[0]]:
-        raise DataError(f"{path} has no rows; add data or remove the file")
-    values = {h: [None if _missing(v) else v for v in data[h]] for h in header}
-    return _Table(path, path.stem, header, values, lambda i: f"row {i + 1}")
-
-
-def _check_header(path: Path, header: list[str]) -> None:
-    seen: set[str] = set()
-    for h in header:
-        if not h:
-            raise DataError(f"{path} has a column without a name; name every column")
-        if h in seen:
-            raise DataError(f"{path} has two columns named {h!r}; column names must be unique")
-        seen.add(h)
-
-
-def _check_same_columns(tables: list[_Table]) -> None:
+def _check_same_columns(tables: list[Table]) -> None:
     first = tables[0]
     for t in tables[1:]:
         if set(t.names) != set(first.names):
@@ -345,7 +273,7 @@ def _check_same_columns(tables: list[_Table]) -> None:
             )
 
 
-def _require_column(table: _Table, name: str, key: str, what: str) -> None:
+def _require_column(table: Table, name: str, key: str, what: str) -> None:
     if not name:
         raise DataError(
             f"data.{key} is not set; set it to {what}, one of: {', '.join(table.names)}"
@@ -357,11 +285,65 @@ def _require_column(table: _Table, name: str, key: str, what: str) -> None:
         )
 
 
-# -- sites, labels and features ----------------------------------------------------------------
+# -- rows, sites and labels --------------------------------------------------------------------
 
 
-def _sites(tables: list[_Table], site_column: str) -> list[_Table]:
-    """One table per client, named by the file's stem or by the site column's value."""
+class _Rows:
+    """The files' rows one after another ("row r" below counts across files)."""
+
+    def __init__(self, tables: list[Table]) -> None:
+        self.tables = tables
+        self.offsets = np.cumsum([0, *(t.rows for t in tables)])
+        self.total = int(self.offsets[-1])
+
+    def column(self, name: str) -> Any:
+        """Column ``name`` over every file as one chunked array (no copy), or ``None`` when
+        the files store it with different types (then each file is read on its own)."""
+        parts = [t.columns[name] for t in self.tables]
+        if len(parts) == 1:
+            return parts[0]
+        if any(p.type != parts[0].type for p in parts):
+            return None
+        import pyarrow as pa
+
+        return pa.chunked_array([c for p in parts for c in getattr(p, "chunks", [p])],
+                                parts[0].type)
+
+    def where(self, row: int) -> str:
+        """Row ``row``'s file and line, as errors name it."""
+        k = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        table = self.tables[k]
+        return f"{table.path} {table.where(row - int(self.offsets[k]))}"
+
+    def codes(self, column: str) -> tuple[np.ndarray, list[Any]]:
+        """:func:`label_codes` of ``column`` over every file, with one list of keys."""
+        whole = self.column(column)
+        if whole is not None:
+            return label_codes(whole)
+        keys: list[Any] = []
+        index: dict[Any, int] = {}
+        parts = []
+        for t in self.tables:
+            codes, found = label_codes(t.columns[column])
+            for k in found:
+                if k not in index:
+                    index[k] = len(keys)
+                    keys.append(k)
+            parts.append(np.append(np.array([index[k] for k in found], np.int64), -1)[codes])
+        return np.concatenate(parts), keys
+
+
+@dataclass(frozen=True)
+class _Sites:
+    """The clients: their ids in client order, and each row's client."""
+
+    names: list[str]
+    of_row: np.ndarray
+
+
+def _sites(rows: _Rows, site_column: str) -> _Sites:
+    """One client per file, named by its stem, or per value of the site column."""
+    tables = rows.tables
     if len(tables) > 1:
         if site_column:
             _require_column(tables[0], site_column, "site_column", "the site column")
@@ -372,7 +354,7 @@ def _sites(tables: list[_Table], site_column: str) -> list[_Table]:
                 f"several files are named {dupes[0]!r}; client ids come from file names, so "
                 "rename them to be unique"
             )
-        return tables
+        return _Sites(stems, np.repeat(np.arange(len(tables)), np.diff(rows.offsets)))
     (table,) = tables
     if not site_column:
         raise DataError(
@@ -381,103 +363,141 @@ def _sites(tables: list[_Table], site_column: str) -> list[_Table]:
             "one file per site"
         )
     _require_column(table, site_column, "site_column", "the site column")
-    raw = table.values[site_column]
-    for i, v in enumerate(raw):
-        if v is None:
-            raise DataError(
-                f"{table.path} {table.where(i)} has no value in the site column "
-                f"{site_column!r}; every row needs a site"
-            )
-    names = [str(_label_key(v)) for v in raw]
-    sites = []
-    for rows in natural(names):
-        name = names[rows[0]]
-        values = {h: [table.values[h][i] for i in rows] for h in table.names}
-        sites.append(
-            _Table(
-                table.path,
-                name,
-                table.names,
-                values,
-                _row_locator(table, rows),
-            )
-        )
-    return sites
-
-
-def _classes(sites: list[_Table], target: str) -> dict[Any, int]:
-    seen: set[Any] = set()
-    for site in sites:
-        for i, v in enumerate(site.values[target]):
-            if v is None:
-                raise DataError(
-                    f"{site.path} {site.where(i)} has no value in the target column "
-                    f"{target!r}; fill it in or drop the row"
-                )
-            seen.add(_label_key(v))
-    if len(seen) < 2:
+    codes, keys = rows.codes(site_column)
+    if (codes < 0).any():
         raise DataError(
-            f"the target column {target!r} has only the value {next(iter(seen))}; "
+            f"{rows.where(int(np.flatnonzero(codes < 0)[0]))} has no value in the site column "
+            f"{site_column!r}; every row needs a site"
+        )
+    # keys that print alike are one site; sites come in order of first appearance
+    names: dict[str, int] = {}
+    of_key = np.array([names.setdefault(str(k), len(names)) for k in keys], dtype=np.int64)
+    named = of_key[codes]
+    seen, first = np.unique(named, return_index=True)
+    order = seen[np.argsort(first)]
+    rank = np.empty(len(names), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    listed = list(names)
+    return _Sites([listed[i] for i in order], rank[named])
+
+
+def _first_by_site(bad: np.ndarray, sites: _Sites) -> int:
+    """The first flagged row of the first client (in client order) that has one."""
+    flagged = np.flatnonzero(bad)
+    site = sites.of_row[flagged]
+    return int(flagged[site == site.min()][0])
+
+
+def _classes(rows: _Rows, sites: _Sites, target: str) -> tuple[dict[Any, int], np.ndarray]:
+    """The label → class mapping (sorted label values) and each row's class."""
+    codes, keys = rows.codes(target)
+    if (codes < 0).any():
+        raise DataError(
+            f"{rows.where(_first_by_site(codes < 0, sites))} has no value in the target column "
+            f"{target!r}; fill it in or drop the row"
+        )
+    if len(keys) < 2:
+        raise DataError(
+            f"the target column {target!r} has only the value {keys[0]}; "
             "a classifier needs at least two label values"
         )
-    return {k: i for i, k in enumerate(sorted(seen, key=_sort_key))}
+    classes = {k: i for i, k in enumerate(sorted(keys, key=sort_key))}
+    return classes, np.array([classes[k] for k in keys], dtype=np.int64)[codes]
 
 
-def _matrix(site: _Table, features: Sequence[str], numeric: Sequence[bool]) -> np.ndarray:
-    """A site's raw feature table: float with NaN when all columns are numeric, else object."""
+# -- features and the split --------------------------------------------------------------------
+
+
+def _source(rows: _Rows, name: str, numeric: bool) -> Source:
+    """Column ``name`` over every file, read again each time it is needed (see Source)."""
+    if numeric:
+        def read_numbers() -> np.ndarray:
+            parts = _numbers_of(rows, name)
+            found = [p for p in parts if p is not None]
+            assert len(found) == len(parts), "read only for columns found numeric"
+            return found[0] if len(found) == 1 else np.concatenate(found)
+
+        return Source(Column(name, "numeric"), read_numbers)
+
+    def read_categories() -> tuple[np.ndarray, list[str]]:
+        import pyarrow as pa
+
+        whole = rows.column(name)
+        if whole is None:
+            whole = pa.chunked_array([texts(t.columns[name]) for t in rows.tables], pa.string())
+        return category_codes(whole)
+
+    return Source(Column(name, "categorical"), read_categories)
+
+
+def _numbers_of(rows: _Rows, name: str) -> list[np.ndarray | None]:
+    """:func:`numbers` of column ``name``: of all files at once, or file by file when their
+    types differ (a column is numeric only if it is in every file)."""
+    whole = rows.column(name)
+    if whole is not None:
+        return [numbers(whole)]
+    return [numbers(t.columns[name]) for t in rows.tables]
+
+
+def _numeric_and_finite(rows: _Rows, sites: _Sites, features: list[str]) -> list[bool]:
+    """Per feature, whether it holds only numbers in every file; and no infinite number (the
+    error names the first client's first such column, at its first such row)."""
+    numeric, infinite = [], []  # infinite: (site, column, row)
+    for j, name in enumerate(features):
+        parts = _numbers_of(rows, name)
+        numeric.append(all(p is not None for p in parts))
+        if numeric[-1]:
+            bad = np.concatenate([np.isinf(p) for p in parts])  # type: ignore[arg-type]
+            if bad.any():
+                row = _first_by_site(bad, sites)
+                infinite.append((int(sites.of_row[row]), j, row))
+    if infinite:
+        _, j, row = min(infinite)
+        raise DataError(
+            f"{rows.where(row)} has an infinite value in column {features[j]!r}; "
+            "replace it with a number or leave it empty"
+        )
+    return numeric
+
+
+def _split(sites: _Sites, y: np.ndarray, *, seed: int, test_fraction: float) -> SplitRows:
+    """Each client's train and test rows: the client's rows in file order (one stable sort by
+    client), split by :func:`holdout` with the client's own seeded draw."""
+    order = np.argsort(sites.of_row, kind="stable")
+    bounds = np.cumsum([0, *np.bincount(sites.of_row, minlength=len(sites.names))])
+    train, test = [], []
+    for s, name in enumerate(sites.names):
+        mine = order[bounds[s]:bounds[s + 1]]
+        keep, held = holdout(
+            y[mine], fraction=test_fraction, rng=generator(seed, "files", "split", name)
+        )
+        train.append(mine[keep])
+        test.append(mine[held])
+
+    def offsets(parts: list[np.ndarray]) -> np.ndarray:
+        return np.cumsum([0, *(len(p) for p in parts)]).astype(np.int64)
+
+    return SplitRows(np.concatenate(train), offsets(train), np.concatenate(test), offsets(test))
+
+
+def _raw_matrix(table: Table, features: Sequence[str], numeric: Sequence[bool]) -> np.ndarray:
+    """A site's raw feature table: float with NaN when all columns are numeric, else object
+    (numbers as floats, text as ``str``, ``None`` for missing)."""
     cols: list[np.ndarray] = []
     for name, num in zip(features, numeric):
-        values = site.values[name]
         if num:
-            col = np.array([math.nan if v is None else float(v) for v in values])
+            col = numbers(table.columns[name])
+            assert col is not None
             bad = np.flatnonzero(np.isinf(col))
             if bad.size:
                 raise DataError(
-                    f"{site.path} {site.where(int(bad[0]))} has an infinite value in column "
+                    f"{table.path} {table.where(int(bad[0]))} has an infinite value in column "
                     f"{name!r}; replace it with a number or leave it empty"
                 )
             cols.append(col)
         else:
-            cols.append(np.array([None if v is None else str(v) for v in values], dtype=object))
+            cols.append(np.asarray(texts(table.columns[name]).to_numpy(zero_copy_only=False),
+                                   dtype=object))
     if all(numeric):
         return np.stack(cols, axis=1)
     return np.stack([c.astype(object) for c in cols], axis=1)
-
-
-def _missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
-
-
-def _number(v: Any) -> float | None:
-    """``v`` as a number, or ``None`` if it is not one."""
-    if isinstance(v, bool):
-        return float(v)
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return None
-    return None
-
-
-def _all_numeric(values: list[Any]) -> bool:
-    return all(v is None or _number(v) is not None for v in values)
-
-
-def _label_key(v: Any) -> Any:
-    """Label values compare as numbers when they are numbers ("1", 1 and 1.0 are one label)."""
-    num = _number(v)
-    if num is None:
-        return str(v)
-    return int(num) if num.is_integer() else num
-
-
-def _sort_key(v: Any) -> tuple[int, Any]:
-    return (0, v) if isinstance(v, (int, float)) else (1, v)
-
-
-def _row_locator(table: _Table, rows: np.ndarray) -> Callable[[int], str]:
-    """Where row ``i`` of a site cut from ``table`` sits in the original file."""
-    return lambda i: table.where(int(rows[i]))

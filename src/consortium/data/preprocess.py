@@ -320,6 +320,10 @@ def _is_missing(v: Any) -> bool:
 def _numbers(values: np.ndarray, name: str) -> np.ndarray:
     if values.dtype.kind in "fiub":
         return values.astype(np.float64)
+    try:  # numpy's cast reads None as NaN and text as float() does: one pass in C
+        return values.astype(np.float64)
+    except (TypeError, ValueError):
+        pass  # blank text (missing) or a non-number (an error): cell by cell, below
     out = np.empty(len(values))
     for i, v in enumerate(values):
         if _is_missing(v):
