@@ -18,6 +18,8 @@ from consortium.config import ExperimentConfig
 from consortium.errors import ConfigError, MissingExtraError
 from consortium.executors import SequentialExecutor, build_executor
 from consortium.executors.ray import RayExecutor, _check_reachable, _SharedData
+from consortium.models.zoo import mlp
+from consortium.seeds import derive_seed
 from tests.conftest import make_toy
 
 SIZES = [30, 61, 45, 80, 17, 60, 9, 38]  # unequal data ⇒ unequal step counts
@@ -62,6 +64,25 @@ def test_same_global_model_as_sequential(local_ray, algorithm: str) -> None:
         if "accuracy" in ra:
             assert ra["accuracy"] == pytest.approx(rb["accuracy"], abs=1e-9)
     assert local_ray.is_initialized()  # a Ray it did not start is left running
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_a_frozen_body_stays_bit_identical_on_the_workers(local_ray, private: bool) -> None:
+    """Fine-tuning on Ray: the ``model.freeze`` factory travels to the workers (cloudpickle)
+    and their batched training leaves the frozen first layer exactly as it was."""
+    toy = make_toy(len(SIZES), sizes=SIZES)
+    cfg = {**config("scaffold", weight_decay=0.01),
+           "model": {"name": "mlp", "hidden": [8], "freeze": ["1"]}}
+    if private:
+        cfg["privacy"] = {"mode": "local", "clip": 0.5, "noise_multiplier": 1.0}
+    a = consortium.simulate(cfg, dataset=toy, executor=SequentialExecutor())
+    b = consortium.simulate(cfg, dataset=toy, executor=RayExecutor(workers=2))
+    assert torch.allclose(a.params.vector, b.params.vector, atol=1e-6, rtol=0)
+    torch.manual_seed(derive_seed(cfg["seed"], "init") % (2**31))  # as simulate seeds its model
+    init = dict(mlp(toy.input_shape, toy.num_classes, hidden=[8]).named_parameters())
+    for name in ("1.weight", "1.bias"):
+        assert torch.equal(b.params.tensors()[name], init[name])
+    assert not torch.equal(b.params.tensors()["3.weight"], init["3.weight"])
 
 
 def test_more_groups_than_workers_and_a_lambda_loss_train_one_by_one(local_ray, capsys) -> None:

@@ -9,7 +9,11 @@ and finished clients are never stepped, and each step's batches gathered with on
 
 The result equals training each client alone with the sequential executor: the same batches
 (:func:`~consortium.client.training.batch_matrix`), the same SGD with momentum and weight
-decay as ``torch.optim.SGD``, the same algorithm terms and updates.
+decay as ``torch.optim.SGD``, the same algorithm terms and updates. Like the sequential
+executor's optimiser, which holds only parameters with ``requires_grad``, it trains only
+those: the stacked parameters, momentum, algorithm terms and DP-SGD noise have the trainable
+columns only (:func:`trainable_columns`), frozen values are constants of the forward pass, and
+a frozen parameter's delta is exactly zero.
 """
 
 from __future__ import annotations
@@ -41,7 +45,21 @@ from consortium.privacy.policy import record_release
 from consortium.seeds import derive_seed
 from consortium.types import Layout, Parameters
 
-__all__ = ["VectorizedExecutor", "vectorizable"]
+__all__ = ["VectorizedExecutor", "trainable_columns", "vectorizable"]
+
+
+def trainable_columns(module: torch.nn.Module, layout: Layout) -> torch.Tensor | None:
+    """The positions in ``layout``'s flat vector of ``module``'s parameters that train
+    (``requires_grad``), or ``None`` when all of them do.
+
+    The flat vector holds every parameter (frozen ones travel as exact zero deltas); a batched
+    step must touch only these columns, as ``torch.optim`` touches only the parameters it holds.
+    """
+    trains = {name: p.requires_grad for name, p in module.named_parameters()}
+    if all(trains[spec.name] for spec in layout.specs):
+        return None
+    mask = torch.cat([torch.full((spec.numel,), trains[spec.name]) for spec in layout.specs])
+    return torch.nonzero(mask).flatten()
 
 
 def vectorizable(pool: Mapping[str, SiteClient]) -> str | None:
@@ -66,18 +84,44 @@ def vectorizable(pool: Mapping[str, SiteClient]) -> str | None:
     return None
 
 
-def _forward_fn(module: torch.nn.Module, layout: Layout):  # type: ignore[no-untyped-def]
-    spans = []
-    offset = 0
-    for spec in layout.specs:
-        spans.append((spec.name, offset, spec.numel, spec.shape))
-        offset += spec.numel
+def _forward_fn(  # type: ignore[no-untyped-def]
+    module: torch.nn.Module, layout: Layout, frozen_from: torch.Tensor | None = None
+):
+    """``forward(flat, x)``: the module's output with its parameters read from ``flat``.
+
+    With ``frozen_from`` (a whole flat vector), ``flat`` holds only the trainable parameters
+    (:func:`trainable_columns`' order) and the frozen ones are read from ``frozen_from`` as
+    constants, so differentiating ``forward`` costs nothing for the frozen part.
+    """
+    spans, constants = _spans(module, layout, frozen_from)
 
     def forward(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         params = {name: flat[o : o + n].view(shape) for name, o, n, shape in spans}
-        return functional_call(module, params, (x,))
+        return functional_call(module, {**params, **constants}, (x,))
 
     return forward
+
+
+Span = tuple[str, int, int, tuple[int, ...]]
+
+
+def _spans(
+    module: torch.nn.Module, layout: Layout, frozen_from: torch.Tensor | None
+) -> tuple[list[Span], dict[str, torch.Tensor]]:
+    """``(name, offset, numel, shape)`` of each tensor in the stacked vector (all of them, or
+    with ``frozen_from`` the trainable ones), and the frozen tensors' values by name."""
+    trains = {name: p.requires_grad for name, p in module.named_parameters()}
+    spans: list[Span] = []
+    constants: dict[str, torch.Tensor] = {}
+    offset = whole = 0
+    for spec in layout.specs:
+        if frozen_from is not None and not trains[spec.name]:
+            constants[spec.name] = frozen_from[whole : whole + spec.numel].view(spec.shape)
+        else:
+            spans.append((spec.name, offset, spec.numel, spec.shape))
+            offset += spec.numel
+        whole += spec.numel
+    return spans, constants
 
 
 def _autograd_loss_and_grad(forward, params, x, y, valid, counts):  # type: ignore[no-untyped-def]
@@ -97,10 +141,15 @@ def _autograd_loss_and_grad(forward, params, x, y, valid, counts):  # type: igno
 class _PrivateSteps:
     """Batched DP-SGD (Abadi et al. 2016) for a group of clients: the same Poisson batches,
     per-example clipping and noise draws as :mod:`consortium.client.dp_sgd`, with per-example
-    gradients from ``vmap(vmap(grad))`` over clients and examples."""
+    gradients from ``vmap(vmap(grad))`` over clients and examples.
+
+    Only trainable parameters are clipped and noised (as in the sequential loop and Opacus):
+    the clip norm is taken over them and the noise has their dimension, so the draws match.
+    ``step`` takes and returns the trainable part only (see :func:`_forward_fn`).
+    """
 
     def __init__(self, ranked: list[_Client], pool: ClientPool, module: torch.nn.Module,
-                 layout: Layout) -> None:
+                 layout: Layout, frozen_from: torch.Tensor | None) -> None:
         s = pool.settings
         self.clip, self.noise = s.dp_clip, s.dp_noise
         self.rates = [min(1.0, s.batch_size / c.examples) for c in ranked]
@@ -114,14 +163,18 @@ class _PrivateSteps:
             [rate * c.examples for rate, c in zip(self.rates, ranked)], dtype=torch.float64
         )
         self.x, self.y = pool.packed.train.x, pool.packed.train.y
-        single = _forward_fn(module, layout)
-        self.forward = vmap(single)
+        self.forward = vmap(_forward_fn(module, layout, frozen_from))
+        self.spans, constants = _spans(module, layout, frozen_from)
 
-        def one(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(single(flat, x.unsqueeze(0)), y.unsqueeze(0))
+        # Per-example gradients by tensor, not of one flat vector: the backward of slicing a
+        # flat vector writes a zero-filled vector of the whole model's size per tensor and
+        # per example (4 s a step for a 256×256 MLP, 50 clients × 20 examples).
+        def one(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out = functional_call(module, {**params, **constants}, (x.unsqueeze(0),))
+            return F.cross_entropy(out, y.unsqueeze(0))
 
         self.per_example = vmap(vmap(torch.func.grad(one), in_dims=(None, 0, 0)))
-        self.d = layout.size
+        self.d = sum(n for _, _, n, _ in self.spans)
 
     def step(self, s: int, m: int, params: torch.Tensor):  # type: ignore[no-untyped-def]
         lists = [self.batches[k][s] for k in range(m)]
@@ -132,10 +185,18 @@ class _PrivateSteps:
         valid = index >= 0
         safe = index.clamp(min=0)
         xb, yb = self.x[safe], self.y[safe]
-        per = self.per_example(params, xb, yb).double() * valid.unsqueeze(-1)
-        norms = torch.linalg.vector_norm(per, dim=2)
-        factor = torch.clamp(self.clip / torch.clamp(norms, min=1e-12), max=1.0)
-        total = (per * factor.unsqueeze(-1)).sum(1)
+        named = {name: params[:, o : o + n].view(m, *shape) for name, o, n, shape in self.spans}
+        grads = self.per_example(named, xb, yb)
+        parts = [grads[name].reshape(m, b, -1) for name, *_ in self.spans]
+        # Clip and sum in float64 as the sequential loop does, tensor by tensor (no [m, b, d]
+        # concatenation); padding rows get factor 0.
+        norms = sum(
+            torch.linalg.vector_norm(g, dim=2, dtype=torch.float64).square() for g in parts
+        ).sqrt()
+        factor = torch.clamp(self.clip / torch.clamp(norms, min=1e-12), max=1.0) * valid
+        total = torch.cat(
+            [torch.bmm(factor.unsqueeze(1), g.double()).squeeze(1) for g in parts], dim=1
+        )
         noise = torch.stack([
             torch.randn(self.d, dtype=torch.float64, generator=torch.Generator().manual_seed(
                 derive_seed(self.seeds[k], "dp-noise", s) % 2**63))
@@ -212,12 +273,18 @@ class VectorizedExecutor:
 
     def _group_size(self, pool: ClientPool, layout: Layout) -> int:
         d = layout.size
+        trainable = trainable_columns(self._scratch(pool), layout)
+        d_train = d if trainable is None else len(trainable)
         example = math.prod(pool.packed.train.x.shape[1:])
         activations = self._activation_numel(pool)
         bs = pool.settings.batch_size
-        # parameters, momentum, gradient, anchor, offset, their autograd copies; the batch and
-        # its activations forward and backward
-        per_client = 4 * (8 * d + bs * (example + 3 * activations))
+        # parameters, momentum, gradient, anchor, offset, their autograd copies (trainable
+        # columns only) and the whole delta; the batch and its activations forward and backward
+        per_client = 4 * (7 * d_train + d + bs * (example + 3 * activations))
+        if pool.settings.local_dp:
+            # per-example gradients (float32) and a tensor's float64 copy while clipping;
+            # Poisson batches can run to twice the expected size
+            per_client += 12 * 2 * bs * d_train
         return max(1, int(self.max_memory_mb * 2**20 // per_client))
 
     def _activation_numel(self, pool: ClientPool) -> int:
@@ -321,8 +388,16 @@ class VectorizedExecutor:
         global_vec = ranked[0].task.parameters.vector
         layout = ranked[0].task.parameters.layout
         module = self._scratch(pool)
-        stack = LinearStack.match(module, layout)
-        forward = vmap(_forward_fn(module, layout))
+        # Only the trainable columns are stacked and stepped (frozen ones are constants read
+        # from the global model), as torch.optim steps only the parameters it holds.
+        trainable = trainable_columns(module, layout)
+        frozen_from = None if trainable is None else global_vec
+
+        def cols(v: torch.Tensor) -> torch.Tensor:
+            return v if trainable is None else v[..., trainable]
+
+        stack = LinearStack.match(module, layout, frozen_from=frozen_from)
+        forward = vmap(_forward_fn(module, layout, frozen_from))
         bs = settings.batch_size
         s_max = ranked[0].steps
         offsets = pool.packed.train_offsets
@@ -334,19 +409,21 @@ class VectorizedExecutor:
             index[pos, : c.steps] = torch.where(rows >= 0, rows + offsets[c.index], rows)
         steps = torch.tensor([c.steps for c in ranked])
 
-        params = torch.stack([c.task.parameters.vector for c in ranked]).clone()
+        params = cols(torch.stack([c.task.parameters.vector for c in ranked])).clone()
         mu = torch.tensor([c.terms.prox_mu for c in ranked], dtype=params.dtype)
         use_prox = bool((mu != 0).any())
         anchor = (
-            torch.stack([c.terms.anchor if c.terms.anchor is not None else global_vec for c in ranked])
+            cols(torch.stack([
+                c.terms.anchor if c.terms.anchor is not None else global_vec for c in ranked
+            ]))
             if use_prox else None
         )
         use_offset = any(c.terms.offset is not None for c in ranked)
         offset = (
-            torch.stack([
+            cols(torch.stack([
                 c.terms.offset if c.terms.offset is not None else torch.zeros_like(global_vec)
                 for c in ranked
-            ])
+            ]))
             if use_offset else None
         )
         momentum, wd, lr = settings.momentum, settings.weight_decay, settings.lr
@@ -354,7 +431,9 @@ class VectorizedExecutor:
         loss_sum = torch.zeros(k, dtype=torch.float64)
         failed = torch.zeros(k, dtype=torch.bool)
         x_all, y_all = pool.packed.train.x, pool.packed.train.y
-        private = _PrivateSteps(ranked, pool, module, layout) if settings.local_dp else None
+        private = (
+            _PrivateSteps(ranked, pool, module, layout, frozen_from) if settings.local_dp else None
+        )
         nonempty = torch.zeros(k, dtype=torch.float64)
 
         for s in range(s_max):
@@ -390,7 +469,11 @@ class VectorizedExecutor:
                     params[:m] -= lr * buf[:m]
                 else:
                     params[:m] -= lr * grad
-        deltas = params - global_vec
+        deltas = params - cols(global_vec)
+        if trainable is not None:  # frozen parameters travel as exact zeros
+            deltas = torch.zeros((k, layout.size), dtype=deltas.dtype).index_copy_(
+                1, trainable, deltas
+            )
         if private is not None:
             # DP-SGD reports the mean over non-empty Poisson batches (as the sequential loop);
             # the caller divides by the step count

@@ -12,7 +12,10 @@ from torch import nn
 
 from consortium.errors import ModelError
 
-__all__ = ["BUILT_IN", "MODELS", "build_model", "check_allowed", "cnn", "logistic", "mlp", "model_factory"]
+__all__ = [
+    "BUILT_IN", "MODELS", "build_model", "check_allowed", "cnn", "freeze", "frozen_names", "logistic",
+    "mlp", "model_factory",
+]
 
 MODELS = {
     "logistic": "multinomial logistic regression (one linear layer on the flattened input)",
@@ -121,6 +124,64 @@ def model_factory(
     if "input_shape" in params or "num_classes" in params:
         return lambda: factory(input_shape=shape, num_classes=num_classes)
     return factory
+
+
+def frozen_names(module: nn.Module, patterns: Sequence[str]) -> set[str]:
+    """The parameter names of ``module`` that ``patterns`` select.
+
+    A pattern selects a parameter by its full name (``"1.weight"``) or every parameter of a
+    submodule by the submodule's name (``"1"``, ``"encoder.layers.0"``), as in
+    ``module.named_parameters()``.
+
+    Raises:
+        ModelError: a pattern selects nothing (a typo, or a name of another model), or the
+            patterns select every parameter (nothing would train).
+    """
+    names = [n for n, _ in module.named_parameters()]
+
+    def selects(pattern: str, name: str) -> bool:
+        return name == pattern or name.startswith(pattern + ".")
+
+    unknown = [p for p in patterns if not any(selects(p, n) for n in names)]
+    if unknown:
+        shown = ", ".join(names[:20]) + (f", … ({len(names)} in all)" if len(names) > 20 else "")
+        raise ModelError(
+            f"model.freeze names {unknown}, which match no parameter of the model; use a "
+            f"parameter name or the name of a submodule, from: {shown}"
+        )
+    chosen = {n for n in names if any(selects(p, n) for p in patterns)}
+    if len(chosen) == len(names):
+        raise ModelError(
+            f"model.freeze = {list(patterns)} freezes every parameter of the model, so nothing "
+            "would train; leave at least the output layer out of model.freeze"
+        )
+    return chosen
+
+
+def freeze(factory: Callable[[], nn.Module], patterns: Sequence[str]) -> Callable[[], nn.Module]:
+    """``factory`` whose models have the parameters ``patterns`` select frozen
+    (``requires_grad = False``; see :func:`frozen_names`).
+
+    Every executor trains only parameters with ``requires_grad`` (fine-tuning a head on a
+    frozen body); frozen ones stay bit-identical. A user factory may also freeze parameters
+    itself; this is the config's way (``model.freeze``).
+
+    Raises:
+        ModelError: when a model is built, as :func:`frozen_names`.
+    """
+    chosen = tuple(patterns)
+    if not chosen:
+        return factory
+
+    def build() -> nn.Module:
+        module = factory()
+        frozen = frozen_names(module, chosen)
+        for name, p in module.named_parameters():
+            if name in frozen:
+                p.requires_grad_(False)
+        return module
+
+    return build
 
 
 def build_model(
