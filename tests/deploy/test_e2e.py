@@ -258,17 +258,21 @@ def test_a_server_killed_mid_run_resumes_to_the_uninterrupted_model(
 def test_a_client_killed_mid_run_is_dropped_and_rejoins(consortium_dir: Path, noticed: str) -> None:
     """The killed site's round completes without it: on the round's deadline (8 s, heartbeats
     every 30 s), or — heartbeats every 2 s, deadline 120 s — after three missed heartbeats
-    or at once when it registers again, never at the deadline. The restarted site rejoins."""
+    or at once when it registers again, never at the deadline. The restarted site rejoins.
+
+    Every step waits for an event (a round done, a round missed, a round with all three sites
+    again), never for a time: the run is longer than the test needs (a restarted client's
+    start-up, seconds on a loaded machine, must not race the last round) and is stopped once
+    the rejoin is seen."""
     d = consortium_dir
-    # enough rounds left for the restarted site to rejoin before the end
-    (d / "exp.toml").write_text(EXPERIMENT.replace("rounds = 4", "rounds = 40"))
+    (d / "exp.toml").write_text(EXPERIMENT.replace("rounds = 4", "rounds = 100000"))
     port = _free_port()
     timing = (["--round-timeout", "8"] if noticed == "deadline"
               else ["--round-timeout", "120", "--heartbeat", "2"])
     server = _server_on(d, port, "run", *timing)
     clients = {site: _client(d, port, site) for site in SITES}
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240  # a hang fails here; nothing below races a clock
         while _rounds_done(d / "run") < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
         clients["east"].kill()
@@ -278,20 +282,49 @@ def test_a_client_killed_mid_run_is_dropped_and_rejoins(consortium_dir: Path, no
         while not _missed(d / "run", "east") and time.monotonic() < deadline:
             time.sleep(0.1)
         clients["east"] = _client(d, port, "east")
-        assert server.wait(timeout=240) == 0
+        while _rejoined(d / "run", "east") is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.poll() is None, "the run ended early"
     finally:
         _stop(server, *clients.values())
-    records = _records(d / "run")
-    assert len(records) == 40
+    records = _finished_records(d / "run")
     without_east = [r for r in records if "east" in (r.get("failed") or {})]
     assert without_east, "the killed site should miss at least one round"
     reasons = [r["failed"]["east"] for r in without_east]
     if noticed == "deadline":
         assert any("deadline" in why for why in reasons), reasons
-    else:
+    else:  # noticed by heartbeats or its new registration, never by the round's deadline
         assert all("went silent" in why or "registered again" in why for why in reasons), reasons
-        assert all(r["wall_s"] < 60 for r in without_east)  # never the 120 s deadline
-    assert records[-1]["clients"] == 3, [r["clients"] for r in records]  # it rejoined
+    back = _rejoined(d / "run", "east")
+    assert back is not None, "the restarted site never took part again"
+    assert back > without_east[0]["round"]
+    registrations = [json.loads(line) for line in (d / "run" / "audit.jsonl").read_text()
+                     .splitlines() if '"register"' in line and '"east"' in line]
+    assert len(registrations) >= 2  # the restarted process registered anew
+
+
+def _finished_records(run: Path) -> list[dict]:
+    """metrics.jsonl of a run that was stopped: its complete lines."""
+    path = run / "metrics.jsonl"
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # the line being written when the server was stopped
+            pass
+    return out
+
+
+def _rejoined(run: Path, site: str) -> int | None:
+    """The first round after ``site`` missed one in which it sent an update, or None."""
+    missed = False
+    for record in _finished_records(run):
+        failed = record.get("failed") or {}
+        if site in failed:
+            missed = True
+        elif missed and record.get("clients") == len(SITES):
+            return int(record["round"])
+    return None
 
 
 def test_a_site_revoked_during_the_run_is_expelled_and_the_run_goes_on(consortium_dir: Path) -> None:

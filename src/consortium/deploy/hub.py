@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,6 +170,7 @@ class Hub:
                 self._sessions.pop(old.session, None)
             self._sites[site] = _Site(site, session, asyncio.Queue())
             self._sessions[session] = site
+            self._described.notify_all()  # the start's progress line
         if old is not None:  # its queue and whatever it was working on are gone with it
             self._fail_open(site, f"site {site!r} registered again (restarted or reconnected) "
                                   "during the round; the task it held was lost")
@@ -606,29 +607,77 @@ class Hub:
 
     # -- the round loop's side (main thread) -----------------------------------------------------
 
-    def wait_for_sites(self, names: Sequence[str] | int, timeout_s: float) -> dict[str, SiteInfo]:
-        """Block until the named sites (or that many sites) have described their data."""
+    def wait_for_sites(
+        self, names: Sequence[str] | int, timeout_s: float, *,
+        on_ready: Callable[[str, str, int, int], None] | None = None,
+    ) -> dict[str, SiteInfo]:
+        """Block until the named sites (or that many sites) have described their data.
+
+        A site expelled while the server waits (revoked, or excluded for its data statistics)
+        is not waited for. ``on_ready(site, state, count, needed)`` is called once for each
+        site as it connects (``state`` "connected") and once as it has described its data
+        ("ready"; sites reading table files describe only after every site sent its data
+        summary), with how many are that far, so the operator sees the federation assemble
+        (it runs under the hub's lock: it must not call the hub).
+
+        Raises:
+            SitesMissingError: ``timeout_s`` passed first; the message names the sites that
+                are missing (with named sites: which never connected and which connected but
+                did not describe their data).
+        """
         deadline = time.monotonic() + timeout_s
+        announced: dict[str, set[str]] = {"connected": set(), "ready": set()}
+
+        def needed() -> int:
+            if isinstance(names, int):  # a site excluded for its statistics is not waited for
+                return max(names - len(self.excluded), 0)
+            return sum(n not in self.expelled for n in names)
+
+        def described() -> list[str]:
+            return [s.name for s in self._sites.values()
+                    if s.info is not None and s.name not in self.expelled]
+
+        def announce(state: str, sites: list[str]) -> None:
+            for site in sites:
+                if on_ready is not None and site not in announced[state]:
+                    announced[state].add(site)
+                    on_ready(site, state, len(announced[state]), needed())
 
         def ready() -> bool:
-            described = [s for s in self._sites.values()
-                         if s.info is not None and s.name not in self.expelled]
-            if isinstance(names, int):  # a site excluded for its statistics is not waited for
-                return len(described) >= names - len(self.excluded)
-            return all(n in self._sites and self._sites[n].info is not None for n in names)
+            have = described()
+            announce("connected", [s for s in self._sites if s not in self.expelled])
+            announce("ready", have)
+            if isinstance(names, int):
+                return len(have) >= needed()
+            return all(n in have or n in self.expelled for n in names)
 
         with self._described:
             while not ready():
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    have = sorted(s.name for s in self._sites.values() if s.info is not None)
-                    raise SitesMissingError(
-                        f"waited {timeout_s:.0f} s for sites {names!r}; ready: {have}. Start the "
-                        "missing clients (consortium client ...) or lower --min-sites"
-                    )
+                    raise SitesMissingError(self._missing_message(names, timeout_s, described()))
                 self._described.wait(timeout=min(left, 1.0))
             return {s.name: s.info for s in self._sites.values()
                     if s.info is not None and s.name not in self.expelled}
+
+    def _missing_message(self, names: Sequence[str] | int, timeout_s: float, have: list[str]) -> str:
+        """Why the start gave up: who is ready, who is missing, and what the operator can do
+        (under the lock)."""
+        if isinstance(names, int):
+            return (f"waited {timeout_s:.0f} s for {names} sites; {len(have)} ready: "
+                    f"{sorted(have)}. Start the missing clients (consortium client ...) or "
+                    "lower --min-sites")
+        missing = sorted(n for n in names if n not in have and n not in self.expelled)
+        never = [n for n in missing if n not in self._sites]
+        silent = [n for n in missing if n in self._sites]
+        why = "; ".join(part for part in (
+            f"never connected: {never}" if never else "",
+            f"connected but did not describe their data: {silent}" if silent else "",
+        ) if part)
+        return (f"waited {timeout_s:.0f} s for the {len(missing) + len(have)} provisioned sites; "
+                f"ready: {sorted(have)}; missing: {missing} ({why}). Start the missing sites' "
+                "clients (consortium client ...), revoke those that will not come (consortium "
+                "provision --revoke SITE), or start with fewer: --min-sites N")
 
     def connected(self) -> list[str]:
         with self._lock:

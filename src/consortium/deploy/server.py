@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +34,7 @@ from consortium.errors import ConfigError, ConsortiumError, MissingExtraError
 if TYPE_CHECKING:
     from consortium.server.sampling import SecretSampler
 
-__all__ = ["FederationService", "StreamLimits", "serve", "tune_malloc"]
+__all__ = ["FederationService", "StreamLimits", "serve", "sites_to_wait_for", "tune_malloc"]
 
 log = logging.getLogger("consortium.server")
 
@@ -826,13 +826,69 @@ def update_bound_line(cfg: ExperimentConfig) -> str:
             "update norm (aggregation.update_bound; --update-bound X)")
 
 
+def sites_to_wait_for(
+    cfg: ExperimentConfig, *, min_sites: int | None, certs: str | Path | None,
+    roster: Mapping[str, Any] | None = None,
+) -> list[str] | int:
+    """Whom round 1 waits for: the sites' names, or how many (``--insecure``).
+
+    The federation is known before it starts: a consortium provisioned its sites, so the
+    server waits for every one that is not revoked (a site that connects late would be
+    refused for the whole run: the roster is fixed at round 1). A resumed run waits for the
+    sites it started with (its checkpointed ``roster``), less those revoked since. Without
+    certificates nobody is known by name: ``sampling.clients_per_round`` (else 1, with a
+    warning). ``min_sites`` (``--min-sites``) overrides all of this with a count.
+
+    Raises:
+        ConfigError: ``min_sites`` < 1, or no provisioned site is left unrevoked.
+    """
+    if min_sites is not None:
+        if min_sites < 1:
+            raise ConfigError(f"--min-sites {min_sites}: give at least 1 site")
+        return min_sites
+    if certs is None:
+        if roster:  # a resumed run: the sites it started with, by the names they claimed
+            return sorted(roster)
+        if cfg.sampling.clients_per_round > 0:
+            return cfg.sampling.clients_per_round
+        print("consortium server: WARNING --insecure without sampling.clients_per_round: "
+              "round 1 starts with the first site that connects, and later sites are refused "
+              "for the whole run; give --min-sites N", file=sys.stderr)
+        return 1
+    from consortium.deploy.provision import load_registry
+
+    registry = load_registry(certs)
+    known = sorted(roster) if roster else sorted(registry.sites)
+    names = [s for s in known if not (s in registry.sites and registry.sites[s].revoked)]
+    if not names:
+        raise ConfigError(
+            f"every site provisioned in {str(certs)!r} is revoked: nobody can take part; "
+            "add one with `consortium provision --add-site NAME`"
+        )
+    return names
+
+
+def _waiting_for(wait_for: list[str] | int) -> str:
+    """The start line's words for whom the server waits."""
+    if isinstance(wait_for, int):
+        return f"{wait_for} site(s)"
+    return f"the {len(wait_for)} provisioned sites {wait_for} (--min-sites N: fewer)"
+
+
+def _announce_ready(site: str, state: str, count: int, needed: int) -> None:
+    """One line per site as it connects and as it is ready, so that a missing site is noticed
+    before the run starts."""
+    print(f"consortium server: site {site!r} {state} ({count} of {needed})", file=sys.stderr,
+          flush=True)
+
+
 def serve(
     config: str | Path | None,
     *,
     listen: str,
     certs: str | Path | None,
     out: str | Path,
-    min_sites: int,
+    min_sites: int | None = None,
     overrides: Sequence[str] = (),
     register_timeout: float = 300.0,
     round_timeout: float = 600.0,
@@ -858,7 +914,10 @@ def serve(
     None: ``aggregation.update_bound``, whose 0 means 3.0 here; 0: off, with a warning).
     ``stream_idle_timeout`` and ``stream_min_rate``: a site's stream that moves no frame for
     that many seconds, or averages fewer bytes a second after that, is dropped
-    (:class:`StreamLimits`).
+    (:class:`StreamLimits`). ``min_sites``: round 1 starts once that many sites described
+    their data; None (the default) waits for every provisioned, unrevoked site of ``certs``
+    (a resumed run: the sites it started with), or for ``sampling.clients_per_round`` with
+    ``--insecure`` (:func:`sites_to_wait_for`).
     """
     limits = StreamLimits(idle_timeout_s=stream_idle_timeout, min_rate=stream_min_rate)
     if not heartbeat_s >= 1:
@@ -886,6 +945,12 @@ def serve(
         raise ConfigError(
             "attack.kind is for simulation only (`consortium run`, `consortium robustness`); "
             "remove [attack] to deploy"
+        )
+    if cfg.simulation.dropout:
+        raise ConfigError(
+            f"simulation.dropout = {cfg.simulation.dropout:g} is for simulation only: real sites "
+            "drop out by themselves (the round goes on without them; --min-results, "
+            "--round-timeout); remove it to deploy"
         )
     if over_select and cfg.privacy.mode in ("central", "distributed"):
         raise ConfigError(
@@ -925,7 +990,6 @@ def serve(
     print(f"consortium server: {update_bound_line(cfg)}", file=sys.stderr, flush=True)
     torch.set_num_threads(1)  # the event loop does the work; idle torch threads only contend
     tune_malloc()
-    _raise_file_limit(min_sites)
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     saved: dict[str, Any] = {}
@@ -939,6 +1003,10 @@ def serve(
         )
         saved = load_checkpoint_extras(run_dir / "checkpoint")
     registry = saved.get("registry")
+    wait_for = sites_to_wait_for(cfg, min_sites=min_sites, certs=certs,
+                                 roster=(registry or {}).get("sites"))
+    expected = wait_for if isinstance(wait_for, int) else len(wait_for)
+    _raise_file_limit(expected)
     secret = _sampling_secret(saved, resumed=resume is not None)
     # entries reach the OS at once; the disk once per round, before the results are used
     audit = AuditLog(run_dir / AUDIT_FILENAME, recover=True, fsync=False)
@@ -951,7 +1019,7 @@ def serve(
         "registry": registry,
         "max_result_bytes": MAX_RESULT_BYTES, "audit": audit,
         # the sites encode their features with every site's statistics, as simulated
-        "summaries_expected": min_sites, "signer": signer,
+        "summaries_expected": expected, "signer": signer,
     }, heartbeat_s=heartbeat_s, limits=limits)
     hub = thread.start()
     audit.append("run", run_id=hub.run_id, resumed=resume is not None,
@@ -960,8 +1028,8 @@ def serve(
         if on_listening is not None:
             on_listening(thread.port)
         print(f"consortium server: listening on {listen} (port {thread.port}); waiting for "
-              f"{min_sites} site(s)", file=sys.stderr, flush=True)
-        sites = hub.wait_for_sites(min_sites, register_timeout)
+              f"{_waiting_for(wait_for)}", file=sys.stderr, flush=True)
+        sites = hub.wait_for_sites(wait_for, register_timeout, on_ready=_announce_ready)
         print(f"consortium server: sites {sorted(sites)} ready; starting", file=sys.stderr, flush=True)
         # the roster is fixed for the run (a resumed run keeps the one it was checkpointed with,
         # so it samples the same sites with the same sizes)

@@ -26,6 +26,7 @@ from consortium.seeds import derive_seed
 from consortium.server.evaluation import Evaluator
 from consortium.server.heterogeneity import Dropouts, Stragglers
 from consortium.server.sampling import Sampler
+from consortium.server.traffic import ExchangeTraffic
 from consortium.types import Parameters
 
 __all__ = ["RunState", "Server"]
@@ -136,16 +137,18 @@ class Server:
         def exchange(stage: str, phase: str, messages: Mapping[str, Any]):  # type: ignore[no-untyped-def]
             return self.executor.exchange(stage, phase, messages, self.clients, round=rnd)
 
+        traffic = ExchangeTraffic()  # the protocol phases' bytes (secure aggregation)
+
         ctx = RoundContext(
             round=rnd, seed=derive_seed(self.seed, "server", rnd), population=len(ids),
             sampled=len(participants), layout=state.params.layout,
             expected_clients=float(expected(len(ids))) if expected else 0.0,
-            exchange=self.dropouts.wrap(exchange, round=rnd, seed=self.seed),
+            exchange=traffic.wrap(self.dropouts.wrap(exchange, round=rnd, seed=self.seed)),
             global_params=state.params,
         )
 
         def successful():
-            for r in self.executor.fit(tasks, self.clients):
+            for r in self.dropouts.fit(self.executor, tasks, self.clients, round=rnd, seed=self.seed):
                 results.append(_Seen.of(r))
                 if r.update is not None:
                     yield r.update
@@ -202,8 +205,8 @@ class Server:
             )
             record.update(metrics)
             evaluated = dict(metrics)
-        record["bytes_up"] = sum(r.nbytes for r in results)
-        record["bytes_down"] = sum(t.nbytes for t in tasks)
+        record["bytes_up"] = sum(r.nbytes for r in results) + traffic.up
+        record["bytes_down"] = sum(t.nbytes for t in tasks) + traffic.down
         record["epsilon"] = None
         if failed:
             record["failed"] = failed
