@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from consortium.client.app import SiteClient
 from consortium.client.evaluation import evaluate_model, summarise_clients
 from consortium.data.base import Split
+from consortium.errors import ConfigError
 from consortium.executors.base import Executor
 from consortium.messages import Task
+from consortium.seeds import derive_seed
 from consortium.types import Parameters
 
-__all__ = ["Evaluator", "Probe"]
+__all__ = ["Evaluator", "Probe", "draw_clients", "evaluation_draws", "pps_estimate"]
 
 Probe = Callable[[torch.nn.Module], dict[str, float]]
 """Extra metrics of the global model computed at the server on each evaluation (e.g. a
@@ -28,6 +32,14 @@ class Evaluator:
     Federated metrics are weighted means over clients (by test examples) plus the distribution
     across clients (``*_min``, ``*_p10``, ``*_median``); central metrics are prefixed ``central_``.
     Each of ``probes`` adds its own metrics, computed on the global model.
+
+    ``clients`` (``evaluation.clients``): a count >= 1 or a fraction in (0, 1) of the clients
+    with test data evaluates, in every round but ``final_round`` (which evaluates all), the
+    clients of that many seeded draws with probability proportional to their test examples
+    (:func:`draw_clients`); each weighted mean is then estimated from the draws with its
+    standard error ``<name>_se`` (:func:`pps_estimate`), and ``evaluated_clients`` counts the
+    distinct clients evaluated. 0, or a count >= the clients with test data, evaluates every
+    client, and the record is then what it always was.
     """
 
     model_factory: Callable[[], torch.nn.Module]
@@ -35,6 +47,9 @@ class Evaluator:
     num_classes: int
     server_test: Split | None = None
     probes: tuple[Probe, ...] = ()
+    clients: float = 0.0
+    seed: int = 0
+    final_round: int = 0
 
     def evaluate(
         self,
@@ -45,10 +60,15 @@ class Evaluator:
         clients: Mapping[str, SiteClient],
     ) -> tuple[dict[str, float | None], dict[str, dict[str, float]]]:
         test_size = getattr(clients, "test_size", None)
+        test_sizes = {
+            cid: test_size(cid) if test_size else len(clients[cid].data.test) for cid in clients
+        }
+        eligible = [cid for cid, n in test_sizes.items() if n > 0]
+        draws = self._draws(round, eligible, test_sizes)
+        drawn = set(draws) if draws is not None else set(eligible)
         tasks = [
             Task(round=round, client_id=cid, parameters=params, seed=0)
-            for cid in clients
-            if (test_size(cid) if test_size else len(clients[cid].data.test)) > 0
+            for cid in eligible if cid in drawn
         ]
         per_client: dict[str, dict[str, float]] = {}
         sizes: dict[str, int] = {}
@@ -56,6 +76,8 @@ class Evaluator:
             per_client[r.client_id] = r.metrics
             sizes[r.client_id] = r.num_examples
         metrics = summarise_clients(per_client, sizes)
+        if draws is not None:  # a census has no sampling error to state
+            metrics.update(_estimates(draws, per_client, metrics))
         if self.server_test is not None and len(self.server_test) > 0:
             module = self.model_factory()
             params.load_into(module)
@@ -71,3 +93,99 @@ class Evaluator:
                 for probe in self.probes:
                     metrics.update(probe(module))
         return metrics, per_client
+
+    def _draws(
+        self, round: int, eligible: list[str], test_sizes: Mapping[str, int]
+    ) -> list[str] | None:
+        """This round's draws of clients, or ``None`` to evaluate every eligible client."""
+        if not self.clients or round >= self.final_round:
+            return None
+        k = evaluation_draws(self.clients, len(eligible))
+        if k >= len(eligible):
+            return None
+        picks = draw_clients(
+            [test_sizes[c] for c in eligible], k, seed=derive_seed(self.seed, "evaluation", round)
+        )
+        return [eligible[i] for i in picks]
+
+
+def evaluation_draws(clients: float, population: int) -> int:
+    """How many draws ``evaluation.clients`` asks for among ``population`` clients with test
+    data: a count as it is, a fraction rounded up (at least one).
+
+    Raises:
+        ConfigError: ``clients`` is negative, or >= 1 and not a whole number.
+    """
+    if clients < 0 or (clients >= 1 and not float(clients).is_integer()):
+        raise ConfigError(
+            f"evaluation.clients = {clients!r} is not allowed: expected 0 (every client), a "
+            "count >= 1, or a fraction in (0, 1)"
+        )
+    return int(clients) if clients >= 1 else max(1, math.ceil(clients * population))
+
+
+def draw_clients(sizes: Sequence[int], k: int, *, seed: int) -> list[int]:
+    """``k`` indices drawn with replacement, each with probability ``sizeᵢ / Σ size`` (PPS).
+
+    Why not a uniform sample: client test sets are skewed (a few hospitals hold most of the
+    rows; synthetic federations are power-law), and the weighted mean of a uniform sample of
+    clients is then a ratio estimator whose linearised standard error (Cochran 1977, §6.3)
+    understates its spread — measured on Synthetic(1, 1), 300 clients: 73 % of nominal
+    95 % intervals held the truth at 100 clients, 44 % at 10. Drawn proportionally to size,
+    the weighted mean is a plain mean over the draws, with an exact, unbiased variance
+    estimate (10,000 clients: 94 % at 100 draws, 91 % at 30; ``benchmarks/evaluation_sampling.py``).
+    The price: large clients are drawn more often, so a sample's cost in rows is larger than
+    its share of clients.
+    """
+    weights = np.asarray(sizes, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    return [int(i) for i in rng.choice(len(weights), size=k, replace=True, p=weights / weights.sum())]
+
+
+def pps_estimate(values: Sequence[float]) -> tuple[float, float]:
+    """The weighted mean ``R = Σ mᵢnᵢ / Σ nᵢ`` over all clients, estimated from the metric
+    values ``mᵢ`` of ``k`` clients drawn with replacement with probability ``nᵢ / Σ n``
+    (:func:`draw_clients`; a client drawn twice counts twice), and its standard error.
+
+    The Hansen–Hurwitz estimator (Hansen & Hurwitz 1943; Cochran 1977, *Sampling Techniques*,
+    3rd ed., ch. 9A): with ``pᵢ = nᵢ / X`` and ``X = Σ n`` known, ``Ŷ = (1/k) Σ yᵢ / pᵢ`` with
+    ``yᵢ = mᵢnᵢ`` gives ``R̂ = Ŷ / X = (1/k) Σ mᵢ``, unbiased, and its variance estimate
+    ``v(Ŷ) = Σ (yᵢ/pᵢ − Ŷ)² / (k(k − 1))`` becomes
+
+        se(R̂) = sqrt( Σ (mᵢ − R̂)² / (k (k − 1)) ),
+
+    also unbiased. Returns NaN for the error of a single draw (no spread to estimate from).
+    """
+    k = len(values)
+    if k == 0:
+        return math.nan, math.nan
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(x.mean())
+    if k == 1:
+        return mean, math.nan
+    return mean, float(math.sqrt(((x - mean) ** 2).sum() / (k * (k - 1))))
+
+
+def _estimates(
+    draws: Sequence[str],
+    per_client: Mapping[str, Mapping[str, float]],
+    metrics: Mapping[str, float | None],
+) -> dict[str, float | None]:
+    """``evaluated_clients``, and each weighted mean of ``summarise_clients`` replaced by its
+    estimate from the draws, with ``<name>_se``. A metric undefined at some clients (AUC on
+    one class) is estimated over the draws where it is defined, as its mean leaves them out."""
+    out: dict[str, float | None] = {"evaluated_clients": len(per_client)}
+    for name in sorted(k for k, v in metrics.items() if v is not None and _is_weighted(k)):
+        values = [
+            float(per_client[c][name]) for c in draws
+            if c in per_client and name in per_client[c] and not math.isnan(per_client[c][name])
+        ]
+        estimate, se = pps_estimate(values)
+        out[name] = estimate
+        out[f"{name}_se"] = None if math.isnan(se) else se
+    return out
+
+
+def _is_weighted(name: str) -> bool:
+    """``summarise_clients``' weighted means, not its distribution (``_min``, ``_p10`` ...)."""
+    return not name.endswith(("_min", "_p10", "_median"))
