@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated attacks with their strength: none,sign-flip:scale=4,ipm:epsilon=10,alie",
     )
     rob.add_argument("--fraction", type=float, default=0.2, help="share of malicious clients")
+    rob.add_argument(
+        "--no-f", dest="give_f", action="store_false",
+        help="leave every rule at its own f (default: rules taking f get the expected attackers)",
+    )
     rob.add_argument("--out", required=True, help="directory for robustness.json/.md/.png")
     rob.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -104,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--insecure", action="store_true", help="no TLS, no authentication (local tests only)")
     srv.add_argument("--out", help="run directory (new run)")
     srv.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or killed run from its checkpoint")
-    srv.add_argument("--min-sites", type=int, default=1, help="sites that must connect before round 1")
+    srv.add_argument("--min-sites", type=int, default=None,
+                     help="start round 1 once this many sites connected (default: every "
+                     "provisioned, unrevoked site; with --insecure, sampling.clients_per_round)")
     srv.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for results")
     srv.add_argument("--min-results", type=int, default=1, metavar="N",
                      help="a round with fewer results by its deadline is skipped (model kept)")
@@ -472,13 +478,14 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     table = robustness_matrix(
         args.config, rules=args.rules, attacks=args.attacks, fraction=args.fraction,
-        overrides=args.overrides, on_cell=show,
+        overrides=args.overrides, on_cell=show, give_f=args.give_f,
     )
     out = Path(args.out)
     write_report(table, out, meta={
         "config": args.config or "(the heart-disease demo)", "rules": args.rules,
         "attacks": args.attacks, "fraction": args.fraction,
         "overrides": " ".join(args.overrides) or "none",
+        "f": "expected attackers per round" if args.give_f else "each rule's default (--no-f)",
         "wall_s": round(time.perf_counter() - started, 1),
     })
     print(format_table(table))

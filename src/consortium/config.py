@@ -36,6 +36,7 @@ __all__ = [
     "SecureAggregationConfig",
     "ServerConfig",
     "SimulationConfig",
+    "TrackingConfig",
     "apply_overrides",
     "load_config",
     "parse_override",
@@ -65,6 +66,9 @@ class DataConfig:
 class ModelConfig:
     name: str = "logistic"
     hidden: tuple[int, ...] = (64,)
+    freeze: tuple[str, ...] = ()
+    """Parameters that do not train (``requires_grad = False``): full names (``"1.weight"``)
+    or submodule names (``"1"``); see :func:`consortium.models.zoo.freeze`."""
 
 
 @dataclass(frozen=True)
@@ -108,12 +112,33 @@ class ExecutorConfig:
 class EvaluationConfig:
     baselines: tuple[Literal["local", "pooled"], ...] = ()
     every: int = 1
+    clients: float = 0.0
+    """Clients evaluated per round: 0 = every client with test data; a count >= 1 or a
+    fraction in (0, 1) = that many seeded draws proportional to test examples, with standard
+    errors (``server.evaluation``); the last round evaluates every client."""
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment trackers fed every round's metrics, the config and the final model
+    (``consortium.reporting.tracking``): MLflow (a file store ``mlruns/`` in the run
+    directory, or ``mlflow_uri``) and TensorBoard (event files in ``tensorboard/``, or
+    ``tensorboard_dir``). ``experiment`` defaults to the experiment's name, ``run_name`` to
+    the run directory's name."""
+
+    mlflow: bool = False
+    mlflow_uri: str = ""
+    experiment: str = ""
+    run_name: str = ""
+    tensorboard: bool = False
+    tensorboard_dir: str = ""
 
 
 @dataclass(frozen=True)
 class SimulationConfig:
     """Systems heterogeneity: ``stragglers`` of each round's clients do less local work;
-    ``dropout``: chance that a client stops answering at each phase of secure aggregation."""
+    ``dropout``: chance that a sampled client fails to return its update (recorded in
+    ``failed``), or, under secure aggregation, stops answering at each protocol phase."""
 
     stragglers: float = 0.0
     dropout: float = 0.0
@@ -210,6 +235,7 @@ class ExperimentConfig:
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         _check_ranges(self)
@@ -330,6 +356,9 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(0 <= cfg.simulation.dropout < 1, "simulation.dropout", cfg.simulation.dropout,
          "a fraction in [0, 1)")
     need(cfg.evaluation.every >= 1, "evaluation.every", cfg.evaluation.every, "an integer >= 1")
+    ev = cfg.evaluation.clients
+    need(ev == 0 or 0 < ev < 1 or (ev >= 1 and ev.is_integer()), "evaluation.clients", ev,
+         "0 (every client), a count >= 1, or a fraction in (0, 1)")
     need(
         0 <= cfg.simulation.stragglers <= 1,
         "simulation.stragglers",

@@ -24,7 +24,7 @@ from consortium.config import ExperimentConfig, load_config, read_toml
 from consortium.data.base import FederatedDataset
 from consortium.errors import CheckpointError, ConfigError
 from consortium.executors import Executor, build_executor
-from consortium.models.zoo import check_fits
+from consortium.models.zoo import check_fits, freeze
 from consortium.models.zoo import model_factory as zoo_factory
 from consortium.privacy.ledger import LocalPrivacyLedger, PrivacyLedger
 from consortium.privacy.plan import (
@@ -35,6 +35,7 @@ from consortium.privacy.plan import (
 )
 from consortium.privacy.policy import load_policies
 from consortium.reporting.callbacks import CallbackList, MetricsLog, ProgressBar, read_metrics
+from consortium.reporting.tracking import tracking_callbacks
 from consortium.seeds import derive_seed
 from consortium.server.baselines import BaselineSetup, local_baseline, pooled_baseline
 from consortium.server.checkpoint import Checkpointer, load_checkpoint
@@ -165,9 +166,9 @@ def simulate(
         )
         dataset = threat.poison(dataset)
     loss_fn = loss_fn or torch.nn.functional.cross_entropy
-    factory = model or zoo_factory(
+    factory = freeze(model or zoo_factory(
         cfg.model.name, dataset.input_shape, dataset.num_classes, hidden=cfg.model.hidden
-    )
+    ), cfg.model.freeze)
     torch.manual_seed(derive_seed(cfg.seed, "init") % (2**31))
     init_module = factory()
     check_fits(init_module, dataset.input_shape, dataset.num_classes, name=cfg.model.name)
@@ -271,6 +272,7 @@ def simulate(
     evaluator = Evaluator(
         factory, loss_fn, dataset.num_classes, dataset.server_test,
         probes=(probe,) if probe is not None else (),
+        clients=cfg.evaluation.clients, seed=cfg.seed, final_round=cfg.rounds,
     )
 
     cbs: list[object] = [_History(history)] + ([ledger] if ledger is not None else [])
@@ -281,6 +283,7 @@ def simulate(
         cbs += [MetricsLog(run_dir / "metrics.jsonl"), Checkpointer(run_dir / "checkpoint", store, checkpoint_extras, on_checkpoint)]
     if progress:
         cbs.append(ProgressBar(cfg.name))
+    cbs += tracking_callbacks(cfg, run_dir)
     cbs += list(callbacks)
     callback_list = CallbackList(cbs)
 
@@ -288,7 +291,7 @@ def simulate(
         clients=clients, algorithm=algorithm, pipeline=pipeline, sampler=sampler,
         executor=executor, evaluator=evaluator, seed=cfg.seed,
         stragglers=Stragglers(cfg.simulation.stragglers),
-        dropouts=Dropouts(cfg.simulation.dropout), callbacks=callback_list,
+        dropouts=Dropouts.of(cfg.simulation.dropout, pipeline), callbacks=callback_list,
         eval_every=cfg.evaluation.every,
     )
     if state is None:

@@ -667,12 +667,13 @@ class _Site:
         from consortium.algorithms import build_algorithm
         from consortium.client.app import SiteClient
         from consortium.client.state import ClientStateStore
-        from consortium.models.zoo import model_factory
+        from consortium.models.zoo import freeze, model_factory
         from consortium.simulation import local_training, site_pipeline
 
         (data,) = dataset.clients.values()
-        factory = model_factory(cfg.model.name, dataset.input_shape, dataset.num_classes,
-                                hidden=cfg.model.hidden, allowed=allow_models)
+        factory = freeze(model_factory(cfg.model.name, dataset.input_shape, dataset.num_classes,
+                                       hidden=cfg.model.hidden, allowed=allow_models),
+                         cfg.model.freeze)
         algorithm = build_algorithm(cfg.algorithm.name, mu=cfg.algorithm.mu)
         settings = local_training(cfg)
         client = SiteClient(
