@@ -2,55 +2,37 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from consortium.aggregation.base import Pipeline
-from consortium.aggregation.bound import bound_updates
-from consortium.aggregation.mean import weighted_mean
-from consortium.aggregation.optimizers import server_optimizer
-from consortium.algorithms import Algorithm, build_algorithm
-from consortium.client.pool import ClientPool
-from consortium.client.state import ClientStateStore
-from consortium.client.training import LocalTraining
+from consortium.algorithms import Algorithm
 from consortium.config import ExperimentConfig, load_config, read_toml
 from consortium.data.base import FederatedDataset
 from consortium.errors import CheckpointError, ConfigError
-from consortium.executors import Executor, build_executor
-from consortium.models.zoo import check_fits, freeze
-from consortium.models.zoo import model_factory as zoo_factory
-from consortium.privacy.ledger import LocalPrivacyLedger, PrivacyLedger
-from consortium.privacy.plan import (
-    distributed_stage,
-    plan_central_dp,
-    plan_distributed_dp,
-    sample_trust,
+from consortium.executors import Executor
+from consortium.federation import (
+    Federation,
+    Given,
+    LossFn,
+    assemble,
+    local_training,
+    secure_aggregation_parts,
+    site_pipeline,
 )
-from consortium.privacy.policy import load_policies
-from consortium.reporting.callbacks import CallbackList, MetricsLog, ProgressBar, read_metrics
-from consortium.reporting.tracking import tracking_callbacks
-from consortium.seeds import derive_seed
 from consortium.server.baselines import BaselineSetup, local_baseline, pooled_baseline
-from consortium.server.checkpoint import Checkpointer, load_checkpoint
-from consortium.server.evaluation import Evaluator
-from consortium.server.heterogeneity import Dropouts, Stragglers
-from consortium.server.loop import RunState, Server
-from consortium.server.sampling import Sampler, UniformSampler
+from consortium.server.sampling import Sampler
 from consortium.types import Parameters
 
-if TYPE_CHECKING:
-    from consortium.privacy.distributed import DistributedLedger
-
-__all__ = ["SimulationResult", "simulate"]
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = [
+    "SimulationResult", "local_training", "secure_aggregation_parts", "simulate", "site_pipeline",
+]
 
 
 @dataclass
@@ -64,14 +46,6 @@ class SimulationResult:
     model: torch.nn.Module
     run_dir: Path | None = None
     per_client: dict[str, dict[str, float]] = field(default_factory=dict)
-
-
-class _History:
-    def __init__(self, records: list[dict[str, Any]]) -> None:
-        self.records = records
-
-    def on_round_end(self, record: dict[str, Any], state: Any) -> None:
-        self.records.append(dict(record))
 
 
 def _resolve_config(config: ExperimentConfig | dict | str | Path | None, overrides: Sequence[str]):
@@ -132,6 +106,39 @@ def simulate(
     Raises:
         ConsortiumError: any configuration, data, model or checkpoint problem.
     """
+    cfg, run_dir = _load(config, overrides, out, resume)
+    fed = assemble(cfg, Given(
+        dataset=dataset, model=model, algorithm=algorithm, pipeline=pipeline, sampler=sampler,
+        executor=executor, loss_fn=loss_fn, callbacks=callbacks, run_dir=run_dir,
+        resume=resume is not None, progress=progress, checkpoint_extras=checkpoint_extras,
+        on_checkpoint=on_checkpoint, run_id=run_id,
+    ))
+    state = fed.state if fed.state is not None else fed.server.init_state(fed.init)
+    before_s = sum(float(r.get("wall_s") or 0.0) for r in fed.history)
+    started = time.perf_counter()
+    try:
+        state = fed.server.run(state, rounds=cfg.rounds)
+    finally:
+        fed.executor.close()
+    # A resumed run adds the rounds before the stop (their wall time is in the log).
+    summary = _summarise(fed, state, before_s + (time.perf_counter() - started))
+    final_model = fed.factory()
+    state.params.load_into(final_model)
+    if run_dir is not None:
+        _write_outputs(run_dir, summary, state.params, report=report)
+    fed.callbacks.on_run_end(summary)
+    return SimulationResult(
+        config=cfg, history=fed.history, summary=summary, params=state.params,
+        model=final_model, run_dir=run_dir, per_client=state.per_client,
+    )
+
+
+def _load(
+    config: ExperimentConfig | dict | str | Path | None, overrides: Sequence[str],
+    out: str | Path | None, resume: str | Path | None,
+) -> tuple[ExperimentConfig, Path | None]:
+    """The run's config and directory: a resumed run's own ``config.toml``, else ``config``
+    with ``overrides``; a new run never writes over another run's directory."""
     if resume is not None:
         if config is not None:
             raise ConfigError("give either a config or resume=RUN_DIR, not both")
@@ -149,261 +156,37 @@ def simulate(
             f"run directory {str(run_dir)!r} already holds a run; resume it with --resume "
             f"{run_dir} or choose another --out"
         )
+    return cfg, run_dir
 
-    if dataset is None:
-        from consortium.data import load_dataset
 
-        dataset = load_dataset(cfg.data, seed=cfg.seed)
-    clean = dataset  # FLTrust's root data come from the data before any poisoning
-    threat = None
-    if cfg.attack.kind != "none":  # simulation only: poison the chosen clients' data now
-        from consortium.attacks import threat_model
-
-        at = cfg.attack
-        threat = threat_model(
-            dataset.client_ids, at.kind, fraction=at.fraction, ids=list(at.ids), seed=cfg.seed,
-            **dict(at.params),
-        )
-        dataset = threat.poison(dataset)
-    loss_fn = loss_fn or torch.nn.functional.cross_entropy
-    factory = freeze(model or zoo_factory(
-        cfg.model.name, dataset.input_shape, dataset.num_classes, hidden=cfg.model.hidden
-    ), cfg.model.freeze)
-    torch.manual_seed(derive_seed(cfg.seed, "init") % (2**31))
-    init_module = factory()
-    check_fits(init_module, dataset.input_shape, dataset.num_classes, name=cfg.model.name)
-    init = Parameters.from_module(init_module)
-
-    algorithm = algorithm or build_algorithm(cfg.algorithm.name, mu=cfg.algorithm.mu)
-    settings = local_training(cfg)
-    plan = plan_central_dp(cfg, len(dataset.clients)) if cfg.privacy.mode == "central" else None
-    distributed = plan_distributed_dp(cfg, len(dataset.clients), init.layout.size) if (
-        cfg.privacy.mode == "distributed") else None
-    s = cfg.server
-    stages: list[Any] = [plan.stage] if plan else []
-    if distributed is not None:
-        stages.append(distributed.stage)
-    aggregator: Any = weighted_mean()
-    if cfg.aggregation.rule != "mean":
-        from consortium.aggregation.robust import make_rule
-
-        rule_params = dict(cfg.aggregation.params)
-        if cfg.aggregation.rule == "fltrust":  # the server trains on its own clean root data
-            from consortium.server.root import RootTrainer, sample_root_data
-
-            root = sample_root_data(
-                clean.packed(), int(rule_params.pop("root_examples", 100)), seed=cfg.seed
-            )
-            rule_params["root_update"] = RootTrainer(
-                root, model_factory=factory, settings=settings, loss_fn=loss_fn,
-                num_classes=dataset.num_classes, seed=cfg.seed,
-            )
-        aggregator = make_rule(cfg.aggregation.rule, **rule_params)
-    if cfg.secure_aggregation.enabled:
-        quantise, aggregator = secure_aggregation_parts(cfg, algorithm, settings, run_id=run_id,
-                                                        sizes=_train_sizes(dataset))
-        stages.append(quantise)
-    # before the attack's wrapper: a simulated attacker's update is bounded as a real one is
-    aggregator = bound_updates(aggregator, cfg.aggregation.update_bound, stages=stages)
-    if threat is not None:
-        aggregator = threat.wrap(aggregator)
-    pipeline = pipeline or Pipeline(
-        stages,
-        aggregator=aggregator,
-        optimizer=server_optimizer(
-            s.optimizer, lr=s.lr, momentum=s.momentum, beta1=s.beta1, beta2=s.beta2, tau=s.tau
-        ),
-    )
-    sampler = sampler or (
-        plan.sampler if plan else distributed.sampler if distributed else
-        UniformSampler(cfg.sampling.clients_per_round, cfg.sampling.fraction)
-    )
-    ledger_path = run_dir / "privacy.json" if run_dir is not None else None
-    ledger: PrivacyLedger | LocalPrivacyLedger | DistributedLedger | None = None
-    if distributed is not None:
-        from consortium.privacy.distributed import DistributedLedger
-
-        ledger = DistributedLedger(
-            distributed.stage, init.layout.size, delta=cfg.privacy.delta, path=ledger_path
-        )
-    elif plan:
-        ledger = PrivacyLedger(
-            plan.mechanism, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
-            path=ledger_path, sample=sample_trust(cfg, sampler),
-        )
-    elif cfg.privacy.mode == "local":
-        sizes = dataset.packed().train_sizes().tolist()
-        ledger = LocalPrivacyLedger(
-            dict(zip(dataset.client_ids, (int(n) for n in sizes))),
-            batch_size=cfg.algorithm.batch_size, noise_multiplier=cfg.privacy.noise_multiplier,
-            delta=cfg.privacy.delta, accountant=cfg.privacy.accountant, path=ledger_path,
-        )
-    per_round = sampler.size(len(dataset.clients)) if hasattr(sampler, "size") else len(dataset.clients)
-    check_clients = getattr(pipeline.aggregator, "check_clients", None)
-    if check_clients is not None:
-        check_clients(per_round)  # a robust rule's f needs enough clients in every round
-    e = cfg.executor
-    executor = executor or build_executor(
-        e.kind, max_memory_mb=e.max_memory_mb, address=e.address, workers=e.workers
-    )
-
-    check = getattr(algorithm, "check_settings", None)
-    if check is not None:
-        check(settings)  # fail before round 1, not inside every client
-    store = ClientStateStore()
-    history: list[dict[str, Any]] = []
-    state: RunState | None = None
-    if resume is not None:
-        state, store = load_checkpoint(  # checked: finite float32 of this model, round in range
-            run_dir / "checkpoint", layout=init.layout, rounds=cfg.rounds  # type: ignore[operator]
-        )
-        log = MetricsLog(run_dir / "metrics.jsonl")  # type: ignore[operator]
-        log.truncate_after(state.round)
-        history = read_metrics(log.path) if log.path.exists() else []
-        if ledger is not None:
-            ledger.resume(state.round)
-
-    clients = ClientPool(
-        dataset.packed(), model_factory=factory, algorithm=algorithm, pipeline=pipeline,
-        settings=settings, loss_fn=loss_fn, num_classes=dataset.num_classes, state=store,
-        policies=load_policies(cfg.privacy.site_policies) if cfg.privacy.site_policies else None,
-    )
-    probe = threat.probe(dataset) if threat is not None else None
-    evaluator = Evaluator(
-        factory, loss_fn, dataset.num_classes, dataset.server_test,
-        probes=(probe,) if probe is not None else (),
-        clients=cfg.evaluation.clients, seed=cfg.seed, final_round=cfg.rounds,
-    )
-
-    cbs: list[object] = [_History(history)] + ([ledger] if ledger is not None else [])
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None:
-            (run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
-        cbs += [MetricsLog(run_dir / "metrics.jsonl"), Checkpointer(run_dir / "checkpoint", store, checkpoint_extras, on_checkpoint)]
-    if progress:
-        cbs.append(ProgressBar(cfg.name))
-    cbs += tracking_callbacks(cfg, run_dir)
-    cbs += list(callbacks)
-    callback_list = CallbackList(cbs)
-
-    server = Server(
-        clients=clients, algorithm=algorithm, pipeline=pipeline, sampler=sampler,
-        executor=executor, evaluator=evaluator, seed=cfg.seed,
-        stragglers=Stragglers(cfg.simulation.stragglers),
-        dropouts=Dropouts.of(cfg.simulation.dropout, pipeline), callbacks=callback_list,
-        eval_every=cfg.evaluation.every,
-    )
-    if state is None:
-        state = server.init_state(init)
-    before_s = sum(float(r.get("wall_s") or 0.0) for r in history)
-    started = time.perf_counter()
-    try:
-        state = server.run(state, rounds=cfg.rounds)
-    finally:
-        executor.close()
-
+def _summarise(fed: Federation, state: Any, duration_s: float) -> dict[str, Any]:
+    """``summary.json``: final metrics, privacy spent, the baselines, and what ran."""
+    cfg = fed.cfg
     baselines: dict[str, dict[str, Any]] = {}
     for name in cfg.evaluation.baselines:
-        setup = BaselineSetup(factory, init, settings, loss_fn, cfg.rounds, cfg.seed)
+        setup = BaselineSetup(fed.factory, fed.init, fed.settings, fed.loss_fn, cfg.rounds, cfg.seed)
         if name == "local":
-            metrics, _ = local_baseline(dataset, setup)
+            metrics, _ = local_baseline(fed.dataset, setup)
         else:
-            metrics, _ = pooled_baseline(dataset, setup, per_round_clients=per_round)
+            metrics, _ = pooled_baseline(fed.dataset, setup, per_round_clients=fed.per_round)
         baselines[name] = {k: v for k, v in metrics.items()}
-
-    final = dict(state.last_metrics)
     summary: dict[str, Any] = {
         "name": cfg.name,
         "rounds": state.round,
-        "final": final,
-        "privacy": ledger.summary() if ledger is not None else {
+        "final": dict(state.last_metrics),
+        "privacy": fed.ledger.summary() if fed.ledger is not None else {
             "epsilon": None, "delta": None, "accountant": None,
         },
         "baselines": baselines,
         "per_client": state.per_client,
-        # A resumed run adds the rounds before the stop (their wall time is in the log).
-        "duration_s": before_s + (time.perf_counter() - started),
-        "algorithm": algorithm.name,
-        "pipeline": pipeline.describe(),
-        "clients": len(dataset.clients),
+        "duration_s": duration_s,
+        "algorithm": fed.algorithm.name,
+        "pipeline": fed.pipeline.describe(),
+        "clients": len(fed.dataset.clients),
     }
-    if threat is not None:
-        summary["attack"] = threat.describe()
-    final_model = factory()
-    state.params.load_into(final_model)
-    if run_dir is not None:
-        _write_outputs(run_dir, summary, state.params, report=report)
-    callback_list.on_run_end(summary)
-    return SimulationResult(
-        config=cfg, history=history, summary=summary, params=state.params, model=final_model,
-        run_dir=run_dir, per_client=state.per_client,
-    )
-
-
-def _train_sizes(dataset: FederatedDataset) -> dict[str, int]:
-    """Each client's training examples (a deployment's placeholder: the roster's num_train)."""
-    return dict(zip(dataset.client_ids, (int(n) for n in dataset.packed().train_sizes())))
-
-
-def secure_aggregation_parts(
-    cfg: ExperimentConfig, algorithm: Algorithm, settings: LocalTraining, *, run_id: str = "",
-    sizes: Mapping[str, int] | None = None,
-) -> tuple[Any, Any]:
-    """Secure aggregation's client stage and aggregator for an experiment (see
-    ``[secure_aggregation]``); ``run_id`` binds a deployment's keys to its run (the sites
-    check it). ``sizes`` (each client's training examples, as the server knows them) become
-    the weights the server checks the secure weight sum against: a client's weight is its
-    examples, or 1 under central and distributed DP, whose client halves send weight 1."""
-    from consortium.secagg.stage import secure_aggregation
-
-    sa = cfg.secure_aggregation
-    bounds_of = getattr(algorithm, "secure_bounds", None)
-    bounds = dict(bounds_of(settings, sa.weight_bound)) if bounds_of else {}
-    if sa.extras_bound > 0:
-        bounds = dict.fromkeys(bounds, sa.extras_bound)
-    unit = cfg.privacy.mode in ("central", "distributed")
-    weights = {c: 1.0 if unit else float(n) for c, n in (sizes or {}).items()}
-    return secure_aggregation(
-        clip=sa.clip, bits=sa.bits, weight_bound=sa.weight_bound, threshold=sa.threshold,
-        neighbours=sa.neighbours, extra_bounds=bounds, run_id=run_id,
-        authenticate=sa.authenticate, integer=cfg.privacy.mode == "distributed", weights=weights,
-    )
-
-
-def site_pipeline(cfg: ExperimentConfig, algorithm: Algorithm, settings: LocalTraining) -> Pipeline:
-    """The pipeline a deployed site runs: the same stages, in the same order, as the server's
-    (their client halves and ``respond``); the server's aggregator is not needed here.
-
-    Central DP's client half reads its clip norm from the task's payload, so the stage's own
-    noise settings do not matter at the site. Distributed DP's stage is built from the
-    config the site approved: its noise scale is the site's own reading of it.
-    """
-    from consortium.privacy.central import CentralDP
-
-    stages: list[Any] = []
-    if cfg.privacy.mode == "central":
-        stages.append(CentralDP(noise_multiplier=cfg.privacy.noise_multiplier or 1.0,
-                                clip=cfg.privacy.clip))
-    if cfg.privacy.mode == "distributed":
-        stages.append(distributed_stage(cfg))
-    if cfg.secure_aggregation.enabled:
-        # a deployed site signs with its own certificate, never with a simulated CA
-        sa = dataclasses.replace(cfg.secure_aggregation, authenticate=False)
-        stages.append(secure_aggregation_parts(cfg.replace(secure_aggregation=sa), algorithm,
-                                               settings)[0])
-    return Pipeline(stages)
-
-
-def local_training(cfg: ExperimentConfig) -> LocalTraining:
-    """The clients' local-training settings of an experiment (the same at every site)."""
-    a = cfg.algorithm
-    return LocalTraining(
-        epochs=a.local_epochs, steps=a.local_steps, batch_size=a.batch_size, lr=a.lr,
-        optimizer=a.optimizer, momentum=a.momentum, weight_decay=a.weight_decay,
-        dp_clip=cfg.privacy.clip if cfg.privacy.mode == "local" else 0.0,
-        dp_noise=cfg.privacy.noise_multiplier if cfg.privacy.mode == "local" else 0.0,
-    )
+    if fed.threat is not None:
+        summary["attack"] = fed.threat.describe()
+    return summary
 
 
 def _write_outputs(run_dir: Path, summary: dict[str, Any], params: Parameters, *, report: bool) -> None:

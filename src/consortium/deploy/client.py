@@ -667,8 +667,8 @@ class _Site:
         from consortium.algorithms import build_algorithm
         from consortium.client.app import SiteClient
         from consortium.client.state import ClientStateStore
+        from consortium.federation import local_training, site_pipeline
         from consortium.models.zoo import freeze, model_factory
-        from consortium.simulation import local_training, site_pipeline
 
         (data,) = dataset.clients.values()
         factory = freeze(model_factory(cfg.model.name, dataset.input_shape, dataset.num_classes,

@@ -1,0 +1,450 @@
+"""The composition root: one builder per config section, run in one ordered place.
+
+``simulate`` and a deployed site both build their parts here, so a stage the server adds is a
+stage every site adds, in the same order (:func:`client_stages` is the one list of them). A
+new capability plugs in as a builder: a function that reads the config and the parts built
+before it, sets its own part of the :class:`Federation`, and takes its place in
+:data:`BUILDERS`; the round loop and ``simulate`` do not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from consortium.aggregation.base import Pipeline
+from consortium.algorithms import Algorithm, build_algorithm
+from consortium.client.state import ClientStateStore
+from consortium.client.training import LocalTraining
+from consortium.config import ExperimentConfig
+from consortium.data.base import FederatedDataset
+from consortium.executors import Executor
+from consortium.privacy.plan import DistributedPlan, PrivacyPlan, distributed_stage
+from consortium.server.loop import RunState, Server
+from consortium.server.sampling import Sampler
+from consortium.types import Parameters
+
+__all__ = [
+    "BUILDERS", "Federation", "Given", "assemble", "client_stages", "local_training",
+    "secure_aggregation_parts", "site_pipeline",
+]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Given:
+    """What the caller supplies instead of (or besides) what the config would build."""
+
+    dataset: FederatedDataset | None = None
+    model: Callable[[], torch.nn.Module] | None = None
+    algorithm: Algorithm | None = None
+    pipeline: Pipeline | None = None
+    sampler: Sampler | None = None
+    executor: Executor | None = None
+    loss_fn: LossFn | None = None
+    callbacks: Sequence[object] = ()
+    run_dir: Path | None = None
+    resume: bool = False
+    progress: bool = False
+    checkpoint_extras: Callable[[], Mapping[str, Any]] | None = None
+    on_checkpoint: Callable[[int, str], None] | None = None
+    run_id: str = ""
+
+
+@dataclass
+class Federation:
+    """Everything one run is made of; each field is set by the builder named beside it."""
+
+    cfg: ExperimentConfig
+    given: Given
+    dataset: FederatedDataset = field(init=False)  # build_data
+    clean: FederatedDataset = field(init=False)  # build_data: before any poisoning
+    threat: Any = field(init=False)  # build_data: the simulated attack, or None
+    loss_fn: LossFn = field(init=False)  # build_model
+    factory: Callable[[], torch.nn.Module] = field(init=False)  # build_model
+    init: Parameters = field(init=False)  # build_model
+    algorithm: Algorithm = field(init=False)  # build_algorithm
+    settings: LocalTraining = field(init=False)  # build_algorithm
+    central: PrivacyPlan | None = field(init=False)  # build_privacy
+    distributed: DistributedPlan | None = field(init=False)  # build_privacy
+    stages: list[Any] = field(init=False)  # build_client_stages
+    secure_sum: Any = field(init=False)  # build_client_stages: SecAgg's server half, or None
+    aggregator: Any = field(init=False)  # build_aggregation
+    pipeline: Pipeline = field(init=False)  # build_pipeline
+    sampler: Sampler = field(init=False)  # build_sampler
+    per_round: int = field(init=False)  # build_sampler
+    ledger: Any = field(init=False)  # build_ledger: a privacy ledger, or None
+    executor: Executor = field(init=False)  # build_executor
+    store: ClientStateStore = field(init=False)  # build_resume
+    state: RunState | None = field(init=False)  # build_resume: None starts from init
+    history: list[dict[str, Any]] = field(init=False)  # build_resume
+    callbacks: Any = field(init=False)  # build_callbacks: a CallbackList
+    server: Server = field(init=False)  # build_server
+
+
+# -- builders, in the order they run -------------------------------------------------------
+
+
+def build_data(f: Federation) -> None:
+    """The federated dataset; a simulated attack poisons its clients' data here (the clean
+    copy stays for FLTrust's root data)."""
+    cfg = f.cfg
+    if f.given.dataset is not None:
+        dataset = f.given.dataset
+    else:
+        from consortium.data import load_dataset
+
+        dataset = load_dataset(cfg.data, seed=cfg.seed)
+    f.clean, f.threat = dataset, None
+    if cfg.attack.kind != "none":
+        from consortium.attacks import threat_model
+
+        at = cfg.attack
+        f.threat = threat_model(
+            dataset.client_ids, at.kind, fraction=at.fraction, ids=list(at.ids), seed=cfg.seed,
+            **dict(at.params),
+        )
+        dataset = f.threat.poison(dataset)
+    f.dataset = dataset
+
+
+def build_model(f: Federation) -> None:
+    """The model factory (with ``model.freeze``) and the initial parameters, seeded from the
+    run seed so that every run of a config starts from the same model."""
+    from consortium.models.zoo import check_fits, freeze
+    from consortium.models.zoo import model_factory as zoo_factory
+
+    cfg, ds = f.cfg, f.dataset
+    f.loss_fn = f.given.loss_fn or torch.nn.functional.cross_entropy
+    f.factory = freeze(f.given.model or zoo_factory(
+        cfg.model.name, ds.input_shape, ds.num_classes, hidden=cfg.model.hidden
+    ), cfg.model.freeze)
+    torch.manual_seed(derive_init_seed(cfg))
+    module = f.factory()
+    check_fits(module, ds.input_shape, ds.num_classes, name=cfg.model.name)
+    f.init = Parameters.from_module(module)
+
+
+def derive_init_seed(cfg: ExperimentConfig) -> int:
+    """The torch seed the initial model is drawn with."""
+    from consortium.seeds import derive_seed
+
+    return derive_seed(cfg.seed, "init") % (2**31)
+
+
+def build_algorithm_parts(f: Federation) -> None:
+    """The federated algorithm and the clients' local-training settings."""
+    f.algorithm = f.given.algorithm or build_algorithm(f.cfg.algorithm.name, mu=f.cfg.algorithm.mu)
+    f.settings = local_training(f.cfg)
+
+
+def build_privacy(f: Federation) -> None:
+    """Central or distributed DP's plan (stage, matching sampler, mechanism); local DP lives
+    in the training settings and the ledger."""
+    from consortium.privacy.plan import plan_central_dp, plan_distributed_dp
+
+    mode, n = f.cfg.privacy.mode, len(f.dataset.clients)
+    f.central = plan_central_dp(f.cfg, n) if mode == "central" else None
+    f.distributed = plan_distributed_dp(f.cfg, n, f.init.layout.size) if (
+        mode == "distributed") else None
+
+
+def build_client_stages(f: Federation) -> None:
+    """The server's stages: :func:`client_stages`, the same list every site builds."""
+    f.stages, f.secure_sum = client_stages(
+        f.cfg, f.algorithm, f.settings, central=f.central, distributed=f.distributed,
+        run_id=f.given.run_id,
+        sizes=_train_sizes(f.dataset) if f.cfg.secure_aggregation.enabled else None,
+    )
+
+
+def build_aggregation(f: Federation) -> None:
+    """The aggregator: the mean or a robust rule (FLTrust with its root trainer), SecAgg's
+    secure sum when enabled, bounded by ``aggregation.update_bound``, and the simulated
+    attacker's wrapper outermost."""
+    from consortium.aggregation.bound import bound_updates
+    from consortium.aggregation.mean import weighted_mean
+
+    cfg = f.cfg
+    aggregator: Any = weighted_mean() if cfg.aggregation.rule == "mean" else _robust_rule(f)
+    if f.secure_sum is not None:
+        aggregator = f.secure_sum
+    # before the attack's wrapper: a simulated attacker's update is bounded as a real one is
+    aggregator = bound_updates(aggregator, cfg.aggregation.update_bound, stages=f.stages)
+    f.aggregator = f.threat.wrap(aggregator) if f.threat is not None else aggregator
+
+
+def _robust_rule(f: Federation) -> Any:
+    from consortium.aggregation.robust import make_rule
+
+    cfg = f.cfg
+    params = dict(cfg.aggregation.params)
+    if cfg.aggregation.rule == "fltrust":  # the server trains on its own clean root data
+        from consortium.server.root import RootTrainer, sample_root_data
+
+        root = sample_root_data(
+            f.clean.packed(), int(params.pop("root_examples", 100)), seed=cfg.seed
+        )
+        params["root_update"] = RootTrainer(
+            root, model_factory=f.factory, settings=f.settings, loss_fn=f.loss_fn,
+            num_classes=f.dataset.num_classes, seed=cfg.seed,
+        )
+    return make_rule(cfg.aggregation.rule, **params)
+
+
+def build_pipeline(f: Federation) -> None:
+    """Stages + aggregator + the server optimiser (``[server]``), unless one is given."""
+    from consortium.aggregation.optimizers import server_optimizer
+
+    s = f.cfg.server
+    f.pipeline = f.given.pipeline or Pipeline(
+        f.stages, aggregator=f.aggregator,
+        optimizer=server_optimizer(
+            s.optimizer, lr=s.lr, momentum=s.momentum, beta1=s.beta1, beta2=s.beta2, tau=s.tau
+        ),
+    )
+
+
+def build_sampler(f: Federation) -> None:
+    """DP's sampler when a DP plan sets one (the accountant assumes it), else ``[sampling]``;
+    a robust rule's ``f`` is checked against the cohort size here, before round 1."""
+    from consortium.server.sampling import UniformSampler
+
+    plan = f.central or f.distributed
+    f.sampler = f.given.sampler or (plan.sampler if plan is not None else UniformSampler(
+        f.cfg.sampling.clients_per_round, f.cfg.sampling.fraction
+    ))
+    n = len(f.dataset.clients)
+    f.per_round = f.sampler.size(n) if hasattr(f.sampler, "size") else n
+    check_clients = getattr(f.pipeline.aggregator, "check_clients", None)
+    if check_clients is not None:
+        check_clients(f.per_round)
+
+
+def build_ledger(f: Federation) -> None:
+    """The privacy ledger of the DP mode (written to ``privacy.json`` in the run directory)."""
+    from consortium.privacy.ledger import LocalPrivacyLedger, PrivacyLedger
+    from consortium.privacy.plan import sample_trust
+
+    p, run_dir = f.cfg.privacy, f.given.run_dir
+    path = run_dir / "privacy.json" if run_dir is not None else None
+    f.ledger = None
+    if f.distributed is not None:
+        from consortium.privacy.distributed import DistributedLedger
+
+        f.ledger = DistributedLedger(
+            f.distributed.stage, f.init.layout.size, delta=p.delta, path=path
+        )
+    elif f.central is not None:
+        f.ledger = PrivacyLedger(
+            f.central.mechanism, delta=p.delta, accountant=p.accountant, path=path,
+            sample=sample_trust(f.cfg, f.sampler),
+        )
+    elif p.mode == "local":
+        f.ledger = LocalPrivacyLedger(
+            _train_sizes(f.dataset), batch_size=f.cfg.algorithm.batch_size,
+            noise_multiplier=p.noise_multiplier, delta=p.delta, accountant=p.accountant,
+            path=path,
+        )
+
+
+def build_executor_part(f: Federation) -> None:
+    """Where clients train (``[executor]``), unless one is given."""
+    from consortium.executors import build_executor
+
+    e = f.cfg.executor
+    f.executor = f.given.executor or build_executor(
+        e.kind, max_memory_mb=e.max_memory_mb, address=e.address, workers=e.workers
+    )
+
+
+def build_resume(f: Federation) -> None:
+    """Client state, and when resuming, the checkpoint's state and the metrics before it."""
+    from consortium.reporting.callbacks import MetricsLog, read_metrics
+    from consortium.server.checkpoint import load_checkpoint
+
+    check = getattr(f.algorithm, "check_settings", None)
+    if check is not None:
+        check(f.settings)  # fail before round 1, not inside every client
+    f.store, f.state, f.history = ClientStateStore(), None, []
+    run_dir = f.given.run_dir
+    if f.given.resume and run_dir is not None:
+        f.state, f.store = load_checkpoint(  # checked: finite float32 of this model, round ok
+            run_dir / "checkpoint", layout=f.init.layout, rounds=f.cfg.rounds
+        )
+        log = MetricsLog(run_dir / "metrics.jsonl")
+        log.truncate_after(f.state.round)
+        f.history = read_metrics(log.path) if log.path.exists() else []
+        if f.ledger is not None:
+            f.ledger.resume(f.state.round)
+
+
+def build_callbacks(f: Federation) -> None:
+    """History, ledger, run-directory files (metrics, checkpoints), progress, ``[tracking]``
+    and the caller's callbacks, in that order; a new run's ``config.toml`` is written here."""
+    from consortium.reporting.callbacks import CallbackList, MetricsLog, ProgressBar
+    from consortium.reporting.tracking import tracking_callbacks
+    from consortium.server.checkpoint import Checkpointer
+
+    g, run_dir = f.given, f.given.run_dir
+    cbs: list[object] = [_History(f.history)] + ([f.ledger] if f.ledger is not None else [])
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not g.resume:
+            (run_dir / "config.toml").write_text(f.cfg.to_toml(), encoding="utf-8")
+        cbs += [MetricsLog(run_dir / "metrics.jsonl"),
+                Checkpointer(run_dir / "checkpoint", f.store, g.checkpoint_extras, g.on_checkpoint)]
+    if g.progress:
+        cbs.append(ProgressBar(f.cfg.name))
+    cbs += tracking_callbacks(f.cfg, run_dir)
+    f.callbacks = CallbackList(cbs + list(g.callbacks))
+
+
+def build_server(f: Federation) -> None:
+    """The client pool, the evaluator (with the attack's probe) and the round loop."""
+    from consortium.client.pool import ClientPool
+    from consortium.privacy.policy import load_policies
+    from consortium.server.evaluation import Evaluator
+    from consortium.server.heterogeneity import Dropouts, Stragglers
+
+    cfg, ds = f.cfg, f.dataset
+    clients = ClientPool(
+        ds.packed(), model_factory=f.factory, algorithm=f.algorithm, pipeline=f.pipeline,
+        settings=f.settings, loss_fn=f.loss_fn, num_classes=ds.num_classes, state=f.store,
+        policies=load_policies(cfg.privacy.site_policies) if cfg.privacy.site_policies else None,
+    )
+    probe = f.threat.probe(ds) if f.threat is not None else None
+    evaluator = Evaluator(
+        f.factory, f.loss_fn, ds.num_classes, ds.server_test,
+        probes=(probe,) if probe is not None else (),
+        clients=cfg.evaluation.clients, seed=cfg.seed, final_round=cfg.rounds,
+    )
+    f.server = Server(
+        clients=clients, algorithm=f.algorithm, pipeline=f.pipeline, sampler=f.sampler,
+        executor=f.executor, evaluator=evaluator, seed=cfg.seed,
+        stragglers=Stragglers(cfg.simulation.stragglers),
+        dropouts=Dropouts.of(cfg.simulation.dropout, f.pipeline), callbacks=f.callbacks,
+        eval_every=cfg.evaluation.every,
+    )
+
+
+BUILDERS: tuple[Callable[[Federation], None], ...] = (
+    build_data, build_model, build_algorithm_parts, build_privacy, build_client_stages,
+    build_aggregation, build_pipeline, build_sampler, build_ledger, build_executor_part,
+    build_resume, build_callbacks, build_server,
+)
+"""Every builder, in the order a run is assembled: each reads the parts before it."""
+
+
+def assemble(cfg: ExperimentConfig, given: Given | None = None) -> Federation:
+    """Build every part of a run from its config (and what the caller gives)."""
+    f = Federation(cfg, given or Given())
+    for build in BUILDERS:
+        build(f)
+    return f
+
+
+class _History:
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = records
+
+    def on_round_end(self, record: dict[str, Any], state: Any) -> None:
+        self.records.append(dict(record))
+
+
+# -- the client side: one list of stages for the server and every site ---------------------
+
+
+def client_stages(
+    cfg: ExperimentConfig, algorithm: Algorithm, settings: LocalTraining, *,
+    central: PrivacyPlan | None = None, distributed: DistributedPlan | None = None,
+    site: bool = False, run_id: str = "", sizes: Mapping[str, int] | None = None,
+) -> tuple[list[Any], Any]:
+    """The pipeline's stages, in order, and SecAgg's server half (``None`` without SecAgg).
+
+    The server and every deployed site (``site=True``) build the same list; they differ only
+    where they must:
+
+    - central DP: the server uses its plan's stage (calibrated noise, adaptive clip); a site's
+      client half reads the clip norm from the task's payload, so its noise settings are
+      irrelevant and it builds a plain :class:`~consortium.privacy.central.CentralDP`;
+    - distributed DP: the server's plan stage is built from the config, as a site's is (a
+      site's noise scale is its own reading of the config it approved);
+    - SecAgg: a deployed site signs with its own certificate, never with a simulated CA
+      (``authenticate=False``), and knows no run id or client sizes here.
+    """
+    stages: list[Any] = []
+    mode = cfg.privacy.mode
+    if mode == "central":
+        stages.append(_site_central_dp(cfg) if site or central is None else central.stage)
+    if mode == "distributed":
+        stages.append(distributed_stage(cfg) if site or distributed is None else distributed.stage)
+    secure_sum = None
+    if cfg.secure_aggregation.enabled:
+        if site:
+            sa = dataclasses.replace(cfg.secure_aggregation, authenticate=False)
+            cfg = cfg.replace(secure_aggregation=sa)
+        quantise, secure_sum = secure_aggregation_parts(
+            cfg, algorithm, settings, run_id=run_id, sizes=sizes
+        )
+        stages.append(quantise)
+    return stages, secure_sum
+
+
+def _site_central_dp(cfg: ExperimentConfig) -> Any:
+    from consortium.privacy.central import CentralDP
+
+    return CentralDP(noise_multiplier=cfg.privacy.noise_multiplier or 1.0, clip=cfg.privacy.clip)
+
+
+def site_pipeline(cfg: ExperimentConfig, algorithm: Algorithm, settings: LocalTraining) -> Pipeline:
+    """The pipeline a deployed site runs: :func:`client_stages` with ``site=True`` (their
+    client halves and ``respond``); the server's aggregator is not needed here."""
+    return Pipeline(client_stages(cfg, algorithm, settings, site=True)[0])
+
+
+def _train_sizes(dataset: FederatedDataset) -> dict[str, int]:
+    """Each client's training examples (a deployment's placeholder: the roster's num_train)."""
+    return dict(zip(dataset.client_ids, (int(n) for n in dataset.packed().train_sizes())))
+
+
+def secure_aggregation_parts(
+    cfg: ExperimentConfig, algorithm: Algorithm, settings: LocalTraining, *, run_id: str = "",
+    sizes: Mapping[str, int] | None = None,
+) -> tuple[Any, Any]:
+    """Secure aggregation's client stage and aggregator for an experiment (see
+    ``[secure_aggregation]``); ``run_id`` binds a deployment's keys to its run (the sites
+    check it). ``sizes`` (each client's training examples, as the server knows them) become
+    the weights the server checks the secure weight sum against: a client's weight is its
+    examples, or 1 under central and distributed DP, whose client halves send weight 1."""
+    from consortium.secagg.stage import secure_aggregation
+
+    sa = cfg.secure_aggregation
+    bounds_of = getattr(algorithm, "secure_bounds", None)
+    bounds = dict(bounds_of(settings, sa.weight_bound)) if bounds_of else {}
+    if sa.extras_bound > 0:
+        bounds = dict.fromkeys(bounds, sa.extras_bound)
+    unit = cfg.privacy.mode in ("central", "distributed")
+    weights = {c: 1.0 if unit else float(n) for c, n in (sizes or {}).items()}
+    return secure_aggregation(
+        clip=sa.clip, bits=sa.bits, weight_bound=sa.weight_bound, threshold=sa.threshold,
+        neighbours=sa.neighbours, extra_bounds=bounds, run_id=run_id,
+        authenticate=sa.authenticate, integer=cfg.privacy.mode == "distributed", weights=weights,
+    )
+
+
+def local_training(cfg: ExperimentConfig) -> LocalTraining:
+    """The clients' local-training settings of an experiment (the same at every site)."""
+    a = cfg.algorithm
+    return LocalTraining(
+        epochs=a.local_epochs, steps=a.local_steps, batch_size=a.batch_size, lr=a.lr,
+        optimizer=a.optimizer, momentum=a.momentum, weight_decay=a.weight_decay,
+        dp_clip=cfg.privacy.clip if cfg.privacy.mode == "local" else 0.0,
+        dp_noise=cfg.privacy.noise_multiplier if cfg.privacy.mode == "local" else 0.0,
+    )
