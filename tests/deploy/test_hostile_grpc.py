@@ -27,7 +27,6 @@ entry is checked).
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -494,8 +493,7 @@ def _federation(d: Path, name: str, hostile: Hostile | None) -> Run:
 
     approve = (manifest_hash(load_config(None, OVERRIDES)),)
     # a short stream idle timeout, so that the stalled upload is dropped within the round
-    limits: dict[str, Any] = ({"stream_idle_timeout": IDLE_TIMEOUT_S}
-              if "stream_idle_timeout" in inspect.signature(server_module.serve).parameters else {})
+    limits: dict[str, Any] = {"stream_idle_timeout": IDLE_TIMEOUT_S}
 
     def honest(site: str, port: int) -> None:
         try:
