@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+import statistics
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -60,7 +61,6 @@ DEFAULT_MULTIPLIER = 3.0
 """What ``consortium server`` uses when ``aggregation.update_bound`` is 0 (see the module
 docstring for the measurement behind it)."""
 
-_BLOCK = 1 << 20  # values per float64 block when measuring a norm: 8 MB, whatever the model
 
 
 def check_multiplier(multiplier: object, *, where: str = "aggregation.update_bound") -> float:
@@ -78,20 +78,9 @@ def check_multiplier(multiplier: object, *, where: str = "aggregation.update_bou
 
 
 def update_norm(delta: torch.Tensor) -> float:
-    """‖Δ‖₂ in float64, in blocks (no float64 copy of the whole delta); inf or NaN when a value is."""
-    flat = delta.reshape(-1)
-    total = 0.0
-    for start in range(0, flat.numel(), _BLOCK):
-        block = flat[start:start + _BLOCK].to(torch.float64)
-        total += float((block * block).sum())
-    return math.sqrt(total) if total >= 0 else math.nan
-
-
-def median(values: Sequence[float]) -> float:
-    """The median (mean of the two middle values for an even count)."""
-    s = sorted(values)
-    n = len(s)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    """‖Δ‖₂ accumulated in float64 (no overflow for float32 values; no float64 copy of the
+    delta); inf or NaN when a value is."""
+    return float(torch.linalg.vector_norm(delta.reshape(-1), dtype=torch.float64))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +141,7 @@ class BoundedUpdates:
         updates = list(updates)
         sizes = [update_norm(u.delta) for u in updates]
         finite = [s for s in sizes if math.isfinite(s)]
-        limit = self.multiplier * median(finite) if finite else 0.0
+        limit = self.multiplier * statistics.median(finite) if finite else 0.0
         kept: list[Update] = []
         clipped: dict[str, float] = {}
         dropped: list[str] = []

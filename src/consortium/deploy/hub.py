@@ -903,9 +903,9 @@ class RemoteExecutor:
 
 def _model_norm(task: Task) -> float:
     """The L2 norm of the global model a round's tasks carry (in float64: no overflow)."""
-    import torch
+    from consortium.aggregation.bound import update_norm
 
-    return float(torch.linalg.vector_norm(task.parameters.vector, dtype=torch.float64))
+    return update_norm(task.parameters.vector)
 
 
 def _expected_extras(clients: Any, layout: Layout, max_weight: float) -> dict[str, Any] | None:
