@@ -42,6 +42,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-report", action="store_true", help="skip report.html and plots")
+    ana = sub.add_parser(
+        "analyze",
+        help="federated statistics: a Table 1 by site and overall, and the bias report",
+        description="Describe the sites' data without pooling it: per-site sums with small "
+        "cells withheld at each site, combined into a Table 1 (analysis.json, table1.csv, "
+        "analysis.html). [data] says where the data are (no CONFIG: the four heart-disease "
+        "hospitals), [analysis] what to compute.",
+    )
+    ana.add_argument("config", nargs="?", help="experiment TOML file")
+    ana.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value (--set analysis.where=\"age >= 50\")")
+    ana.add_argument("--bias", action="store_true",
+                     help="also write the bias and representation report (bias.json, bias.html)")
+    ana.add_argument("--out", required=True, help="directory for analysis.json, table1.csv, …")
     priv = sub.add_parser("privacy", help="privacy accounting: epsilon of a mechanism, or calibrate noise")
     psub = priv.add_subparsers(dest="privacy_command", required=True)
     eps = psub.add_parser(
@@ -353,6 +367,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from consortium.analytics.analysis import analyze
+    from consortium.analytics.report import table1_text
+    from consortium.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out)
+    result = analyze(cfg, out=out, bias=args.bias)
+    print(table1_text(result.result))
+    written = "analysis.json, table1.csv, analysis.html"
+    if result.bias is not None:
+        findings = result.bias["findings"]
+        print(f"\nbias report: {len(findings)} findings, most important first:")
+        for f in findings[:10]:
+            where = f"{f['site']}" + (f" / {f['column']}" if f["column"] else "")
+            print(f"  [{f['kind']}] {where}: {f['detail']}")
+        written += ", bias.json, bias.html"
+    print(f"\nwrote {written} in {out}")
+    return EXIT_OK
+
+
 def _cmd_provision(args: argparse.Namespace) -> int:
     from consortium.deploy.provision import add_site, provision, revoke
 
@@ -504,6 +539,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_privacy(args)
         if args.command == "robustness":
             return _cmd_robustness(args)
+        if args.command == "analyze":
+            return _cmd_analyze(args)
         if args.command == "provision":
             return _cmd_provision(args)
         if args.command == "server":

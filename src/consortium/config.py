@@ -25,6 +25,7 @@ else:  # pragma: no cover
 __all__ = [
     "AggregationConfig",
     "AlgorithmConfig",
+    "AnalysisConfig",
     "AttackConfig",
     "DataConfig",
     "EvaluationConfig",
@@ -60,6 +61,9 @@ class DataConfig:
     target: str = ""
     site_column: str = ""
     server_test_fraction: float = 0.0
+    harmonize: str = ""
+    """A harmonisation file (``harmonize.toml``: code maps, renames, unit conversions) applied
+    at each site before any training or query; see :mod:`consortium.data.harmonize`."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,38 @@ class TrackingConfig:
     run_name: str = ""
     tensorboard: bool = False
     tensorboard_dir: str = ""
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """What ``consortium analyze`` computes (:mod:`consortium.analytics`); the default is a
+    Table 1 of every column.
+
+    ``columns``: the columns to describe (empty: all); ``where``: a cohort filter in the safe
+    expression language (:mod:`consortium.analytics.expr`); ``group_by``: a categorical column
+    whose groups are described side by side (besides the per-site tables); ``categorical``:
+    numeric columns to describe as categories (integer codes with at most ``max_levels``
+    distinct values already are); ``min_count``: the smallest count a site releases (a cell
+    below it is suppressed, or the query refused with ``suppress = "refuse"``); ``bins``: the
+    histogram bins behind medians and quantiles (their error is at most one bin's width);
+    ``crosstabs``: ``"a*b"`` pairs of categorical columns; ``correlation``: numeric columns for
+    a correlation/covariance matrix; ``survival_time``/``survival_event``: time-to-event
+    columns for Kaplan–Meier curves and the log-rank test across ``survival_group``."""
+
+    columns: tuple[str, ...] = ()
+    where: str = ""
+    group_by: str = ""
+    categorical: tuple[str, ...] = ()
+    max_levels: int = 10
+    min_count: int = 5
+    suppress: Literal["suppress", "refuse"] = "suppress"
+    bins: int = 200
+    quantiles: tuple[float, ...] = ()
+    crosstabs: tuple[str, ...] = ()
+    correlation: tuple[str, ...] = ()
+    survival_time: str = ""
+    survival_event: str = ""
+    survival_group: str = ""
 
 
 @dataclass(frozen=True)
@@ -236,6 +272,7 @@ class ExperimentConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     def __post_init__(self) -> None:
         _check_ranges(self)
@@ -271,6 +308,12 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(d.shards_per_client >= 1, "data.shards_per_client", d.shards_per_client, "an integer >= 1")
     need(d.quantity_sigma >= 0, "data.quantity_sigma", d.quantity_sigma, "a number >= 0")
     need(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "a number in (0, 1)")
+    an = cfg.analysis
+    need(an.min_count >= 1, "analysis.min_count", an.min_count, "an integer >= 1")
+    need(an.max_levels >= 2, "analysis.max_levels", an.max_levels, "an integer >= 2")
+    need(2 <= an.bins <= 100_000, "analysis.bins", an.bins, "an integer in [2, 100000]")
+    for q in an.quantiles:
+        need(0 < q < 1, "analysis.quantiles", an.quantiles, "numbers in (0, 1)")
     need(
         0 <= d.server_test_fraction < 1,
         "data.server_test_fraction",

@@ -48,8 +48,9 @@ Common behaviour:
   fraction of coordinates kept), plus rule-specific keys (``robust_clip``,
   ``robust_iterations`` ...). Each rule's docstring says what exactly it flags.
 
-Centered clipping is stateful (the center carried across rounds): it has ``init(layout)``
-and ``aggregate(updates, ctx=..., state=...) -> (Aggregate, state)``, see
+Centered clipping is stateful (the center carried across rounds, and with
+``worker_momentum`` each client's momentum): it has ``init(layout)`` and
+``aggregate(updates, ctx=..., state=...) -> (Aggregate, state)``, see
 :class:`StatefulBufferedAggregator`.
 """
 
