@@ -76,7 +76,7 @@ class Federation:
     stages: list[Any] = field(init=False)  # build_client_stages
     secure_sum: Any = field(init=False)  # build_client_stages: SecAgg's server half, or None
     aggregator: Any = field(init=False)  # build_aggregation
-    pipeline: Pipeline = field(init=False)  # build_pipeline
+    pipeline: Pipeline = field(init=False)  # build_pipeline; build_frozen wraps its optimiser
     sampler: Sampler = field(init=False)  # build_sampler
     per_round: int = field(init=False)  # build_sampler
     ledger: Any = field(init=False)  # build_ledger: a privacy ledger, or None
@@ -211,6 +211,23 @@ def build_pipeline(f: Federation) -> None:
     )
 
 
+def build_frozen(f: Federation) -> None:
+    """A model with frozen parameters (``requires_grad = False``) gets a server optimiser that
+    keeps them bit-identical (:func:`~consortium.aggregation.frozen.keep_frozen`): no server-side
+    noise (central DP, distributed DP, SecAgg's rounding) and no site's delta moves them. The
+    mask is post-processing of the released aggregate, so DP guarantees are unchanged; a model
+    without frozen parameters keeps its pipeline as it is."""
+    from consortium.aggregation.frozen import frozen_mask, keep_frozen
+
+    with torch.random.fork_rng(devices=[]):  # the run's torch RNG stays as build_model left it
+        mask = frozen_mask(f.factory(), f.init.layout)
+    if mask is not None:
+        p = f.pipeline
+        f.pipeline = Pipeline(
+            p.stages, aggregator=p.aggregator, optimizer=keep_frozen(p.optimizer, mask)
+        )
+
+
 def build_sampler(f: Federation) -> None:
     """DP's sampler when a DP plan sets one (the accountant assumes it), else ``[sampling]``;
     a robust rule's ``f`` is checked against the cohort size here, before round 1."""
@@ -336,8 +353,8 @@ def build_server(f: Federation) -> None:
 
 BUILDERS: tuple[Callable[[Federation], None], ...] = (
     build_data, build_model, build_algorithm_parts, build_privacy, build_client_stages,
-    build_aggregation, build_pipeline, build_sampler, build_ledger, build_executor_part,
-    build_resume, build_callbacks, build_server,
+    build_aggregation, build_pipeline, build_frozen, build_sampler, build_ledger,
+    build_executor_part, build_resume, build_callbacks, build_server,
 )
 """Every builder, in the order a run is assembled: each reads the parts before it."""
 
