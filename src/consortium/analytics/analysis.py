@@ -51,11 +51,18 @@ class Analysis:
     bias: dict[str, Any] | None = None
 
 
-def run_query(call: SiteCall, query: Query, *, names: Sequence[str] | None = None) -> Analysis:
+def run_query(
+    call: SiteCall, query: Query, *, names: Sequence[str] | None = None,
+    threshold: float = 0.5, neighbours: int = 0,
+) -> Analysis:
     """Both phases over ``call``'s sites: profile, agree, describe, combine."""
     profiles: list[Profile] = call(profile)
     schema = agree(profiles, query)
     answers: list[Answer] = call(lambda d: describe(d, schema))
+    if query.secure:  # the server half of SecAgg+ sees masked vectors and one total
+        from consortium.analytics.secure import secure_total
+
+        answers = [secure_total(answers, threshold=threshold, neighbours=neighbours)]
     wanted = list(names or query.columns or schema.columns)
     result = combine(answers, schema, wanted)
     result["query"] = _query_json(query)
@@ -103,17 +110,18 @@ def analyze(
         bias: also build the bias and representation report.
 
     Raises:
-        ConfigError: a setting this version cannot honour (secure aggregation or DP for
-            analytics: not yet).
+        ConfigError: a setting this version cannot honour (DP for analytics: not yet; the
+            bias report under secure aggregation).
         DataError: a data or disclosure problem, naming the site and column.
     """
     from consortium.analytics.sources import site_tables
 
-    if cfg.secure_aggregation.enabled:
+    secure = cfg.secure_aggregation.enabled
+    if secure and bias:
         raise ConfigError(
-            "consortium analyze with secure_aggregation.enabled is not available yet: the sums "
-            "would be sent in clear. Run without it (each site withholds its small cells), "
-            "or wait for the secure-aggregation slice of issue 15"
+            "--bias compares the sites with each other, and under secure aggregation the "
+            "server sees only totals across sites; run the bias report without "
+            "secure_aggregation.enabled (each site still withholds its small cells)"
         )
     if cfg.privacy.mode != "none":
         raise ConfigError(
@@ -121,12 +129,14 @@ def analyze(
             "statistics are released without noise (set privacy.mode = \"none\")"
         )
     tables = dict(tables) if tables is not None else site_tables(cfg.data)
-    query = Query.from_config(cfg.analysis)
+    query = Query.from_config(cfg.analysis, secure=secure)
     if bias:
         from consortium.analytics.bias import bias_query
 
         query = bias_query(query, tables, cfg)
-    result = run_query(in_process(tables, query), query)
+    sa = cfg.secure_aggregation
+    result = run_query(in_process(tables, query), query, threshold=sa.threshold,
+                       neighbours=sa.neighbours)
     if bias:
         from consortium.analytics.bias import bias_report
 

@@ -36,7 +36,7 @@ def agree(profiles: Sequence[Profile], query: Query) -> Schema:
     union of those some site holds at least ``min_count`` times (rarer ones are "other").
     A numeric column's edges span the union of the sites' coarsened ranges.
     """
-    answering = [p for p in profiles if p.n is not None]
+    answering = [p for p in profiles if p.answers]
     if not answering:
         raise DataError(
             f"no site can answer: every site's cohort is smaller than min_count = "

@@ -23,7 +23,6 @@ Everything is whole-column numpy/pyarrow work: no Python loop over rows.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +44,8 @@ class Profile:
     """Phase 1: what a site says about its columns (no single record's value)."""
 
     site: str
-    n: int | None  # the cohort's size; None when below min_count
+    n: int | None  # the cohort's size; None when below min_count or under secure aggregation
+    answers: bool = True  # whether the site takes part in phase 2
     numeric: dict[str, bool] = field(default_factory=dict)
     levels: dict[str, bool] = field(default_factory=dict)  # integer codes, ≤ max_levels values
     categories: dict[str, list[Any]] = field(default_factory=dict)  # each held ≥ min_count times
@@ -175,10 +175,14 @@ def profile(data: SiteData) -> Profile:
     """Phase 1 at a site (see :mod:`consortium.analytics.query`)."""
     q = data.query
     k = q.min_count
-    prof = Profile(data.site, data.n if not 0 < data.n < k else None)
-    if prof.n is None:
-        _refuse_or_note(q, data.site, f"its cohort has {data.n} rows, fewer than {k}")
-        return prof
+    if q.secure:  # no per-site count leaves the site: its cohort enters the secure total
+        prof = Profile(data.site, None, answers=True)
+    else:
+        small = 0 < data.n < k
+        prof = Profile(data.site, None if small else data.n, answers=not small)
+        if small:
+            _refuse_or_note(q, data.site, f"its cohort has {data.n} rows, fewer than {k}")
+            return prof
     for name in dict.fromkeys([*data.names, *q.needed()]):
         x = data.numbers(name)
         prof.numeric[name] = x is not None
