@@ -159,6 +159,9 @@ def _parser() -> argparse.ArgumentParser:
                       "models, algorithms, require_dp, require_secure_aggregation, "
                       "trust_server_noise, send_metrics, secagg_threshold, secagg_neighbours); "
                       "experiments and tasks that would break it are refused")
+    cli_.add_argument("--harmonize", metavar="FILE",
+                      help="this site's harmonize.toml: code maps, renames and unit conversions "
+                      "applied to its file before anything is computed or sent")
     cli_.add_argument("--state", metavar="DIR",
                       help="where the site keeps its privacy spend and client state across "
                       "restarts (default: <certs>/state)")
@@ -460,7 +463,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
     answered = run_client(args.server, site=args.site, data=args.data, certs=certs,
                           target=args.target, give_up_after_s=args.give_up_after,
                           policy=args.policy, state_dir=args.state, approve=args.approve,
-                          allow_models=args.allow_model, receipts=args.receipts)
+                          allow_models=args.allow_model, receipts=args.receipts,
+                          harmonize=args.harmonize)
     print(f"consortium client: the run is over; {answered} tasks answered", file=sys.stderr)
     return EXIT_OK
 

@@ -168,6 +168,16 @@ class AnalysisConfig:
     survival_time: str = ""
     survival_event: str = ""
     survival_group: str = ""
+    epsilon: float = 0.0
+    """Differential privacy per query (0: none): each site adds noise to every sum it releases
+    (``mechanism``: ``"gaussian"`` at ``privacy.delta``, or ``"laplace"``, pure ε), charged to
+    its budget (``privacy.site_policies``' ``max_epsilon``) in ``ledger``. Needs public
+    ``bounds`` (``"age: 0, 120"``) for numeric columns and ``categories`` (``"sex: 0, 1"``)
+    for categorical ones: nothing data-dependent is released outside the noise."""
+    mechanism: Literal["gaussian", "laplace"] = "gaussian"
+    bounds: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()
+    ledger: str = ""
 
 
 @dataclass(frozen=True)
@@ -314,6 +324,7 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(2 <= an.bins <= 100_000, "analysis.bins", an.bins, "an integer in [2, 100000]")
     for q in an.quantiles:
         need(0 < q < 1, "analysis.quantiles", an.quantiles, "numbers in (0, 1)")
+    need(an.epsilon >= 0, "analysis.epsilon", an.epsilon, "a number >= 0 (0: no DP)")
     need(
         0 <= d.server_test_fraction < 1,
         "data.server_test_fraction",

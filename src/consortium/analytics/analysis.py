@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from consortium.analytics.query import Query, Schema
 from consortium.analytics.server import agree, combine
@@ -29,14 +29,28 @@ T = TypeVar("T")
 SiteCall = Callable[[Callable[[SiteData], Any]], list[Any]]
 
 
-def in_process(tables: Mapping[str, Table], query: Query) -> SiteCall:
-    """The sites as tables in this process (simulation)."""
-    data = [SiteData(t, query) for t in tables.values()]
+def in_process(
+    tables: Mapping[str, Table], query: Query, *, budgets: Mapping[str, Any] | None = None
+) -> SiteCall:
+    """The sites as tables in this process (simulation); ``budgets``: each site's
+    :class:`~consortium.analytics.dp.Budget` for DP queries."""
+    data = [SiteData(t, query, budget=(budgets or {}).get(s)) for s, t in tables.items()]
 
     def call(fn: Callable[[SiteData], T]) -> list[T]:
         return [fn(d) for d in data]
 
     return call
+
+
+@dataclass(frozen=True)
+class DPRequest:
+    """What a DP analysis asks: ε per query, the mechanism, δ and the public schema."""
+
+    epsilon: float
+    delta: float
+    mechanism: Literal["gaussian", "laplace"]
+    bounds: Mapping[str, tuple[float, float]]
+    categories: Mapping[str, tuple[Any, ...]]
 
 
 @dataclass
@@ -53,11 +67,23 @@ class Analysis:
 
 def run_query(
     call: SiteCall, query: Query, *, names: Sequence[str] | None = None,
-    threshold: float = 0.5, neighbours: int = 0,
+    threshold: float = 0.5, neighbours: int = 0, dp: DPRequest | None = None,
 ) -> Analysis:
     """Both phases over ``call``'s sites: profile, agree, describe, combine."""
-    profiles: list[Profile] = call(profile)
-    schema = agree(profiles, query)
+    if dp is not None:  # the public declaration alone: nothing data-dependent outside the noise
+        from consortium.analytics import dp as dpm
+
+        first = call(lambda d: d.names)[0]
+        schema = dpm.declared_schema(query, dp.bounds, dp.categories, first)
+        cols = list(query.columns) or [n for n in first if n in schema.columns]
+        plan = dpm.plan_noise(schema, cols, epsilon=dp.epsilon, delta=dp.delta,
+                              mechanism=dp.mechanism)
+        query = replace(query, dp=plan, columns=tuple(cols))
+        schema = replace(schema, query=query)
+        profiles: list[Profile] = []
+    else:
+        profiles = call(profile)
+        schema = agree(profiles, query)
     answers: list[Answer] = call(lambda d: describe(d, schema))
     if query.secure:  # the server half of SecAgg+ sees masked vectors and one total
         from consortium.analytics.secure import secure_total
@@ -70,7 +96,13 @@ def run_query(
         "min_count": query.min_count,
         "suppress": query.suppress,
         "secure_aggregation": query.secure,
-        "differential_privacy": None,
+        "differential_privacy": None if query.dp is None else {
+            "epsilon": query.dp.epsilon, "delta": query.dp.delta,
+            "mechanism": query.dp.mechanism, "statistics_per_row": query.dp.statistics,
+            "noise_multiplier": query.dp.noise_multiplier,
+            "guarantee": "each site's rows are (ε, δ)-DP per query: the site adds the noise to "
+                         "everything it releases, from its own OS randomness, before it leaves",
+        },
         "per_site_tables": not query.secure,
         "rule": (
             "every released count is 0 or at least min_count; means and variances over at "
@@ -78,6 +110,11 @@ def run_query(
             "every bin holds 0 or at least min_count values"
         ),
     }
+    if query.dp is not None:
+        from consortium.analytics.dp import noise_sd
+
+        sites = len(call(lambda d: d.site))
+        result["noise_sd"] = noise_sd(schema, query.dp, wanted, sites, result)
     return Analysis(result, schema, profiles, answers)
 
 
@@ -125,8 +162,9 @@ def analyze(
         )
     if cfg.privacy.mode != "none":
         raise ConfigError(
-            f"consortium analyze with privacy.mode = {cfg.privacy.mode!r} is not available yet; "
-            "statistics are released without noise (set privacy.mode = \"none\")"
+            f"privacy.mode = {cfg.privacy.mode!r} is training's; for analytics set "
+            "analysis.epsilon (each site adds noise to what it releases) and leave "
+            "privacy.mode = \"none\""
         )
     tables = dict(tables) if tables is not None else site_tables(cfg.data)
     query = Query.from_config(cfg.analysis, secure=secure)
@@ -135,8 +173,9 @@ def analyze(
 
         query = bias_query(query, tables, cfg)
     sa = cfg.secure_aggregation
-    result = run_query(in_process(tables, query), query, threshold=sa.threshold,
-                       neighbours=sa.neighbours)
+    dp, budgets = _dp_parts(cfg, tables, out)
+    result = run_query(in_process(tables, query, budgets=budgets), query, threshold=sa.threshold,
+                       neighbours=sa.neighbours, dp=dp)
     if bias:
         from consortium.analytics.bias import bias_report
 
@@ -144,6 +183,34 @@ def analyze(
     if out is not None:
         write(result, Path(out))
     return result
+
+
+def _dp_parts(
+    cfg: ExperimentConfig, tables: Mapping[str, Table], out: str | Path | None
+) -> tuple[DPRequest | None, dict[str, Any] | None]:
+    """The DP request and each site's budget (its policy from ``privacy.site_policies``, its
+    ledger ``analysis.ledger`` or ``OUT/analytics_ledger.json``)."""
+    a = cfg.analysis
+    if a.epsilon <= 0:
+        return None, None
+    from consortium.analytics.dp import Budget, parse_bounds, parse_categories
+
+    policies: dict[str, Any] = {}
+    if cfg.privacy.site_policies:
+        from consortium.privacy.policy import load_policies
+
+        policies = load_policies(cfg.privacy.site_policies)
+    ledger = Path(a.ledger) if a.ledger else (Path(out) / "analytics_ledger.json" if out else None)
+    budgets = {}
+    for site in tables:
+        policy = policies.get(site, policies.get("*"))
+        budgets[site] = Budget(
+            site, policy.max_epsilon if policy else float("inf"),
+            policy.delta if policy else cfg.privacy.delta, ledger,
+        )
+    request = DPRequest(a.epsilon, cfg.privacy.delta, a.mechanism, parse_bounds(a.bounds),
+                        parse_categories(a.categories))
+    return request, budgets
 
 
 def write(analysis: Analysis, out: Path) -> None:

@@ -51,6 +51,8 @@ class Query:
         survival: ``(time, event, group)`` columns for Kaplan–Meier curves, or None.
         bands: ``(column, edges)``: a derived categorical column ``<column>_band`` with the
             labels ``"40-49"`` (``[40, 50)``), ``"<40"`` and ``">=70"``, computed at each site.
+        dp: the differential-privacy noise every site adds (:mod:`consortium.analytics.dp`);
+            then nothing is suppressed and the schema is the public declaration.
         secure: the sums are released only as a secure-aggregation total across sites: a site
             does not withhold its own small cells (no one sees them), the totals are checked
             against ``min_count`` instead, and no per-site table exists.
@@ -70,6 +72,7 @@ class Query:
     survival: tuple[str, str, str] | None = None
     bands: tuple[tuple[str, tuple[float, ...]], ...] = ()
     secure: bool = False
+    dp: Any = None  # a consortium.analytics.dp.NoisePlan: every released sum is noised
 
     @classmethod
     def from_config(cls, analysis: Any, *, secure: bool = False) -> Query:

@@ -162,6 +162,7 @@ class _Totals:
         self.answers = list(answers)
         self.k = query.min_count
         self.secure = query.secure
+        self.noisy = query.dp is not None
         self.values: dict[str, np.ndarray] = {}
         self.unknown: dict[str, np.ndarray] = {}
         for a in self.answers:
@@ -178,7 +179,9 @@ class _Totals:
         """An int, a list of ints, or None where unknown — and, under secure aggregation,
         where the total itself is a small cell."""
         v, u = self.values[key], self.unknown[key].copy()
-        if self.secure:
+        if self.noisy:  # post-processing of noisy counts: whole and not negative
+            v = np.maximum(np.round(v), 0)
+        if self.secure and not self.noisy:
             u |= (v > 0) & (v < self.k)
         return _ints(np.where(u, np.nan, v))
 
@@ -187,7 +190,7 @@ class _Totals:
 
     def small_total(self, key: str) -> bool:
         v = float(self.values[key].sum())
-        return self.secure and 0 < v < self.k
+        return self.secure and not self.noisy and 0 < v < self.k
 
 
 def _numeric_column(t: _Totals, key: str, spec: ColumnSpec, quantiles: Sequence[float]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -196,13 +199,21 @@ def _numeric_column(t: _Totals, key: str, spec: ColumnSpec, quantiles: Sequence[
     out["missing"] = t.count(f"{key}|missing")
     ok = all(t.known(f"{key}|{p}") for p in ("count", "s1", "s2"))
     count = float(t.values[f"{key}|count"])
+    if t.noisy and count < 2:
+        return out, bounds
     if ok and count > 0 and not t.small_total(f"{key}|count"):
         s1 = float(t.values[f"{key}|s1"])
         s2 = float(t.values[f"{key}|s2"])
         out["mean"] = spec.shift + s1 / count
         if count > 1:
             out["sd"] = math.sqrt(max((s2 - s1 * s1 / count) / (count - 1), 0.0))
-        if spec.edges:
+        if spec.edges and t.noisy:  # quantiles of the noisy histogram: no guaranteed bracket
+            edges = np.asarray(spec.edges)
+            cdf = np.cumsum(np.maximum(t.values[f"{key}|hist"], 0))
+            for name, q in zip(("median", "q1", "q3"), QUARTILES):
+                out[name] = quantile([(cdf, np.ones(len(edges) + 1, dtype=bool))], edges, q).value
+                bounds[name] = None
+        elif spec.edges:
             edges = np.asarray(spec.edges)
             parts = [(a.values[f"{key}|cdf"], ~a.withheld[f"{key}|cdf"]) for a in t.answers]
             if t.secure:  # one exact total, every edge known

@@ -71,9 +71,10 @@ class Answer:
 class SiteData:
     """A site's table with the query's cohort filter applied, its columns read once."""
 
-    def __init__(self, table: Table, query: Query) -> None:
+    def __init__(self, table: Table, query: Query, *, budget: Any = None) -> None:
         self.site = table.site
         self.query = query
+        self.budget = budget  # a consortium.analytics.dp.Budget, charged before a DP answer
         if query.bands:
             table = _with_bands(table, query.bands)
         wanted = list(query.columns) or [c for c in table.names]
@@ -225,7 +226,15 @@ def describe(data: SiteData, schema: Schema) -> Answer:
     query is secure, when only the total across sites is ever seen)."""
     q = schema.query
     k = q.min_count
-    guard = not q.secure
+    names = list(q.columns) if q.columns else data.names
+    guard = not q.secure and q.dp is None
+    if q.dp is not None:  # refuse before computing anything past the budget
+        if data.budget is None:
+            raise DataError(
+                f"site {data.site!r} has no privacy budget set up; a DP query needs one "
+                "(its policy's max_epsilon and a ledger)"
+            )
+        data.budget.charge(q.dp, f"analysis of {', '.join(names)}")
     ans = Answer(data.site)
     groups: list[tuple[str, np.ndarray]] = [("all", np.ones(data.n, dtype=bool))]
     if q.group_by:
@@ -240,7 +249,7 @@ def describe(data: SiteData, schema: Schema) -> Answer:
         ans.put(f"{gname}|n", n, small_n)
         if small_n:
             _refuse_or_note(q, data.site, f"group {gname} has {n} rows, fewer than {k}")
-        for name in data.names:
+        for name in names:
             spec = schema.spec(name)
             key = f"{gname}|{name}"
             if small_n:
@@ -256,6 +265,11 @@ def describe(data: SiteData, schema: Schema) -> Answer:
         _correlation(ans, data, [schema.spec(c) for c in q.correlation], k, guard, q)
     if q.survival is not None:
         _survival(ans, data, schema, k, guard, q)
+    if q.dp is not None:
+        from consortium.analytics.dp import privatize
+        from consortium.privacy.randomness import SystemRandomness
+
+        privatize(ans, schema, q.dp, SystemRandomness())  # the site's own OS randomness
     return ans
 
 
@@ -290,6 +304,8 @@ def _numeric(
         )
     x = x[mask]
     present = x[~np.isnan(x)]
+    if q.dp is not None and spec.edges:  # bounded contributions: clamp to the public bounds
+        present = np.clip(present, spec.edges[0], spec.edges[-1])
     count = present.size
     missing = x.size - count
     few = guard and 0 < count < k
@@ -307,6 +323,9 @@ def _numeric(
         edges = np.asarray(spec.edges)
         # bin 0: below the first edge; bin i: [e(i-1), e(i)); the last: at or above the last edge
         hist = np.bincount(np.searchsorted(edges, present, side="right"), minlength=edges.size + 1)
+        if q.dp is not None:  # one row changes one bin (a cumulative count would move many)
+            ans.put(f"{key}|hist", hist)
+            return
         cdf = np.cumsum(hist).astype(np.float64)  # cdf[i] = values below e(i); cdf[-1] = all
         known = np.ones(cdf.size, dtype=bool) if not guard else _coarsen(hist, k)
         ans.put(f"{key}|cdf", cdf, (~known) | few)

@@ -34,8 +34,17 @@ from consortium.data._tables import (
     texts,
 )
 from consortium.data.base import FederatedDataset
+from consortium.data.harmonize import Harmonization, apply, load_harmonization
 from consortium.data.holdout import holdout
 from consortium.data.preprocess import Column
+from consortium.data.schema_check import (
+    MAX_CODES,
+    ColumnProfile,
+    SiteSchema,
+    check_schemas,
+    code_key,
+    raise_for_errors,
+)
 from consortium.errors import DataError
 
 __all__ = [
@@ -47,7 +56,8 @@ Format = Literal["csv", "parquet"]
 
 
 def load_csv(
-    *, path: str, target: str, seed: int, site_column: str = "", test_fraction: float = 0.25
+    *, path: str, target: str, seed: int, site_column: str = "", test_fraction: float = 0.25,
+    harmonize: str | Path | Harmonization | None = None,
 ) -> FederatedDataset:
     """Federated data from CSV files: see :func:`load_parquet`, which reads the same way.
 
@@ -63,11 +73,13 @@ def load_csv(
         seed=seed,
         site_column=site_column,
         test_fraction=test_fraction,
+        harmonize=harmonize,
     )
 
 
 def load_parquet(
-    *, path: str, target: str, seed: int, site_column: str = "", test_fraction: float = 0.25
+    *, path: str, target: str, seed: int, site_column: str = "", test_fraction: float = 0.25,
+    harmonize: str | Path | Harmonization | None = None,
 ) -> FederatedDataset:
     """Federated data from Parquet files (needs ``pyarrow``: ``pip install 'consortium[parquet]'``).
 
@@ -92,10 +104,21 @@ def load_parquet(
     Each site holds out ``test_fraction`` of its rows (stratified, seeded by ``seed`` and the
     site's name) as its test split.
 
+    Harmonisation:
+        ``harmonize`` (a ``harmonize.toml`` path, or a loaded
+        :class:`~consortium.data.harmonize.Harmonization`) is applied to every file as it is
+        read: renames, code maps and unit conversions, before anything else (``target`` and
+        ``site_column`` name columns after renaming). Then the sites' feature columns are
+        compared (:func:`~consortium.data.harmonize.check_schemas`): a column coded with
+        disjoint values at two sites (``M, F`` here, ``male, female`` there) is an error
+        naming both codings, not four silent one-hot columns.
+
     Raises:
         DataError: no matching file, an unreadable or empty file, files with different columns,
             a missing target or site column (the message lists the columns found), a missing
-            label (the message names file and row), or fewer than two label values.
+            label (the message names file and row), fewer than two label values, a column
+            coded differently at two sites, or data the harmonisation does not fit.
+        ConfigError: an invalid harmonisation file.
         MissingExtraError: if ``pyarrow`` is not installed.
     """
     return _load(
@@ -105,6 +128,7 @@ def load_parquet(
         seed=seed,
         site_column=site_column,
         test_fraction=test_fraction,
+        harmonize=harmonize,
     )
 
 
@@ -162,17 +186,28 @@ class SiteTable:
         return x[keep], y[keep], x[held], y[held]
 
 
-def read_site_table(path: str | Path, *, target: str) -> SiteTable:
+def read_site_table(
+    path: str | Path, *, target: str, harmonize: str | Path | Harmonization | None = None,
+    site: str | None = None,
+) -> SiteTable:
     """Read one site's CSV file for a federated encoding (see :class:`SiteTable`).
 
+    ``harmonize`` (a ``harmonize.toml`` or a loaded one) is applied as the file is read, with
+    the ``[site.<site>]`` sections of ``site`` (default: the file's stem), as :func:`load_csv`
+    applies it to every file.
+
     Raises:
-        DataError: an unreadable file, a missing target or feature columns, or a row without
-            a label.
+        DataError: an unreadable file, a missing target or feature columns, a row without
+            a label, or data the harmonisation does not fit.
+        ConfigError: an invalid harmonisation file.
     """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{str(p)!r} is not a file; give the site's CSV file")
     table = read_csv_table(p)
+    h = _harmonization(harmonize)
+    if h is not None:
+        table = apply(table, h, site=site)
     _require_column(table, target, "target", "the label column")
     features = tuple(c for c in table.names if c != target)
     if not features:
@@ -197,11 +232,14 @@ def label_order(labels: Iterable[Any]) -> list[Any]:
 
 def _load(
     fmt: Format, *, path: str, target: str, seed: int, site_column: str, test_fraction: float,
-    single: bool = False,
+    single: bool = False, harmonize: str | Path | Harmonization | None = None,
 ) -> FederatedDataset:
     paths = _resolve(path, fmt)
     read = read_csv_table if fmt == "csv" else read_parquet_table
+    h = _harmonization(harmonize)
     tables = [read(p) for p in paths]
+    if h is not None:
+        tables = [apply(t, h, site_column="" if len(tables) > 1 else site_column) for t in tables]
     _check_same_columns(tables)
     _require_column(tables[0], target, "target", "the label column")
     rows = _Rows(tables[:1] if single else tables)
@@ -212,8 +250,13 @@ def _load(
             f"{tables[0].path} has no feature columns besides the target {target!r}; "
             "add the columns to learn from"
         )
+    if h is not None and not single:
+        h.check_sites(sites.names)
     classes, y = _classes(rows, sites, target)
     numeric = _numeric_and_finite(rows, sites, features)
+    if not single:
+        profiles = _site_profiles(rows, sites, features, numeric)
+        raise_for_errors(check_schemas(profiles, allow=h.allow if h is not None else ()))
     sources = [_source(rows, c, num) for c, num in zip(features, numeric)]
     split = _split(sites, y, seed=seed, test_fraction=test_fraction)
     encoder, x_train, x_test = federated_encoding(sources, split)
@@ -228,6 +271,12 @@ def _load(
         feature_names=encoder.feature_names,
         notes={"path": path, "target": target, "labels": labels},
     )
+
+
+def _harmonization(harmonize: str | Path | Harmonization | None) -> Harmonization | None:
+    if harmonize is None or isinstance(harmonize, Harmonization):
+        return harmonize
+    return load_harmonization(harmonize) if str(harmonize) else None
 
 
 # -- finding files -----------------------------------------------------------------------------
@@ -458,6 +507,45 @@ def _numeric_and_finite(rows: _Rows, sites: _Sites, features: list[str]) -> list
             "replace it with a number or leave it empty"
         )
     return numeric
+
+
+def _site_profiles(
+    rows: _Rows, sites: _Sites, features: list[str], numeric: list[bool]
+) -> dict[str, SiteSchema]:
+    """Each client's feature columns as :func:`~consortium.data.harmonize.check_schemas`
+    compares them for errors: the distinct values of every column that is not numeric everywhere
+    (the distinct (client, value) pairs: one ``np.bincount``, or ``np.unique`` when there are
+    many more pairs than rows); numeric columns are left out."""
+    profiles: dict[str, dict[str, ColumnProfile]] = {name: {} for name in sites.names}
+    for name, num in zip(features, numeric):
+        if num:  # numbers everywhere: no coding to compare, and no error to find
+            continue
+        codes, categories = _source(rows, name, False).read()
+        keys = [code_key(c) for c in categories]
+        is_text = np.array([_is_text(c) for c in categories], dtype=bool)
+        width = max(len(categories), 1)
+        pair = (sites.of_row * width + codes)[codes >= 0]
+        if len(sites.names) * width <= max(4 * len(codes), 1 << 20):
+            pairs = np.flatnonzero(np.bincount(pair, minlength=1))  # O(rows), no sort
+        else:
+            pairs = np.unique(pair)
+        site_of, code_of = np.divmod(pairs, width)
+        bounds = np.searchsorted(site_of, np.arange(len(sites.names) + 1))
+        for s, site in enumerate(sites.names):
+            mine = code_of[bounds[s]:bounds[s + 1]]
+            found = frozenset(keys[int(c)] for c in mine) if len(mine) <= MAX_CODES else None
+            kind: Literal["numbers", "text", "missing"] = (
+                "text" if is_text[mine].any() else "numbers" if len(mine) else "missing")
+            profiles[site][name] = ColumnProfile(kind, None, len(mine), found)
+    return {site: SiteSchema(columns) for site, columns in profiles.items()}
+
+
+def _is_text(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return True
+    return False
 
 
 def _split(sites: _Sites, y: np.ndarray, *, seed: int, test_fraction: float) -> SplitRows:

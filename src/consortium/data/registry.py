@@ -61,6 +61,11 @@ def load_dataset(cfg: DataConfig, *, seed: int) -> FederatedDataset:
         )
     if name in _SITED:
         _check_natural(cfg)
+    if cfg.harmonize and name not in ("csv", "parquet"):
+        raise DataError(
+            f"data.harmonize applies to your own csv or parquet files, not to {name!r}; "
+            "remove it (set it to \"\")"
+        )
     if name == "heart-disease":
         from consortium.data.heart_disease import load_heart_disease
 
@@ -86,6 +91,7 @@ def load_dataset(cfg: DataConfig, *, seed: int) -> FederatedDataset:
             seed=seed,
             site_column=cfg.site_column,
             test_fraction=cfg.test_fraction,
+            harmonize=cfg.harmonize or None,
         )
     from consortium.data.sklearn_sets import load_breast_cancer, load_digits
 

@@ -118,6 +118,9 @@ class SiteRunner:
             per task, the server's signed audit head and the digest of what the site sent, so
             the server's log can be checked later (``consortium audit verify --against``);
             default ``<state>/receipts.jsonl`` when there is a state folder, else none.
+        harmonize: the site's ``harmonize.toml`` (:mod:`consortium.data.harmonize`): its
+            renames, code maps and unit conversions (with this site's ``[site.<site>]``
+            sections) are applied to the site's file before anything is summarised or trained.
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class SiteRunner:
         give_up_after_s: float = 0.0, policy: str | Path | None = None,
         state_dir: str | Path | None = None, approve: Sequence[str] = (),
         allow_models: Sequence[str] = (), receipts: str | Path | None = None,
+        harmonize: str | Path | None = None,
     ) -> None:
         try:
             import grpc
@@ -161,6 +165,10 @@ class SiteRunner:
             self.credentials = grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem)
         if not self.data.is_file():
             raise ConfigError(f"--data {str(self.data)!r} is not a file; give the site's CSV")
+        from consortium.data.harmonize import load_harmonization
+
+        # read (and checked) now: a bad file fails at start, not after joining a run
+        self.harmonize = load_harmonization(harmonize) if harmonize else None
         self.policy = _site_policy(policy, site) if policy is not None else None
         if state_dir is None and certs is not None:
             state_dir = Path(certs) / "state"
@@ -360,7 +368,8 @@ class SiteRunner:
         column = self.target or cfg.data.target
         if not column:
             raise ConfigError("the label column is unknown: pass --target or set data.target")
-        table = read_site_table(self.data, target=column)
+        table = read_site_table(self.data, target=column, harmonize=self.harmonize,
+                                site=self.site)
         # split with this file's labels first: the merged order keeps their relative order
         mine_labels = label_order(table.labels)
         x_train, y_train, x_test, y_test = table.split(
@@ -400,6 +409,11 @@ class SiteRunner:
         from consortium.data.preprocess import fit_encoder, summarize_site
         from consortium.deploy.summary import summary_from_pb
 
+        if self.harmonize is not None:
+            raise ConfigError(
+                "a harmonisation file applies to a site's own table file, not to the built-in "
+                "heart-disease data; drop it, or run an experiment with data.dataset = \"csv\""
+            )
         x_train, y_train, x_test, y_test = site_split(
             self.data, self.site, seed=cfg.seed, test_fraction=cfg.data.test_fraction
         )

@@ -145,6 +145,10 @@ class Hub:
         self.merged: Any = None  # the merged SiteSummary once every expected site sent its own
         self.schema: Any = None  # the merged TableSchema (sites reading their own table files)
         self.merge_error: str | None = None  # why the merged summary cannot be used
+        # columns whose codes may differ between sites ([check] allow of data.harmonize)
+        from consortium.deploy.summary import harmonize_allow
+
+        self.allow_codes = harmonize_allow(config_toml)
         # the run's sites, fixed when round 1 starts (or restored from the checkpoint); None
         # before. A site outside it is refused; one inside must describe the same data again.
         self.roster: dict[str, SiteInfo] | None = None
@@ -284,7 +288,7 @@ class Hub:
         implausible_summary`: sums of 1e300, a negative variance ...) excludes its site from
         the run (:meth:`_exclude`): the others merge without it and start without it.
         """
-        from consortium.deploy.summary import implausible_summary, merge_schemas
+        from consortium.deploy.summary import coding_error, implausible_summary, merge_schemas
         from consortium.errors import DataError
 
         site = self.site_of(session)
@@ -303,6 +307,10 @@ class Hub:
             try:
                 if schema is not None and self.schema is not None:
                     merged_schema = merge_schemas(self.schema, schema, site=site)
+                    others = {k: v for k, v in self._summaries.items() if k != site}
+                    clash = coding_error(schema, {**others, site: summary}, allow=self.allow_codes)
+                    if clash is not None:  # a column coded differently here than elsewhere
+                        return clash
                     if self.merged is None:  # the encoding is fixed once merged
                         self.schema = merged_schema
                 elif schema is not None:

@@ -4,7 +4,7 @@ file, its :class:`TableSchema`) to and from protobuf, and the server's merge of 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,8 @@ __all__ = [
     "MAX_FEATURE_MAGNITUDE",
     "MAX_SUMMARY_ROWS",
     "TableSchema",
+    "coding_error",
+    "harmonize_allow",
     "implausible_summary",
     "merge_schemas",
     "schema_from_pb",
@@ -71,6 +73,47 @@ def merge_schemas(first: TableSchema, other: TableSchema, *, site: str) -> Table
                 f"{site!r}: {'numbers' if b else 'text'}); make every site's file agree"
             )
     return TableSchema(first.columns, first.numeric, first.labels | other.labels)
+
+
+def coding_error(
+    schema: TableSchema, summaries: Mapping[str, SiteSummary], *, allow: Iterable[str] = ()
+) -> str | None:
+    """Why the sites' table files cannot be encoded together, or None: a column coded with
+    disjoint values at two sites (``M, F`` against ``male, female``), found from the category
+    sets the sites' summaries already carry, by the rule of
+    :func:`consortium.data.harmonize.check_schemas` (columns in ``allow`` are not compared).
+    The reason quotes the sites' codes (as a peer sent them, made printable)."""
+    from consortium.data.harmonize import check_schemas, site_schema_from_summary
+    from consortium.deploy.logsafe import peer_text
+
+    profiles = {site: site_schema_from_summary(schema.columns, schema.numeric, summary)
+                for site, summary in summaries.items()}
+    errors = [f for f in check_schemas(profiles, allow=allow) if f.kind == "codes"]
+    return peer_text(errors[0].detail, 2000) if errors else None
+
+
+def harmonize_allow(config_toml: str) -> frozenset[str]:
+    """The ``[check] allow`` columns of the experiment's ``data.harmonize`` file, where the
+    server can read it (the sites apply the file; the server needs only this list); empty when
+    the experiment names none or the file is not at the server.
+
+    Raises:
+        ConfigError: the file is there but invalid.
+    """
+    from pathlib import Path
+
+    import tomllib
+
+    from consortium.data.harmonize import load_harmonization
+
+    try:
+        data = tomllib.loads(config_toml).get("data", {})
+    except tomllib.TOMLDecodeError:
+        return frozenset()  # the experiment's own parser reports it
+    path = data.get("harmonize", "") if isinstance(data, dict) else ""
+    if not isinstance(path, str) or not path or not Path(path).is_file():
+        return frozenset()
+    return load_harmonization(path).allow
 
 
 def _fill_values(entry: Any, values: Sequence[Any] | frozenset[Any]) -> None:
