@@ -319,3 +319,25 @@ def test_survival_counts_below_min_count_are_merged_at_the_site() -> None:
         assert np.all((released == 0) | (released >= 5))
     surv = a.result["survival"]
     assert len(surv["time"]) < 39 and surv["survival"][0][-1] < surv["survival"][0][0]
+
+
+def test_differently_coded_sites_are_refused_and_harmonised(tmp_path: Path) -> None:
+    rows = [(30 + i, i % 2) for i in range(20)]
+    (tmp_path / "a.csv").write_text("age,sex\n" + "".join(f"{a},{'M' if s else 'F'}\n" for a, s in rows))
+    (tmp_path / "b.csv").write_text("age,sex\n" + "".join(f"{a},{'male' if s else 'female'}\n" for a, s in rows))
+    base = {"data": {"dataset": "csv", "path": str(tmp_path / "*.csv"), "target": "sex"}}
+    with pytest.raises(DataError, match="sex") as err:
+        analyze(ExperimentConfig.from_dict(base))
+    assert "M" in str(err.value) and "male" in str(err.value)
+    h = tmp_path / "harmonize.toml"
+    h.write_text('[map.sex]\n"M" = "male"\n"F" = "female"\n')
+    cfg = ExperimentConfig.from_dict({"data": {**base["data"], "harmonize": str(h)}})
+    res = analyze(cfg).result
+    assert res["table1"]["overall"]["columns"]["sex"]["counts"] == {"female": 20, "male": 20}
+    same = tmp_path / "same"
+    same.mkdir()
+    (same / "a.csv").write_text((tmp_path / "b.csv").read_text())
+    (same / "b.csv").write_text((tmp_path / "b.csv").read_text())
+    ref = analyze(ExperimentConfig.from_dict(
+        {"data": {"dataset": "csv", "path": str(same / "*.csv"), "target": "sex"}})).result
+    assert ref["table1"]["overall"] == res["table1"]["overall"]

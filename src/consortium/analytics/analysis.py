@@ -167,6 +167,7 @@ def analyze(
             "privacy.mode = \"none\""
         )
     tables = dict(tables) if tables is not None else site_tables(cfg.data)
+    findings = _schema_findings(tables, cfg)
     query = Query.from_config(cfg.analysis, secure=secure)
     if bias:
         from consortium.analytics.bias import bias_query
@@ -176,6 +177,7 @@ def analyze(
     dp, budgets = _dp_parts(cfg, tables, out)
     result = run_query(in_process(tables, query, budgets=budgets), query, threshold=sa.threshold,
                        neighbours=sa.neighbours, dp=dp)
+    result.result["harmonisation"] = findings
     if bias:
         from consortium.analytics.bias import bias_report
 
@@ -183,6 +185,26 @@ def analyze(
     if out is not None:
         write(result, Path(out))
     return result
+
+
+def _schema_findings(tables: Mapping[str, Table], cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """The cross-site schema check (:mod:`consortium.data.schema_check`): a column coded
+    differently at two sites is an error naming both codings (map them in harmonize.toml);
+    the warnings (numbers here, text there; an empty column; a unit-like ratio of means) go
+    into ``analysis.json`` under ``harmonisation``."""
+    if len(tables) < 2:
+        return []
+    from consortium.data.schema_check import check_schemas, raise_for_errors
+
+    allow: tuple[str, ...] = ()
+    if cfg.data.harmonize:
+        from consortium.data.harmonize import load_harmonization
+
+        allow = tuple(load_harmonization(cfg.data.harmonize).allow)
+    findings = check_schemas(tables, allow=allow)
+    raise_for_errors(findings)
+    return [{"kind": f.kind, "column": f.column, "sites": list(f.sites), "detail": f.detail,
+             "severity": f.severity} for f in findings]
 
 
 def _dp_parts(

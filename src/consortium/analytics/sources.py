@@ -43,7 +43,7 @@ def site_tables(data: DataConfig) -> dict[str, Table]:
         from consortium.data.harmonize import apply, load_harmonization
 
         spec = load_harmonization(data.harmonize)
-        tables = {site: apply(t, spec) for site, t in tables.items()}
+        tables = {site: apply(t, spec, site=site) for site, t in tables.items()}
     return tables
 
 
