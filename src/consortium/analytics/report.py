@@ -7,7 +7,7 @@ import html
 import io
 from typing import Any
 
-__all__ = ["table1_csv", "table1_html", "table1_rows", "table1_text"]
+__all__ = ["survival_rows", "table1_csv", "table1_html", "table1_rows", "table1_text"]
 
 WITHHELD = "<5"
 
@@ -74,10 +74,45 @@ def _present(c: dict[str, Any], n: int | None) -> int | None:
     return n - c["missing"]
 
 
+def survival_rows(result: dict[str, Any], limit: int = 12) -> list[list[str]]:
+    """Kaplan–Meier: time, then per group S(t) [95 % CI] and the number at risk; at most
+    ``limit`` evenly spaced times (the JSON holds every one)."""
+    sv = result.get("survival")
+    if not sv or sv.get("withheld"):
+        return []
+    times = sv["time"]
+    pick = sorted({round(i * (len(times) - 1) / max(limit - 1, 1)) for i in range(limit)}) if times else []
+    head = ["time"] + [f"{g}: S(t) [95 % CI]" for g in sv["groups"]] + [f"{g}: at risk" for g in sv["groups"]]
+    rows = [head]
+    for j in pick:
+        row = [f"{times[j]:g}"]
+        for i in range(len(sv["groups"])):
+            row.append(f"{sv['survival'][i][j]:.3f} [{sv['ci_lower'][i][j]:.3f}, {sv['ci_upper'][i][j]:.3f}]")
+        row += [f"{sv['at_risk'][i][j]:g}" for i in range(len(sv["groups"]))]
+        rows.append(row)
+    medians = ", ".join(f"{g}: {'not reached' if m is None else f'{m:g}'}"
+                        for g, m in zip(sv["groups"], sv["median"]))
+    rows.append([f"median survival — {medians}"])
+    if "logrank" in sv:
+        lr = sv["logrank"]
+        rows.append([f"log-rank test: χ² = {lr['chi2']:.3f}, {lr['dof']} df, p = {lr['p_value']:.3g}"])
+    return rows
+
+
+def _align(rows: list[list[str]]) -> str:
+    width = max(len(r) for r in rows)
+    widths = [max((len(r[i]) for r in rows if len(r) == width and i < len(r)), default=0)
+              for i in range(width)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
+                     if len(r) == width else r[0] for r in rows)
+
+
 def table1_text(result: dict[str, Any]) -> str:
-    rows = table1_rows(result)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+    text = _align(table1_rows(result))
+    surv = survival_rows(result)
+    if surv:
+        text += "\n\nKaplan–Meier\n" + _align(surv)
+    return text
 
 
 def table1_csv(result: dict[str, Any]) -> str:
@@ -111,6 +146,14 @@ def table1_html(result: dict[str, Any]) -> str:
         out.append("<tr>" + f"<td{cls}>{html.escape(r[0].strip())}</td>"
                    + "".join(f"<td>{html.escape(c)}</td>" for c in r[1:]) + "</tr>")
     out.append("</table>")
+    surv = survival_rows(result, limit=40)
+    if surv:
+        out.append("<h2>Kaplan–Meier</h2><table><tr>"
+                   + "".join(f"<th>{html.escape(c)}</th>" for c in surv[0]) + "</tr>")
+        for r in surv[1:]:
+            span = f" colspan='{len(surv[0])}'" if len(r) == 1 else ""
+            out.append("<tr>" + "".join(f"<td{span}>{html.escape(c)}</td>" for c in r) + "</tr>")
+        out.append("</table>")
     out.append(
         "<p class='note'>Computed from per-site sums; no row left a site. Disclosure control at "
         f"each site: {html.escape(str(p.get('rule', '')))} (min_count = {p.get('min_count')}). "

@@ -422,12 +422,35 @@ def _correlation(
     ans.put("corr|s2", m.T @ m, few)
 
 
+def nested_points(size: int, level: int) -> np.ndarray:
+    """The grid indices kept at coarsening ``level``: every ``2**level``-th time and the last.
+    The levels nest, so sites at different levels still share the coarser one's times."""
+    step = 1 << level
+    idx = np.arange(step - 1, size, step)
+    return np.union1d(idx, [size - 1]) if size else idx
+
+
+def _survival_level(counts: Any, k: int, sv: Any) -> int | None:
+    """The finest nested level at which every released count (events and censorings, each
+    group and time) is 0 or at least ``k``; None if none is (a group too small)."""
+    size = counts.grid.size
+    level = 0
+    while True:
+        keep = nested_points(size, level)
+        c = sv.coarsen(counts, counts.grid[keep])
+        if not sv.small_cells(c, k, censored=True).any():
+            return level
+        if keep.size <= 1:
+            return None
+        level += 1
+
+
 def _survival(ans: Answer, data: SiteData, schema: Schema, k: int, guard: bool, q: Query) -> None:
     """Events and censorings per group at the agreed times (rounded up to them). Outside
-    secure aggregation the site merges adjacent intervals until every released count is 0 or
-    at least ``min_count`` (:func:`~consortium.analytics.survival.merge_small_intervals`) and
-    marks the times it dropped as withheld; the server sums the sites on the times they all
-    kept."""
+    secure aggregation the site coarsens its grid to the finest of a fixed ladder of nested
+    grids (every time, every 2nd, every 4th … and the last) at which every released count is 0
+    or at least ``min_count``, and marks the times it dropped as withheld; the server sums the
+    sites on the coarsest grid any of them needed, which every site's grid contains."""
     from consortium.analytics import survival as sv
 
     assert q.survival is not None
@@ -458,13 +481,13 @@ def _survival(ans: Answer, data: SiteData, schema: Schema, k: int, guard: bool, 
     known = np.ones(grid.size, dtype=bool)
     withhold_all = False
     if guard:
-        try:
-            merged = sv.merge_small_intervals(counts, k, censored=True)
-        except DataError:
+        level = _survival_level(counts, k, sv)
+        if level is None:
             withhold_all = True
-            _refuse_or_note(q, data.site, "a group has fewer than min_count events")
+            _refuse_or_note(q, data.site, "a group has fewer than min_count events or censorings")
         else:
-            known = np.isin(grid, merged.grid)
+            known = np.isin(np.arange(grid.size), nested_points(grid.size, level))
+            merged = sv.coarsen(counts, grid[known])
             events = np.zeros_like(counts.events)
             censored = np.zeros_like(counts.censored)
             events[:, known] = merged.events
