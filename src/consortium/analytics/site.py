@@ -99,7 +99,7 @@ class SiteData:
 
     def numbers(self, name: str) -> np.ndarray | None:
         if name not in self._numbers:
-            full = _numbers(self._table.columns[name])
+            full = numbers(self._table.columns[name])
             self._numbers[name] = None if full is None else full[self._mask]
         return self._numbers[name]
 
@@ -116,21 +116,6 @@ class SiteData:
         if x is not None:
             return np.isnan(x)
         return self.codes(name)[0] < 0
-
-
-def _numbers(column: Any) -> np.ndarray | None:
-    """:func:`~consortium.data._tables.numbers`, parsing a text column's distinct values once
-    when it has few (a coded column: thousands of rows, a handful of values)."""
-    import pyarrow as pa
-
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        from consortium.data._tables import _numbers_by_value
-
-        column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
-        encoded = pa.compute.dictionary_encode(column)
-        if len(encoded.dictionary) <= max(64, len(column) // 8):
-            return _numbers_by_value(pa, column)
-    return numbers(column)
 
 
 def band_labels(edges: tuple[float, ...]) -> list[str]:

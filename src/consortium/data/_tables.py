@@ -258,6 +258,10 @@ def numbers(column: Any) -> np.ndarray | None:
     elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
         as_float = pc.cast(column, pa.float64(), safe=False)
     elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+        distinct = pc.count_distinct(column).as_py()
+        if distinct <= max(64, len(column) // 8):  # a coded column: parse each value once
+            return _numbers_by_value(pa, column)
         try:
             as_float = pc.cast(pc.utf8_trim_whitespace(column), pa.float64())
         except pa.ArrowInvalid:
