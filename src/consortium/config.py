@@ -150,6 +150,8 @@ class AnalysisConfig:
     distinct values already are); ``min_count``: the smallest count a site releases (a cell
     below it is suppressed, or the query refused with ``suppress = "refuse"``); ``bins``: the
     histogram bins behind medians and quantiles (their error is at most one bin's width);
+    ``histograms``: numeric columns whose histogram is released (over ``bounds`` when given,
+    else the federated-agreed range; bins merged until each holds 0 or ``min_count``);
     ``crosstabs``: ``"a*b"`` pairs of categorical columns; ``correlation``: numeric columns for
     a correlation/covariance matrix; ``survival_time``/``survival_event``: time-to-event
     columns for Kaplan–Meier curves and the log-rank test across ``survival_group``."""
@@ -163,6 +165,7 @@ class AnalysisConfig:
     suppress: Literal["suppress", "refuse"] = "suppress"
     bins: int = 200
     quantiles: tuple[float, ...] = ()
+    histograms: tuple[str, ...] = ()
     crosstabs: tuple[str, ...] = ()
     correlation: tuple[str, ...] = ()
     survival_time: str = ""

@@ -341,3 +341,20 @@ def test_differently_coded_sites_are_refused_and_harmonised(tmp_path: Path) -> N
     ref = analyze(ExperimentConfig.from_dict(
         {"data": {"dataset": "csv", "path": str(same / "*.csv"), "target": "sex"}})).result
     assert ref["table1"]["overall"] == res["table1"]["overall"]
+
+
+def test_histograms_over_given_bounds_equal_pooled_and_respect_min_count() -> None:
+    tables = heart_disease_tables()
+    age = _pooled(tables, "age")
+    q = Query(min_count=1, histograms=("age",), bounds=(("age", 20.0, 80.0),), bins=6)
+    h = run_query(in_process(tables, q), q).result["histograms"]["age"]
+    assert h["edges"] == [None, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, None]
+    expect = np.histogram(age, bins=[-np.inf, 20, 30, 40, 50, 60, 70, 80, np.inf])[0]
+    assert h["counts"] == expect.tolist()
+    q5 = Query(min_count=5, histograms=("age",), bounds=(("age", 20.0, 80.0),), bins=60)
+    for secure_mode in (False, True):
+        q5 = Query(min_count=5, histograms=("age",), bounds=(("age", 20.0, 80.0),), bins=60,
+                   secure=secure_mode)
+        h = run_query(in_process(tables, q5), q5).result["histograms"]["age"]
+        assert sum(h["counts"]) == 920
+        assert all(c == 0 or c >= 5 for c in h["counts"])

@@ -46,6 +46,9 @@ class Query:
             site refuses the query with the reason).
         bins: histogram bins over the agreed range, behind medians and quantiles.
         quantiles: extra quantiles of every numeric column (the median and quartiles always).
+        histograms: numeric columns whose histogram is released.
+        bounds: ``(column, low, high)``: given histogram ranges (public), instead of the range
+            the sites' coarsened ranges agree on.
         crosstabs: pairs of categorical columns to cross-tabulate.
         correlation: numeric columns for a covariance/correlation matrix (complete cases).
         survival: ``(time, event, group)`` columns for Kaplan–Meier curves, or None.
@@ -67,6 +70,8 @@ class Query:
     suppress: Literal["suppress", "refuse"] = "suppress"
     bins: int = 200
     quantiles: tuple[float, ...] = ()
+    histograms: tuple[str, ...] = ()
+    bounds: tuple[tuple[str, float, float], ...] = ()
     crosstabs: tuple[tuple[str, str], ...] = ()
     correlation: tuple[str, ...] = ()
     survival: tuple[str, str, str] | None = None
@@ -102,9 +107,16 @@ class Query:
             columns=tuple(analysis.columns), where=analysis.where, group_by=analysis.group_by,
             categorical=tuple(analysis.categorical), max_levels=analysis.max_levels,
             min_count=analysis.min_count, suppress=analysis.suppress, bins=analysis.bins,
-            quantiles=tuple(analysis.quantiles), crosstabs=tuple(pairs),
+            quantiles=tuple(analysis.quantiles), histograms=tuple(analysis.histograms),
+            bounds=_bounds(analysis.bounds), crosstabs=tuple(pairs),
             correlation=tuple(analysis.correlation), survival=survival, secure=secure,
         )
+
+    def given_range(self, name: str) -> tuple[float, float] | None:
+        for col, lo, hi in self.bounds:
+            if col == name:
+                return lo, hi
+        return None
 
     def needed(self) -> tuple[str, ...]:
         """Every column the query reads besides ``columns`` (group, crosstab, correlation,
@@ -115,6 +127,12 @@ class Query:
             if name:
                 seen.setdefault(name, None)
         return tuple(seen)
+
+
+def _bounds(entries: Sequence[str]) -> tuple[tuple[str, float, float], ...]:
+    from consortium.analytics.dp import parse_bounds
+
+    return tuple((c, lo, hi) for c, (lo, hi) in parse_bounds(entries).items())
 
 
 @dataclass(frozen=True)

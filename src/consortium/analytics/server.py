@@ -65,6 +65,9 @@ def agree(profiles: Sequence[Profile], query: Query) -> Schema:
             specs[name] = ColumnSpec(name, "categorical", tuple(sorted(cats, key=sort_key)))
             continue
         ranges = [p.ranges[name] for p in answering if name in p.ranges]
+        given = query.given_range(name)
+        if given is not None:
+            ranges = [given]
         if not ranges:
             notes.append(f"{name}: no site holds 2 × min_count values; no median or quartiles")
             specs[name] = ColumnSpec(name, "numeric")
@@ -271,6 +274,8 @@ def combine(answers: Sequence[Answer], schema: Schema, names: Sequence[str]) -> 
             tables[str(value)], _ = _table(total, f"g{g}", schema, names)
         result["groups"] = {"column": q.group_by, "tables": tables}
     result["quantile_bounds"] = bounds
+    if q.histograms:
+        result["histograms"] = {name: _histogram(total, schema, name) for name in q.histograms}
     if q.crosstabs:
         result["crosstabs"] = [_crosstab(total, schema, a, b) for a, b in q.crosstabs]
     if q.correlation:
@@ -286,6 +291,33 @@ def combine(answers: Sequence[Answer], schema: Schema, names: Sequence[str]) -> 
     }
     result["notes"] = list(schema.notes)
     return result
+
+
+def _histogram(t: _Totals, schema: Schema, name: str) -> dict[str, Any]:
+    """Counts between the edges every site released (all edges under secure aggregation or
+    DP), first and last bin open-ended; under secure aggregation adjacent bins of the total
+    are merged until each holds 0 or at least ``min_count``."""
+    spec = schema.spec(name)
+    if spec.kind != "numeric" or not spec.edges:
+        raise DataError(f"analysis.histograms: {name!r} is not a numeric column with a range")
+    key = f"all|{name}"
+    edges = np.asarray(spec.edges)
+    if t.noisy:
+        counts = np.maximum(np.round(t.values[f"{key}|hist"]), 0)
+        return {"edges": edges.tolist(), "counts": counts.astype(int).tolist(), "open_ends": True}
+    cdf = t.values[f"{key}|cdf"]
+    known = ~t.unknown[f"{key}|cdf"] if not t.secure else np.ones(cdf.size, dtype=bool)
+    if t.secure:
+        from consortium.analytics.site import _coarsen
+
+        known = _coarsen(np.diff(cdf, prepend=0.0), t.k)
+    points = np.flatnonzero(known)  # point i: values below edge i (the last: all values)
+    if points.size == 0:
+        return {"edges": [], "counts": [], "withheld": True}
+    kept = points[points < edges.size]
+    counts = np.diff(np.concatenate([[0.0], cdf[points]]))
+    bounds_out = [None] + [float(edges[i]) for i in kept] + ([None] if points[-1] == edges.size else [])
+    return {"edges": bounds_out, "counts": [int(round(c)) for c in counts], "open_ends": True}
 
 
 def _crosstab(t: _Totals, schema: Schema, a: str, b: str) -> dict[str, Any]:
