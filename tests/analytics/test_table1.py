@@ -358,3 +358,17 @@ def test_histograms_over_given_bounds_equal_pooled_and_respect_min_count() -> No
         h = run_query(in_process(tables, q5), q5).result["histograms"]["age"]
         assert sum(h["counts"]) == 920
         assert all(c == 0 or c >= 5 for c in h["counts"])
+
+
+@pytest.mark.slow
+def test_on_ray_gives_the_in_process_result() -> None:
+    pytest.importorskip("ray")
+    import ray
+
+    cfg = ExperimentConfig.from_dict({"executor": {"kind": "ray", "workers": 2}})
+    try:
+        on = analyze(cfg).result
+    finally:
+        ray.shutdown()
+    here = analyze(ExperimentConfig()).result
+    assert on["table1"] == here["table1"]

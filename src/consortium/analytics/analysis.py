@@ -21,7 +21,7 @@ from consortium.config import ExperimentConfig
 from consortium.data._tables import Table
 from consortium.errors import ConfigError
 
-__all__ = ["Analysis", "SiteCall", "analyze", "in_process", "run_query"]
+__all__ = ["Analysis", "DPRequest", "SiteCall", "analyze", "in_process", "on_ray", "run_query"]
 
 T = TypeVar("T")
 
@@ -38,6 +38,31 @@ def in_process(
 
     def call(fn: Callable[[SiteData], T]) -> list[T]:
         return [fn(d) for d in data]
+
+    return call
+
+
+def _at_site(fn: Callable[[SiteData], T], data: SiteData) -> T:
+    return fn(data)
+
+
+def on_ray(
+    tables: Mapping[str, Table], query: Query, *, budgets: Mapping[str, Any] | None = None,
+    address: str = "", workers: int = 0,
+) -> SiteCall:
+    """The sites as Ray tasks (``executor.kind = "ray"``): each site's table goes to the object
+    store once; every phase runs as one task per site on the cluster (``address``) or on a
+    local Ray started here (``workers`` CPUs). Needs ``pip install 'consortium[ray]'``."""
+    from consortium.executors.ray import RayExecutor
+
+    connector = RayExecutor(address=address, workers=workers)
+    connector._connect()  # the executor's own start-up (a private local Ray, or the cluster)
+    ray = connector._ray
+    refs = [ray.put(SiteData(t, query, budget=(budgets or {}).get(s))) for s, t in tables.items()]
+    remote = ray.remote(num_cpus=1)(_at_site)
+
+    def call(fn: Callable[[SiteData], T]) -> list[T]:
+        return list(ray.get([remote.remote(fn, ref) for ref in refs]))
 
     return call
 
@@ -175,8 +200,10 @@ def analyze(
         query = bias_query(query, tables, cfg)
     sa = cfg.secure_aggregation
     dp, budgets = _dp_parts(cfg, tables, out)
-    result = run_query(in_process(tables, query, budgets=budgets), query, threshold=sa.threshold,
-                       neighbours=sa.neighbours, dp=dp)
+    ex = cfg.executor
+    sites = (on_ray(tables, query, budgets=budgets, address=ex.address, workers=ex.workers)
+             if ex.kind == "ray" else in_process(tables, query, budgets=budgets))
+    result = run_query(sites, query, threshold=sa.threshold, neighbours=sa.neighbours, dp=dp)
     result.result["harmonisation"] = findings
     if bias:
         from consortium.analytics.bias import bias_report
