@@ -61,6 +61,13 @@ class DataConfig:
     target: str = ""
     site_column: str = ""
     server_test_fraction: float = 0.0
+    impute: Literal["mean", "median"] = "mean"
+    """Missing numeric values (heart-disease, csv, parquet): the federated mean, or the
+    federated median from summed histograms (binary columns: the majority value); a
+    ``<name>_missing`` indicator marks them either way. Simulation only for "median"."""
+    impute_categorical: Literal["indicator", "mode"] = "indicator"
+    """Missing categories: all-zero one-hot (the indicator marks them), or the federated
+    most frequent category."""
     harmonize: str = ""
     """A harmonisation file (``harmonize.toml``: code maps, renames, unit conversions) applied
     at each site before any training or query; see :mod:`consortium.data.harmonize`."""

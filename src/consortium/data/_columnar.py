@@ -22,7 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from consortium.data.preprocess import Column, SiteSummary, TabularEncoder, fit_encoder
+from consortium.data.preprocess import (
+    FILL_BINS,
+    Column,
+    SiteSummary,
+    TabularEncoder,
+    fill_edges,
+    fit_encoder,
+    with_imputation,
+)
 
 __all__ = ["Source", "SplitRows", "federated_encoding"]
 
@@ -55,13 +63,39 @@ class SplitRows:
 
 
 def federated_encoding(
-    sources: Sequence[Source], rows: SplitRows
+    sources: Sequence[Source], rows: SplitRows, *, impute: str = "mean",
+    impute_categorical: str = "indicator",
 ) -> tuple[TabularEncoder, np.ndarray, np.ndarray]:
     """``(encoder, x_train, x_test)``: what ``encode_sites`` returns for these sites, with the
     sites' encoded rows stacked (``float32``, rows in ``rows.train`` / ``rows.test`` order)."""
     columns = [s.column for s in sources]
     encoder = fit_encoder(columns, _merged_summary(sources, rows))
+    if impute != "mean" or impute_categorical != "indicator":
+        encoder = with_imputation(encoder, _fill_counts(encoder, sources, rows), impute=impute,
+                                  categorical=impute_categorical)
     return encoder, *_encode(encoder, sources, rows)
+
+
+def _fill_counts(
+    encoder: TabularEncoder, sources: Sequence[Source], rows: SplitRows
+) -> list[np.ndarray]:
+    """The summed :func:`~consortium.data.preprocess.site_fill_counts` of every site: counts
+    add, so the training rows of all sites are counted at once."""
+    out: list[np.ndarray] = []
+    for j, source in enumerate(sources):
+        if encoder.kinds[j] == "categorical":
+            codes, names = source.read()
+            index = {c: k for k, c in enumerate(encoder.categories[j])}
+            place = np.array([index.get(c, -1) for c in names] + [-1], dtype=np.int64)
+            p = place[codes[rows.train]]
+            out.append(np.bincount(p[p >= 0], minlength=len(index)))
+        else:
+            v = source.read()[rows.train]
+            v = v[~np.isnan(v)]
+            edges = fill_edges(encoder, j)
+            out.append(np.bincount(np.searchsorted(edges[1:-1], v, side="right"),
+                                   minlength=FILL_BINS))
+    return out
 
 
 def _merged_summary(sources: Sequence[Source], rows: SplitRows) -> SiteSummary:
@@ -200,14 +234,18 @@ def _encode(
                 p = place[taken]
                 hit = np.flatnonzero(p >= 0)
                 out[hit, pos + p[hit]] = 1.0
+                mode = encoder.fill_category[j] if encoder.fill_category is not None else None
+                if mode is not None:
+                    out[missing, pos + index[mode]] = 1.0
             pos += len(encoder.categories[j])
         else:
             values = source.read()
             mean, std = encoder.mean[j], encoder.std[j]
+            fill = mean if encoder.fill is None else encoder.fill[j]
             for out, r, buf, missing in zip(outs, parts, floats, flags):
                 np.take(values, r, out=buf)
                 np.isnan(buf, out=missing)
-                np.copyto(buf, mean, where=missing)  # np.where(missing, mean, x)
+                np.copyto(buf, fill, where=missing)  # np.where(missing, fill, x)
                 if kind == "continuous":
                     np.subtract(buf, mean, out=buf)
                     np.divide(buf, std, out=buf)

@@ -57,7 +57,8 @@ Format = Literal["csv", "parquet"]
 
 def load_csv(
     *, path: str, target: str, seed: int, site_column: str = "", test_fraction: float = 0.25,
-    harmonize: str | Path | Harmonization | None = None,
+    harmonize: str | Path | Harmonization | None = None, impute: str = "mean",
+    impute_categorical: str = "indicator",
 ) -> FederatedDataset:
     """Federated data from CSV files: see :func:`load_parquet`, which reads the same way.
 
@@ -74,12 +75,15 @@ def load_csv(
         site_column=site_column,
         test_fraction=test_fraction,
         harmonize=harmonize,
+        impute=impute,
+        impute_categorical=impute_categorical,
     )
 
 
 def load_parquet(
     *, path: str, target: str, seed: int, site_column: str = "", test_fraction: float = 0.25,
-    harmonize: str | Path | Harmonization | None = None,
+    harmonize: str | Path | Harmonization | None = None, impute: str = "mean",
+    impute_categorical: str = "indicator",
 ) -> FederatedDataset:
     """Federated data from Parquet files (needs ``pyarrow``: ``pip install 'consortium[parquet]'``).
 
@@ -129,6 +133,8 @@ def load_parquet(
         site_column=site_column,
         test_fraction=test_fraction,
         harmonize=harmonize,
+        impute=impute,
+        impute_categorical=impute_categorical,
     )
 
 
@@ -233,6 +239,7 @@ def label_order(labels: Iterable[Any]) -> list[Any]:
 def _load(
     fmt: Format, *, path: str, target: str, seed: int, site_column: str, test_fraction: float,
     single: bool = False, harmonize: str | Path | Harmonization | None = None,
+    impute: str = "mean", impute_categorical: str = "indicator",
 ) -> FederatedDataset:
     paths = _resolve(path, fmt)
     read = read_csv_table if fmt == "csv" else read_parquet_table
@@ -259,7 +266,8 @@ def _load(
         raise_for_errors(check_schemas(profiles, allow=h.allow if h is not None else ()))
     sources = [_source(rows, c, num) for c, num in zip(features, numeric)]
     split = _split(sites, y, seed=seed, test_fraction=test_fraction)
-    encoder, x_train, x_test = federated_encoding(sources, split)
+    encoder, x_train, x_test = federated_encoding(sources, split, impute=impute,
+                                                  impute_categorical=impute_categorical)
     labels = ", ".join(f"{i}={k}" for k, i in classes.items())
     return assemble_packed(
         fmt,

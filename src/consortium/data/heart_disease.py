@@ -60,7 +60,10 @@ _FEATURES: tuple[Column, ...] = (
 _ZERO_MEANS_MISSING = ("chol", "trestbps")
 
 
-def load_heart_disease(*, seed: int, test_fraction: float = 0.25) -> FederatedDataset:
+def load_heart_disease(
+    *, seed: int, test_fraction: float = 0.25, impute: str = "mean",
+    impute_categorical: str = "indicator",
+) -> FederatedDataset:
     """The UCI Heart Disease data, one client per hospital (920 patients).
 
     Clients, in order: ``cleveland`` (Cleveland Clinic Foundation, 303 patients), ``hungarian``
@@ -82,6 +85,10 @@ def load_heart_disease(*, seed: int, test_fraction: float = 0.25) -> FederatedDa
 
     Args:
         seed: the run seed; the same seed gives the same splits.
+        impute: ``"mean"`` (the federated mean) or ``"median"`` (the federated median, from
+            summed histograms) for missing numeric values.
+        impute_categorical: ``"indicator"`` (all zeros; the indicator marks them) or
+            ``"mode"`` (the federated most frequent category).
         test_fraction: the share of each hospital's patients held out for testing.
 
     Raises:
@@ -95,7 +102,8 @@ def load_heart_disease(*, seed: int, test_fraction: float = 0.25) -> FederatedDa
         tests.append(x[held])
         y_trains.append(y[keep])
         y_tests.append(y[held])
-    encoder, x_trains, x_tests = encode_sites(trains, tests, columns=_FEATURES)
+    encoder, x_trains, x_tests = encode_sites(trains, tests, columns=_FEATURES, impute=impute,
+                                              impute_categorical=impute_categorical)
     clients = [
         ClientArrays(site, x_trains[i], y_trains[i], x_tests[i], y_tests[i])
         for i, site in enumerate(SITES)

@@ -17,6 +17,7 @@ benchmarks such as FLamby (Ogier du Terrail et al. 2022).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ __all__ = [
     "encode_sites",
     "federated_mean_std",
     "fit_encoder",
+    "site_fill_counts",
+    "with_imputation",
     "merge_summaries",
     "summarize_site",
 ]
@@ -194,7 +197,8 @@ class TabularEncoder:
     A column with a missing value anywhere (any site, train or test) is followed by a 0/1
     ``<name>_missing`` indicator, and its missing values are imputed with the federated mean
     (which standardises to 0; for binary columns it is the share of ones) or, for categorical
-    columns, with all zeros (the indicator marks them).
+    columns, with all zeros (the indicator marks them). :func:`with_imputation` replaces those
+    with the federated median (binary columns: the majority value) and the federated mode.
     """
 
     columns: tuple[Column, ...]
@@ -204,6 +208,8 @@ class TabularEncoder:
     indicator: np.ndarray
     categories: tuple[tuple[Any, ...], ...]
     feature_names: tuple[str, ...]
+    fill: np.ndarray | None = None  # numeric imputation values; None: the federated mean
+    fill_category: tuple[Any, ...] | None = None  # per column, the category imputed, or None
 
     @property
     def num_features(self) -> int:
@@ -225,12 +231,16 @@ class TabularEncoder:
                 for i, v in enumerate(values):
                     if v in index:
                         onehot[i, index[v]] = 1.0
-                blocks.append(onehot)
                 missing = np.array([v is None for v in values], dtype=bool)
+                mode = self.fill_category[j] if self.fill_category is not None else None
+                if mode is not None:
+                    onehot[missing, index[mode]] = 1.0
+                blocks.append(onehot)
             else:
                 values_f = _numbers(x[:, j], col.name)
                 missing = np.isnan(values_f)
-                filled = np.where(missing, self.mean[j], values_f)
+                fill = self.mean[j] if self.fill is None else self.fill[j]
+                filled = np.where(missing, fill, values_f)
                 if kind == "continuous":
                     filled = (filled - self.mean[j]) / self.std[j]
                 blocks.append(filled[:, None])
@@ -282,9 +292,11 @@ def fit_encoder(columns: Sequence[Column], summary: SiteSummary) -> TabularEncod
 
 
 def encode_sites(
-    trains: Sequence[np.ndarray], tests: Sequence[np.ndarray], *, columns: Sequence[Column]
+    trains: Sequence[np.ndarray], tests: Sequence[np.ndarray], *, columns: Sequence[Column],
+    impute: str = "mean", impute_categorical: str = "indicator",
 ) -> tuple[TabularEncoder, list[np.ndarray], list[np.ndarray]]:
-    """Run the three steps for simulated sites: summarise, merge, fit, transform.
+    """Run the three steps for simulated sites: summarise, merge, fit, transform (with a
+    fourth, the fill counts of :func:`site_fill_counts`, for median or mode imputation).
 
     Returns:
         ``(encoder, encoded trains, encoded tests)``, in the order of the sites given.
@@ -293,7 +305,83 @@ def encode_sites(
         raise DataError(f"got {len(trains)} train tables but {len(tests)} test tables")
     summaries = [summarize_site(tr, columns=columns, holdout=te) for tr, te in zip(trains, tests)]
     encoder = fit_encoder(columns, merge_summaries(summaries))
+    if impute != "mean" or impute_categorical != "indicator":
+        counts = [site_fill_counts(tr, encoder) for tr in trains]
+        total = [sum(c[j] for c in counts) for j in range(len(columns))]
+        encoder = with_imputation(encoder, total, impute=impute, categorical=impute_categorical)
     return encoder, [encoder.transform(t) for t in trains], [encoder.transform(t) for t in tests]
+
+
+#: Bins of the histogram behind the federated median: mean ± 6 sd in 1,200 bins of 0.01 sd.
+FILL_BINS = 1200
+FILL_SPAN = 6.0
+
+
+def fill_edges(encoder: TabularEncoder, j: int) -> np.ndarray:
+    """The histogram edges for column ``j``'s federated median: the federated mean ± 6
+    standard deviations (already shared, so the edges reveal nothing new), 0.01 sd apart."""
+    m, s = float(encoder.mean[j]), float(encoder.std[j])
+    return np.linspace(m - FILL_SPAN * s, m + FILL_SPAN * s, FILL_BINS + 1)
+
+
+def site_fill_counts(train: np.ndarray, encoder: TabularEncoder) -> list[np.ndarray]:
+    """At a site: per column, the counts the federated fill values need — a histogram of a
+    numeric column's present training values over :func:`fill_edges` (end bins open), or the
+    count of each agreed category. Counts add across sites to the pooled counts exactly."""
+    x = _check_table(train, encoder.columns, "input")
+    out: list[np.ndarray] = []
+    for j, (col, kind) in enumerate(zip(encoder.columns, encoder.kinds)):
+        if kind == "categorical":
+            index = {c: k for k, c in enumerate(encoder.categories[j])}
+            codes = [index.get(_category(v), -1) for v in x[:, j]]
+            arr = np.asarray(codes, dtype=np.int64)
+            out.append(np.bincount(arr[arr >= 0], minlength=len(index)))
+        else:
+            v = _numbers(x[:, j], col.name)
+            v = v[~np.isnan(v)]
+            edges = fill_edges(encoder, j)
+            out.append(np.bincount(np.searchsorted(edges[1:-1], v, side="right"),
+                                   minlength=FILL_BINS))
+    return out
+
+
+def with_imputation(
+    encoder: TabularEncoder, counts: Sequence[np.ndarray], *, impute: str = "median",
+    categorical: str = "mode",
+) -> TabularEncoder:
+    """The encoder imputing the federated median (``impute = "median"``; a binary column's
+    majority value) and the federated mode of each categorical column
+    (``categorical = "mode"``), from the summed :func:`site_fill_counts`. The median is read
+    off the histogram by linear interpolation inside the bin holding the half-way rank: within
+    0.01 standard deviation of the pooled median. The ``<name>_missing`` indicators stay."""
+    if impute not in ("mean", "median"):
+        raise DataError(f"data.impute = {impute!r}: expected \"mean\" or \"median\"")
+    if categorical not in ("indicator", "mode"):
+        raise DataError(
+            f"data.impute_categorical = {categorical!r}: expected \"indicator\" or \"mode\""
+        )
+    fill = encoder.mean.astype(np.float64).copy()
+    modes: list[Any] = [None] * len(encoder.columns)
+    for j, kind in enumerate(encoder.kinds):
+        c = np.asarray(counts[j], dtype=np.float64)
+        if kind == "categorical":
+            if categorical == "mode" and c.sum() > 0:
+                modes[j] = encoder.categories[j][int(np.argmax(c))]
+        elif impute == "median" and c.sum() > 0:
+            if kind == "binary":
+                fill[j] = 1.0 if encoder.mean[j] >= 0.5 else 0.0
+            else:
+                edges = fill_edges(encoder, j)
+                cdf = np.cumsum(c)
+                half = 0.5 * cdf[-1]
+                b = int(np.searchsorted(cdf, half, side="left"))
+                before = cdf[b - 1] if b else 0.0
+                share = (half - before) / c[b] if c[b] else 0.5
+                fill[j] = edges[b] + share * (edges[b + 1] - edges[b])
+    return dataclasses.replace(
+        encoder, fill=fill if impute == "median" else None,
+        fill_category=tuple(modes) if categorical == "mode" else None,
+    )
 
 
 # -- values -------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ DATASETS: dict[str, str] = {
 }
 
 _SITED = ("heart-disease", "synthetic", "csv", "parquet")
+_TABLES = ("heart-disease", "csv", "parquet")
 
 
 def load_dataset(cfg: DataConfig, *, seed: int) -> FederatedDataset:
@@ -66,10 +67,16 @@ def load_dataset(cfg: DataConfig, *, seed: int) -> FederatedDataset:
             f"data.harmonize applies to your own csv or parquet files, not to {name!r}; "
             "remove it (set it to \"\")"
         )
+    if (cfg.impute, cfg.impute_categorical) != ("mean", "indicator") and name not in _TABLES:
+        raise DataError(
+            f"data.impute / data.impute_categorical apply to tables with missing values "
+            f"(heart-disease, csv, parquet), not to {name!r}; remove them"
+        )
     if name == "heart-disease":
         from consortium.data.heart_disease import load_heart_disease
 
-        return load_heart_disease(seed=seed, test_fraction=cfg.test_fraction)
+        return load_heart_disease(seed=seed, test_fraction=cfg.test_fraction, impute=cfg.impute,
+                                  impute_categorical=cfg.impute_categorical)
     if name == "synthetic":
         from consortium.data.synthetic import load_synthetic
 
@@ -92,6 +99,8 @@ def load_dataset(cfg: DataConfig, *, seed: int) -> FederatedDataset:
             site_column=cfg.site_column,
             test_fraction=cfg.test_fraction,
             harmonize=cfg.harmonize or None,
+            impute=cfg.impute,
+            impute_categorical=cfg.impute_categorical,
         )
     from consortium.data.sklearn_sets import load_breast_cancer, load_digits
 
