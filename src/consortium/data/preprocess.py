@@ -34,10 +34,10 @@ __all__ = [
     "encode_sites",
     "federated_mean_std",
     "fit_encoder",
-    "site_fill_counts",
-    "with_imputation",
     "merge_summaries",
+    "site_fill_counts",
     "summarize_site",
+    "with_imputation",
 ]
 
 ColumnKind = Literal["continuous", "binary", "categorical", "numeric"]
@@ -307,7 +307,7 @@ def encode_sites(
     encoder = fit_encoder(columns, merge_summaries(summaries))
     if impute != "mean" or impute_categorical != "indicator":
         counts = [site_fill_counts(tr, encoder) for tr in trains]
-        total = [sum(c[j] for c in counts) for j in range(len(columns))]
+        total = [np.sum([c[j] for c in counts], axis=0) for j in range(len(columns))]
         encoder = with_imputation(encoder, total, impute=impute, categorical=impute_categorical)
     return encoder, [encoder.transform(t) for t in trains], [encoder.transform(t) for t in tests]
 
