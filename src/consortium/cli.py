@@ -147,6 +147,12 @@ def _parser() -> argparse.ArgumentParser:
                      "(0: no floor)")
     srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     srv.add_argument("--no-progress", action="store_true", help="no progress bar")
+    srv.add_argument("--analyze", action="store_true",
+                     help="run the experiment's [analysis] with the sites instead of training: "
+                     "writes analysis.json, table1.csv and analysis.html into --out, as "
+                     "`consortium analyze` does (--round-timeout: seconds per phase)")
+    srv.add_argument("--bias", action="store_true",
+                     help="with --analyze: also the bias and representation report")
     cli_ = sub.add_parser("client", help="serve one site's data to a consortium server")
     cli_.add_argument("--server", required=True, help="HOST:PORT of the server")
     cli_.add_argument("--site", required=True, help="this site's provisioned name")
@@ -157,7 +163,8 @@ def _parser() -> argparse.ArgumentParser:
     cli_.add_argument("--policy", metavar="FILE",
                       help="this site's policy (TOML: max_epsilon, delta, min_sites, approve, "
                       "models, algorithms, require_dp, require_secure_aggregation, "
-                      "trust_server_noise, send_metrics, secagg_threshold, secagg_neighbours); "
+                      "trust_server_noise, send_metrics, secagg_threshold, secagg_neighbours, "
+                      "min_count); "
                       "experiments and tasks that would break it are refused")
     cli_.add_argument("--harmonize", metavar="FILE",
                       help="this site's harmonize.toml: code maps, renames and unit conversions "
@@ -183,6 +190,8 @@ def _parser() -> argparse.ArgumentParser:
     man.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     man.add_argument("--json", action="store_true", help="print JSON (manifest and sha256)")
     man.add_argument("--hash", action="store_true", help="print only the hash (for --approve)")
+    man.add_argument("--analyze", action="store_true",
+                     help="the manifest of the experiment's analysis (consortium server --analyze)")
     audit = sub.add_parser("audit", help="check a run's hash-chained audit log")
     asub = audit.add_subparsers(dest="audit_command", required=True)
     aver = asub.add_parser("verify", help="verify every link of RUN_DIR/audit.jsonl")
@@ -438,8 +447,22 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="consortium server: %(message)s")
     certs = _secure_or_insecure(args)
+    if args.analyze:
+        return _cmd_server_analysis(args, certs)
+    if args.bias:
+        raise ConsortiumError("--bias goes with --analyze (the bias report of an analysis)")
     if bool(args.out) == bool(args.resume):
         raise ConsortiumError("give --out RUN_DIR for a new run or --resume RUN_DIR, exactly one")
+    if args.config:
+        from consortium.config import load_config
+
+        data = load_config(args.config, args.overrides).data
+        if (data.impute, data.impute_categorical) != ("mean", "indicator"):
+            raise ConsortiumError(
+                "data.impute = \"median\" and data.impute_categorical = \"mode\" need a second "
+                "round of site counts that the deployment's encoding does not have yet; deploy "
+                "with the federated mean and the missing indicators (the defaults)"
+            )
     result = serve(
         args.config, listen=args.listen, certs=certs, out=args.out or args.resume,
         min_sites=args.min_sites, overrides=args.overrides,
@@ -450,6 +473,29 @@ def _cmd_server(args: argparse.Namespace) -> int:
     )
     assert result.run_dir is not None
     _print_results(result.summary, result.run_dir)
+    return EXIT_OK
+
+
+def _cmd_server_analysis(args: argparse.Namespace, certs: str | None) -> int:
+    from consortium.analytics.report import table1_text
+    from consortium.deploy.analytics import serve_analysis
+
+    if not args.out or args.resume:
+        raise ConsortiumError("--analyze writes a new analysis: give --out DIR (no --resume)")
+    result = serve_analysis(
+        args.config, listen=args.listen, certs=certs, out=args.out, bias=args.bias,
+        min_sites=args.min_sites, overrides=args.overrides,
+        register_timeout=args.register_timeout, round_timeout=args.round_timeout,
+        heartbeat_s=args.heartbeat, stream_idle_timeout=args.stream_idle_timeout,
+        stream_min_rate=args.stream_min_rate,
+    )
+    print(table1_text(result.result))
+    excluded = result.result["sites"]["excluded"]
+    for site, why in excluded.items():
+        print(f"left out: {site}: {why}")
+    written = "analysis.json, table1.csv, analysis.html" + (
+        ", bias.json, bias.html" if result.bias is not None else "")
+    print(f"\nwrote {written} in {args.out}")
     return EXIT_OK
 
 
@@ -474,6 +520,17 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
     from consortium.config import load_config
 
     cfg = load_config(args.config, list(args.overrides))
+    if args.analyze:
+        from consortium.deploy.analysis_site import analysis_manifest, format_analysis_manifest
+
+        manifest = analysis_manifest(cfg)
+        if args.hash:
+            print(manifest_hash(manifest))
+        elif args.json:
+            print(json.dumps({"manifest": manifest, "sha256": manifest_hash(manifest)}, indent=2))
+        else:
+            print(format_analysis_manifest(manifest))
+        return EXIT_OK
     manifest = experiment_manifest(cfg)
     if args.hash:
         print(manifest_hash(manifest))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from consortium.cli import main
 from consortium.data._rng import generator
 from consortium.data.files import load_csv
 from consortium.data.heart_disease import _FEATURES, SITES, _read_site, load_heart_disease
@@ -78,3 +79,11 @@ def test_csv_sites_columnar_path_matches_the_per_site_protocol(tmp_path: Path) -
     filled = set(np.round(x[flag, names.index("age")], 5))
     assert len(filled) == 1
     assert np.all(x[x[:, names.index("smoker_missing")] == 1][:, names.index("smoker=no")] == 1)
+
+
+def test_deployment_refuses_median_imputation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[data]\nimpute = "median"\n')
+    code = main(["server", str(cfg), "--insecure", "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "second round of site counts" in capsys.readouterr().err

@@ -96,24 +96,41 @@ def run_query(
 ) -> Analysis:
     """Both phases over ``call``'s sites: profile, agree, describe, combine."""
     if dp is not None:  # the public declaration alone: nothing data-dependent outside the noise
-        from consortium.analytics import dp as dpm
-
-        first = call(lambda d: d.names)[0]
-        schema = dpm.declared_schema(query, dp.bounds, dp.categories, first)
-        cols = list(query.columns) or [n for n in first if n in schema.columns]
-        plan = dpm.plan_noise(schema, cols, epsilon=dp.epsilon, delta=dp.delta,
-                              mechanism=dp.mechanism)
-        query = replace(query, dp=plan, columns=tuple(cols))
-        schema = replace(schema, query=query)
+        query, schema = dp_schema(query, dp, call(lambda d: d.names)[0])
         profiles: list[Profile] = []
     else:
         profiles = call(profile)
         schema = agree(profiles, query)
     answers: list[Answer] = call(lambda d: describe(d, schema))
+    sites = len(answers)
     if query.secure:  # the server half of SecAgg+ sees masked vectors and one total
         from consortium.analytics.secure import secure_total
 
         answers = [secure_total(answers, threshold=threshold, neighbours=neighbours)]
+    return report(schema, profiles, answers, names=names, sites=sites)
+
+
+def dp_schema(query: Query, dp: DPRequest, names: Sequence[str]) -> tuple[Query, Schema]:
+    """The query with its noise plan and the schema from the public declarations under DP
+    (``names``: the first site's columns, whose order a query of every column follows)."""
+    from consortium.analytics import dp as dpm
+
+    schema = dpm.declared_schema(query, dp.bounds, dp.categories, names)
+    cols = list(query.columns) or [n for n in names if n in schema.columns]
+    plan = dpm.plan_noise(schema, cols, epsilon=dp.epsilon, delta=dp.delta,
+                          mechanism=dp.mechanism)
+    query = replace(query, dp=plan, columns=tuple(cols))
+    return query, replace(schema, query=query)
+
+
+def report(
+    schema: Schema, profiles: list[Profile], answers: list[Answer], *,
+    names: Sequence[str] | None = None, sites: int,
+) -> Analysis:
+    """The analysis from the phase-2 answers (one secure total under secure aggregation):
+    the statistics (:func:`~consortium.analytics.server.combine`), the query, the protection
+    in force and, under DP, each statistic's noise; ``sites``: how many sites answered."""
+    query = schema.query
     wanted = list(names or query.columns or schema.columns)
     result = combine(answers, schema, wanted)
     result["query"] = _query_json(query)
@@ -138,7 +155,6 @@ def run_query(
     if query.dp is not None:
         from consortium.analytics.dp import noise_sd
 
-        sites = len(call(lambda d: d.site))
         result["noise_sd"] = noise_sd(schema, query.dp, wanted, sites, result)
     return Analysis(result, schema, profiles, answers)
 

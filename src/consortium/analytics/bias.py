@@ -37,7 +37,7 @@ from consortium.analytics.query import Query
 from consortium.config import ExperimentConfig
 from consortium.data._tables import Table
 
-__all__ = ["AGE_BANDS", "bias_html", "bias_query", "bias_report"]
+__all__ = ["AGE_BANDS", "bias_html", "bias_query", "bias_query_for", "bias_report"]
 
 AGE_BANDS = (40.0, 50.0, 60.0, 70.0)
 SEX_COLUMNS = ("sex", "gender")
@@ -57,6 +57,12 @@ def bias_query(query: Query, tables: Mapping[str, Table], cfg: ExperimentConfig)
     """The analysis' query with what the bias report needs: an ``age_band`` column when the
     data have an ``age`` column."""
     names = set.intersection(*(set(t.names) for t in tables.values())) if tables else set()
+    return bias_query_for(query, names, cfg)
+
+
+def bias_query_for(query: Query, names: set[str], cfg: ExperimentConfig) -> Query:
+    """:func:`bias_query` from the columns every site has (``names``), e.g. as deployed sites
+    report them."""
     bands = tuple(query.bands)
     if "age" in names and not any(c == "age" for c, _ in bands):
         bands += (("age", AGE_BANDS),)

@@ -19,7 +19,7 @@ from consortium.config import DataConfig
 from consortium.data._tables import Table, label_codes, read_csv_table, read_parquet_table
 from consortium.errors import DataError
 
-__all__ = ["heart_disease_tables", "site_tables"]
+__all__ = ["heart_disease_tables", "site_table", "site_tables"]
 
 
 def site_tables(data: DataConfig) -> dict[str, Table]:
@@ -50,22 +50,70 @@ def site_tables(data: DataConfig) -> dict[str, Table]:
 def heart_disease_tables() -> dict[str, Table]:
     """The four hospitals' files as recorded: 14 numeric columns (``num`` the diagnosis,
     0–4), ``?`` missing, zeros kept."""
-    import pyarrow as pa
-
-    from consortium.data.heart_disease import COLUMNS, SITES
+    from consortium.data.heart_disease import SITES
 
     out: dict[str, Table] = {}
     for site, name in SITES.items():
         text = (files("consortium.data") / "_heart_disease" / name).read_text(encoding="ascii")
-        rows = [line.strip().split(",") for line in text.splitlines() if line.strip()]
-        cells = np.array(rows, dtype=object)
-        columns: dict[str, Any] = {}
-        for j, col in enumerate(COLUMNS):
-            raw = cells[:, j]
-            values = np.where(raw == "?", np.nan, raw).astype(np.float64)
-            columns[col] = pa.array(values, from_pandas=True)
-        out[site] = Table(Path(name), site, list(COLUMNS), columns, lambda i: f"line {i + 1}")
+        out[site] = _hospital(text, Path(name), site)
     return out
+
+
+def _hospital(text: str, path: Path, site: str) -> Table:
+    import pyarrow as pa
+
+    from consortium.data.heart_disease import COLUMNS
+
+    rows = [line.strip().split(",") for line in text.splitlines() if line.strip()]
+    if not rows or any(len(r) != len(COLUMNS) for r in rows):
+        raise DataError(
+            f"{path} is not a heart-disease hospital file: every line must hold "
+            f"{len(COLUMNS)} comma-separated values ({', '.join(COLUMNS)})"
+        )
+    cells = np.array(rows, dtype=object)
+    columns: dict[str, Any] = {}
+    for j, col in enumerate(COLUMNS):
+        raw = cells[:, j]
+        try:
+            values = np.where(raw == "?", np.nan, raw).astype(np.float64)
+        except ValueError:
+            raise DataError(f"{path}: column {col!r} holds a value that is not a number or "
+                            "'?'") from None
+        columns[col] = pa.array(values, from_pandas=True)
+    return Table(path, site, list(COLUMNS), columns, lambda i: f"line {i + 1}")
+
+
+def site_table(data: DataConfig, path: str | Path, site: str, harmonize: Any = None) -> Table:
+    """A deployed site's own raw table, named ``site``: its file (``consortium client --data``)
+    read as ``data.dataset`` says — a hospital file for ``heart-disease`` (as
+    :func:`heart_disease_tables` reads the packaged ones), else a CSV or Parquet file, without
+    ``data.site_column`` — then harmonised with the site's own ``harmonize``
+    (:class:`~consortium.data.harmonize.Harmonization`, its ``[site.<site>]`` sections too).
+
+    Raises:
+        DataError: an unreadable or malformed file, or a data set analysis does not read.
+    """
+    p = Path(path)
+    if data.dataset == "heart-disease":
+        try:
+            text = p.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read {str(p)!r}: {exc}") from None
+        table = _hospital(text, p, site)
+    elif data.dataset in ("csv", "parquet"):
+        read = read_csv_table if data.dataset == "csv" else read_parquet_table
+        found = _without(read(p), data.site_column)
+        table = Table(found.path, site, found.names, found.columns, found.where)
+    else:
+        raise DataError(
+            f"analysis reads tables; data.dataset = {data.dataset!r} is generated features. "
+            "Use heart-disease, csv or parquet"
+        )
+    if harmonize is not None:
+        from consortium.data.harmonize import apply
+
+        table = apply(table, harmonize, site=site)
+    return table
 
 
 def _file_tables(data: DataConfig) -> dict[str, Table]:

@@ -58,6 +58,7 @@ class _Session:
     run_id: str = ""
     server_key: Any = None  # checks the audit heads; None: the server signs none
     task_limit: int = TASK_OVERHEAD_BYTES  # the largest task accepted (task_limit of the model)
+    analysis: Any = None  # an analysis run's AnalysisSite (then ``site`` is None)
 
 
 class _Heartbeats:
@@ -214,6 +215,8 @@ class SiteRunner:
             )
         metadata = ((SESSION_METADATA_KEY, reply.session_id),)
         server_key = self._server_key(reply.server_certificate, reply.run_id)
+        if reply.purpose:
+            return self._connect_analysis(stub, reply, metadata, server_key)
         config, site = self._build(reply.config_toml, stub, metadata, reply.run_id)
         site.attach(self.policy, self._state_file(reply.run_id), self._kept.get(reply.run_id))
         self._kept = {reply.run_id: site}  # a reconnection to this run keeps the state
@@ -229,6 +232,43 @@ class SiteRunner:
                         heartbeat_s=max(float(reply.heartbeat_seconds or 30), 0.5),
                         run_id=reply.run_id, server_key=server_key,
                         task_limit=task_limit(layout))
+
+    def _connect_analysis(self, stub: Any, reply: Any, metadata: Any, server_key: Any) -> _Session:
+        """Join an analysis run (``consortium server --analyze``): review the analysis, read
+        this site's table, say it is ready (no data description: an analysis site declares no
+        sizes) and answer analysis tasks (:mod:`consortium.deploy.analysis_site`).
+
+        Raises:
+            ExperimentRefused: the operator did not approve the analysis, or its policy forbids it.
+            ConsortiumError: a purpose this version does not know, or the server refused us.
+        """
+        import tomllib
+
+        from consortium.config import ExperimentConfig
+        from consortium.deploy import analysis_site as analysis
+
+        if reply.purpose != "analysis":
+            raise ConsortiumError(f"the server runs a {peer_text(reply.purpose, 40)!r} run, which "
+                                  "this consortium version does not know; install the server's")
+        config = ExperimentConfig.from_dict(tomllib.loads(reply.config_toml))
+        reason = analysis.review_analysis(config, self.policy, approved=self.approve,
+                                          can_sign=self.identity is not None)
+        if reason is not None:
+            log.warning("refusing the analysis:\n%s",
+                        analysis.format_analysis_manifest(analysis.analysis_manifest(config)))
+            raise ExperimentRefused(f"site {self.site!r} refuses to join: {reason}")
+        site = analysis.analysis_site(
+            config, site=self.site, data=self.data, run_id=reply.run_id, policy=self.policy,
+            state_dir=self.state_dir, identity=self.identity, harmonize=self.harmonize,
+            floor=_secagg_floor(self.policy, can_sign=self.identity is not None),
+        )
+        ack = stub.Describe(analysis.ready_info(), metadata=metadata, timeout=30)
+        if not ack.accepted:
+            raise ConsortiumError(f"the server refused this site: {peer_text(ack.reason, 500)}")
+        log.info("registered as %r in analysis run %r", self.site, reply.run_id)
+        return _Session(stub, metadata, config, None,
+                        heartbeat_s=max(float(reply.heartbeat_seconds or 30), 0.5),
+                        run_id=reply.run_id, server_key=server_key, analysis=site)
 
     def _server_key(self, certificate: bytes, run_id: str) -> Any:
         """The key the server signs audit heads with, checked against the consortium CA, and
@@ -494,6 +534,7 @@ class SiteRunner:
     def _one(self, session: _Session) -> int | None:
         """Pull one work item and answer it: 1 if a task was answered, 0 if none, None at the end."""
         from consortium.deploy.codec import (
+            AnalysisTaskEnvelope,
             EvaluationEnvelope,
             ExchangeEnvelope,
             Finished,
@@ -522,8 +563,9 @@ class SiteRunner:
         if isinstance(item, ExchangeEnvelope):
             with _Heartbeats(session, item.round):
                 try:
-                    reply = session.site.client.respond(item.stage, item.phase, item.message,
-                                                        round=item.round)
+                    responder = session.analysis or session.site.client
+                    reply = responder.respond(item.stage, item.phase, item.message,
+                                              round=item.round)
                     out = ExchangeEnvelope(item.stage, item.phase, item.round, self.site, reply)
                 except ConsortiumError as exc:
                     out = ExchangeEnvelope(item.stage, item.phase, item.round, self.site, None,
@@ -539,6 +581,8 @@ class SiteRunner:
             if not ack.accepted:
                 log.warning("the server refused our %r reply: %s", item.phase, peer_text(ack.reason, 500))
             return 0
+        if isinstance(item, AnalysisTaskEnvelope):
+            return self._analysis_task(session, item)
         assert isinstance(item, TaskEnvelope)
         verified = self._check_head(session, item)
         upload: ResultEnvelope | EvaluationEnvelope | None = None
@@ -554,6 +598,24 @@ class SiteRunner:
             self._receipt(session, item, verified, upload, ack)
         if not ack.accepted:
             log.warning("the server refused our result: %s", peer_text(ack.reason, 500))
+        return 1
+
+    def _analysis_task(self, session: _Session, item: Any) -> int:
+        """Answer one analysis task (:meth:`AnalysisSite.answer
+        <consortium.deploy.analysis_site.AnalysisSite.answer>`) and push the answer."""
+        from consortium.deploy.codec import AnalysisResultEnvelope, chunk, encode_upload
+
+        with _Heartbeats(session, 1):
+            if session.analysis is None:
+                upload = AnalysisResultEnvelope(item.task_id, item.phase, refused=True,
+                                                error="this site joined a training run")
+            else:
+                upload = session.analysis.answer(item)
+            ack = session.stub.PushResult(chunk(encode_upload(upload), uuid.uuid4().hex),
+                                          metadata=session.metadata, timeout=600)
+        if not ack.accepted:
+            log.warning("the server refused our %s answer: %s", item.phase,
+                        peer_text(ack.reason, 500))
         return 1
 
     def _work(self, session: _Session, item: Any) -> Any:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
@@ -48,6 +48,8 @@ __all__ = [
     "MAX_NAME_CHARS",
     "MAX_NDIM",
     "SESSION_METADATA_KEY",
+    "AnalysisResultEnvelope",
+    "AnalysisTaskEnvelope",
     "DecodeError",
     "EncodeError",
     "EvaluationEnvelope",
@@ -59,6 +61,7 @@ __all__ = [
     "TaskEnvelope",
     "Wait",
     "chunk",
+    "chunk_frames",
     "decode_evaluation_result",
     "decode_evaluation_task",
     "decode_exchange",
@@ -77,6 +80,7 @@ __all__ = [
     "encode_tensor",
     "encode_upload",
     "encode_work",
+    "encode_work_parts",
     "reassemble",
 ]
 
@@ -173,6 +177,29 @@ class ExchangeEnvelope:
     client_id: str
     message: Any = None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class AnalysisTaskEnvelope:
+    """One phase of a federated analysis (``consortium server --analyze``): ``request`` is the
+    canonical JSON of :mod:`consortium.analytics.wire` (read there, with its checks)."""
+
+    task_id: str
+    phase: str
+    request: bytes
+
+
+@dataclass(frozen=True)
+class AnalysisResultEnvelope:
+    """A site's answer to an :class:`AnalysisTaskEnvelope`: ``body`` (canonical JSON), or
+    ``error`` (``refused``: under the site's own policy); ``nbytes``: its size on the wire."""
+
+    task_id: str
+    phase: str
+    body: bytes = b""
+    error: str | None = None
+    refused: bool = False
+    nbytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -976,7 +1003,8 @@ def _varint(n: int) -> bytes:
 
 
 def encode_work(
-    item: TaskEnvelope | ExchangeEnvelope | Wait | Finished, *, cache: ParametersCache | None = None
+    item: TaskEnvelope | ExchangeEnvelope | AnalysisTaskEnvelope | Wait | Finished, *,
+    cache: ParametersCache | None = None,
 ) -> bytes:
     """The serialized ``Work`` message that ``PullTask`` streams (cut it with :func:`chunk`).
 
@@ -987,13 +1015,7 @@ def encode_work(
         EncodeError: the item cannot be sent.
     """
     if cache is not None and isinstance(item, TaskEnvelope):
-        inner = pb.Task() if not item.evaluate else pb.EvaluationTask()
-        if item.evaluate:
-            _fill_evaluation_task(inner, item.task, item.task_id, parameters=False, head=item.head)
-        else:
-            _fill_task(inner, item.task, item.task_id, parameters=False, head=item.head)
-        body = inner.SerializeToString() + cache.field(item.task.parameters)
-        return _tag(2 if item.evaluate else 1) + _varint(len(body)) + body
+        return b"".join(encode_work_parts(item, cache=cache))
     msg = pb.Work()
     if isinstance(item, TaskEnvelope):
         if item.evaluate:
@@ -1003,6 +1025,10 @@ def encode_work(
     elif isinstance(item, ExchangeEnvelope):
         _fill_exchange(msg.exchange, item)
         msg.exchange.SetInParent()
+    elif isinstance(item, AnalysisTaskEnvelope):
+        with _encoding("analysis task"):
+            msg.analyze.task_id, msg.analyze.phase = item.task_id, item.phase
+            msg.analyze.request = bytes(item.request)
     elif isinstance(item, Wait):
         with _encoding("wait"):
             msg.wait.seconds = item.seconds
@@ -1013,9 +1039,33 @@ def encode_work(
     return msg.SerializeToString()
 
 
+def encode_work_parts(
+    item: TaskEnvelope | ExchangeEnvelope | AnalysisTaskEnvelope | Wait | Finished, *,
+    cache: ParametersCache,
+) -> tuple[bytes, ...]:
+    """:func:`encode_work`'s bytes as consecutive parts, never joined: a task is its own small
+    head followed by the round's serialized parameters, the very ``bytes`` object that
+    ``cache`` holds for every site's task (:func:`chunk_frames` cuts frames across the parts).
+
+    Raises:
+        EncodeError: the item cannot be sent.
+    """
+    if not isinstance(item, TaskEnvelope):
+        return (encode_work(item),)
+    inner = pb.Task() if not item.evaluate else pb.EvaluationTask()
+    if item.evaluate:
+        _fill_evaluation_task(inner, item.task, item.task_id, parameters=False, head=item.head)
+    else:
+        _fill_task(inner, item.task, item.task_id, parameters=False, head=item.head)
+    head = inner.SerializeToString()
+    parameters = cache.field(item.task.parameters)
+    size = len(head) + len(parameters)
+    return _tag(2 if item.evaluate else 1) + _varint(size) + head, parameters
+
+
 def decode_work(
     data: Buffer, *, expected_layout: Layout | None = None
-) -> TaskEnvelope | ExchangeEnvelope | Wait | Finished:
+) -> TaskEnvelope | ExchangeEnvelope | AnalysisTaskEnvelope | Wait | Finished:
     """The piece of work a serialized ``Work`` message holds (the client side of ``PullTask``).
 
     Raises:
@@ -1036,10 +1086,14 @@ def decode_work(
         return Wait(seconds)
     if kind == "finished":
         return Finished(msg.finished.reason)
+    if kind == "analyze":
+        task = msg.analyze
+        return AnalysisTaskEnvelope(_check_id(task.task_id, "task id"),
+                                    _check_id(task.phase, "analysis phase"), bytes(task.request))
     raise DecodeError("work: the message is empty; expected a task, an exchange, wait or finished")
 
 
-def encode_upload(item: ResultEnvelope | EvaluationEnvelope) -> bytes:
+def encode_upload(item: ResultEnvelope | EvaluationEnvelope | AnalysisResultEnvelope) -> bytes:
     """The serialized ``Upload`` message that ``PushResult`` streams (cut it with :func:`chunk`).
 
     Raises:
@@ -1050,12 +1104,20 @@ def encode_upload(item: ResultEnvelope | EvaluationEnvelope) -> bytes:
         _fill_result(msg.result, item.result, item.task_id)
     elif isinstance(item, EvaluationEnvelope):
         _fill_evaluation_result(msg.evaluation, item.result, item.task_id)
+    elif isinstance(item, AnalysisResultEnvelope):
+        with _encoding("analysis result"):
+            a = msg.analysis
+            a.task_id, a.phase, a.body, a.refused = item.task_id, item.phase, item.body, item.refused
+            if item.error is not None:
+                if item.body:
+                    raise EncodeError("an analysis result carries either a body or an error")
+                a.error = item.error
     else:
         raise EncodeError(f"a {type(item).__name__} is not an upload")
     return msg.SerializeToString()
 
 
-def decode_upload(data: Buffer) -> ResultEnvelope | EvaluationEnvelope:
+def decode_upload(data: Buffer) -> ResultEnvelope | EvaluationEnvelope | AnalysisResultEnvelope:
     """The result or evaluation a serialized ``Upload`` message holds, with its size on the wire.
 
     Raises:
@@ -1067,6 +1129,14 @@ def decode_upload(data: Buffer) -> ResultEnvelope | EvaluationEnvelope:
         return _result_of(msg.result, len(data))
     if kind == "evaluation":
         return _evaluation_result_of(msg.evaluation, len(data))
+    if kind == "analysis":
+        a = msg.analysis
+        error = _check_name(a.error, "analysis error") if a.HasField("error") else None
+        if error is not None and a.body:
+            raise DecodeError("analysis result: both a body and an error")
+        return AnalysisResultEnvelope(_check_id(a.task_id, "task id"),
+                                      _check_id(a.phase, "analysis phase"), bytes(a.body), error,
+                                      bool(a.refused), len(data))
     raise DecodeError("upload: the message is empty; expected a result or an evaluation")
 
 
@@ -1098,6 +1168,45 @@ def chunk(
             data=bytes(view[offset:end]),
             last=end == total,
         )
+        if end == total:
+            return
+        offset = end
+
+
+def chunk_frames(
+    parts: Sequence[Buffer], stream_id: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Iterator[bytes]:
+    """The serialized ``Chunk`` frames that :func:`chunk` cuts from the parts joined, without
+    joining them: a frame is its header fields, serialized by protobuf, followed by its
+    ``data`` field spliced in (a message's fields may come in any order), so each frame's
+    payload is copied once, from the parts, and a part shared by many streams (the round's
+    serialized model, :func:`encode_work_parts`) is never copied whole. The frames parse to
+    the same messages as :func:`chunk`'s.
+
+    Raises:
+        ValueError: ``chunk_size < 1``.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"expected chunk_size >= 1, found {chunk_size}")
+    views = [memoryview(part).cast("B") for part in parts]
+    total = sum(len(view) for view in views)
+    offset, index, start = 0, 0, 0  # the next frame's first byte: its part and place in it
+    while True:
+        end = min(offset + chunk_size, total)
+        pieces: list[memoryview] = []
+        need = end - offset
+        while need:
+            view = views[index]
+            take = min(need, len(view) - start)
+            if take:
+                pieces.append(view[start:start + take])
+            start, need = start + take, need - take
+            if start == len(view):
+                index, start = index + 1, 0
+        header = pb.Chunk(stream_id=stream_id, offset=offset, total_size=total,
+                          last=end == total).SerializeToString()
+        size = end - offset
+        yield b"".join([header, _tag(4), _varint(size), *pieces]) if size else header
         if end == total:
             return
         offset = end

@@ -25,6 +25,7 @@ from typing import Any
 
 from consortium.deploy.audit import AuditHead, AuditLog, update_digest
 from consortium.deploy.codec import (
+    AnalysisResultEnvelope,
     DecodeError,
     EvaluationEnvelope,
     ExchangeEnvelope,
@@ -90,9 +91,9 @@ class _Site:
 class _Pending:
     site: str
     round: int
-    kind: str  # "train" or "evaluate"
+    kind: str  # "train", "evaluate" or "analysis"
     future: cf.Future[Any]
-    expected: ExpectedTask
+    expected: Any  # an ExpectedTask; an analysis task's: an object with check(upload)
 
 
 class Hub:
@@ -109,14 +110,19 @@ class Hub:
         registry: a checkpointed :meth:`registry` to resume with (its roster and encoding).
         signer: the server's key (:class:`~consortium.deploy.receipts.HeadSigner`): every task
             carries the audit log's head signed with it; None (``--insecure``): unsigned.
+        purpose: ``""`` (training) or ``"analysis"`` (``consortium server --analyze``), told to
+            every site at registration.
     """
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, *, config_toml: str, run_id: str,
         max_result_bytes: int, audit: AuditLog | None = None, summaries_expected: int = 0,
-        registry: Mapping[str, Any] | None = None, signer: Any = None,
+        registry: Mapping[str, Any] | None = None, signer: Any = None, purpose: str = "",
     ) -> None:
         self.loop = loop
+        self.purpose = purpose
+        # the largest analysis answer due (set by the analysis driver); 0: none
+        self.answer_bytes = 0
         self.config_toml = config_toml
         self.run_id = run_id
         self.max_result_bytes = max_result_bytes
@@ -416,7 +422,7 @@ class Hub:
         model. Before round 1 no task was sent, so no update can be due: only
         :data:`PRE_LAYOUT_UPLOAD_BYTES` (an evaluation's metrics fit many times over)."""
         if self.layout is None:
-            return min(self.max_result_bytes, PRE_LAYOUT_UPLOAD_BYTES)
+            return min(self.max_result_bytes, max(PRE_LAYOUT_UPLOAD_BYTES, self.answer_bytes))
         return min(self.max_result_bytes, 4 * self.layout.size * 4 + (1 << 20))
 
     def site_of(self, session: str) -> str:
@@ -472,14 +478,19 @@ class Hub:
         )
         return dataclasses.replace(head, signature=self.signer.sign(message))
 
-    def deliver(self, session: str, upload: ResultEnvelope | EvaluationEnvelope) -> tuple[bool, str]:
+    def deliver(
+        self, session: str, upload: ResultEnvelope | EvaluationEnvelope | AnalysisResultEnvelope,
+    ) -> tuple[bool, str]:
         """Validate an upload and hand it to the waiting round; ``(accepted, reason)``."""
         site = self.site_of(session)
         with self._lock:
             pending = self._pending.get(upload.task_id)
         if pending is None or pending.site != site:
-            return self.reject(site, upload.task_id, getattr(upload.result, "round", -1),
-                                "no such task open for this site (unknown, answered, or late)")
+            return self.reject(site, upload.task_id,
+                               getattr(getattr(upload, "result", None), "round", -1),
+                               "no such task open for this site (unknown, answered, or late)")
+        if pending.kind == "analysis" or isinstance(upload, AnalysisResultEnvelope):
+            return self._deliver_analysis(site, pending, upload)
         declared = self._declared(site)
         if isinstance(upload, EvaluationEnvelope):
             r = upload.result
@@ -527,6 +538,31 @@ class Hub:
             self._log("result", site=site, round=pending.round, task_id=upload.task_id,
                       error=result.error, refused=result.refused)
         self._finish(upload.task_id, result)
+        return True, ""
+
+    def _deliver_analysis(self, site: str, pending: _Pending, upload: Any) -> tuple[bool, str]:
+        """An analysis answer, checked by its task's ``expected.check`` (the analysis driver's,
+        :mod:`consortium.deploy.analytics`), which returns what the driver waits for or raises
+        :class:`RejectedResult`; a refused answer completes the task with that exception."""
+        import hashlib
+
+        if pending.kind != "analysis" or not isinstance(upload, AnalysisResultEnvelope):
+            why = (f"an analysis answer for a {pending.kind} task" if pending.kind != "analysis"
+                   else f"a {type(upload).__name__} for an analysis task")
+            self._finish(upload.task_id, Result(pending.round, site, None, error="rejected")
+                         if pending.kind == "train" else None if pending.kind == "evaluate"
+                         else RejectedResult(why, site=site, round=pending.round,
+                                             task_id=upload.task_id))
+            return self.reject(site, upload.task_id, pending.round, why)
+        try:
+            value = pending.expected.check(upload)
+        except RejectedResult as exc:
+            self._finish(upload.task_id, exc)
+            return self.reject(site, upload.task_id, pending.round, str(exc))
+        self._log("result", site=site, round=pending.round, task_id=upload.task_id,
+                  analysis=upload.phase, body_sha256=hashlib.sha256(upload.body).hexdigest(),
+                  refused=upload.refused)
+        self._finish(upload.task_id, value)
         return True, ""
 
     def _declared(self, site: str) -> SiteInfo | None:
@@ -700,7 +736,8 @@ class Hub:
             queue = entry.queue
         self.loop.call_soon_threadsafe(queue.put_nowait, item)
 
-    def expect(self, site: str, rnd: int, task_id: str, kind: str, expected: ExpectedTask) -> cf.Future[Any]:
+    def expect(self, site: str, rnd: int, task_id: str, kind: str,
+               expected: ExpectedTask | Any) -> cf.Future[Any]:
         future: cf.Future[Any] = cf.Future()
         gone = self.expelled.get(site) or (
             None if site in self._sites else f"site {site!r} is not connected"

@@ -34,11 +34,19 @@ from consortium.errors import ConfigError, ConsortiumError, MissingExtraError
 if TYPE_CHECKING:
     from consortium.server.sampling import SecretSampler
 
-__all__ = ["FederationService", "StreamLimits", "serve", "sites_to_wait_for", "tune_malloc"]
+__all__ = ["READ_BUFFER_BYTES", "FederationService", "StreamLimits", "serve", "sites_to_wait_for",
+           "tune_malloc"]
 
 log = logging.getLogger("consortium.server")
 
 MAX_RESULT_BYTES = 2 << 30
+
+READ_BUFFER_BYTES = 64 << 10
+"""The most a site's connection holds for its next read (gRPC's
+``grpc.experimental.tcp_max_read_buffer_size``). gRPC grows a connection's read buffer after
+every large read (to 2 MB and more after a 1 MB upload) and keeps its spare slices for the
+connection's next read, so 1,000 idle sites held 0.9 GB between their uploads
+(benchmarks/deployment/memory_probe.py)."""
 
 
 @dataclass(frozen=True)
@@ -52,21 +60,32 @@ class StreamLimits:
     0 turns the floor off. Both apply to uploads (``PushResult``, ``Exchange``) and to the
     task a site pulls (``PullTask``).
 
+    At most ``uploads_at_once`` uploads are read at a time; the others wait, unread, for a
+    place (their time waiting does not count against the idle timeout). A waiting upload
+    holds no more than its stream's HTTP/2 flow-control window (64 KiB) in gRPC, so when a
+    thousand sites answer together the server holds that many partly received uploads, not
+    a thousand.
+
     Args:
         idle_timeout_s: seconds without a frame before a stream is aborted
             (``consortium server --stream-idle-timeout``).
         min_rate: bytes a second a stream must average once it is older than
             ``idle_timeout_s`` (``--stream-min-rate``).
+        uploads_at_once: uploads (``PushResult``, ``Exchange``) read at the same time.
     """
 
     idle_timeout_s: float = 30.0
     min_rate: float = 16 * 1024
+    uploads_at_once: int = 32
 
     def __post_init__(self) -> None:
         if not self.idle_timeout_s > 0:
             raise ConfigError(f"--stream-idle-timeout {self.idle_timeout_s}: give seconds > 0, e.g. 30")
         if not self.min_rate >= 0:
             raise ConfigError(f"--stream-min-rate {self.min_rate}: give bytes a second >= 0 (0: off)")
+        if not self.uploads_at_once >= 1:
+            raise ConfigError(f"uploads_at_once = {self.uploads_at_once}: at least 1 upload must "
+                              "be read at a time, e.g. 32")
 
     def wait_s(self, started: float, moved: int, now: float) -> float:
         """How long the stream may wait for its next frame, having moved ``moved`` bytes
@@ -139,6 +158,10 @@ class FederationService:
         # at most this many tasks stream out at once: gRPC buffers every concurrent send, and
         # 1,000 sites pulling a 1 MB model together held gigabytes (benchmarks/deployment.py)
         self._sending = asyncio.Semaphore(32)
+        # and at most this many uploads are read at once (StreamLimits.uploads_at_once)
+        self._receiving = asyncio.Semaphore(self.limits.uploads_at_once)
+        self.reading = 0  # uploads being read now
+        self.reading_peak = 0  # the most read at once so far
         self._fingerprints: dict[bytes, str] = {}  # client certificate PEM -> SHA-256
 
     def current_registry(self) -> Any:
@@ -205,7 +228,7 @@ class FederationService:
         return pb.RegisterReply(
             session_id=session, server_version=package_version(), run_id=self.hub.run_id,
             heartbeat_seconds=self.heartbeat_s, config_toml=self.hub.config_toml,
-            server_certificate=self.hub.server_certificate,
+            server_certificate=self.hub.server_certificate, purpose=self.hub.purpose,
         )
 
     async def _session(self, context: Any) -> str:
@@ -301,14 +324,18 @@ class FederationService:
     async def PullTask(self, request: Any, context: Any) -> None:
         """Stream the site's next work item; a site that stops reading it (no frame taken for
         the idle timeout, or below the byte-rate floor) loses the stream and its place."""
-        from consortium.deploy.codec import chunk, encode_work
+        from consortium.deploy.codec import chunk_frames, encode_work_parts
 
         session = await self._session(context)
         wait_s = min(max(float(request.wait_seconds), 0.1), 60.0)
         item = await self.hub.next_work(session, wait_s)
         async with self._sending:
             started, sent = time.monotonic(), 0
-            for frame in chunk(encode_work(item, cache=self._parameters), uuid.uuid4().hex):
+            # serialized frames, each copied once from the round's shared model bytes (it
+            # was serialized for this site by concatenation, then sliced, wrapped and
+            # serialized again: four more copies of the model per site and round)
+            parts = encode_work_parts(item, cache=self._parameters)
+            for frame in chunk_frames(parts, uuid.uuid4().hex):
                 wait = self.limits.wait_s(started, sent, time.monotonic())
                 try:
                     await asyncio.wait_for(context.write(frame), max(wait, 0.001))
@@ -317,7 +344,7 @@ class FederationService:
                            f"{self.limits.min_rate:.0f} bytes/s; the stream is dropped")
                     log.warning("site %r: %s", self.hub.site_of(session), why)
                     await context.abort(_grpc().StatusCode.DEADLINE_EXCEEDED, why)
-                sent += len(frame.data)
+                sent += len(frame)
 
     @_guarded
     async def PushResult(self, request_iterator: Any, context: Any) -> Any:
@@ -342,7 +369,9 @@ class FederationService:
 
         One upload per site is in flight at a time: a second one on the same session is
         refused at once; one on a newer session (the site registered again) ends the old
-        session's stream, which nobody can answer any more. A stream that stalls is aborted
+        session's stream, which nobody can answer any more. At most
+        ``StreamLimits.uploads_at_once`` uploads are read at a time; the others wait, unread,
+        and their stall clock starts when their turn comes. A stream that stalls is aborted
         (:class:`StreamLimits`), its buffer released."""
         from consortium.deploy.proto import consortium_pb2 as pb
 
@@ -358,7 +387,14 @@ class FederationService:
         stop = asyncio.Event()
         self._uploads[site] = (session, stop)
         try:
-            raw = await _reassemble(frames, self.hub.upload_limit(), limits=self.limits, stop=stop)
+            async with self._receiving:  # wait, unread, for a place (StreamLimits)
+                self.reading += 1
+                self.reading_peak = max(self.reading_peak, self.reading)
+                try:
+                    raw = await _reassemble(frames, self.hub.upload_limit(), limits=self.limits,
+                                            stop=stop)
+                finally:
+                    self.reading -= 1
             accepted, reason = deliver(session, raw)
         except StreamStalled as exc:
             self.hub.reject(site, "-", -1, f"{what} dropped: {exc}")
@@ -475,6 +511,17 @@ def _lenient(message: Any) -> Callable[[bytes], Any]:
     return parse
 
 
+def _serializer(message: Any) -> Callable[[Any], bytes]:
+    """``message.SerializeToString``, passing through a reply that is serialized already
+    (``PullTask``'s frames, :func:`~consortium.deploy.codec.chunk_frames`)."""
+    serialize = message.SerializeToString
+
+    def run(reply: Any) -> bytes:
+        return reply if isinstance(reply, bytes) else bytes(serialize(reply))
+
+    return run
+
+
 def _add_service(service: FederationService, server: Any) -> None:
     """``add_FederationServicer_to_server``, with request parsers that never raise: a request
     that is not the message it should be reaches the handler as :class:`_Malformed` and is
@@ -495,7 +542,7 @@ def _add_service(service: FederationService, server: Any) -> None:
         handlers[method.name] = factory(
             getattr(service, method.name),
             request_deserializer=_lenient(getattr(pb, method.input_type.name)),
-            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            response_serializer=_serializer(getattr(pb, method.output_type.name)),
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("consortium.v1.Federation", handlers),))
@@ -565,7 +612,8 @@ class _ServerThread:
                    ("grpc.max_send_message_length", 8 << 20),
                    # HTTP/2 windows stay at 64 KiB instead of growing per connection: at
                    # 1,000 sites, 0.77x the CPU per upload and less memory (transport_floor.py)
-                   ("grpc.http2.bdp_probe", 0)]
+                   ("grpc.http2.bdp_probe", 0),
+                   ("grpc.experimental.tcp_max_read_buffer_size", READ_BUFFER_BYTES)]
         self._server = grpc.aio.server(options=options)
         if self.certs is not None:
             from consortium.deploy.provision import load_server_credentials

@@ -60,6 +60,10 @@ class SitePolicy:
     neighbours) and neighbour count it accepts in secure aggregation (0 keeps the built-in
     safe defaults). A deployed site counts ``min_sites`` from the signed secure-aggregation
     keys of its peers, so that rule needs secure aggregation with provisioned certificates.
+
+    Analytics (``consortium server --analyze``): ``min_count`` is the smallest nonzero count the
+    site releases, whatever the query asks (the site applies the larger of the two; 0: the
+    query's); ``max_epsilon`` and ``delta`` bound its DP releases (its own ledger).
     """
 
     max_epsilon: float = float("inf")
@@ -74,6 +78,7 @@ class SitePolicy:
     send_metrics: tuple[str, ...] = ()
     secagg_threshold: float = 0.0
     secagg_neighbours: int = 0
+    min_count: int = 0
 
     def __post_init__(self) -> None:
         if not self.max_epsilon > 0:
@@ -98,6 +103,11 @@ class SitePolicy:
             )
         if self.secagg_neighbours < 0:
             raise ConfigError(f"site policy secagg_neighbours = {self.secagg_neighbours} must be >= 0")
+        if isinstance(self.min_count, bool) or not isinstance(self.min_count, int) or self.min_count < 0:
+            raise ConfigError(
+                f"site policy min_count = {self.min_count!r} must be a whole number >= 0 (the "
+                "smallest nonzero count the site releases in an analysis; 0: the query's)"
+            )
 
     def review(
         self,

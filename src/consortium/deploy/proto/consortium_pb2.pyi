@@ -91,20 +91,22 @@ class RegisterRequest(_message.Message):
     def __init__(self, site: _Optional[str] = ..., token: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("session_id", "server_version", "run_id", "heartbeat_seconds", "config_toml", "server_certificate")
+    __slots__ = ("session_id", "server_version", "run_id", "heartbeat_seconds", "config_toml", "server_certificate", "purpose")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_TOML_FIELD_NUMBER: _ClassVar[int]
     SERVER_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     server_version: str
     run_id: str
     heartbeat_seconds: int
     config_toml: str
     server_certificate: bytes
-    def __init__(self, session_id: _Optional[str] = ..., server_version: _Optional[str] = ..., run_id: _Optional[str] = ..., heartbeat_seconds: _Optional[int] = ..., config_toml: _Optional[str] = ..., server_certificate: _Optional[bytes] = ...) -> None: ...
+    purpose: str
+    def __init__(self, session_id: _Optional[str] = ..., server_version: _Optional[str] = ..., run_id: _Optional[str] = ..., heartbeat_seconds: _Optional[int] = ..., config_toml: _Optional[str] = ..., server_certificate: _Optional[bytes] = ..., purpose: _Optional[str] = ...) -> None: ...
 
 class CategorySet(_message.Message):
     __slots__ = ("text", "number")
@@ -468,6 +470,30 @@ class Exchange(_message.Message):
     consistency_signature: ConsistencySignature
     def __init__(self, stage: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ..., error: _Optional[str] = ..., secagg_config: _Optional[_Union[SecAggConfig, _Mapping]] = ..., advertise_keys: _Optional[_Union[AdvertiseKeys, _Mapping]] = ..., keys_broadcast: _Optional[_Union[KeysBroadcast, _Mapping]] = ..., encrypted_shares: _Optional[_Union[EncryptedShares, _Mapping]] = ..., shares_for_client: _Optional[_Union[SharesForClient, _Mapping]] = ..., masked_input: _Optional[_Union[MaskedInput, _Mapping]] = ..., unmask_request: _Optional[_Union[UnmaskRequest, _Mapping]] = ..., unmask_response: _Optional[_Union[UnmaskResponse, _Mapping]] = ..., consistency_request: _Optional[_Union[ConsistencyRequest, _Mapping]] = ..., consistency_signature: _Optional[_Union[ConsistencySignature, _Mapping]] = ...) -> None: ...
 
+class AnalysisTask(_message.Message):
+    __slots__ = ("task_id", "phase", "request")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    phase: str
+    request: bytes
+    def __init__(self, task_id: _Optional[str] = ..., phase: _Optional[str] = ..., request: _Optional[bytes] = ...) -> None: ...
+
+class AnalysisResult(_message.Message):
+    __slots__ = ("task_id", "phase", "body", "error", "refused")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    phase: str
+    body: bytes
+    error: str
+    refused: bool
+    def __init__(self, task_id: _Optional[str] = ..., phase: _Optional[str] = ..., body: _Optional[bytes] = ..., error: _Optional[str] = ..., refused: _Optional[bool] = ...) -> None: ...
+
 class Wait(_message.Message):
     __slots__ = ("seconds",)
     SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -481,26 +507,30 @@ class Finished(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class Work(_message.Message):
-    __slots__ = ("train", "evaluate", "exchange", "wait", "finished")
+    __slots__ = ("train", "evaluate", "exchange", "wait", "finished", "analyze")
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_FIELD_NUMBER: _ClassVar[int]
     EXCHANGE_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    ANALYZE_FIELD_NUMBER: _ClassVar[int]
     train: Task
     evaluate: EvaluationTask
     exchange: Exchange
     wait: Wait
     finished: Finished
-    def __init__(self, train: _Optional[_Union[Task, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluationTask, _Mapping]] = ..., exchange: _Optional[_Union[Exchange, _Mapping]] = ..., wait: _Optional[_Union[Wait, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
+    analyze: AnalysisTask
+    def __init__(self, train: _Optional[_Union[Task, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluationTask, _Mapping]] = ..., exchange: _Optional[_Union[Exchange, _Mapping]] = ..., wait: _Optional[_Union[Wait, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., analyze: _Optional[_Union[AnalysisTask, _Mapping]] = ...) -> None: ...
 
 class Upload(_message.Message):
-    __slots__ = ("result", "evaluation")
+    __slots__ = ("result", "evaluation", "analysis")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
     result: Result
     evaluation: EvaluationResult
-    def __init__(self, result: _Optional[_Union[Result, _Mapping]] = ..., evaluation: _Optional[_Union[EvaluationResult, _Mapping]] = ...) -> None: ...
+    analysis: AnalysisResult
+    def __init__(self, result: _Optional[_Union[Result, _Mapping]] = ..., evaluation: _Optional[_Union[EvaluationResult, _Mapping]] = ..., analysis: _Optional[_Union[AnalysisResult, _Mapping]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("wait_seconds",)
