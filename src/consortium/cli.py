@@ -338,8 +338,11 @@ def _print_results(summary: dict[str, Any], run_dir: Path) -> None:
     from consortium.reporting.report import results_table_rows
 
     table = Table(title=f"{summary['name']}: {summary['rounds']} rounds, {summary['clients']} clients")
+    personal = summary.get("personalized") or {}
     table.add_column("metric")
     table.add_column("federated", justify="right")
+    if personal:  # each client's own model (personal head, or fine-tuned) on its own test split
+        table.add_column("personalised", justify="right")
     table.add_column("local only", justify="right")
     table.add_column("pooled", justify="right")
     for row in results_table_rows(summary):
@@ -347,7 +350,8 @@ def _print_results(summary: dict[str, Any], run_dir: Path) -> None:
         if name.endswith(("_p10", "_median")) or (name.endswith("_min") and name != "accuracy_min"):
             continue  # the full distribution is in summary.json and report.html
         label = "accuracy, worst site" if name == "accuracy_min" else name
-        table.add_row(label, *(_fmt(v) for v in row[1:]))
+        values = [row[1], personal.get(name), *row[2:]] if personal else list(row[1:])
+        table.add_row(label, *(_fmt(v if isinstance(v, (int, float)) else None) for v in values))
     console = Console()
     console.print(table)
     privacy = summary.get("privacy") or {}

@@ -32,6 +32,7 @@ __all__ = [
     "ExecutorConfig",
     "ExperimentConfig",
     "ModelConfig",
+    "PersonalizationConfig",
     "PrivacyConfig",
     "SamplingConfig",
     "SecureAggregationConfig",
@@ -84,7 +85,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: Literal["fedavg", "fedprox", "scaffold", "fednova"] = "fedavg"
+    name: Literal["fedavg", "fedprox", "scaffold", "fednova", "fedper", "fedrep"] = "fedavg"
     local_epochs: int = 1
     local_steps: int = 0
     batch_size: int = 32
@@ -93,6 +94,26 @@ class AlgorithmConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     mu: float = 0.01
+
+
+@dataclass(frozen=True)
+class PersonalizationConfig:
+    """Personalised federated learning (``consortium.algorithms.personal``).
+
+    ``local_layers``: parameter-name prefixes (``["3"]``, ``["head"]``, ``["3.weight"]``) of
+    the layers each client keeps for itself under ``fedper`` / ``fedrep``; or ``local_count``:
+    how many final layers (a layer: a module that owns parameters). Neither: the final layer.
+    Each client's state holds only these values (head size × clients, never full models).
+    ``head_epochs``: FedRep's epochs on the head, before the body's ``algorithm.local_epochs``.
+    ``finetune_steps``: after the last round each client fine-tunes its own copy of the final
+    model (the global one; under fedper/fedrep with its own head) for this many local SGD
+    steps on its training split and is evaluated on its test split (``summary.json``'s
+    ``personalized``); works with every algorithm, 0 = off."""
+
+    local_layers: tuple[str, ...] = ()
+    local_count: int = 0
+    head_epochs: int = 1
+    finetune_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -293,6 +314,7 @@ class ExperimentConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
 
     def __post_init__(self) -> None:
         _check_ranges(self)
@@ -349,6 +371,22 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(0 <= a.momentum < 1, "algorithm.momentum", a.momentum, "a number in [0, 1)")
     need(a.weight_decay >= 0, "algorithm.weight_decay", a.weight_decay, "a number >= 0")
     need(a.mu >= 0, "algorithm.mu", a.mu, "a number >= 0")
+    pz = cfg.personalization
+    need(pz.local_count >= 0, "personalization.local_count", pz.local_count,
+         "0 (the final layer, or local_layers) or a count of final layers >= 1")
+    need(pz.head_epochs >= 1, "personalization.head_epochs", pz.head_epochs, "an integer >= 1")
+    need(pz.finetune_steps >= 0, "personalization.finetune_steps", pz.finetune_steps,
+         "0 (off) or a number of local steps >= 1")
+    if pz.local_layers and pz.local_count:
+        raise ConfigError(
+            "personalization.local_layers and personalization.local_count are both set; set "
+            "only one (names of the personal layers, or how many final layers are personal)"
+        )
+    if (pz.local_layers or pz.local_count) and a.name not in ("fedper", "fedrep"):
+        raise ConfigError(
+            f"personalization.local_layers/local_count are set, but algorithm.name = {a.name!r} "
+            'shares every parameter; use algorithm.name = "fedper" or "fedrep"'
+        )
     s = cfg.sampling
     need(s.clients_per_round >= 0, "sampling.clients_per_round", s.clients_per_round, "an integer >= 0")
     need(0 <= s.fraction <= 1, "sampling.fraction", s.fraction, "a number in (0, 1]")

@@ -23,6 +23,7 @@ from consortium.client.state import ClientStateStore
 from consortium.client.training import LocalTraining
 from consortium.config import ExperimentConfig
 from consortium.data.base import FederatedDataset
+from consortium.errors import ConfigError
 from consortium.executors import Executor
 from consortium.privacy.plan import DistributedPlan, PrivacyPlan, distributed_stage
 from consortium.server.loop import RunState, Server
@@ -139,8 +140,13 @@ def derive_init_seed(cfg: ExperimentConfig) -> int:
 
 
 def build_algorithm_parts(f: Federation) -> None:
-    """The federated algorithm and the clients' local-training settings."""
-    f.algorithm = f.given.algorithm or build_algorithm(f.cfg.algorithm.name, mu=f.cfg.algorithm.mu)
+    """The federated algorithm (with ``[personalization]``'s personal layers for fedper and
+    fedrep) and the clients' local-training settings."""
+    pz = f.cfg.personalization
+    f.algorithm = f.given.algorithm or build_algorithm(
+        f.cfg.algorithm.name, mu=f.cfg.algorithm.mu, local_layers=pz.local_layers,
+        local_count=pz.local_count, head_epochs=pz.head_epochs,
+    )
     f.settings = local_training(f.cfg)
 
 
@@ -216,11 +222,17 @@ def build_frozen(f: Federation) -> None:
     keeps them bit-identical (:func:`~consortium.aggregation.frozen.keep_frozen`): no server-side
     noise (central DP, distributed DP, SecAgg's rounding) and no site's delta moves them. The
     mask is post-processing of the released aggregate, so DP guarantees are unchanged; a model
-    without frozen parameters keeps its pipeline as it is."""
+    without frozen parameters keeps its pipeline as it is. A personalised algorithm's personal
+    coordinates (each client keeps its own; the global copy is only their starting point) are
+    kept the same way."""
     from consortium.aggregation.frozen import frozen_mask, keep_frozen
 
     with torch.random.fork_rng(devices=[]):  # the run's torch RNG stays as build_model left it
         mask = frozen_mask(f.factory(), f.init.layout)
+    personal_mask = getattr(f.algorithm, "personal_mask", None)
+    if personal_mask is not None:
+        personal = personal_mask(f.init.layout)
+        mask = personal if mask is None else mask | personal
     if mask is not None:
         p = f.pipeline
         f.pipeline = Pipeline(
@@ -331,6 +343,14 @@ def build_server(f: Federation) -> None:
     from consortium.server.heterogeneity import Dropouts, Stragglers
 
     cfg, ds = f.cfg, f.dataset
+    personal = hasattr(f.algorithm, "own_parameters")
+    if (personal or cfg.personalization.finetune_steps) and f.executor.name == "remote":
+        raise ConfigError(
+            f"algorithm.name = {f.algorithm.name!r} with personalization.finetune_steps = "
+            f"{cfg.personalization.finetune_steps} asks for personalised models, which run in "
+            "simulation only in this version (over gRPC each site must keep and evaluate its "
+            "own head: not built yet); run it with `consortium run`"
+        )
     clients = ClientPool(
         ds.packed(), model_factory=f.factory, algorithm=f.algorithm, pipeline=f.pipeline,
         settings=f.settings, loss_fn=f.loss_fn, num_classes=ds.num_classes, state=f.store,
@@ -341,6 +361,8 @@ def build_server(f: Federation) -> None:
         f.factory, f.loss_fn, ds.num_classes, ds.server_test,
         probes=(probe,) if probe is not None else (),
         clients=cfg.evaluation.clients, seed=cfg.seed, final_round=cfg.rounds,
+        personal=personal,
+        finetune_steps=cfg.personalization.finetune_steps,
     )
     f.server = Server(
         clients=clients, algorithm=f.algorithm, pipeline=f.pipeline, sampler=f.sampler,

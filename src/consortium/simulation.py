@@ -13,6 +13,7 @@ import torch
 
 from consortium.aggregation.base import Pipeline
 from consortium.algorithms import Algorithm
+from consortium.client.evaluation import client_spread
 from consortium.config import ExperimentConfig, load_config, read_toml
 from consortium.data.base import FederatedDataset
 from consortium.errors import CheckpointError, ConfigError
@@ -160,33 +161,73 @@ def _load(
 
 
 def _summarise(fed: Federation, state: Any, duration_s: float) -> dict[str, Any]:
-    """``summary.json``: final metrics, privacy spent, the baselines, and what ran."""
+    """``summary.json``: final metrics, privacy spent, the baselines, and what ran.
+
+    With a personalised evaluation (a personalised algorithm, or fine-tuning), ``personalized``
+    holds its metrics under the names ``final`` uses. Each ``per_client`` entry has the global
+    model's metrics (as they always were, and again as ``global_<name>``), and
+    ``personalized_<name>`` and ``local_<name>`` (the local-only baseline) where those ran;
+    ``client_accuracy`` states the spread of per-client accuracy (mean, worst, p10, std,
+    Jain's index) for each of them.
+    """
     cfg = fed.cfg
     baselines: dict[str, dict[str, Any]] = {}
+    local_per_client: dict[str, dict[str, float]] = {}
     for name in cfg.evaluation.baselines:
         setup = BaselineSetup(fed.factory, fed.init, fed.settings, fed.loss_fn, cfg.rounds, cfg.seed)
         if name == "local":
-            metrics, _ = local_baseline(fed.dataset, setup)
+            metrics, local_per_client = local_baseline(fed.dataset, setup)
         else:
             metrics, _ = pooled_baseline(fed.dataset, setup, per_round_clients=fed.per_round)
         baselines[name] = {k: v for k, v in metrics.items()}
+    mine = "personalized_"
+    # the spread across clients is under its own key (client_accuracy), not among the metrics
+    spread_keys = {f"{p}accuracy_{s}" for p in ("", mine) for s in ("mean", "std", "jain")}
+    last = {k: v for k, v in state.last_metrics.items() if k not in spread_keys}
+    per_client = _per_client(state.per_client, local_per_client)
     summary: dict[str, Any] = {
         "name": cfg.name,
         "rounds": state.round,
-        "final": dict(state.last_metrics),
+        "final": {k: v for k, v in last.items() if not k.startswith(mine)},
         "privacy": fed.ledger.summary() if fed.ledger is not None else {
             "epsilon": None, "delta": None, "accountant": None,
         },
         "baselines": baselines,
-        "per_client": state.per_client,
+        "per_client": per_client,
         "duration_s": duration_s,
         "algorithm": fed.algorithm.name,
         "pipeline": fed.pipeline.describe(),
         "clients": len(fed.dataset.clients),
     }
+    personalized = {k[len(mine):]: v for k, v in last.items() if k.startswith(mine)}
+    if personalized:
+        summary["personalized"] = personalized
+    spreads = {
+        kind: client_spread([m[f"{kind}_accuracy"] for m in per_client.values()
+                             if f"{kind}_accuracy" in m])
+        for kind in ("global", "personalized", "local")
+    }
+    summary["client_accuracy"] = {kind: spread for kind, spread in spreads.items() if spread}
     if fed.threat is not None:
         summary["attack"] = fed.threat.describe()
     return summary
+
+
+def _per_client(
+    evaluated: Mapping[str, Mapping[str, float]], local: Mapping[str, Mapping[str, float]]
+) -> dict[str, dict[str, float]]:
+    """Each client's entry: the evaluation's metrics, the global ones again as ``global_*``,
+    and the local-only baseline's as ``local_*``."""
+    out: dict[str, dict[str, float]] = {}
+    for cid in dict.fromkeys([*evaluated, *local]):
+        entry = dict(evaluated.get(cid, {}))
+        entry.update({
+            f"global_{k}": v for k, v in evaluated.get(cid, {}).items()
+            if not k.startswith("personalized_")
+        })
+        entry.update({f"local_{k}": v for k, v in local.get(cid, {}).items()})
+        out[cid] = entry
+    return out
 
 
 def _write_outputs(run_dir: Path, summary: dict[str, Any], params: Parameters, *, report: bool) -> None:

@@ -6,6 +6,7 @@ from consortium.algorithms.base import Algorithm, TrainContext, local_update
 from consortium.algorithms.fedavg import FedAvg
 from consortium.algorithms.fednova import FedNova
 from consortium.algorithms.fedprox import FedProx
+from consortium.algorithms.personal import FedPer, FedRep, PersonalLayers
 from consortium.algorithms.scaffold import Scaffold
 from consortium.errors import ConfigError
 
@@ -14,7 +15,10 @@ __all__ = [
     "Algorithm",
     "FedAvg",
     "FedNova",
+    "FedPer",
     "FedProx",
+    "FedRep",
+    "PersonalLayers",
     "Scaffold",
     "TrainContext",
     "build_algorithm",
@@ -26,11 +30,34 @@ ALGORITHMS = {
     "fedprox": "FedAvg + proximal term mu (Li et al. 2020)",
     "scaffold": "control variates against client drift, option II (Karimireddy et al. 2020)",
     "fednova": "normalised averaging for unequal local steps (Wang et al. 2020)",
+    "fedper": "shared body, personal head trained jointly (Arivazhagan et al. 2019)",
+    "fedrep": "shared representation, personal head; head then body each round (Collins et al. 2021)",
 }
 
 
-def build_algorithm(name: str, *, mu: float = 0.01) -> Algorithm:
-    """The algorithm called ``name`` (see :data:`ALGORITHMS`)."""
+def build_algorithm(
+    name: str, *, mu: float = 0.01, local_layers: tuple[str, ...] = (), local_count: int = 0,
+    head_epochs: int = 1,
+) -> Algorithm:
+    """The algorithm called ``name`` (see :data:`ALGORITHMS`).
+
+    ``local_layers`` / ``local_count`` (``[personalization]``) name the personal layers of
+    ``fedper`` and ``fedrep`` (default: the final layer); ``head_epochs`` is FedRep's.
+
+    Raises:
+        ConfigError: an unknown name, or personal layers given to an algorithm that shares
+            every parameter.
+    """
+    personal = PersonalLayers(tuple(local_layers), local_count)
+    if name == "fedper":
+        return FedPer(personal)
+    if name == "fedrep":
+        return FedRep(personal, head_epochs=head_epochs)
+    if local_layers or local_count:
+        raise ConfigError(
+            f"personalization.local_layers/local_count are set, but algorithm.name = {name!r} "
+            'shares every parameter; use algorithm.name = "fedper" or "fedrep"'
+        )
     if name == "fedavg":
         return FedAvg()
     if name == "fedprox":

@@ -9,13 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from consortium.aggregation.base import Aggregate, RoundContext, StageState
-from consortium.client.training import (
-    LocalTerms,
-    LocalTraining,
-    planned_steps,
-    steps_for_work,
-    train_locally,
-)
+from consortium.client.training import LocalTerms, LocalTraining, local_steps, train_locally
 from consortium.data.base import Split
 from consortium.types import Layout, Parameters, Update
 
@@ -107,8 +101,11 @@ class Algorithm(Protocol):
 
 
 def local_update(ctx: TrainContext, terms: LocalTerms | None = None) -> LocalResult:
-    """Run local training from the global model and return ``local − global``."""
-    steps = steps_for_work(planned_steps(len(ctx.data), ctx.settings), ctx.work)
+    """Run local training from the global model (or ``terms.start``) and return
+    ``local − global``."""
+    steps = local_steps(len(ctx.data), ctx.settings, ctx.work, terms)
+    if terms is not None and terms.start is not None:
+        ctx.global_params.replace(terms.start).load_into(ctx.module)
     stats = train_locally(
         ctx.module, ctx.data, ctx.settings, loss_fn=ctx.loss_fn, seed=ctx.seed, steps=steps,
         terms=terms, randomness=ctx.randomness,

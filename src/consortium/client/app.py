@@ -13,11 +13,12 @@ from consortium.algorithms.base import Algorithm, TrainContext, train_with
 from consortium.client.environment import SiteEnvironment
 from consortium.client.evaluation import evaluate_model
 from consortium.client.state import ClientStateStore
-from consortium.client.training import LocalTraining
+from consortium.client.training import LocalTraining, train_locally
 from consortium.data.base import ClientData
 from consortium.errors import ConsortiumError, PipelineError
 from consortium.messages import EvaluationResult, Result, Task
 from consortium.privacy.policy import SitePolicy, record_release
+from consortium.types import Parameters
 
 __all__ = ["SiteClient", "own_noise"]
 
@@ -128,6 +129,31 @@ class SiteClient:
         """Evaluate the task's global model on this site's test split."""
         module = module if module is not None else self.model_factory()
         task.parameters.load_into(module)
+        metrics = evaluate_model(
+            module, self.data.test, loss_fn=self.loss_fn, num_classes=self.num_classes
+        )
+        return EvaluationResult(task.round, self.client_id, len(self.data.test), metrics)
+
+    def own_parameters(self, params: Parameters) -> Parameters:
+        """This site's own model: ``params`` with the personal part it keeps (under a
+        personalised algorithm), else ``params`` itself."""
+        own = getattr(self.algorithm, "own_parameters", None)
+        return own(params, self.state.peek(self.client_id)) if own is not None else params
+
+    def evaluate_personalized(
+        self, task: Task, *, module: torch.nn.Module | None = None, finetune_steps: int = 0
+    ) -> EvaluationResult:
+        """Evaluate this site's own model (:meth:`own_parameters` of the task's global model)
+        on its test split, after ``finetune_steps`` local SGD steps on its training split
+        when asked (seeded by ``task.seed``; plain SGD with the run's local settings, without
+        local DP noise: the fine-tuned model never leaves the site, only its metrics do, as
+        with every evaluation)."""
+        module = module if module is not None else self.model_factory()
+        self.own_parameters(task.parameters).load_into(module)
+        if finetune_steps > 0 and len(self.data.train) > 0:
+            settings = dataclasses.replace(self.settings, dp_clip=0.0, dp_noise=0.0)
+            train_locally(module, self.data.train, settings, loss_fn=self.loss_fn,
+                          seed=task.seed, steps=finetune_steps)
         metrics = evaluate_model(
             module, self.data.test, loss_fn=self.loss_fn, num_classes=self.num_classes
         )

@@ -9,7 +9,7 @@ import torch
 
 from consortium.data.base import Split
 
-__all__ = ["auc_binary", "evaluate_model", "summarise_clients"]
+__all__ = ["auc_binary", "client_spread", "evaluate_model", "summarise_clients"]
 
 
 def auc_binary(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -101,3 +101,25 @@ def summarise_clients(
             out[f"{name}_p10"] = _quantile(xs, 0.1)
             out[f"{name}_median"] = _quantile(xs, 0.5)
     return out
+
+
+def client_spread(values: Sequence[float]) -> dict[str, float]:
+    """How a metric is spread across clients, each client counting once: ``mean``, ``worst``
+    (the minimum), ``p10`` (10th percentile, linear interpolation), ``std`` (population
+    standard deviation) and ``jain``, Jain's fairness index ``(Σx)² / (n·Σx²)`` (Jain, Chiu,
+    Hawe, "A Quantitative Measure of Fairness and Discrimination for Resource Allocation in
+    Shared Computer Systems", DEC-TR-301, 1984): 1 when every client has the same value,
+    ``1/n`` when one client has everything. NaN values are left out; no values give ``{}``.
+    """
+    xs = [float(v) for v in values if not math.isnan(v)]
+    if not xs:
+        return {}
+    t = torch.tensor(xs, dtype=torch.float64)
+    squares = float((t * t).sum())
+    return {
+        "mean": float(t.mean()),
+        "worst": float(t.min()),
+        "p10": _quantile(xs, 0.1),
+        "std": float(t.std(correction=0)),
+        "jain": float(t.sum()) ** 2 / (len(xs) * squares) if squares > 0 else 1.0,
+    }

@@ -18,6 +18,10 @@ class ClientStateStore:
         """The (mutable) state of ``client_id``, created empty on first use."""
         return self._states.setdefault(client_id, {})
 
+    def peek(self, client_id: str) -> dict[str, torch.Tensor]:
+        """The state of ``client_id`` to read, without creating it (empty if it has none)."""
+        return self._states.get(client_id, {})
+
     def to_flat(self) -> dict[str, torch.Tensor]:
         return {
             f"{cid}\x1f{name}": t for cid, state in self._states.items() for name, t in state.items()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +15,11 @@ from consortium.errors import ClientError
 __all__ = [
     "LocalTerms",
     "LocalTraining",
+    "Phase",
     "TrainStats",
     "batch_matrix",
+    "local_steps",
+    "phase_schedule",
     "planned_steps",
     "train_locally",
 ]
@@ -45,19 +48,45 @@ class LocalTraining:
         return self.dp_clip > 0
 
 
+@dataclass(frozen=True, eq=False)
+class Phase:
+    """A stretch of local training in which only some coordinates train.
+
+    FedRep (Collins et al. 2021) trains the head with the body fixed, then the body with the
+    head fixed: two phases. During a phase the other coordinates get no step, no weight
+    decay and no momentum (as a parameter the optimiser does not hold); each phase starts its
+    coordinates' momentum afresh.
+
+    Attributes:
+        train: bool vector over the flat layout, ``True`` where this phase trains; it must
+            cover whole tensors (a parameter trains entirely or not at all).
+        epochs: the phase's length: ``epochs`` passes over the client's data, or with fixed
+            local steps (``algorithm.local_steps = S``) ``epochs · S`` steps; ``None`` is the
+            settings' own local work (``local_epochs`` epochs, or ``S`` steps).
+    """
+
+    train: torch.Tensor
+    epochs: int | None = None
+
+
 @dataclass(frozen=True)
 class LocalTerms:
-    """What an algorithm adds to each local gradient, as flat vectors over the model's layout:
-    ``g ← g + prox_mu·(w − anchor) + offset``.
+    """What an algorithm changes in local training, as flat vectors over the model's layout.
 
-    FedProx's proximal term is ``prox_mu`` with the global model as ``anchor``; SCAFFOLD's
-    drift correction is ``offset = c − c_i``. Being plain tensors (not closures), the same
-    terms drive the sequential loop and the vectorised executor.
+    Each local gradient becomes ``g ← g + prox_mu·(w − anchor) + offset``: FedProx's proximal
+    term is ``prox_mu`` with the global model as ``anchor``; SCAFFOLD's drift correction is
+    ``offset = c − c_i``. ``start`` is where local training starts instead of the global model
+    (a personalised algorithm's global model with the client's own head); ``phases`` split
+    local training into stretches that train different coordinates (FedRep's head, then
+    body), run back to back on one stream of batches. Being plain tensors (not closures), the
+    same terms drive the sequential loop and the vectorised executor.
     """
 
     prox_mu: float = 0.0
     anchor: torch.Tensor | None = None
     offset: torch.Tensor | None = None
+    start: torch.Tensor | None = None
+    phases: tuple[Phase, ...] = ()
 
     @property
     def active(self) -> bool:
@@ -82,6 +111,36 @@ def steps_for_work(planned: int, work: float) -> int:
     """Steps a client does when asked for a fraction ``work`` of its planned steps (≥ 1)."""
     # Rounding first keeps float noise (0.07 · 100 = 7.000000000000001) from adding a step.
     return max(1, min(planned, math.ceil(round(work * planned, 9))))
+
+
+def phase_schedule(num_examples: int, settings: LocalTraining, phases: Sequence[Phase],
+                   steps: int | None = None) -> list[int]:
+    """Steps of each phase (see :class:`Phase`); with ``steps`` (a straggler's cut), the
+    phases in order take what is left of ``steps``."""
+    planned = [
+        planned_steps(num_examples, settings) if p.epochs is None
+        else p.epochs * (settings.steps if settings.steps > 0
+                         else math.ceil(num_examples / settings.batch_size))
+        for p in phases
+    ]
+    if steps is None:
+        return planned
+    out = []
+    for n in planned:
+        out.append(min(n, steps))
+        steps -= out[-1]
+    return out
+
+
+def local_steps(num_examples: int, settings: LocalTraining, work: float = 1.0,
+                terms: LocalTerms | None = None) -> int:
+    """Local steps a client with ``num_examples`` does this round: its planned steps (the sum
+    of the phases' when ``terms`` has phases) cut to the fraction ``work``."""
+    if terms is not None and terms.phases:
+        planned = sum(phase_schedule(num_examples, settings, terms.phases))
+    else:
+        planned = planned_steps(num_examples, settings)
+    return steps_for_work(planned, work)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], settings: LocalTraining) -> torch.optim.Optimizer:
@@ -147,19 +206,41 @@ def train_locally(
     ``randomness``: the site's own CSPRNG (:mod:`consortium.privacy.randomness`); under local
     DP it draws the Poisson batches and the noise, which is then snapped to a grid (no
     floating-point noise leaves the site). ``None`` draws both from ``seed`` (simulation).
+    ``terms.phases`` (FedRep) train their coordinates in turn on one stream of batches.
 
     Raises:
-        ClientError: the loss became NaN or infinite (lower the learning rate).
+        ClientError: the loss became NaN or infinite (lower the learning rate); phases with
+            local DP, or a phase that splits a tensor.
     """
     all_params = list(module.parameters())  # the order of Parameters' flat layout
     params = [p for p in all_params if p.requires_grad]
-    opt = make_optimizer(params, settings)
     module.train()
+    if terms is not None and terms.phases:
+        return _train_phases(module, data, settings, all_params, loss_fn=loss_fn, seed=seed,
+                             steps=steps, terms=terms)
+    opt = make_optimizer(params, settings)
     if settings.local_dp:
         return _train_private(module, data, settings, opt, all_params, loss_fn=loss_fn,
                               seed=seed, steps=steps, terms=terms, randomness=randomness)
+    batches = batch_indices(len(data), steps, settings.batch_size, seed=seed)
+    total = _sgd_steps(module, data, batches, opt, all_params, loss_fn=loss_fn, terms=terms)
+    return TrainStats(steps=steps, mean_loss=total / max(steps, 1), examples=len(data))
+
+
+def _sgd_steps(
+    module: torch.nn.Module,
+    data: Split,
+    batches: Sequence[torch.Tensor],
+    opt: torch.optim.Optimizer,
+    all_params: list[torch.nn.Parameter],
+    *,
+    loss_fn: LossFn,
+    terms: LocalTerms | None,
+    first: int = 0,
+) -> float:
+    """One optimiser step per batch; returns the summed loss (``first``: the steps before)."""
     total = 0.0
-    for step, idx in enumerate(batch_indices(len(data), steps, settings.batch_size, seed=seed)):
+    for step, idx in enumerate(batches, start=first):
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(module(data.x[idx]), data.y[idx])
         if not torch.isfinite(loss):
@@ -172,7 +253,66 @@ def train_locally(
             apply_terms(all_params, terms)
         opt.step()
         total += float(loss.detach())
+    return total
+
+
+def _train_phases(
+    module: torch.nn.Module,
+    data: Split,
+    settings: LocalTraining,
+    all_params: list[torch.nn.Parameter],
+    *,
+    loss_fn: LossFn,
+    seed: int,
+    steps: int,
+    terms: LocalTerms,
+) -> TrainStats:
+    """Each phase trains its own parameters (the others are switched off for the phase, so
+    they get no gradient, step, weight decay or momentum), with a fresh optimiser, on its
+    stretch of one batch stream."""
+    if settings.local_dp:
+        raise ClientError(
+            "local training in phases (FedRep) is not available with local DP-SGD (its "
+            "per-example clipping spans every trainable parameter); use fedper, or central DP"
+        )
+    schedule = phase_schedule(len(data), settings, terms.phases, steps)
+    batches = batch_indices(len(data), steps, settings.batch_size, seed=seed)
+    trains = [p.requires_grad for p in all_params]
+    total, done = 0.0, 0
+    try:
+        for phase, n in zip(terms.phases, schedule):
+            chosen = _phase_params(all_params, trains, phase.train)
+            for p, train in zip(all_params, trains):
+                p.requires_grad_(train and any(p is q for q in chosen))
+            if n and chosen:
+                opt = make_optimizer(chosen, settings)
+                total += _sgd_steps(module, data, batches[done : done + n], opt, all_params,
+                                    loss_fn=loss_fn, terms=terms, first=done)
+            done += n
+    finally:
+        for p, train in zip(all_params, trains):
+            p.requires_grad_(train)
     return TrainStats(steps=steps, mean_loss=total / max(steps, 1), examples=len(data))
+
+
+def _phase_params(
+    all_params: list[torch.nn.Parameter], trains: list[bool], mask: torch.Tensor
+) -> list[torch.nn.Parameter]:
+    """The trainable parameters a phase's ``mask`` covers; a tensor it covers only in part
+    is an error (a phase trains whole parameters)."""
+    chosen, offset = [], 0
+    for p, train in zip(all_params, trains):
+        part = mask[offset : offset + p.numel()]
+        offset += p.numel()
+        if bool(part.all()):
+            if train:
+                chosen.append(p)
+        elif bool(part.any()):
+            raise ClientError(
+                "a training phase covers part of a parameter tensor; a phase must train whole "
+                "parameters (build its mask from parameter names)"
+            )
+    return chosen
 
 
 def _train_private(

@@ -14,13 +14,18 @@ executor's optimiser, which holds only parameters with ``requires_grad``, it tra
 those: the stacked parameters, momentum, algorithm terms and DP-SGD noise have the trainable
 columns only (:func:`trainable_columns`), frozen values are constants of the forward pass, and
 a frozen parameter's delta is exactly zero.
+
+Personalised algorithms: each client's row starts from its algorithm's ``terms.start`` (the
+global model with the client's own head, read from its state), and FedRep's ``terms.phases``
+mask each step's gradient to the phase's columns, with per-column momentum that starts when
+the column's phase starts, as the sequential loop's fresh optimiser per phase does.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +39,7 @@ from consortium.client.app import SiteClient, own_noise
 from consortium.client.dp_sgd import poisson_batches
 from consortium.client.evaluation import auc_binary
 from consortium.client.pool import ClientPool
-from consortium.client.training import LocalTerms, planned_steps, steps_for_work
+from consortium.client.training import LocalTerms, LocalTraining, local_steps, phase_schedule
 from consortium.client.training import batch_matrix as make_batches
 from consortium.errors import ConsortiumError
 from consortium.executors._linear_stack import LinearStack
@@ -214,6 +219,53 @@ class _PrivateSteps:
 
 
 @dataclass
+class _Phases:
+    """FedRep-style phases for a group: which columns each client trains at each step."""
+
+    masks: torch.Tensor
+    """``[P, d_train]``: the trainable columns of each phase."""
+    phase: torch.Tensor
+    """``[K, S_max]``: each ranked client's phase at each step."""
+
+    @classmethod
+    def of(
+        cls, ranked: list[_Client], settings: LocalTraining,
+        cols: Callable[[torch.Tensor], torch.Tensor], s_max: int,
+    ) -> _Phases | None:
+        phases = ranked[0].terms.phases
+        if not any(c.terms.phases for c in ranked):
+            return None
+        same = all(
+            len(c.terms.phases) == len(phases)
+            and all(torch.equal(a.train, b.train) for a, b in zip(c.terms.phases, phases))
+            for c in ranked
+        )
+        if not same:
+            raise ConsortiumError(
+                "the clients of one round have different local-training phases; the vectorised "
+                'executor batches one algorithm\'s phases only (use executor.kind = "sequential")'
+            )
+        masks = torch.stack([cols(p.train) for p in phases])
+        phase = torch.zeros((len(ranked), s_max), dtype=torch.int64)
+        for k, c in enumerate(ranked):
+            schedule = phase_schedule(c.examples, settings, phases, c.steps)
+            phase[k, : c.steps] = torch.repeat_interleave(
+                torch.arange(len(phases)), torch.tensor(schedule)
+            )
+        return cls(masks, phase)
+
+    def columns(self, s: int, m: int) -> torch.Tensor:
+        """``[m, d_train]``: where each of the first ``m`` clients trains at step ``s``."""
+        return self.masks[self.phase[:m, s]]
+
+    def starts(self, s: int, m: int) -> torch.Tensor:
+        """``[m, 1]``: whether step ``s`` is the first of a phase for each of the first ``m``."""
+        if s == 0:
+            return torch.ones((m, 1), dtype=torch.bool)
+        return (self.phase[:m, s] != self.phase[:m, s - 1]).unsqueeze(1)
+
+
+@dataclass
 class _Client:
     task: Task
     ctx: TrainContext
@@ -336,8 +388,9 @@ class VectorizedExecutor:
                 seed=task.seed, work=task.work, payload=task.payload,
                 client_state=pool.state.get(task.client_id),
             )
-            steps = steps_for_work(planned_steps(n, pool.settings), task.work)
-            out.append(_Client(task, ctx, pool.algorithm.local_terms(ctx), i, n, steps, k))
+            terms = pool.algorithm.local_terms(ctx)
+            steps = local_steps(n, pool.settings, task.work, terms)
+            out.append(_Client(task, ctx, terms, i, n, steps, k))
         return out, refused
 
     def _fit_group(self, tasks: Sequence[Task], pool: ClientPool) -> Iterator[Result]:
@@ -409,7 +462,11 @@ class VectorizedExecutor:
             index[pos, : c.steps] = torch.where(rows >= 0, rows + offsets[c.index], rows)
         steps = torch.tensor([c.steps for c in ranked])
 
-        params = cols(torch.stack([c.task.parameters.vector for c in ranked])).clone()
+        params = cols(torch.stack([
+            c.terms.start if c.terms.start is not None else c.task.parameters.vector
+            for c in ranked
+        ])).clone()
+        phased = _Phases.of(ranked, settings, cols, s_max)
         mu = torch.tensor([c.terms.prox_mu for c in ranked], dtype=params.dtype)
         use_prox = bool((mu != 0).any())
         anchor = (
@@ -464,7 +521,17 @@ class VectorizedExecutor:
                     grad += offset[:m]  # type: ignore[index]
                 if wd:
                     grad += wd * params[:m]
-                if buf is not None:
+                if phased is not None:  # only the columns of each client's phase step
+                    train = phased.columns(s, m)
+                    grad = torch.where(train, grad, 0)
+                    if buf is not None:  # a phase's momentum starts afresh, as its optimiser
+                        fresh = train & phased.starts(s, m)
+                        step = torch.where(fresh, grad, momentum * buf[:m] + grad)
+                        buf[:m] = torch.where(train, step, buf[:m])
+                        params[:m] -= lr * torch.where(train, buf[:m], 0)
+                    else:
+                        params[:m] -= lr * grad
+                elif buf is not None:
                     buf[:m] = grad if s == 0 else momentum * buf[:m] + grad
                     params[:m] -= lr * buf[:m]
                 else:

@@ -206,11 +206,21 @@ def _results_section(summary: Mapping[str, Any]) -> str:
     rows = results_table_rows(summary)
     if not rows:
         return '<h2>Results</h2>\n<p class="note">No final results were recorded.</p>'
-    table = _table(
-        ("metric", "federated", "local only", "pooled"),
-        [[metric, *(format_value(value) for value in values)] for metric, *values in rows],
-        numeric_from=1,
-    )
+    personalized = _mapping(summary.get("personalized"))
+    if personalized:  # each client's own model, beside the global one
+        table = _table(
+            ("metric", "federated", "personalised", "local only", "pooled"),
+            [[metric, format_value(fed), format_value(_number(personalized.get(metric))),
+              format_value(local), format_value(pooled)]
+             for metric, fed, local, pooled in rows],
+            numeric_from=1,
+        )
+    else:
+        table = _table(
+            ("metric", "federated", "local only", "pooled"),
+            [[metric, *(format_value(value) for value in values)] for metric, *values in rows],
+            numeric_from=1,
+        )
     return f"<h2>Results</h2>\n{table}"
 
 
@@ -253,20 +263,65 @@ def _figures_section(run_dir: Path, images: Sequence[Path]) -> str:
     return '<h2>Curves</h2>\n<div class="figures">\n' + "\n".join(figures) + "\n</div>"
 
 
+_KINDS = (("global", "global"), ("personalized", "personalised"), ("local", "local only"))
+"""Per-client model kinds in ``summary.json`` (``<kind>_<metric>``) and their column names."""
+
+
 def _per_client_section(summary: Mapping[str, Any]) -> str:
     per_client = _mapping(summary.get("per_client"))
     if not per_client:
         return ""
     results = {str(client): _mapping(values) for client, values in per_client.items()}
+    prefixes = tuple(f"{kind}_" for kind, _ in _KINDS)
     metrics = sorted(
-        {metric for values in results.values() for metric in values}, key=_metric_order
+        {m for values in results.values() for m in values if not m.startswith(prefixes)},
+        key=_metric_order,
     )
     rows = [
         [client, *(format_value(values.get(metric)) for metric in metrics)]
         for client, values in results.items()
     ]
     table = _table(("client", *metrics), rows, numeric_from=1)
-    return f'<h2>Per client</h2>\n<div class="scroll">{table}</div>'
+    return (
+        f"{_comparison_section(summary, results)}"
+        f'<h2>Per client</h2>\n<div class="scroll">{table}</div>'
+    )
+
+
+def _comparison_section(summary: Mapping[str, Any], results: Mapping[str, Mapping[str, Any]]) -> str:
+    """Each client's global / personalised / local-only accuracy side by side, and their
+    spread across clients (``client_accuracy``), when more than the global model was
+    evaluated per client."""
+    kinds = [(k, label) for k, label in _KINDS
+             if any(f"{k}_accuracy" in values for values in results.values())]
+    if not any(k != "global" for k, _ in kinds):
+        return ""
+    metrics = [m for m in ("accuracy", "balanced_accuracy")
+               if any(f"{k}_{m}" in v for k, _ in kinds for v in results.values())]
+    header = ["client", *(f"{label} {m.replace('_', ' ')}" for m in metrics for _, label in kinds)]
+    rows = [
+        [client, *(format_value(_number(values.get(f"{k}_{m}"))) for m in metrics for k, _ in kinds)]
+        for client, values in results.items()
+    ]
+    out = (
+        "<h2>Per client: global, personalised and local-only models</h2>\n"
+        '<p class="note">Each client evaluates on its own test split: the global model, its own '
+        "(personalised or fine-tuned) model, and the model it trains alone.</p>\n"
+        f'<div class="scroll">{_table(header, rows, numeric_from=1)}</div>'
+    )
+    spread = _mapping(summary.get("client_accuracy"))
+    stats = ("mean", "worst", "p10", "std", "jain")
+    spread_rows = [
+        [label, *(format_value(_number(_mapping(spread.get(k)).get(s))) for s in stats)]
+        for k, label in _KINDS if k in spread
+    ]
+    if spread_rows:
+        out += (
+            "\n<h3>Accuracy across clients</h3>\n"
+            + _table(("model", "mean", "worst", "10th percentile", "std", "Jain's index"),
+                     spread_rows, numeric_from=1)
+        )
+    return out + "\n"
 
 
 def _rounds_section(history: Sequence[Mapping[str, Any]]) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from consortium.client.app import SiteClient
-from consortium.client.evaluation import evaluate_model, summarise_clients
+from consortium.client.evaluation import client_spread, evaluate_model, summarise_clients
 from consortium.data.base import Split
 from consortium.errors import ConfigError
 from consortium.executors.base import Executor
@@ -40,6 +40,17 @@ class Evaluator:
     standard error ``<name>_se`` (:func:`pps_estimate`), and ``evaluated_clients`` counts the
     distinct clients evaluated. 0, or a count >= the clients with test data, evaluates every
     client, and the record is then what it always was.
+
+    Personalised evaluation: with ``personal`` (a personalised algorithm) every evaluation,
+    and with ``finetune_steps`` the last one, also evaluates each client's *own* model on its
+    test split (:meth:`SiteClient.evaluate_personalized`: the global shared part with its
+    personal part, fine-tuned for ``finetune_steps`` local steps in the last round), in this
+    process, where the simulated clients' state is. Its metrics are ``personalized_<name>``,
+    weighted by test examples as the global ones, in the record and in each client's entry.
+    The last evaluation also states the spread of per-client accuracy (each client once):
+    ``accuracy_mean``, ``accuracy_std``, ``accuracy_jain`` beside ``accuracy_min`` and
+    ``accuracy_p10`` (:func:`~consortium.client.evaluation.client_spread`), and the same
+    for ``personalized_accuracy``.
     """
 
     model_factory: Callable[[], torch.nn.Module]
@@ -50,6 +61,8 @@ class Evaluator:
     clients: float = 0.0
     seed: int = 0
     final_round: int = 0
+    personal: bool = False
+    finetune_steps: int = 0
 
     def evaluate(
         self,
@@ -78,6 +91,24 @@ class Evaluator:
         metrics = summarise_clients(per_client, sizes)
         if draws is not None:  # a census has no sampling error to state
             metrics.update(_estimates(draws, per_client, metrics))
+        final = round >= self.final_round
+        finetune = self.finetune_steps if final else 0
+        if self.personal or finetune:
+            own = self._personalized(round, params, clients, list(per_client), finetune)
+            mine = summarise_clients(own, {cid: sizes[cid] for cid in own})
+            if draws is not None:  # estimated from the draws, as the global metrics are
+                mine.update(_estimates(draws, own, mine))
+                del mine["evaluated_clients"]
+            metrics.update({f"personalized_{k}": v for k, v in mine.items()})
+            per_client = {
+                cid: {**m, **{f"personalized_{k}": v for k, v in own.get(cid, {}).items()}}
+                for cid, m in per_client.items()
+            }
+        if final:
+            for name in ("accuracy", "personalized_accuracy"):
+                spread = client_spread([m[name] for m in per_client.values() if name in m])
+                metrics.update({f"{name}_{k}": spread[k] for k in ("mean", "std", "jain")
+                                if k in spread})
         if self.server_test is not None and len(self.server_test) > 0:
             module = self.model_factory()
             params.load_into(module)
@@ -93,6 +124,23 @@ class Evaluator:
                 for probe in self.probes:
                     metrics.update(probe(module))
         return metrics, per_client
+
+    def _personalized(
+        self, round: int, params: Parameters, clients: Mapping[str, SiteClient],
+        client_ids: Sequence[str], finetune_steps: int,
+    ) -> dict[str, dict[str, float]]:
+        """Each client's own model on its own test split (fine-tuned first when asked)."""
+        with torch.random.fork_rng(devices=[]):  # building a model draws from torch's RNG
+            module = self.model_factory()
+        out = {}
+        for cid in client_ids:
+            task = Task(round=round, client_id=cid, parameters=params,
+                        seed=derive_seed(self.seed, "finetune", cid))
+            result = clients[cid].evaluate_personalized(
+                task, module=module, finetune_steps=finetune_steps
+            )
+            out[cid] = result.metrics
+        return out
 
     def _draws(
         self, round: int, eligible: list[str], test_sizes: Mapping[str, int]
