@@ -85,7 +85,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: Literal["fedavg", "fedprox", "scaffold", "fednova", "fedper", "fedrep"] = "fedavg"
+    name: Literal[
+        "fedavg", "fedprox", "scaffold", "fednova", "fedper", "fedrep", "ditto", "apfl", "qffl"
+    ] = "fedavg"
     local_epochs: int = 1
     local_steps: int = 0
     batch_size: int = 32
@@ -94,6 +96,8 @@ class AlgorithmConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     mu: float = 0.01
+    q: float = 1.0
+    """q-FFL's fairness exponent (``qffl``; 0 = FedAvg with equal client weights)."""
 
 
 @dataclass(frozen=True)
@@ -108,12 +112,19 @@ class PersonalizationConfig:
     ``finetune_steps``: after the last round each client fine-tunes its own copy of the final
     model (the global one; under fedper/fedrep with its own head) for this many local SGD
     steps on its training split and is evaluated on its test split (``summary.json``'s
-    ``personalized``); works with every algorithm, 0 = off."""
+    ``personalized``); works with every algorithm, 0 = off.
+    ``ditto_lambda``: Ditto's ``λ``, the pull of each personal model toward the global one;
+    ``personal_steps``: Ditto's local steps on the personal model each round (0 = the same
+    local work as the global model). ``apfl_alpha``: APFL's initial mixing weight ``α``.
+    Ditto and APFL keep one full model per client in the client state."""
 
     local_layers: tuple[str, ...] = ()
     local_count: int = 0
     head_epochs: int = 1
     finetune_steps: int = 0
+    ditto_lambda: float = 0.1
+    personal_steps: int = 0
+    apfl_alpha: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -377,6 +388,11 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(pz.head_epochs >= 1, "personalization.head_epochs", pz.head_epochs, "an integer >= 1")
     need(pz.finetune_steps >= 0, "personalization.finetune_steps", pz.finetune_steps,
          "0 (off) or a number of local steps >= 1")
+    need(pz.ditto_lambda >= 0, "personalization.ditto_lambda", pz.ditto_lambda, "a number >= 0")
+    need(pz.personal_steps >= 0, "personalization.personal_steps", pz.personal_steps,
+         "0 (the global model's local work) or a number of local steps >= 1")
+    need(0 <= pz.apfl_alpha <= 1, "personalization.apfl_alpha", pz.apfl_alpha, "a number in [0, 1]")
+    need(a.q >= 0, "algorithm.q", a.q, "a number >= 0")
     if pz.local_layers and pz.local_count:
         raise ConfigError(
             "personalization.local_layers and personalization.local_count are both set; set "

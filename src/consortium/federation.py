@@ -145,7 +145,9 @@ def build_algorithm_parts(f: Federation) -> None:
     pz = f.cfg.personalization
     f.algorithm = f.given.algorithm or build_algorithm(
         f.cfg.algorithm.name, mu=f.cfg.algorithm.mu, local_layers=pz.local_layers,
-        local_count=pz.local_count, head_epochs=pz.head_epochs,
+        local_count=pz.local_count, head_epochs=pz.head_epochs, q=f.cfg.algorithm.q,
+        ditto_lambda=pz.ditto_lambda, personal_steps=pz.personal_steps,
+        apfl_alpha=pz.apfl_alpha,
     )
     f.settings = local_training(f.cfg)
 

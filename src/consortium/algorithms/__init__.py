@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+from consortium.algorithms.apfl import APFL
 from consortium.algorithms.base import Algorithm, TrainContext, local_update
+from consortium.algorithms.ditto import Ditto
 from consortium.algorithms.fedavg import FedAvg
 from consortium.algorithms.fednova import FedNova
 from consortium.algorithms.fedprox import FedProx
 from consortium.algorithms.personal import FedPer, FedRep, PersonalLayers
+from consortium.algorithms.qffl import QFedAvg
 from consortium.algorithms.scaffold import Scaffold
 from consortium.errors import ConfigError
 
 __all__ = [
     "ALGORITHMS",
+    "APFL",
     "Algorithm",
+    "Ditto",
     "FedAvg",
     "FedNova",
     "FedPer",
     "FedProx",
     "FedRep",
     "PersonalLayers",
+    "QFedAvg",
     "Scaffold",
     "TrainContext",
     "build_algorithm",
@@ -32,17 +38,23 @@ ALGORITHMS = {
     "fednova": "normalised averaging for unequal local steps (Wang et al. 2020)",
     "fedper": "shared body, personal head trained jointly (Arivazhagan et al. 2019)",
     "fedrep": "shared representation, personal head; head then body each round (Collins et al. 2021)",
+    "ditto": "FedAvg + a personal model per client, proximal to the global one (Li et al. 2021)",
+    "apfl": "personal model mixed with the global one by a learned weight (Deng et al. 2020)",
+    "qffl": "q-FedAvg: fair allocation, clients weighted up by loss^q (Li et al. 2020)",
 }
 
 
 def build_algorithm(
     name: str, *, mu: float = 0.01, local_layers: tuple[str, ...] = (), local_count: int = 0,
-    head_epochs: int = 1,
+    head_epochs: int = 1, q: float = 1.0, ditto_lambda: float = 0.1, personal_steps: int = 0,
+    apfl_alpha: float = 0.25,
 ) -> Algorithm:
     """The algorithm called ``name`` (see :data:`ALGORITHMS`).
 
     ``local_layers`` / ``local_count`` (``[personalization]``) name the personal layers of
-    ``fedper`` and ``fedrep`` (default: the final layer); ``head_epochs`` is FedRep's.
+    ``fedper`` and ``fedrep`` (default: the final layer); ``head_epochs`` is FedRep's;
+    ``ditto_lambda`` and ``personal_steps`` are Ditto's, ``apfl_alpha`` APFL's initial mixing
+    weight, ``q`` q-FFL's exponent.
 
     Raises:
         ConfigError: an unknown name, or personal layers given to an algorithm that shares
@@ -60,6 +72,12 @@ def build_algorithm(
         )
     if name == "fedavg":
         return FedAvg()
+    if name == "ditto":
+        return Ditto(lam=ditto_lambda, personal_steps=personal_steps)
+    if name == "apfl":
+        return APFL(alpha=apfl_alpha)
+    if name == "qffl":
+        return QFedAvg(q=q)
     if name == "fedprox":
         return FedProx(mu=mu)
     if name == "scaffold":

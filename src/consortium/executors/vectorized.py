@@ -384,7 +384,8 @@ class VectorizedExecutor:
             n = int(sizes[i])
             ctx = TrainContext(
                 client_id=task.client_id, module=module, global_params=task.parameters,
-                data=pool.packed.train, settings=pool.settings, loss_fn=pool.loss_fn,
+                data=pool.packed[task.client_id].train, settings=pool.settings,
+                loss_fn=pool.loss_fn,
                 seed=task.seed, work=task.work, payload=task.payload,
                 client_state=pool.state.get(task.client_id),
             )
