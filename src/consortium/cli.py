@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-report", action="store_true", help="skip report.html and plots")
+    run.add_argument(
+        "--seeds", metavar="SEEDS",
+        help="run once per seed (0-4, or 0,3,7) into OUT/seed-N/ and report the mean over seeds "
+        "with a 95%% Student t interval (OUT/seeds.json)",
+    )
     ana = sub.add_parser(
         "analyze",
         help="federated statistics: a Table 1 by site and overall, and the bias report",
@@ -333,12 +338,15 @@ def _fmt(v: Any) -> str:
 
 def _print_results(summary: dict[str, Any], run_dir: Path) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    from consortium.reporting.report import results_table_rows
+    from consortium.reporting.report import format_interval, result_intervals, results_table_rows
 
     table = Table(title=f"{summary['name']}: {summary['rounds']} rounds, {summary['clients']} clients")
     personal = summary.get("personalized") or {}
+    intervals = result_intervals(summary)  # bootstrap over test examples, when the run has them
+    columns = ["federated", *(["personalised"] if personal else []), "local only", "pooled"]
     table.add_column("metric")
     table.add_column("federated", justify="right")
     if personal:  # each client's own model (personal head, or fine-tuned) on its own test split
@@ -351,9 +359,17 @@ def _print_results(summary: dict[str, Any], run_dir: Path) -> None:
             continue  # the full distribution is in summary.json and report.html
         label = "accuracy, worst site" if name == "accuracy_min" else name
         values = [row[1], personal.get(name), *row[2:]] if personal else list(row[1:])
-        table.add_row(label, *(_fmt(v if isinstance(v, (int, float)) else None) for v in values))
+        table.add_row(label, *(
+            _fmt(number) + (format_interval(intervals.get(column, {}).get(name))
+                            if number is not None else "")
+            for column, v in zip(columns, values, strict=True)
+            for number in [v if isinstance(v, (int, float)) else None]
+        ))
     console = Console()
     console.print(table)
+    if intervals:
+        ci = summary.get("ci") or {}
+        console.print(escape(f"[low, high]: 95% CI, {ci.get('method', 'bootstrap over test examples')}"))
     privacy = summary.get("privacy") or {}
     if privacy.get("epsilon") is not None:
         console.print(
@@ -367,11 +383,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from consortium.config import load_config
     from consortium.simulation import simulate
 
+    if args.seeds is not None:
+        return _cmd_run_seeds(args)
     if args.resume:
         if args.config or args.overrides or args.out:
             raise ConsortiumError(
                 "--resume continues a run exactly as it was configured; do not combine it with "
                 "a CONFIG, --set or --out"
+            )
+        from consortium.seed_runs import is_multi_seed_dir
+
+        if is_multi_seed_dir(args.resume):
+            raise ConsortiumError(
+                f"{args.resume!r} holds a multi-seed run (--seeds), which cannot be resumed as a "
+                f"whole; resume one seed's run with --resume {Path(args.resume) / 'seed-N'} (its "
+                "seeds.json is not updated), or rerun --seeds with a new --out"
             )
         result = simulate(resume=args.resume, progress=not args.no_progress, report=not args.no_report)
     else:
@@ -381,6 +407,53 @@ def _cmd_run(args: argparse.Namespace) -> int:
     assert result.run_dir is not None
     _print_results(result.summary, result.run_dir)
     return EXIT_OK
+
+
+def _cmd_run_seeds(args: argparse.Namespace) -> int:
+    from consortium.config import load_config
+    from consortium.seed_runs import parse_seeds, simulate_seeds
+
+    if args.resume:
+        raise ConsortiumError(
+            "--resume does not combine with --seeds: a multi-seed run cannot be resumed as a "
+            "whole; resume one seed's run with --resume OUT/seed-N, or rerun --seeds with a new --out"
+        )
+    seeds = parse_seeds(args.seeds)
+    if any(o.split("=", 1)[0].strip() == "seed" for o in args.overrides):
+        raise ConsortiumError("--set seed=… and --seeds both choose the seed; give --seeds only")
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = simulate_seeds(
+        cfg, seeds=seeds, out=out, progress=not args.no_progress, report=not args.no_report,
+        on_run=lambda seed, summary: print(
+            f"seed {seed}: accuracy {_fmt((summary.get('final') or {}).get('accuracy'))} "
+            f"({out / f'seed-{seed}'})", flush=True,
+        ),
+    )
+    _print_seeds(result.report, out)
+    return EXIT_OK
+
+
+def _print_seeds(report: dict[str, Any], out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from consortium.seed_runs import seed_rows
+
+    seeds = report["seeds"]
+    table = Table(title=f"{report['name']}: mean over {len(seeds)} seeds, 95% Student t interval")
+    for column in ("model", "metric", "mean", "95% CI"):
+        table.add_column(column, justify="right" if column in ("mean", "95% CI") else "left")
+    table.add_column("per seed (" + ", ".join(str(s) for s in seeds) + ")", justify="right")
+    for model, metric, entry in seed_rows(report["results"]):
+        low, high = entry["ci"]
+        interval = "—" if low is None else f"[{low:.3f}, {high:.3f}]"
+        label = "accuracy, worst site" if metric == "accuracy_min" else metric
+        table.add_row(model, label, _fmt(entry["mean"]), interval,
+                      " ".join(f"{v:.3f}" for v in entry["values"]))
+    console = Console()
+    console.print(table)
+    console.print(f"seeds: {out / 'seeds.json'} (runs in {out}/seed-N/)")
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:

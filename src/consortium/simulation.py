@@ -173,12 +173,18 @@ def _summarise(fed: Federation, state: Any, duration_s: float) -> dict[str, Any]
     cfg = fed.cfg
     baselines: dict[str, dict[str, Any]] = {}
     local_per_client: dict[str, dict[str, float]] = {}
+    confusions: dict[str, Any] = {}
     for name in cfg.evaluation.baselines:
         setup = BaselineSetup(fed.factory, fed.init, fed.settings, fed.loss_fn, cfg.rounds, cfg.seed)
         if name == "local":
-            metrics, local_per_client = local_baseline(fed.dataset, setup)
+            metrics, local_per_client = local_baseline(
+                fed.dataset, setup, confusions=confusions.setdefault(f"baselines/{name}", {})
+            )
         else:
-            metrics, _ = pooled_baseline(fed.dataset, setup, per_round_clients=fed.per_round)
+            metrics, _ = pooled_baseline(
+                fed.dataset, setup, per_round_clients=fed.per_round,
+                confusions=confusions.setdefault(f"baselines/{name}", {}),
+            )
         baselines[name] = {k: v for k, v in metrics.items()}
     mine = "personalized_"
     # the spread across clients is under its own key (client_accuracy), not among the metrics
@@ -210,7 +216,43 @@ def _summarise(fed: Federation, state: Any, duration_s: float) -> dict[str, Any]
     summary["client_accuracy"] = {kind: spread for kind, spread in spreads.items() if spread}
     if fed.threat is not None:
         summary["attack"] = fed.threat.describe()
+    confusions.update(getattr(fed.server.evaluator, "final_confusion", {}))
+    ci = _bootstrap_intervals(cfg.seed, summary, confusions)
+    if ci:
+        summary["ci"] = ci
     return summary
+
+
+def _bootstrap_intervals(
+    seed: int, summary: Mapping[str, Any], confusions: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """``summary.json``'s ``ci``: 95 % percentile bootstrap intervals of accuracy and balanced
+    accuracy over the test examples, resampled within each site (B = 1,000, seeded from the
+    run seed; :func:`~consortium.intervals.bootstrap_ci`), for ``final``, ``personalized``
+    and each baseline whose per-site predictions this process saw. An interval is left out
+    when the predictions do not reproduce the reported numbers (it would not be theirs)."""
+    from consortium.intervals import BOOTSTRAP_METHOD, bootstrap_ci, confusion_metrics
+    from consortium.seeds import derive_seed
+
+    out: dict[str, Any] = {}
+    for kind, per_site in confusions.items():
+        section, _, name = kind.partition("/")
+        reported = summary.get(section) or {}
+        reported = reported.get(name) or {} if name else reported
+        point = confusion_metrics(per_site)
+        if not point or any(
+            not isinstance(reported.get(m), float) or abs(reported[m] - v) > 1e-9
+            for m, v in point.items()
+        ):
+            continue
+        interval = bootstrap_ci(per_site, seed=derive_seed(seed, "bootstrap", kind))
+        if name:
+            out.setdefault(section, {})[name] = interval
+        else:
+            out[section] = interval
+    if out:
+        out.update({"method": BOOTSTRAP_METHOD, "confidence": 0.95})
+    return out
 
 
 def _per_client(

@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from consortium.data.base import Split
 
-__all__ = ["auc_binary", "client_spread", "evaluate_model", "summarise_clients"]
+__all__ = [
+    "auc_binary", "client_spread", "confusion_matrix", "evaluate_model", "summarise_clients",
+]
 
 
 def auc_binary(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -68,6 +71,24 @@ def evaluate_model(
         score = outputs[:, 1] - outputs[:, 0]  # the log-odds of class 1
         metrics["auc"] = auc_binary(score, y)
     return metrics
+
+
+@torch.no_grad()
+def confusion_matrix(
+    module: torch.nn.Module, data: Split, *, num_classes: int, batch_size: int = 4096
+) -> np.ndarray:
+    """``[num_classes, num_classes]`` counts of the test examples by true label (rows) and
+    predicted class (columns), predicted as :func:`evaluate_model` predicts: what a bootstrap
+    over test examples of accuracy and balanced accuracy needs
+    (:func:`~consortium.intervals.bootstrap_ci`)."""
+    module.eval()
+    n = len(data)
+    if n == 0:
+        return np.zeros((num_classes, num_classes), dtype=np.int64)
+    outputs = torch.cat([module(data.x[i : i + batch_size]) for i in range(0, n, batch_size)])
+    cells = data.y.long() * num_classes + outputs.argmax(dim=1)
+    counts = torch.bincount(cells, minlength=num_classes * num_classes)
+    return counts.numpy().astype(np.int64).reshape(num_classes, num_classes)
 
 
 def _quantile(values: Sequence[float], q: float) -> float:

@@ -11,7 +11,7 @@ from typing import Any
 
 from consortium.reporting.plots import write_plots
 
-__all__ = ["format_value", "results_table_rows", "write_report"]
+__all__ = ["format_interval", "format_value", "result_intervals", "results_table_rows", "write_report"]
 
 # The metrics a reader looks for first; any others follow alphabetically.
 _LEADING_METRICS = ("accuracy", "balanced_accuracy", "auc", "loss")
@@ -115,6 +115,31 @@ def format_value(value: object) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def result_intervals(summary: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The bootstrap intervals of ``summary["ci"]`` by results column: ``federated``,
+    ``personalised``, ``local only``, ``pooled`` → metric → ``[low, high]``; ``{}`` for a
+    run without them."""
+    ci = _mapping(summary.get("ci"))
+    baselines = _mapping(ci.get("baselines"))
+    columns = {
+        "federated": _mapping(ci.get("final")),
+        "personalised": _mapping(ci.get("personalized")),
+        "local only": _mapping(baselines.get("local")),
+        "pooled": _mapping(baselines.get("pooled")),
+    }
+    return {column: values for column, values in columns.items() if values}
+
+
+def format_interval(interval: object, *, digits: int = 2) -> str:
+    """``" [0.80, 0.89]"`` for a ``[low, high]`` pair of numbers, ``""`` for anything else."""
+    if not isinstance(interval, (list, tuple)) or len(interval) != 2:
+        return ""
+    low, high = (_number(v) for v in interval)
+    if low is None or high is None:
+        return ""
+    return f" [{low:.{digits}f}, {high:.{digits}f}]"
+
+
 def _metric_order(name: str) -> tuple[int, str]:
     if name in _LEADING_METRICS:
         return (_LEADING_METRICS.index(name), "")
@@ -207,21 +232,39 @@ def _results_section(summary: Mapping[str, Any]) -> str:
     if not rows:
         return '<h2>Results</h2>\n<p class="note">No final results were recorded.</p>'
     personalized = _mapping(summary.get("personalized"))
+    intervals = result_intervals(summary)
+
+    def cell(column: str, metric: str, value: float | None) -> str:
+        interval = _mapping(intervals.get(column)).get(metric)
+        return format_value(value) + (format_interval(interval, digits=3) if value is not None else "")
+
     if personalized:  # each client's own model, beside the global one
         table = _table(
             ("metric", "federated", "personalised", "local only", "pooled"),
-            [[metric, format_value(fed), format_value(_number(personalized.get(metric))),
-              format_value(local), format_value(pooled)]
+            [[metric, cell("federated", metric, fed),
+              cell("personalised", metric, _number(personalized.get(metric))),
+              cell("local only", metric, local), cell("pooled", metric, pooled)]
              for metric, fed, local, pooled in rows],
             numeric_from=1,
         )
     else:
         table = _table(
             ("metric", "federated", "local only", "pooled"),
-            [[metric, *(format_value(value) for value in values)] for metric, *values in rows],
+            [[metric, cell("federated", metric, fed), cell("local only", metric, local),
+              cell("pooled", metric, pooled)]
+             for metric, fed, local, pooled in rows],
             numeric_from=1,
         )
-    return f"<h2>Results</h2>\n{table}"
+    note = ""
+    if intervals:
+        ci = _mapping(summary.get("ci"))
+        confidence = _number(ci.get("confidence"))
+        level = f"{confidence:.0%}" if confidence is not None else "95%"
+        note = (
+            f'\n<p class="note">[low, high]: {_e(level)} confidence interval, '
+            f"{_e(ci.get('method') or 'bootstrap')} (Efron &amp; Tibshirani 1993).</p>"
+        )
+    return f"<h2>Results</h2>\n{table}{note}"
 
 
 def _privacy_line(summary: Mapping[str, Any]) -> str:

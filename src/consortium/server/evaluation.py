@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from consortium.client.app import SiteClient
-from consortium.client.evaluation import client_spread, evaluate_model, summarise_clients
+from consortium.client.evaluation import (
+    client_spread,
+    confusion_matrix,
+    evaluate_model,
+    summarise_clients,
+)
 from consortium.data.base import Split
 from consortium.errors import ConfigError
 from consortium.executors.base import Executor
@@ -51,6 +56,11 @@ class Evaluator:
     ``accuracy_mean``, ``accuracy_std``, ``accuracy_jain`` beside ``accuracy_min`` and
     ``accuracy_p10`` (:func:`~consortium.client.evaluation.client_spread`), and the same
     for ``personalized_accuracy``.
+
+    The last evaluation also keeps, in ``final_confusion``, each evaluated client's confusion
+    matrix (``"final"``: the global model; ``"personalized"``: each client's own model), for
+    bootstrap intervals over test examples (:func:`~consortium.intervals.bootstrap_ci`). Only
+    clients in this process have them: a deployment's test examples stay at the sites.
     """
 
     model_factory: Callable[[], torch.nn.Module]
@@ -63,6 +73,7 @@ class Evaluator:
     final_round: int = 0
     personal: bool = False
     finetune_steps: int = 0
+    final_confusion: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def evaluate(
         self,
@@ -92,9 +103,12 @@ class Evaluator:
         if draws is not None:  # a census has no sampling error to state
             metrics.update(_estimates(draws, per_client, metrics))
         final = round >= self.final_round
+        # a deployment's server holds placeholders, not the sites' test examples
+        if final and getattr(executor, "name", "") != "remote":
+            self.final_confusion = {"final": self._confusions(params, clients, list(per_client))}
         finetune = self.finetune_steps if final else 0
         if self.personal or finetune:
-            own = self._personalized(round, params, clients, list(per_client), finetune)
+            own = self._personalized(round, params, clients, list(per_client), finetune, final)
             mine = summarise_clients(own, {cid: sizes[cid] for cid in own})
             if draws is not None:  # estimated from the draws, as the global metrics are
                 mine.update(_estimates(draws, own, mine))
@@ -127,12 +141,14 @@ class Evaluator:
 
     def _personalized(
         self, round: int, params: Parameters, clients: Mapping[str, SiteClient],
-        client_ids: Sequence[str], finetune_steps: int,
+        client_ids: Sequence[str], finetune_steps: int, final: bool = False,
     ) -> dict[str, dict[str, float]]:
-        """Each client's own model on its own test split (fine-tuned first when asked)."""
+        """Each client's own model on its own test split (fine-tuned first when asked); in
+        the ``final`` evaluation, also its confusion matrix in ``final_confusion``."""
         with torch.random.fork_rng(devices=[]):  # building a model draws from torch's RNG
             module = self.model_factory()
         out = {}
+        confusions: dict[str, np.ndarray] = {}
         for cid in client_ids:
             task = Task(round=round, client_id=cid, parameters=params,
                         seed=derive_seed(self.seed, "finetune", cid))
@@ -140,7 +156,28 @@ class Evaluator:
                 task, module=module, finetune_steps=finetune_steps
             )
             out[cid] = result.metrics
+            test = _local_test(clients[cid])
+            if final and test is not None:  # ``module`` now holds the client's own model
+                confusions[cid] = confusion_matrix(module, test, num_classes=self.num_classes)
+        if final:
+            self.final_confusion["personalized"] = confusions
         return out
+
+    def _confusions(
+        self, params: Parameters, clients: Mapping[str, SiteClient], client_ids: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """The global model's confusion matrix at each client in this process; ``{}`` when
+        the clients are remote (their test examples never leave them)."""
+        tests = {cid: _local_test(clients[cid]) for cid in client_ids}
+        if any(test is None for test in tests.values()):
+            return {}
+        with torch.random.fork_rng(devices=[]):  # building a model draws from torch's RNG
+            module = self.model_factory()
+        params.load_into(module)
+        return {
+            cid: confusion_matrix(module, test, num_classes=self.num_classes)
+            for cid, test in tests.items() if test is not None
+        }
 
     def _draws(
         self, round: int, eligible: list[str], test_sizes: Mapping[str, int]
@@ -155,6 +192,12 @@ class Evaluator:
             [test_sizes[c] for c in eligible], k, seed=derive_seed(self.seed, "evaluation", round)
         )
         return [eligible[i] for i in picks]
+
+
+def _local_test(client: object) -> Split | None:
+    """A client's test split when its examples are in this process, else ``None``."""
+    test = getattr(getattr(client, "data", None), "test", None)
+    return test if isinstance(test, Split) else None
 
 
 def evaluation_draws(clients: float, population: int) -> int:

@@ -1,0 +1,140 @@
+"""Bootstrap intervals over test examples: stratified by site, seeded, around the reported number."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from consortium.client.evaluation import confusion_matrix, evaluate_model
+from consortium.data.base import Split
+from consortium.intervals import bootstrap_ci, confusion_metrics
+
+
+def _confusion(labels: np.ndarray, predicted: np.ndarray, k: int = 2) -> np.ndarray:
+    return np.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
+
+
+def _site(n: int, accuracy: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    labels = rng.integers(0, 2, size=n)
+    wrong = rng.random(n) > accuracy
+    return labels, np.where(wrong, 1 - labels, labels)
+
+
+def test_confusion_metrics_by_hand() -> None:
+    # site a: 3 of 4 right (class 0: 2/2, class 1: 1/2); site b: 1 of 2 (class 0: 1/2)
+    confusions = {"a": np.array([[2, 0], [1, 1]]), "b": np.array([[1, 1], [0, 0]])}
+    point = confusion_metrics(confusions)
+    assert point["accuracy"] == pytest.approx((3 + 1) / 6)
+    # balanced: a = (1 + 0.5) / 2 = 0.75, b = 0.5 (one class present); weighted 4:2
+    assert point["balanced_accuracy"] == pytest.approx((4 * 0.75 + 2 * 0.5) / 6)
+    assert confusion_metrics({"empty": np.zeros((2, 2), dtype=int)}) == {}
+
+
+def test_bootstrap_brackets_the_estimate_and_is_reproducible() -> None:
+    rng = np.random.default_rng(1)
+    confusions = {s: _confusion(*_site(n, a, rng)) for s, n, a in (("a", 60, 0.9), ("b", 150, 0.7))}
+    ci = bootstrap_ci(confusions, seed=7)
+    point = confusion_metrics(confusions)
+    for metric in ("accuracy", "balanced_accuracy"):
+        low, high = ci[metric]
+        assert low < point[metric] < high
+    assert bootstrap_ci(confusions, seed=7) == ci
+    assert bootstrap_ci(confusions, seed=8) != ci
+
+
+def test_bootstrap_resamples_within_each_site() -> None:
+    # one site all right, one all wrong, equal sizes: every stratified replicate is exactly
+    # 0.5 (pooled resampling would spread it as Binomial(200, 0.5) / 200)
+    confusions = {"right": np.array([[50, 0], [0, 50]]), "wrong": np.array([[0, 50], [50, 0]])}
+    ci = bootstrap_ci(confusions, seed=0)
+    assert ci["accuracy"] == [0.5, 0.5]
+    assert ci["balanced_accuracy"] == [0.5, 0.5]
+
+
+def test_bootstrap_narrows_with_more_examples() -> None:
+    # the same proportions with 4x the examples: about half the width (1/sqrt(n))
+    base = {"a": np.array([[40, 10], [15, 35]]), "b": np.array([[20, 5], [5, 20]])}
+    big = {site: 4 * counts for site, counts in base.items()}
+    width = {name: np.diff(bootstrap_ci(c, seed=3)["accuracy"])[0]
+             for name, c in (("base", base), ("big", big))}
+    assert 0.35 < width["big"] / width["base"] < 0.65
+
+
+def test_bootstrap_matches_scipy_percentile_on_one_site() -> None:
+    rng = np.random.default_rng(5)
+    labels, predicted = _site(300, 0.8, rng)
+    correct = (labels == predicted).astype(float)
+    mine = bootstrap_ci({"only": _confusion(labels, predicted)}, seed=11, resamples=20_000)
+    ref = stats.bootstrap((correct,), np.mean, method="percentile", n_resamples=20_000,
+                          rng=np.random.default_rng(12))
+    # different generators, same distribution: Monte Carlo error of a 2.5 % quantile at
+    # B = 20,000 is ~0.002 here, the lattice of values is 1/300
+    assert mine["accuracy"] == pytest.approx(
+        [ref.confidence_interval.low, ref.confidence_interval.high], abs=0.008
+    )
+
+    def balanced(idx: np.ndarray) -> np.ndarray:
+        y, p = labels[idx], predicted[idx]
+        return np.mean([(p[y == c] == c).mean() for c in (0, 1)])
+
+    hand = np.random.default_rng(13).integers(0, 300, size=(20_000, 300))
+    reps = np.array([balanced(i) for i in hand])
+    assert mine["balanced_accuracy"] == pytest.approx(np.quantile(reps, [0.025, 0.975]), abs=0.008)
+
+
+def test_confusion_matrix_predicts_as_evaluate_model() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 3)
+    x = torch.randn(50, 3)
+    y = torch.randint(0, 3, (50,))
+    counts = confusion_matrix(model, Split(x, y), num_classes=3)
+    assert counts.sum() == 50 and counts.shape == (3, 3)
+    assert list(counts.sum(axis=1)) == [int((y == c).sum()) for c in range(3)]
+    reported = evaluate_model(model, Split(x, y), loss_fn=torch.nn.functional.cross_entropy,
+                              num_classes=3)
+    point = confusion_metrics({"site": counts})
+    assert point["accuracy"] == pytest.approx(reported["accuracy"])
+    assert point["balanced_accuracy"] == pytest.approx(reported["balanced_accuracy"])
+
+
+def test_a_run_reports_bootstrap_intervals(tmp_path) -> None:
+    from consortium.simulation import simulate
+
+    out = tmp_path / "run"
+    result = simulate({"rounds": 2, "personalization": {"finetune_steps": 2},
+                       "evaluation": {"baselines": ["local", "pooled"]}}, out=out, report=True)
+    summary = json.loads((out / "summary.json").read_text())
+    ci = summary["ci"]
+    assert ci["method"] == "percentile bootstrap over test examples, stratified by site, B=1000"
+    for section, values in (("final", summary["final"]), ("personalized", summary["personalized"]),
+                            ("local", summary["baselines"]["local"]),
+                            ("pooled", summary["baselines"]["pooled"])):
+        interval = ci[section] if section in ("final", "personalized") else ci["baselines"][section]
+        for metric in ("accuracy", "balanced_accuracy"):
+            low, high = interval[metric]
+            assert low <= values[metric] <= high, (section, metric)
+            assert high - low > 0.01
+    assert result.summary["ci"] == ci
+    page = (out / "report.html").read_text()
+    low, high = ci["final"]["accuracy"]
+    assert f"[{low:.3f}, {high:.3f}]" in page and "stratified by site" in page
+
+
+def test_the_printed_table_shows_intervals_beside_accuracy(tmp_path, capsys, monkeypatch) -> None:
+    from consortium.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")  # one line per row
+    out = tmp_path / "run"
+    assert main(["run", "--set", "rounds=2", "--set", 'evaluation.baselines=["local"]',
+                 "--out", str(out), "--no-progress", "--no-report"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    for value, (low, high) in ((summary["final"]["accuracy"], summary["ci"]["final"]["accuracy"]),
+                               (summary["baselines"]["local"]["accuracy"],
+                                summary["ci"]["baselines"]["local"]["accuracy"])):
+        assert f"{value:.3f} [{low:.2f}, {high:.2f}]" in printed
+    assert "[low, high]: 95% CI, percentile bootstrap" in printed
