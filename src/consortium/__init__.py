@@ -23,6 +23,7 @@ from consortium.errors import (
     PipelineError,
 )
 from consortium.messages import EvaluationResult, Result, Task
+from consortium.seed_runs import simulate_seeds
 from consortium.server.sampling import UniformSampler
 from consortium.simulation import SimulationResult, simulate
 from consortium.types import Layout, Parameters, Update
@@ -64,6 +65,7 @@ __all__ = [
     "pipeline",
     "sgd",
     "simulate",
+    "simulate_seeds",
     "weighted_mean",
     "yogi",
 ]
