@@ -100,8 +100,11 @@ def build_data(f: Federation) -> None:
         dataset = f.given.dataset
     else:
         from consortium.data import load_dataset
+        from consortium.data.preprocess import category_min_count
 
-        dataset = load_dataset(cfg.data, seed=cfg.seed)
+        # a category is named only if a site holds it min_count times, as a deployed site does
+        dataset = load_dataset(cfg.data, seed=cfg.seed,
+                               min_count=category_min_count(analysis=cfg.analysis.min_count))
     f.clean, f.threat = dataset, None
     if cfg.attack.kind != "none":
         from consortium.attacks import threat_model

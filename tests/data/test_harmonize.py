@@ -94,8 +94,9 @@ def test_two_codings_without_a_map_are_an_error_naming_both(two_codings: Path) -
 def test_a_map_gives_the_same_data_as_one_coding(two_codings: Path, one_coding: Path,
                                                  tmp_path: Path) -> None:
     h = toml(tmp_path / "harmonize.toml", SEX_MAP)
-    mapped = load_csv(path=str(two_codings / "*.csv"), target="label", seed=0, harmonize=h)
-    plain = load_csv(path=str(one_coding / "*.csv"), target="label", seed=0)
+    mapped = load_csv(path=str(two_codings / "*.csv"), target="label", seed=0, harmonize=h,
+                      min_count=1)  # tiny files: name every category
+    plain = load_csv(path=str(one_coding / "*.csv"), target="label", seed=0, min_count=1)
     assert_same(mapped, plain)
     assert mapped.feature_names == ("age", "sex=female", "sex=male")
 
@@ -134,7 +135,8 @@ def test_parquet_integer_codes_map_like_text(tmp_path: Path, one_coding: Path) -
 
 def test_allow_keeps_both_codings(two_codings: Path, tmp_path: Path) -> None:
     h = toml(tmp_path / "h.toml", '[check]\nallow = ["sex"]\n')
-    ds = load_csv(path=str(two_codings / "*.csv"), target="label", seed=0, harmonize=h)
+    ds = load_csv(path=str(two_codings / "*.csv"), target="label", seed=0, harmonize=h,
+                  min_count=1)  # tiny files: name every category
     assert ds.feature_names == ("age", "sex=F", "sex=M", "sex=female", "sex=male")
 
 
@@ -143,7 +145,7 @@ def test_overlapping_or_single_codes_are_not_an_error(tmp_path: Path) -> None:
     write(tmp_path / "a.csv", ["x,c,y", "1,red,0", "2,blue,1", "3,red,1"])
     write(tmp_path / "b.csv", ["x,c,y", "1,red,0", "2,green,1", "3,green,0"])
     write(tmp_path / "c.csv", ["x,c,y", "1,pink,0", "2,pink,1"])
-    ds = load_csv(path=str(tmp_path / "*.csv"), target="y", seed=0)
+    ds = load_csv(path=str(tmp_path / "*.csv"), target="y", seed=0, min_count=1)
     assert ds.feature_names == ("x", "c=blue", "c=green", "c=pink", "c=red")
 
 
@@ -154,10 +156,12 @@ def test_a_site_column_file_is_checked_per_site(tmp_path: Path) -> None:
         load_csv(path=str(path), target="y", seed=0, site_column="site")
     # a per-site map applies to that site's rows only
     h = parse_harmonization({"site": {"a": {"map": {"sex": {"M": "male", "F": "female"}}}}})
-    ds = load_csv(path=str(path), target="y", seed=0, site_column="site", harmonize=h)
+    ds = load_csv(path=str(path), target="y", seed=0, site_column="site", harmonize=h,
+                  min_count=1)  # tiny files: name every category
     assert ds.feature_names == ("sex=female", "sex=male")
     common = write(tmp_path / "common.csv", [rows[0], *recode(rows, 1, {"M": "male", "F": "female"})[1:]])
-    assert_same(ds, load_csv(path=str(common), target="y", seed=0, site_column="site"))
+    assert_same(ds, load_csv(path=str(common), target="y", seed=0, site_column="site",
+                             min_count=1))
     # and per-site units: only site b's rows are converted
     kg = write(tmp_path / "kg.csv", ["site,w,y", "a,70,0", "b,154,1", "a,80,1", "b,176,0"])
     table = apply(read_csv_table(kg), parse_harmonization(

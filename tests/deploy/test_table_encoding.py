@@ -54,7 +54,8 @@ class _Wire:
 def _deploy(folder: Path, sites: list[str]) -> dict[str, Any]:
     hub = Hub(asyncio.new_event_loop(), config_toml="", run_id="t", max_result_bytes=1,
               summaries_expected=len(sites))
-    cfg = SimpleNamespace(seed=0, data=SimpleNamespace(target="label", test_fraction=0.25))
+    cfg = SimpleNamespace(seed=0, data=SimpleNamespace(target="label", test_fraction=0.25),
+                          analysis=SimpleNamespace(min_count=5))
     out: dict[str, Any] = {}
 
     def site(name: str) -> None:
@@ -100,7 +101,8 @@ def test_sites_whose_files_disagree_are_refused_with_the_reason(
     (tmp_path / "south.csv").write_text(south)
     hub = Hub(asyncio.new_event_loop(), config_toml="", run_id="t", max_result_bytes=1,
               summaries_expected=2)
-    cfg = SimpleNamespace(seed=0, data=SimpleNamespace(target="label", test_fraction=0.25))
+    cfg = SimpleNamespace(seed=0, data=SimpleNamespace(target="label", test_fraction=0.25),
+                          analysis=SimpleNamespace(min_count=5))
     wire = _Wire(hub, hub.register("north"))
 
     def north() -> None:

@@ -53,10 +53,15 @@ def experiment_manifest(cfg: ExperimentConfig) -> dict[str, Any]:
 def leaves_site(cfg: ExperimentConfig) -> list[str]:
     """What leaves the site, in the order it leaves, in words an operator can check."""
     p, sa = cfg.privacy, cfg.secure_aggregation
+    from consortium.data.preprocess import category_min_count
+
+    k = category_min_count(analysis=cfg.analysis.min_count)
     out = [
         "once, before round 1: the data's input shape, class count and numbers of training and "
-        "test examples, and per-column sums, counts and category sets of the training split "
-        "(in the clear, so that every site encodes its features alike)",
+        "test examples, and per-column sums and counts of the training split (in the clear, so "
+        "that every site encodes its features alike), with the category values that at least "
+        f"{k} of the site's rows hold (more if its policy's min_count is larger; rarer values "
+        "are not named, and a data set with fixed categories names none)",
     ]
     if p.mode == "local":
         update = (f"the model update after local DP-SGD with the site's own noise (noise "

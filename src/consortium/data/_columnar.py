@@ -64,12 +64,14 @@ class SplitRows:
 
 def federated_encoding(
     sources: Sequence[Source], rows: SplitRows, *, impute: str = "mean",
-    impute_categorical: str = "indicator",
+    impute_categorical: str = "indicator", min_count: int = 1,
 ) -> tuple[TabularEncoder, np.ndarray, np.ndarray]:
     """``(encoder, x_train, x_test)``: what ``encode_sites`` returns for these sites, with the
-    sites' encoded rows stacked (``float32``, rows in ``rows.train`` / ``rows.test`` order)."""
+    sites' encoded rows stacked (``float32``, rows in ``rows.train`` / ``rows.test`` order).
+    ``min_count``: a category is listed only if some site holds it that often (train and test
+    rows), as each site's ``summarize_site(..., min_count=...)`` names it."""
     columns = [s.column for s in sources]
-    encoder = fit_encoder(columns, _merged_summary(sources, rows))
+    encoder = fit_encoder(columns, _merged_summary(sources, rows, min_count=min_count))
     if impute != "mean" or impute_categorical != "indicator":
         encoder = with_imputation(encoder, _fill_counts(encoder, sources, rows), impute=impute,
                                   categorical=impute_categorical)
@@ -98,7 +100,7 @@ def _fill_counts(
     return out
 
 
-def _merged_summary(sources: Sequence[Source], rows: SplitRows) -> SiteSummary:
+def _merged_summary(sources: Sequence[Source], rows: SplitRows, *, min_count: int = 1) -> SiteSummary:
     d, n_sites = len(sources), len(rows.train_offsets) - 1
     count, total, total_sq = (np.zeros((n_sites, d)) for _ in range(3))
     has_missing = np.zeros(d, dtype=bool)
@@ -110,6 +112,7 @@ def _merged_summary(sources: Sequence[Source], rows: SplitRows) -> SiteSummary:
     block = np.empty((max(1, _BLOCK_VALUES // max(len(rows.train), 1)), len(rows.train)))
     pending: list[int] = []
     train_missing = np.empty(len(rows.train), dtype=bool)
+    held = _SiteRows(rows) if min_count > 1 else None
 
     def flush() -> None:
         sums, squares = segments.sums(block[: len(pending)])
@@ -121,7 +124,9 @@ def _merged_summary(sources: Sequence[Source], rows: SplitRows) -> SiteSummary:
         if source.column.kind == "categorical":
             codes, names = source.read()
             has_missing[j] = bool((codes < 0).any())
-            categories[j] = frozenset(names[i] for i in np.unique(codes[codes >= 0]))
+            named = (np.unique(codes[codes >= 0]) if held is None
+                     else held.named(codes, len(names), min_count))
+            categories[j] = frozenset(names[i] for i in named)
             binary[j] = False
             continue
         values = source.read()
@@ -142,6 +147,31 @@ def _merged_summary(sources: Sequence[Source], rows: SplitRows) -> SiteSummary:
         count=_merge(count), total=_merge(total), total_sq=_merge(total_sq),
         has_missing=has_missing, binary=binary, categories=tuple(categories),
     )
+
+
+class _SiteRows:
+    """Every site's rows, train and test, with each row's site: what a site counts its
+    categories over before it names them."""
+
+    def __init__(self, rows: SplitRows) -> None:
+        n_sites = len(rows.train_offsets) - 1
+        self.n_sites = n_sites
+        self.index = np.concatenate([rows.train, rows.test])
+        self.site = np.concatenate([
+            np.repeat(np.arange(n_sites), np.diff(rows.train_offsets)),
+            np.repeat(np.arange(n_sites), np.diff(rows.test_offsets)),
+        ])
+
+    def named(self, codes: np.ndarray, width: int, min_count: int) -> np.ndarray:
+        """The codes that at least one site holds ``min_count`` times or more."""
+        taken = codes[self.index]
+        present = taken >= 0
+        pair = self.site[present] * max(width, 1) + taken[present]
+        if self.n_sites * width <= max(4 * len(pair), 1 << 20):
+            counts = np.bincount(pair, minlength=self.n_sites * width)  # O(rows), no sort
+            return np.flatnonzero((counts.reshape(self.n_sites, width) >= min_count).any(axis=0))
+        pairs, counts = np.unique(pair, return_counts=True)
+        return np.unique(pairs[counts >= min_count] % width)
 
 
 #: How many float64 values (columns × training rows) are summed in one block.

@@ -36,7 +36,7 @@ from consortium.data._tables import (
 from consortium.data.base import FederatedDataset
 from consortium.data.harmonize import Harmonization, apply, load_harmonization
 from consortium.data.holdout import holdout
-from consortium.data.preprocess import Column
+from consortium.data.preprocess import DEFAULT_MIN_COUNT, Column
 from consortium.data.schema_check import (
     MAX_CODES,
     ColumnProfile,
@@ -58,7 +58,7 @@ Format = Literal["csv", "parquet"]
 def load_csv(
     *, path: str, target: str, seed: int, site_column: str = "", test_fraction: float = 0.25,
     harmonize: str | Path | Harmonization | None = None, impute: str = "mean",
-    impute_categorical: str = "indicator",
+    impute_categorical: str = "indicator", min_count: int = DEFAULT_MIN_COUNT,
 ) -> FederatedDataset:
     """Federated data from CSV files: see :func:`load_parquet`, which reads the same way.
 
@@ -77,13 +77,14 @@ def load_csv(
         harmonize=harmonize,
         impute=impute,
         impute_categorical=impute_categorical,
+        min_count=min_count,
     )
 
 
 def load_parquet(
     *, path: str, target: str, seed: int, site_column: str = "", test_fraction: float = 0.25,
     harmonize: str | Path | Harmonization | None = None, impute: str = "mean",
-    impute_categorical: str = "indicator",
+    impute_categorical: str = "indicator", min_count: int = DEFAULT_MIN_COUNT,
 ) -> FederatedDataset:
     """Federated data from Parquet files (needs ``pyarrow``: ``pip install 'consortium[parquet]'``).
 
@@ -102,8 +103,11 @@ def load_parquet(
     Features:
         Every other column. A column whose values all parse as numbers is numeric (kept as
         is, standardised with federated statistics unless it only holds 0/1); any other column
-        is categorical and one-hot encoded over the union of the sites' values. Missing values
-        get an indicator column and are imputed (see :mod:`consortium.data.preprocess`).
+        is categorical and one-hot encoded over the union of the values the sites name: a site
+        names only the values at least ``min_count`` of its rows hold (train and test), as a
+        deployed site does (:func:`~consortium.data.preprocess.category_min_count`); a rarer
+        value encodes as all zeros, not as missing. Missing values get an indicator column and
+        are imputed (see :mod:`consortium.data.preprocess`).
 
     Each site holds out ``test_fraction`` of its rows (stratified, seeded by ``seed`` and the
     site's name) as its test split.
@@ -135,6 +139,7 @@ def load_parquet(
         harmonize=harmonize,
         impute=impute,
         impute_categorical=impute_categorical,
+        min_count=min_count,
     )
 
 
@@ -240,6 +245,7 @@ def _load(
     fmt: Format, *, path: str, target: str, seed: int, site_column: str, test_fraction: float,
     single: bool = False, harmonize: str | Path | Harmonization | None = None,
     impute: str = "mean", impute_categorical: str = "indicator",
+    min_count: int = DEFAULT_MIN_COUNT,
 ) -> FederatedDataset:
     paths = _resolve(path, fmt)
     read = read_csv_table if fmt == "csv" else read_parquet_table
@@ -267,7 +273,8 @@ def _load(
     sources = [_source(rows, c, num) for c, num in zip(features, numeric)]
     split = _split(sites, y, seed=seed, test_fraction=test_fraction)
     encoder, x_train, x_test = federated_encoding(sources, split, impute=impute,
-                                                  impute_categorical=impute_categorical)
+                                                  impute_categorical=impute_categorical,
+                                                  min_count=min_count)
     labels = ", ".join(f"{i}={k}" for k, i in classes.items())
     return assemble_packed(
         fmt,

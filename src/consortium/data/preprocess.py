@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,9 +29,11 @@ import numpy as np
 from consortium.errors import DataError
 
 __all__ = [
+    "DEFAULT_MIN_COUNT",
     "Column",
     "SiteSummary",
     "TabularEncoder",
+    "category_min_count",
     "encode_sites",
     "federated_mean_std",
     "fit_encoder",
@@ -42,6 +45,20 @@ __all__ = [
 
 ColumnKind = Literal["continuous", "binary", "categorical", "numeric"]
 _KINDS = ("continuous", "binary", "categorical", "numeric")
+
+DEFAULT_MIN_COUNT = 5
+"""The least number of a site's rows that must hold a category before the site names it in
+its summary, when neither its policy nor the experiment asks for more (the analytics'
+minimum cell count, issue 15)."""
+
+
+def category_min_count(*, policy: int = 0, analysis: int = DEFAULT_MIN_COUNT) -> int:
+    """How many of its rows must hold a category before a site names it: the larger of the
+    site policy's ``min_count`` (0, unset, stands for :data:`DEFAULT_MIN_COUNT`) and the
+    experiment's ``analysis.min_count`` — the minimum-cell-count rule of the analytics
+    (DataSHIELD's ``nfilter.tab``; Gaye et al. 2014) applied to the encoding's category sets.
+    """
+    return max(policy or DEFAULT_MIN_COUNT, analysis)
 
 
 @dataclass(frozen=True)
@@ -76,6 +93,8 @@ class SiteSummary:
     categorical columns). ``has_missing`` and ``categories`` also cover the rows the site holds
     out for testing, so that the encoded layout (which indicator and one-hot columns exist)
     does not depend on how the rows were split; they reveal no value a model is fitted to.
+    ``categories`` holds only the values the site holds at least ``min_count`` times (see
+    :func:`summarize_site`), and nothing for a column whose category set is fixed.
     """
 
     count: np.ndarray
@@ -102,15 +121,22 @@ class SiteSummary:
 
 
 def summarize_site(
-    train: np.ndarray, *, columns: Sequence[Column], holdout: np.ndarray | None = None
+    train: np.ndarray, *, columns: Sequence[Column], holdout: np.ndarray | None = None,
+    min_count: int = 1,
 ) -> SiteSummary:
     """Step 1, at a site: the per-column sums of its ``train`` rows.
+
+    Disclosure control on the category sets: a categorical column lists only the values held
+    by at least ``min_count`` of the site's rows (train and test together); a rarer value is
+    not named (a deployed site uses :func:`category_min_count`). A column with a fixed
+    category set lists nothing: its categories are known without the site's data.
 
     Args:
         train: ``[n, d]`` raw values, ``float`` with NaN for missing, or ``object`` when some
             categorical columns hold strings (``None``, ``""`` and NaN are missing there).
         columns: one :class:`Column` per column of ``train``.
         holdout: the site's test rows, consulted only for missingness and category sets.
+        min_count: the least number of rows that must hold a category for it to be listed.
 
     Raises:
         DataError: for a shape that does not match ``columns``, a non-number in a numeric
@@ -127,17 +153,20 @@ def summarize_site(
     categories: list[frozenset[Any]] = []
     for j, col in enumerate(columns):
         if col.kind == "categorical":
-            seen: set[Any] = set()
+            held: Counter[Any] = Counter()
             for t in tables:
                 values = [_category(v) for v in t[:, j]]
                 has_missing[j] |= any(v is None for v in values)
-                seen.update(v for v in values if v is not None)
+                held.update(v for v in values if v is not None)
+            seen = set(held)
             if col.categories is not None and not seen <= set(col.categories):
                 raise DataError(
                     f"column {col.name!r} has categories {_show(seen - set(col.categories))} "
                     f"outside its allowed set {_show(col.categories)}; fix the data or the set"
                 )
-            categories.append(frozenset(seen))
+            released = () if col.categories is not None else (
+                v for v, n in held.items() if n >= min_count)
+            categories.append(frozenset(released))
             binary[j] = False
             continue
         categories.append(frozenset())
@@ -191,8 +220,10 @@ class TabularEncoder:
     """Step 3, at each site: raw rows in, model-ready ``float32`` features out.
 
     For each column, in order: continuous columns become ``(x − mean) / std``; binary columns
-    stay 0/1; categorical columns become one 0/1 column per category (an unseen category is
-    all zeros). Standardising only the continuous columns keeps 0/1 features readable as
+    stay 0/1; categorical columns become one 0/1 column per category. A value outside the
+    merged category list (one no site held ``min_count`` times, so none named it) encodes as
+    all zeros, and its ``<name>_missing`` indicator stays 0: the value is present, only
+    unnamed. Standardising only the continuous columns keeps 0/1 features readable as
     "present or not" and keeps one-hot groups summing to one; their scale is already O(1).
     A column with a missing value anywhere (any site, train or test) is followed by a 0/1
     ``<name>_missing`` indicator, and its missing values are imputed with the federated mean
@@ -293,17 +324,20 @@ def fit_encoder(columns: Sequence[Column], summary: SiteSummary) -> TabularEncod
 
 def encode_sites(
     trains: Sequence[np.ndarray], tests: Sequence[np.ndarray], *, columns: Sequence[Column],
-    impute: str = "mean", impute_categorical: str = "indicator",
+    impute: str = "mean", impute_categorical: str = "indicator", min_count: int = 1,
 ) -> tuple[TabularEncoder, list[np.ndarray], list[np.ndarray]]:
     """Run the three steps for simulated sites: summarise, merge, fit, transform (with a
     fourth, the fill counts of :func:`site_fill_counts`, for median or mode imputation).
+    ``min_count``: each site names only the categories it holds that often
+    (:func:`summarize_site`).
 
     Returns:
         ``(encoder, encoded trains, encoded tests)``, in the order of the sites given.
     """
     if len(trains) != len(tests):
         raise DataError(f"got {len(trains)} train tables but {len(tests)} test tables")
-    summaries = [summarize_site(tr, columns=columns, holdout=te) for tr, te in zip(trains, tests)]
+    summaries = [summarize_site(tr, columns=columns, holdout=te, min_count=min_count)
+                 for tr, te in zip(trains, tests)]
     encoder = fit_encoder(columns, merge_summaries(summaries))
     if impute != "mean" or impute_categorical != "indicator":
         counts = [site_fill_counts(tr, encoder) for tr in trains]

@@ -30,7 +30,7 @@ _SITED = ("heart-disease", "synthetic", "csv", "parquet")
 _TABLES = ("heart-disease", "csv", "parquet")
 
 
-def load_dataset(cfg: DataConfig, *, seed: int) -> FederatedDataset:
+def load_dataset(cfg: DataConfig, *, seed: int, min_count: int = 5) -> FederatedDataset:
     """Build the federated data set that the ``[data]`` section describes.
 
     ``heart-disease``, ``csv`` and ``parquet`` have real sites and ``synthetic`` generates
@@ -44,6 +44,10 @@ def load_dataset(cfg: DataConfig, *, seed: int) -> FederatedDataset:
     Args:
         cfg: the data configuration.
         seed: the run seed; with the same seed and configuration the data are identical.
+        min_count: csv and parquet: a site names a category only when that many of its rows
+            hold it, as a deployed site does
+            (:func:`~consortium.data.preprocess.category_min_count`; pass
+            ``category_min_count(analysis=cfg.analysis.min_count)``).
 
     Raises:
         DataError: for an unknown data set, a partition the data set cannot use, or anything
@@ -101,6 +105,7 @@ def load_dataset(cfg: DataConfig, *, seed: int) -> FederatedDataset:
             harmonize=cfg.harmonize or None,
             impute=cfg.impute,
             impute_categorical=cfg.impute_categorical,
+            min_count=min_count,
         )
     from consortium.data.sklearn_sets import load_breast_cancer, load_digits
 

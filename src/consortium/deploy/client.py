@@ -399,7 +399,10 @@ class SiteRunner:
     def _table(self, cfg: Any, stub: Any, metadata: Any) -> Any:
         """The site's own table file, encoded with every site's statistics: send this file's
         schema and per-column sums, receive the merged ones (columns must agree; labels are
-        the union), encode as `consortium run` would over all the files together."""
+        the union), encode as `consortium run` would over all the files together.
+
+        The site names only the categories its rows hold at least :meth:`category_min_count`
+        times; a rarer value of its own encodes as all zeros (not as missing)."""
         from consortium.data.base import FederatedDataset
         from consortium.data.files import label_order, read_site_table
         from consortium.data.preprocess import Column, fit_encoder, summarize_site
@@ -417,7 +420,8 @@ class SiteRunner:
         )
         columns = [Column(c, "numeric" if n else "categorical")
                    for c, n in zip(table.features, table.numeric)]
-        mine = summarize_site(x_train, columns=columns, holdout=x_test)
+        mine = summarize_site(x_train, columns=columns, holdout=x_test,
+                              min_count=self.category_min_count(cfg))
         schema = TableSchema(table.features, table.numeric, table.labels)
         reply = self._merge(stub, metadata, mine, schema)
         merged = schema_from_pb(reply)
@@ -441,9 +445,20 @@ class SiteRunner:
         )
         return FederatedDataset("csv", {self.site: data}, len(classes), (encoder.num_features,))
 
+    def category_min_count(self, cfg: Any) -> int:
+        """How many of this site's rows must hold a category before the site names it: the
+        larger of its policy's ``min_count`` (unset: 5) and the experiment's
+        ``analysis.min_count`` (:func:`~consortium.data.preprocess.category_min_count`)."""
+        from consortium.data.preprocess import category_min_count
+
+        return category_min_count(policy=self.policy.min_count if self.policy else 0,
+                                  analysis=cfg.analysis.min_count)
+
     def _heart_disease(self, cfg: Any, stub: Any, metadata: Any) -> Any:
         """The hospital's own file, standardised with every hospital's statistics: send this
-        site's per-column sums, receive the merged ones, fit the same encoder as everyone."""
+        site's per-column sums, receive the merged ones, fit the same encoder as everyone.
+        The categorical columns' sets are fixed by the data set (``FEATURES``), so the
+        hospital names none of its categories."""
         from consortium.data.base import FederatedDataset
         from consortium.data.heart_disease import FEATURES, site_split
         from consortium.data.preprocess import fit_encoder, summarize_site
