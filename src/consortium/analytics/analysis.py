@@ -169,6 +169,24 @@ def _query_json(q: Query) -> dict[str, Any]:
     }
 
 
+def check_analysis_config(cfg: ExperimentConfig, *, bias: bool) -> None:
+    """Refuse what an analysis cannot honour, in process or deployed: the bias report under
+    secure aggregation (it compares sites; the server sees only totals) and training's DP
+    settings (analytics has its own: ``analysis.epsilon``)."""
+    if cfg.secure_aggregation.enabled and bias:
+        raise ConfigError(
+            "--bias compares the sites with each other, and under secure aggregation the "
+            "server sees only totals across sites; run the bias report without "
+            "secure_aggregation.enabled (each site still withholds its small cells)"
+        )
+    if cfg.privacy.mode != "none":
+        raise ConfigError(
+            f"privacy.mode = {cfg.privacy.mode!r} is training's; for analytics set "
+            "analysis.epsilon (each site adds noise to what it releases) and leave "
+            "privacy.mode = \"none\""
+        )
+
+
 def analyze(
     cfg: ExperimentConfig,
     *,
@@ -195,18 +213,7 @@ def analyze(
     from consortium.analytics.sources import site_tables
 
     secure = cfg.secure_aggregation.enabled
-    if secure and bias:
-        raise ConfigError(
-            "--bias compares the sites with each other, and under secure aggregation the "
-            "server sees only totals across sites; run the bias report without "
-            "secure_aggregation.enabled (each site still withholds its small cells)"
-        )
-    if cfg.privacy.mode != "none":
-        raise ConfigError(
-            f"privacy.mode = {cfg.privacy.mode!r} is training's; for analytics set "
-            "analysis.epsilon (each site adds noise to what it releases) and leave "
-            "privacy.mode = \"none\""
-        )
+    check_analysis_config(cfg, bias=bias)
     tables = dict(tables) if tables is not None else site_tables(cfg.data)
     findings = _schema_findings(tables, cfg)
     query = Query.from_config(cfg.analysis, secure=secure)

@@ -355,18 +355,9 @@ def check_analysis_config(cfg: ExperimentConfig, *, bias: bool) -> None:
         ConfigError: the bias report under secure aggregation, training's DP, site policies
             in the server's file, or a data set analysis does not read.
     """
-    if cfg.secure_aggregation.enabled and bias:
-        raise ConfigError(
-            "--bias compares the sites with each other, and under secure aggregation the "
-            "server sees only totals across sites; run the bias report without "
-            "secure_aggregation.enabled (each site still withholds its small cells)"
-        )
-    if cfg.privacy.mode != "none":
-        raise ConfigError(
-            f"privacy.mode = {cfg.privacy.mode!r} is training's; for analytics set "
-            "analysis.epsilon (each site adds noise to what it releases) and leave "
-            "privacy.mode = \"none\""
-        )
+    from consortium.analytics.analysis import check_analysis_config
+
+    check_analysis_config(cfg, bias=bias)
     if cfg.privacy.site_policies:
         raise ConfigError(
             "privacy.site_policies is for simulation; in a deployment each site enforces its "
