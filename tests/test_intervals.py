@@ -124,17 +124,22 @@ def test_a_run_reports_bootstrap_intervals(tmp_path) -> None:
     assert f"[{low:.3f}, {high:.3f}]" in page and "stratified by site" in page
 
 
-def test_the_printed_table_shows_intervals_beside_accuracy(tmp_path, capsys, monkeypatch) -> None:
+def test_the_printed_table_shows_intervals_under_accuracy(tmp_path, capsys, monkeypatch) -> None:
     from consortium.cli import main
 
-    monkeypatch.setenv("COLUMNS", "200")  # one line per row
+    monkeypatch.setenv("COLUMNS", "80")  # a narrow terminal: nothing wraps
     out = tmp_path / "run"
     assert main(["run", "--set", "rounds=2", "--set", 'evaluation.baselines=["local"]',
                  "--out", str(out), "--no-progress", "--no-report"]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
+    lines = printed.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("│ accuracy "))
+    value_row, ci_row = lines[row], lines[row + 1]
     for value, (low, high) in ((summary["final"]["accuracy"], summary["ci"]["final"]["accuracy"]),
                                (summary["baselines"]["local"]["accuracy"],
                                 summary["ci"]["baselines"]["local"]["accuracy"])):
-        assert f"{value:.3f} [{low:.2f}, {high:.2f}]" in printed
-    assert "[low, high]: 95% CI, percentile bootstrap" in printed
+        assert f"{value:.3f}" in value_row
+        assert f"{low:.2f}–{high:.2f}" in ci_row
+    assert "95% CI" in ci_row
+    assert "95% CI: percentile bootstrap" in printed

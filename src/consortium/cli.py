@@ -341,7 +341,7 @@ def _print_results(summary: dict[str, Any], run_dir: Path) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from consortium.reporting.report import format_interval, result_intervals, results_table_rows
+    from consortium.reporting.report import result_intervals, results_table_rows
 
     table = Table(title=f"{summary['name']}: {summary['rounds']} rounds, {summary['clients']} clients")
     personal = summary.get("personalized") or {}
@@ -359,17 +359,19 @@ def _print_results(summary: dict[str, Any], run_dir: Path) -> None:
             continue  # the full distribution is in summary.json and report.html
         label = "accuracy, worst site" if name == "accuracy_min" else name
         values = [row[1], personal.get(name), *row[2:]] if personal else list(row[1:])
-        table.add_row(label, *(
-            _fmt(number) + (format_interval(intervals.get(column, {}).get(name))
-                            if number is not None else "")
-            for column, v in zip(columns, values, strict=True)
-            for number in [v if isinstance(v, (int, float)) else None]
-        ))
+        numbers = [v if isinstance(v, (int, float)) else None for v in values]
+        table.add_row(label, *(_fmt(number) for number in numbers))
+        bounds = [intervals.get(column, {}).get(name) if number is not None else None
+                  for column, number in zip(columns, numbers, strict=True)]
+        if any(b is not None for b in bounds):  # on its own row: the table fits 80 columns
+            table.add_row("  95% CI", *(
+                "" if b is None else f"{b[0]:.2f}–{b[1]:.2f}" for b in bounds
+            ), style="dim")
     console = Console()
     console.print(table)
     if intervals:
         ci = summary.get("ci") or {}
-        console.print(escape(f"[low, high]: 95% CI, {ci.get('method', 'bootstrap over test examples')}"))
+        console.print(escape(f"95% CI: {ci.get('method', 'bootstrap over test examples')}"))
     privacy = summary.get("privacy") or {}
     if privacy.get("epsilon") is not None:
         console.print(
