@@ -155,6 +155,11 @@ class ExecutorConfig:
 class EvaluationConfig:
     baselines: tuple[Literal["local", "pooled"], ...] = ()
     every: int = 1
+    groups: tuple[str, ...] = ()
+    """Columns whose groups the final model is compared across (``server.groups``): per-group
+    accuracy, TPR, FPR, positive rate and the equalised-odds and demographic-parity gaps in
+    ``summary.json`` under ``groups``, overall and per site (a 0/1 feature or a one-hot
+    categorical one, e.g. ``["sex"]`` for heart disease)."""
     clients: float = 0.0
     """Clients evaluated per round: 0 = every client with test data; a count >= 1 or a
     fraction in (0, 1) = that many seeded draws proportional to test examples, with standard

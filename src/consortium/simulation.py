@@ -220,6 +220,12 @@ def _summarise(fed: Federation, state: Any, duration_s: float) -> dict[str, Any]
     ci = _bootstrap_intervals(cfg.seed, summary, confusions)
     if ci:
         summary["ci"] = ci
+    if cfg.evaluation.groups and fed.executor.name != "remote":  # a deployment holds no test data
+        from consortium.server.groups import group_metrics
+
+        model = fed.factory()
+        state.params.load_into(model)
+        summary["groups"] = group_metrics(model, fed.dataset, cfg.evaluation.groups)
     return summary
 
 
