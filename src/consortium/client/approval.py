@@ -56,9 +56,11 @@ def leaves_site(cfg: ExperimentConfig) -> list[str]:
     from consortium.data.preprocess import category_min_count
 
     k = category_min_count(analysis=cfg.analysis.min_count)
+    sums = ("through secure aggregation (SecAgg+: the server learns only their total over the "
+            "sites)" if sa.enabled else "in the clear")
     out = [
         "once, before round 1: the data's input shape, class count and numbers of training and "
-        "test examples, and per-column sums and counts of the training split (in the clear, so "
+        f"test examples, and per-column sums and counts of the training split ({sums}, so "
         "that every site encodes its features alike), with the category values that at least "
         f"{k} of the site's rows hold (more if its policy's min_count is larger; rarer values "
         "are not named, and a data set with fixed categories names none)",

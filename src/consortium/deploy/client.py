@@ -354,6 +354,7 @@ class SiteRunner:
         self.review(config)
         log.info("joining run %r:\n%s", run_id, format_manifest(experiment_manifest(config)))
         environment = self.environment(run_id)
+        self._run_id = run_id  # the encoding's SecAgg+ context (secure_encoding_context)
         if config.data.dataset == "heart-disease":
             data = self._heart_disease(config, stub, metadata)
         else:
@@ -423,7 +424,8 @@ class SiteRunner:
         mine = summarize_site(x_train, columns=columns, holdout=x_test,
                               min_count=self.category_min_count(cfg))
         schema = TableSchema(table.features, table.numeric, table.labels)
-        reply = self._merge(stub, metadata, mine, schema)
+        reply = self._merge(stub, metadata, mine, schema,
+                            secure=_secure(cfg))
         merged = schema_from_pb(reply)
         if merged is None or merged.columns != table.features or merged.numeric != table.numeric:
             raise ConsortiumError(
@@ -473,7 +475,8 @@ class SiteRunner:
             self.data, self.site, seed=cfg.seed, test_fraction=cfg.data.test_fraction
         )
         mine = summarize_site(x_train, columns=FEATURES, holdout=x_test)
-        encoder = fit_encoder(FEATURES, summary_from_pb(self._merge(stub, metadata, mine)))
+        merged = self._merge(stub, metadata, mine, secure=_secure(cfg))
+        encoder = fit_encoder(FEATURES, summary_from_pb(merged))
         data = self._client_data(encoder.transform(x_train), y_train,
                                  encoder.transform(x_test), y_test)
         return FederatedDataset("heart-disease", {self.site: data}, 2, (encoder.num_features,))
@@ -498,18 +501,60 @@ class SiteRunner:
 
         return ClientData(split(x_train, y_train), split(x_test, y_test))
 
-    def _merge(self, stub: Any, metadata: Any, mine: Any, schema: Any = None) -> Any:
-        """Send this site's summary; wait for the server's merge of every site's."""
+    def _merge(self, stub: Any, metadata: Any, mine: Any, schema: Any = None, *,
+               secure: bool = False) -> Any:
+        """Send this site's summary; wait for the server's merge of every site's.
+
+        ``secure`` (``secure_aggregation.enabled``): the summary carries only the schema and
+        the released categories; the sums go masked through the encoding's SecAgg+ round,
+        answered here while waiting (:mod:`consortium.deploy.secure_encoding`)."""
         from consortium.deploy.proto import consortium_pb2 as pb
+        from consortium.deploy.secure_encoding import EncodingSecAgg, clear_part
         from consortium.deploy.summary import summary_to_pb
 
+        secagg = None
+        if secure:
+            secagg = EncodingSecAgg(
+                self.site, mine, run_id=getattr(self, "_run_id", ""), identity=self.identity,
+                floor=_secagg_floor(self.policy, can_sign=self.identity is not None))
+            mine = clear_part(mine)
         ack = stub.Summarize(summary_to_pb(mine, schema=schema), metadata=metadata, timeout=30)
         if not ack.accepted:
             raise ConsortiumError(f"the server refused this site's data summary: {peer_text(ack.reason, 500)}")
         while True:  # every site must send its summary first
-            reply = stub.Encoding(pb.PullRequest(wait_seconds=10), metadata=metadata, timeout=60)
+            wait = 10 if secagg is None else 0  # the server waits at least 0.1 s
+            reply = stub.Encoding(pb.PullRequest(wait_seconds=wait), metadata=metadata, timeout=60)
             if reply.ready:
                 return reply
+            if secagg is not None:
+                self._encoding_exchange(stub, metadata, secagg)
+
+    def _encoding_exchange(self, stub: Any, metadata: Any, secagg: Any) -> None:
+        """Pull one work item while the encoding is summed and answer it if it is a phase of
+        the encoding's SecAgg+ round (nothing else is sent before the site describes itself)."""
+        from consortium.deploy.codec import (
+            ExchangeEnvelope,
+            chunk,
+            decode_work,
+            encode_exchange,
+            reassemble,
+        )
+        from consortium.deploy.proto import consortium_pb2 as pb
+
+        frames = stub.PullTask(pb.PullRequest(wait_seconds=1), metadata=metadata, timeout=60)
+        item = decode_work(bytes(reassemble(frames, max_total_bytes=64 << 20)))
+        if not isinstance(item, ExchangeEnvelope):
+            return
+        try:
+            reply = secagg.respond(item.stage, item.phase, item.message, round=item.round)
+            out = ExchangeEnvelope(item.stage, item.phase, item.round, self.site, reply)
+        except ConsortiumError as exc:
+            out = ExchangeEnvelope(item.stage, item.phase, item.round, self.site, None, str(exc))
+        ack = stub.Exchange(chunk(encode_exchange(out).SerializeToString(), uuid.uuid4().hex),
+                            metadata=metadata, timeout=120)
+        if not ack.accepted:
+            log.warning("the server refused our %r reply: %s", item.phase,
+                        peer_text(ack.reason, 500))
 
     def run(self) -> int:
         """Serve until the server finishes the run; the number of tasks answered."""
@@ -782,6 +827,11 @@ class _Site:
         shape, classes, n_train, n_test = self.info
         return pb.SiteInfo(input_shape=list(shape), num_classes=classes, num_train=n_train,
                            num_test=n_test)
+
+
+def _secure(cfg: Any) -> bool:
+    """Whether the experiment sums with SecAgg+ (then the encoding's sums do too)."""
+    return bool(getattr(getattr(cfg, "secure_aggregation", None), "enabled", False))
 
 
 def _secagg_floor(policy: Any, *, can_sign: bool) -> Any:

@@ -112,14 +112,21 @@ class Hub:
             carries the audit log's head signed with it; None (``--insecure``): unsigned.
         purpose: ``""`` (training) or ``"analysis"`` (``consortium server --analyze``), told to
             every site at registration.
+        secure_encoding: the sites' summary sums travel through SecAgg+
+            (:mod:`consortium.deploy.secure_encoding`): once every expected clear summary is in,
+            ``summaries_in`` is set instead of merging, and the driver's
+            :meth:`finish_secure_merge` fixes the encoding.
     """
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, *, config_toml: str, run_id: str,
         max_result_bytes: int, audit: AuditLog | None = None, summaries_expected: int = 0,
         registry: Mapping[str, Any] | None = None, signer: Any = None, purpose: str = "",
+        secure_encoding: bool = False,
     ) -> None:
         self.loop = loop
+        self.secure_encoding = secure_encoding
+        self.summaries_in = threading.Event()  # secure_encoding: every expected summary is in
         self.purpose = purpose
         # the largest analysis answer due (set by the analysis driver); 0: none
         self.answer_bytes = 0
@@ -339,12 +346,50 @@ class Hub:
             return
         if len(self._summaries) < self.summaries_expected:
             return
+        if self.secure_encoding:  # the sums come from SecAgg+: finish_secure_merge
+            self.summaries_in.set()
+            return
         self.merged = merge_summaries([self._summaries[k] for k in sorted(self._summaries)])
         if self.schema is not None and len(label_order(self.schema.labels)) < 2:
             self.merge_error = (
                 f"the sites' files hold only the label {sorted(self.schema.labels)}; "
                 "a classifier needs at least two label values"
             )
+
+    def clear_summaries(self) -> dict[str, Any]:
+        """The sites' clear summaries (categories only, under ``secure_encoding``), by site."""
+        with self._lock:
+            return dict(self._summaries)
+
+    def finish_secure_merge(self, merged: Any, *, error: str | None = None,
+                            dropped: Sequence[str] = ()) -> None:
+        """Fix the encoding from the SecAgg+ total ``merged`` (a ``SiteSummary``), or fail the
+        merge with ``error``. The implausible-summary checks apply to the total (no site's own
+        sums are seen); a site ``dropped`` from the secure round is expelled."""
+        from consortium.data.files import label_order
+        from consortium.deploy.summary import implausible_summary
+
+        if merged is not None and error is None:
+            why = implausible_summary(merged, schema=self.schema)
+            if why is not None:
+                error = (f"the sites' summed data summaries cannot describe real rows ({why}); "
+                         "under secure aggregation no single site's sums can be checked: ask "
+                         "the sites' operators to check their data")
+        for site in dropped:
+            self.expel(site, f"site {site!r} dropped out of the encoding's secure aggregation")
+        with self._described:
+            if error is not None:
+                self.merge_error = error
+            else:
+                self.merged = merged
+                if self.schema is not None and len(label_order(self.schema.labels)) < 2:
+                    self.merge_error = (
+                        f"the sites' files hold only the label {sorted(self.schema.labels)}; "
+                        "a classifier needs at least two label values"
+                    )
+            self._described.notify_all()
+        self._log("secure_encoding", sites=len(self._summaries) - len(dropped),
+                  error=error or "")
 
     def _exclude(self, site: str, reason: str) -> str:
         """Expel ``site`` for its data statistics (named in the operator's log and the audit)

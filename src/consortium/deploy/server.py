@@ -1068,8 +1068,19 @@ def serve(
         "max_result_bytes": MAX_RESULT_BYTES, "audit": audit,
         # the sites encode their features with every site's statistics, as simulated
         "summaries_expected": expected, "signer": signer,
+        # under SecAgg the summaries' sums are summed by SecAgg+ (issue 15)
+        "secure_encoding": cfg.secure_aggregation.enabled,
     }, heartbeat_s=heartbeat_s, limits=limits)
     hub = thread.start()
+    encoding_stop = threading.Event()
+    if cfg.secure_aggregation.enabled and hub.merged is None:
+        from consortium.deploy.secure_encoding import run_secure_encoding
+
+        threading.Thread(
+            target=run_secure_encoding, name="secure-encoding", daemon=True,
+            args=(hub, RemoteExecutor(hub, silence_s=3 * heartbeat_s), cfg),
+            kwargs={"stop": encoding_stop, "timeout_s": register_timeout},
+        ).start()
     audit.append("run", run_id=hub.run_id, resumed=resume is not None,
                  signed=signer is not None)  # receipts name the run; the auditor finds it here
     try:
@@ -1110,6 +1121,7 @@ def serve(
         hub.finish_all("the run is complete")
         return result
     finally:
+        encoding_stop.set()
         time.sleep(0.5)  # let the clients pull their Finished
         thread.stop()
         hub.flush_rejections(final=True)

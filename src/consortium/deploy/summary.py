@@ -16,13 +16,18 @@ from consortium.deploy.codec import DecodeError
 __all__ = [
     "MAX_FEATURE_MAGNITUDE",
     "MAX_SUMMARY_ROWS",
+    "SECURE_FIELDS",
     "TableSchema",
     "coding_error",
     "harmonize_allow",
     "implausible_summary",
     "merge_schemas",
     "schema_from_pb",
+    "secure_layout",
+    "secure_merge",
+    "summary_answer",
     "summary_from_pb",
+    "summary_from_total",
     "summary_to_pb",
 ]
 
@@ -250,3 +255,66 @@ def implausible_summary(summary: SiteSummary, *, schema: TableSchema | None = No
             j = first(bad)
             return f"its data summary's column {named(j)} {why(j)}"
     return None
+
+
+# ------------------------------------------------------------ the sums through secure aggregation
+
+SECURE_FIELDS = ("count", "missing", "non_binary", "total", "total_sq")
+"""What a site's summary puts through SecAgg+ (issue 15), one value per column each: the
+training split's ``count``, ``total`` and ``total_sq``, and ``missing`` / ``non_binary`` as 0/1
+(their totals count the sites whose column has a missing value / a value other than 0 and 1)."""
+
+
+def secure_layout(columns: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The keys and shapes every site encodes its summary's sums in
+    (:func:`consortium.analytics.secure.encode`): sorted keys, one value per column."""
+    return [(key, (columns,)) for key in sorted(SECURE_FIELDS)]
+
+
+def summary_answer(summary: SiteSummary, *, site: str) -> Any:
+    """A site's summary sums as an analytics :class:`~consortium.analytics.site.Answer`, ready
+    for :func:`consortium.analytics.secure.encode` with :func:`secure_layout` (the categories
+    and the schema stay out: they travel in the clear, released above ``min_count``)."""
+    from consortium.analytics.site import Answer
+
+    answer = Answer(site)
+    answer.put("count", summary.count)
+    answer.put("total", summary.total)
+    answer.put("total_sq", summary.total_sq)
+    answer.put("missing", np.asarray(summary.has_missing, dtype=np.float64))
+    answer.put("non_binary", (~np.asarray(summary.binary, dtype=bool)).astype(np.float64))
+    return answer
+
+
+def summary_from_total(total: Any, categories: Sequence[frozenset[Any]]) -> SiteSummary:
+    """The merged summary from the decoded secure total
+    (:func:`consortium.analytics.secure.decode` with :func:`secure_layout`) and the union of
+    the category sets the sites released in the clear: ``has_missing`` and ``binary`` follow
+    from the totals (some site has a missing value; no site has a value other than 0 and 1).
+
+    Raises:
+        DecodeError: the total's fields do not have one value per column.
+    """
+    d = len(categories)
+    values = {key: np.asarray(total.values.get(key, ()), dtype=np.float64) for key in SECURE_FIELDS}
+    if any(v.shape != (d,) for v in values.values()):
+        raise DecodeError(f"the secure total of the data summaries does not hold {d} columns")
+    return SiteSummary(
+        count=values["count"], total=values["total"], total_sq=values["total_sq"],
+        has_missing=values["missing"] > 0.5, binary=~(values["non_binary"] > 0.5),
+        categories=tuple(categories),
+    )
+
+
+def secure_merge(summaries: Mapping[str, SiteSummary], **kwargs: Any) -> SiteSummary:
+    """The merged summary of ``summaries`` with their sums added by SecAgg+ played in process
+    (:func:`consortium.analytics.secure.secure_total`; ``kwargs`` are its threshold and
+    neighbours): what a deployment's server learns, for checking against
+    :func:`consortium.data.preprocess.merge_summaries`. Category sets are the union."""
+    from consortium.analytics.secure import secure_total
+
+    items = [summaries[k] for k in sorted(summaries)]
+    total = secure_total([summary_answer(s, site=k) for k, s in zip(sorted(summaries), items)],
+                         **kwargs)
+    categories = [frozenset().union(*cats) for cats in zip(*(s.categories for s in items))]
+    return summary_from_total(total, categories)
