@@ -45,6 +45,7 @@ and 0 for a numeric column and match ``true``/``false`` in any letter case in a 
 
 from __future__ import annotations
 
+import abc
 import difflib
 import math
 import re
@@ -137,16 +138,17 @@ class Literal:
 Operand = Column | Literal
 
 
-class Expr:
+class Expr(abc.ABC):
     """A parsed filter: a tree of conditions. :func:`parse` builds one, :func:`evaluate` applies
-    it; ``str(expr)`` is its canonical text, which parses back to an equal tree."""
+    it; ``str(expr)`` is its canonical text, which parses back to an equal tree. Every node
+    kind below implements :attr:`columns`."""
 
     __slots__ = ()
 
     @property
+    @abc.abstractmethod
     def columns(self) -> frozenset[str]:
         """The names of the columns the filter reads."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)
