@@ -351,3 +351,22 @@ def test_a_secure_aggregation_phase_gives_up_on_a_silent_site_before_its_timeout
     hub._sites["b"].last_seen = time.monotonic() - 100  # b crashed: no call since
     phase.join(timeout=20)
     assert replies == ["a"] and time.monotonic() - started < 20  # not the 60 s phase timeout
+
+
+def test_an_expelled_sites_waiting_pull_ends_with_the_reason_at_once(hub: Hub) -> None:
+    """A site waiting for work when it is revoked hears why at once (it used to learn only at
+    its next call, and a run that ended first left it retrying a closed port)."""
+    import time as _time
+
+    session = hub.register("a")
+
+    async def pull_then_expel() -> float:
+        started = _time.monotonic()
+        hub.loop.call_later(0.05, hub.expel, "a", "site 'a' was revoked during the run")
+        with pytest.raises(PermissionError, match="revoked"):
+            await hub.next_work(session, 30.0)
+        return _time.monotonic() - started
+
+    assert hub.loop.run_until_complete(pull_then_expel()) < 10  # not the 30 s wait
+    assert hub.expelled_reason(session) == "site 'a' was revoked during the run"
+    assert hub.expelled_reason("another") is None

@@ -87,6 +87,13 @@ class _Site:
     last_seen: float = field(default_factory=time.monotonic)
 
 
+@dataclass(frozen=True)
+class _Expelled:
+    """Put in an expelled site's queue: its waiting pull ends with ``reason``."""
+
+    reason: str
+
+
 @dataclass
 class _Pending:
     site: str
@@ -167,6 +174,7 @@ class Hub:
         self.roster: dict[str, SiteInfo] | None = None
         self.counts: dict[str, dict[str, int]] = {}  # site -> results / rejected / last_round
         self.expelled: dict[str, str] = {}  # site -> why (revoked during the run)
+        self._expelled_sessions: dict[str, str] = {}  # an expelled site's last session -> why
         if registry is not None:
             self.restore(registry)
 
@@ -422,6 +430,11 @@ class Hub:
             old = self._sites.get(site)
             if old is not None:
                 self._sessions.pop(old.session, None)
+                self._expelled_sessions[old.session] = reason
+        if old is not None:
+            # wake a pull that waits for work: the site hears the reason now, not after the
+            # run (a run that ends before the site's next call left it retrying a closed port)
+            self.loop.call_soon_threadsafe(old.queue.put_nowait, _Expelled(reason))
         self._fail_open(site, reason)
         log.warning("%s; its session is closed", reason)
         self._log("expelled", site=site, reason=reason)
@@ -481,6 +494,11 @@ class Hub:
         with self._lock:
             return self._sessions.get(session)
 
+    def expelled_reason(self, session: str) -> str | None:
+        """Why the site that held ``session`` was expelled (None: it was not)."""
+        with self._lock:
+            return self._expelled_sessions.get(session)
+
     def _site_of(self, session: str) -> _Site:
         name = self._sessions.get(session)
         if name is None:
@@ -497,6 +515,8 @@ class Hub:
             return Wait(seconds=0.0)
         finally:  # it was waiting here, connected, until now
             entry.last_seen = time.monotonic()
+        if isinstance(item, _Expelled):
+            raise PermissionError(item.reason)
         if isinstance(item, TaskEnvelope):
             item = dataclasses.replace(item, head=self.signed_head(entry.name, item))
         return item

@@ -241,6 +241,10 @@ class FederationService:
         try:
             site = self.hub.site_of(session)
         except KeyError:
+            expelled = self.hub.expelled_reason(session)
+            if expelled is not None:  # no "register again": the site stops with the reason
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    f"{expelled}; its connections are refused")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown session; register again")
         if self.registry is not None and not self._is_peer(context, site):
             # a session id is bound to the TLS identity that registered it: another site's
@@ -328,7 +332,11 @@ class FederationService:
 
         session = await self._session(context)
         wait_s = min(max(float(request.wait_seconds), 0.1), 60.0)
-        item = await self.hub.next_work(session, wait_s)
+        try:
+            item = await self.hub.next_work(session, wait_s)
+        except PermissionError as exc:  # expelled while it waited
+            await context.abort(_grpc().StatusCode.UNAUTHENTICATED,
+                                f"{exc}; its connections are refused")
         async with self._sending:
             started, sent = time.monotonic(), 0
             # serialized frames, each copied once from the round's shared model bytes (it
