@@ -492,7 +492,7 @@ def test_a_second_secure_total_in_one_run_is_refused() -> None:
     schema = agree([profile(SiteData(heart_disease_tables()["va"], q))], q)
     request = _task("describe", wire.schema_to_json(schema))
     assert site.answer(request).error is None
-    site._masked = True  # as after its masked input left
+    site._total._masked = True  # as after its masked input left
     answer = site.answer(request)
     assert answer.refused and "second secure total" in (answer.error or "")
 

@@ -202,9 +202,14 @@ class AnalysisSite:
         self.state_dir = state_dir
         self.identity = identity
         self.floor = floor
-        self._vector: Any = None  # the encoded sums, until they leave masked
-        self._secagg: Any = None  # the SecAggClient of the round
-        self._masked = False  # a masked input left this site in this run: never a second
+        from consortium.deploy.secure_total import SecureTotalSite
+
+        # one secure total per run: a masked input left this site, never a second one
+        self._total = SecureTotalSite(
+            site, stage=ANALYSIS_STAGE, round=ANALYSIS_ROUND, context=analysis_context(run_id),
+            modulus_bits=MODULUS_BITS, what="an analysis' secure total", identity=identity,
+            floor=floor,
+        )
 
     # -- tasks -----------------------------------------------------------------------------
 
@@ -276,11 +281,12 @@ class AnalysisSite:
         keys = secure.layout(answer)
         if keys != wire.expected_layout(schema):  # our own invariant: the server decodes by it
             raise PipelineError("this site's answer does not have the layout its schema implies")
-        if self._masked:
+        if self._total.masked:
             raise Refusal(f"site {self.site!r} refuses a second secure total in run "
                           f"{self.run_id!r}: two totals over different sites would reveal its sums")
-        self._vector = secure.encode(answer, keys)
-        return {"ready": True, "size": int(self._vector.numel())}
+        vector = secure.encode(answer, keys)
+        self._total.load(vector)
+        return {"ready": True, "size": int(vector.numel())}
 
     # -- the site's own rules --------------------------------------------------------------
 
@@ -373,58 +379,9 @@ class AnalysisSite:
     # -- secure aggregation ----------------------------------------------------------------
 
     def respond(self, stage: str, phase: str, message: Any, *, round: int) -> Any:
-        """The site's side of one SecAgg+ phase of the analysis' secure total: ``keys``
-        (message: the round's config), ``shares``, ``masked``, ``consistency`` (authenticated
-        rounds), ``unmask``, then ``end``.
-
-        Raises:
-            PipelineError: another stage or round, a phase out of order, a message of the wrong
-                type, no sums waiting to be masked, or a config for another run or modulus.
-            SecAggAbort: from the protocol (among them a config below the site's floor).
-        """
-        from consortium.secagg import protocol as p
-
-        if stage != ANALYSIS_STAGE or round != ANALYSIS_ROUND:
-            raise PipelineError(f"site {self.site!r} runs no {stage[:40]!r} round {round} here")
-        if phase == "end":
-            self._secagg = None
-            return None
-        expected: Any = {
-            "keys": p.SecAggConfig, "shares": p.KeysBroadcast, "masked": p.SharesForClient,
-            "consistency": p.ConsistencyRequest, "unmask": p.UnmaskRequest,
-        }.get(phase)
-        if expected is None or not isinstance(message, expected):
-            raise PipelineError(f"site {self.site!r}: no {phase[:40]!r} phase with a "
-                                f"{type(message).__name__} in an analysis' secure total")
-        if phase == "keys":
-            context = analysis_context(self.run_id)
-            if (message.round != ANALYSIS_ROUND or message.modulus_bits != MODULUS_BITS
-                    or bytes(message.context) != context):
-                raise PipelineError(
-                    f"site {self.site!r} refuses the secure-aggregation config: expected round "
-                    f"{ANALYSIS_ROUND}, modulus 2**{MODULUS_BITS} and the context {context!r}"
-                )
-            if self._vector is None:
-                raise PipelineError(f"site {self.site!r} holds no sums to mask")
-            ident = self.identity
-            self._secagg = p.SecAggClient(
-                self.site, config=message, identity=ident.identity if ident else None,
-                trust=ident.trust if ident else None, floor=self.floor,
-            )
-            return self._secagg.advertise_keys()
-        if self._secagg is None:
-            raise PipelineError(f"phase {phase!r} before 'keys' at site {self.site!r}")
-        if phase == "shares":
-            return self._secagg.share_keys(message)
-        if phase == "masked":
-            if self._vector is None or self._masked:
-                raise PipelineError(f"site {self.site!r} already sent its masked sums")
-            masked = self._secagg.masked_input(message, self._vector)
-            self._vector, self._masked = None, True
-            return masked
-        if phase == "consistency":
-            return self._secagg.sign_consistency(message)
-        return self._secagg.unmask(message)
+        """The site's side of one SecAgg+ phase of the analysis' secure total
+        (:meth:`SecureTotalSite.respond <consortium.deploy.secure_total.SecureTotalSite.respond>`)."""
+        return self._total.respond(stage, phase, message, round=round)
 
 
 def analysis_site(

@@ -27,7 +27,7 @@ import math
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,69 +264,22 @@ class RemoteAnalysis:
         """
         from consortium.analytics import wire
         from consortium.analytics.secure import LIMBS, decode
-        from consortium.secagg.protocol import (
-            ConsistencyRequest,
-            MaskedInput,
-            SecAggAbort,
-            SecAggConfig,
-            SecAggServer,
-            graph_degree,
-        )
+        from consortium.deploy.secure_total import secure_total
 
-        sa = self.cfg.secure_aggregation
-        ids = list(ready)
-        n = len(ids)
         keys = wire.expected_layout(schema)
         size = sum(math.prod(shape) for _, shape in keys) * LIMBS
-        k = graph_degree(n, n - 1 if sa.neighbours <= 0 else min(sa.neighbours, n - 1))
-        config = SecAggConfig(
-            num_clients_expected=n, threshold=max(1, math.ceil(sa.threshold * k)), neighbours=k,
-            round=ANALYSIS_ROUND, context=analysis_context(self.hub.run_id),
-            modulus_bits=MODULUS_BITS,
+        total_of = secure_total(
+            self.hub, self.executor, self.cfg.secure_aggregation, list(ready), size=size,
+            stage=ANALYSIS_STAGE, round=ANALYSIS_ROUND, context=analysis_context(self.hub.run_id),
+            modulus_bits=MODULUS_BITS, what="the analysis' secure total",
         )
-        server = SecAggServer(config=config)
-
-        def replies(phase: str, messages: Mapping[str, Any]) -> Iterator[Any]:
-            for cid, reply in self.executor.exchange(ANALYSIS_STAGE, phase, messages, {},
-                                                     round=ANALYSIS_ROUND):
-                sender = getattr(reply, "client_id", getattr(reply, "sender", None))
-                if sender != cid:  # a reply claiming another site's id is dropped
-                    continue
-                if isinstance(reply, MaskedInput) and tuple(reply.vector.shape) != (size,):
-                    self.hub.reject(cid, "-", ANALYSIS_ROUND, (
-                        f"a masked input of shape {list(reply.vector.shape)}; the schema's sums "
-                        f"are {size} digits: the site is dropped from the secure total"))
-                    continue
-                yield reply
-
-        try:
-            broadcasts = server.collect_keys(list(replies("keys", dict.fromkeys(ids, config))))
-            routed = server.route_shares(list(replies("shares", broadcasts)))
-            request = server.collect_masked(replies("masked", routed))
-            requests = dict.fromkeys(request.survivors, request)
-            if server.authenticated:
-                check = dict.fromkeys(request.survivors, ConsistencyRequest(request.survivors))
-                requests = server.collect_consistency(replies("consistency", check))
-            result = server.finish(list(replies("unmask", requests)))
-        except SecAggAbort as exc:
-            raise DataError(f"the secure total was aborted, nothing was revealed: {exc}") from None
-        finally:
-            for _ in self.executor.exchange(ANALYSIS_STAGE, "end", dict.fromkeys(ids), {},
-                                            round=ANALYSIS_ROUND):
-                pass
-        contributors = sorted(result.contributors)
         self.secure_info = {
-            "contributors": contributors, "dropped": sorted(set(ids) - set(contributors)),
-            "authenticated": server.authenticated,
-            **({"corrupted_shares": sorted(map(list, server.corrupted))} if server.corrupted
+            "contributors": total_of.contributors, "dropped": total_of.dropped,
+            "authenticated": total_of.authenticated,
+            **({"corrupted_shares": total_of.corrupted_shares} if total_of.corrupted_shares
                else {}),
         }
-        if len(contributors) < 2:
-            raise DataError(f"only {contributors} contributed to the secure total; a total of "
-                            "one site is that site's sums: nothing is reported")
-        if tuple(result.sum.shape) != (size,):
-            raise DataError(f"the secure total has {result.sum.numel()} digits, not {size}")
-        total = decode(result.sum, keys, len(contributors))
+        total = decode(total_of.sum, keys, len(total_of.contributors))
         try:
             wire.check_total(total, schema)
         except wire.WireError as exc:

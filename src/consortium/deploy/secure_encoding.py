@@ -17,15 +17,14 @@ produce stops the run.
 
 from __future__ import annotations
 
-import math
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from consortium.data.preprocess import SiteSummary
-from consortium.errors import DataError, PipelineError
+from consortium.errors import DataError
 
 __all__ = [
     "ENCODING_ROUND", "ENCODING_STAGE", "EncodingSecAgg", "clear_part", "encoding_context",
@@ -60,66 +59,23 @@ class EncodingSecAgg:
 
     def __init__(self, site: str, summary: SiteSummary, *, run_id: str, identity: Any,
                  floor: Any) -> None:
-        from consortium.analytics.secure import encode
+        from consortium.analytics.secure import MODULUS_BITS, encode
+        from consortium.deploy.secure_total import SecureTotalSite
         from consortium.deploy.summary import secure_layout, summary_answer
 
-        self.site, self.run_id, self.identity, self.floor = site, run_id, identity, floor
+        self.site = site
+        self._total = SecureTotalSite(
+            site, stage=ENCODING_STAGE, round=ENCODING_ROUND, context=encoding_context(run_id),
+            modulus_bits=MODULUS_BITS, what="the encoding's secure total", identity=identity,
+            floor=floor,
+        )
         keys = secure_layout(len(summary.categories))
-        self._vector: Any = encode(summary_answer(summary, site=site), keys)
-        self._secagg: Any = None
+        self._total.load(encode(summary_answer(summary, site=site), keys))
 
     def respond(self, stage: str, phase: str, message: Any, *, round: int) -> Any:
-        """The reply to one phase message.
-
-        Raises:
-            PipelineError: another stage or round, a phase out of order or of the wrong type, a
-                config for another run or modulus, or a second ``masked`` request.
-            SecAggAbort: from the protocol (among them a config below the site's floor).
-        """
-        from consortium.analytics.secure import MODULUS_BITS
-        from consortium.secagg import protocol as p
-
-        if stage != ENCODING_STAGE or round != ENCODING_ROUND:
-            raise PipelineError(f"site {self.site!r} runs no {stage[:40]!r} round {round} now")
-        if phase == "end":
-            self._secagg = None
-            return None
-        expected: Any = {
-            "keys": p.SecAggConfig, "shares": p.KeysBroadcast, "masked": p.SharesForClient,
-            "consistency": p.ConsistencyRequest, "unmask": p.UnmaskRequest,
-        }.get(phase)
-        if expected is None or not isinstance(message, expected):
-            raise PipelineError(f"site {self.site!r}: no {phase[:40]!r} phase with a "
-                                f"{type(message).__name__} in the encoding's secure total")
-        if phase == "keys":
-            context = encoding_context(self.run_id)
-            if (message.round != ENCODING_ROUND or message.modulus_bits != MODULUS_BITS
-                    or bytes(message.context) != context):
-                raise PipelineError(
-                    f"site {self.site!r} refuses the encoding's secure-aggregation config: "
-                    f"expected round {ENCODING_ROUND}, modulus 2**{MODULUS_BITS} and {context!r}"
-                )
-            if self._vector is None:
-                raise PipelineError(f"site {self.site!r} already sent its masked sums")
-            ident = self.identity
-            self._secagg = p.SecAggClient(
-                self.site, config=message, identity=ident.identity if ident else None,
-                trust=ident.trust if ident else None, floor=self.floor,
-            )
-            return self._secagg.advertise_keys()
-        if self._secagg is None:
-            raise PipelineError(f"phase {phase!r} before 'keys' at site {self.site!r}")
-        if phase == "shares":
-            return self._secagg.share_keys(message)
-        if phase == "masked":
-            if self._vector is None:
-                raise PipelineError(f"site {self.site!r} already sent its masked sums")
-            masked = self._secagg.masked_input(message, self._vector)
-            self._vector = None
-            return masked
-        if phase == "consistency":
-            return self._secagg.sign_consistency(message)
-        return self._secagg.unmask(message)
+        """The reply to one phase message (:meth:`SecureTotalSite.respond
+        <consortium.deploy.secure_total.SecureTotalSite.respond>`)."""
+        return self._total.respond(stage, phase, message, round=round)
 
 
 def run_secure_encoding(hub: Any, executor: Any, cfg: Any, *, stop: threading.Event,
@@ -148,15 +104,8 @@ def run_secure_encoding(hub: Any, executor: Any, cfg: Any, *, stop: threading.Ev
 def _secure_merge(hub: Any, executor: Any, cfg: Any,
                   parts: Mapping[str, SiteSummary]) -> tuple[SiteSummary, list[str]]:
     from consortium.analytics.secure import LIMBS, MODULUS_BITS, decode
+    from consortium.deploy.secure_total import secure_total
     from consortium.deploy.summary import secure_layout, summary_from_total
-    from consortium.secagg.protocol import (
-        ConsistencyRequest,
-        MaskedInput,
-        SecAggAbort,
-        SecAggConfig,
-        SecAggServer,
-        graph_degree,
-    )
 
     ids = sorted(parts)
     n = len(ids)
@@ -167,50 +116,13 @@ def _secure_merge(hub: Any, executor: Any, cfg: Any,
         )
     d = len(parts[ids[0]].categories)
     keys = secure_layout(d)
-    size = len(keys) * d * LIMBS
-    sa = cfg.secure_aggregation
-    k = graph_degree(n, n - 1 if sa.neighbours <= 0 else min(sa.neighbours, n - 1))
-    config = SecAggConfig(
-        num_clients_expected=n, threshold=max(1, math.ceil(sa.threshold * k)), neighbours=k,
-        round=ENCODING_ROUND, context=encoding_context(hub.run_id), modulus_bits=MODULUS_BITS,
+    total = secure_total(
+        hub, executor, cfg.secure_aggregation, ids, size=len(keys) * d * LIMBS,
+        stage=ENCODING_STAGE, round=ENCODING_ROUND, context=encoding_context(hub.run_id),
+        modulus_bits=MODULUS_BITS, what="the encoding's secure total",
     )
-    server = SecAggServer(config=config)
-
-    def replies(phase: str, messages: Mapping[str, Any]) -> Iterator[Any]:
-        for cid, reply in executor.exchange(ENCODING_STAGE, phase, messages, {},
-                                            round=ENCODING_ROUND):
-            sender = getattr(reply, "client_id", getattr(reply, "sender", None))
-            if sender != cid:  # a reply claiming another site's id is dropped
-                continue
-            if isinstance(reply, MaskedInput) and tuple(reply.vector.shape) != (size,):
-                hub.reject(cid, "-", ENCODING_ROUND, (
-                    f"masked encoding sums of shape {list(reply.vector.shape)}, not ({size},): "
-                    "the site is dropped from the secure total"))
-                continue
-            yield reply
-
-    try:
-        broadcasts = server.collect_keys(list(replies("keys", dict.fromkeys(ids, config))))
-        routed = server.route_shares(list(replies("shares", broadcasts)))
-        request = server.collect_masked(replies("masked", routed))
-        requests = dict.fromkeys(request.survivors, request)
-        if server.authenticated:
-            check = dict.fromkeys(request.survivors, ConsistencyRequest(request.survivors))
-            requests = server.collect_consistency(replies("consistency", check))
-        result = server.finish(list(replies("unmask", requests)))
-    except SecAggAbort as exc:
-        raise DataError(f"the secure total of the encoding sums was aborted: {exc}") from None
-    finally:
-        for _ in executor.exchange(ENCODING_STAGE, "end", dict.fromkeys(ids), {},
-                                   round=ENCODING_ROUND):
-            pass
-    contributors = sorted(result.contributors)
-    if len(contributors) < 2:
-        raise DataError(f"only {contributors} contributed to the encoding's secure total; a "
-                        "total of one site is that site's sums")
-    if tuple(result.sum.shape) != (size,):
-        raise DataError(f"the encoding's secure total has {result.sum.numel()} digits, not {size}")
-    total = decode(result.sum, keys, len(contributors))
+    contributors = total.contributors
+    sums = decode(total.sum, keys, len(contributors))
     categories = [frozenset().union(*(parts[s].categories[j] for s in contributors))
                   for j in range(d)]
-    return summary_from_total(total, categories), sorted(set(ids) - set(contributors))
+    return summary_from_total(sums, categories), total.dropped
