@@ -31,6 +31,7 @@ __all__ = [
     "EvaluationConfig",
     "ExecutorConfig",
     "ExperimentConfig",
+    "FairnessConfig",
     "ModelConfig",
     "PersonalizationConfig",
     "PrivacyConfig",
@@ -72,6 +73,12 @@ class DataConfig:
     harmonize: str = ""
     """A harmonisation file (``harmonize.toml``: code maps, renames, unit conversions) applied
     at each site before any training or query; see :mod:`consortium.data.harmonize`."""
+    validation: float = 0.0
+    """A validation split for tuning (simulation only): each client's training split gives up
+    this share of its rows (seeded, stratified), trains on the rest and is evaluated on them
+    instead of its test split, which is then not read at all; a server-side test set is
+    dropped; ``summary.json`` says ``"evaluated_on": "validation"``. 0 = off (evaluate on the
+    test split); see :func:`consortium.data.validation.validation_split`."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class AlgorithmConfig:
     name: Literal[
-        "fedavg", "fedprox", "scaffold", "fednova", "fedper", "fedrep", "ditto", "apfl", "qffl"
+        "fedavg", "fedprox", "scaffold", "fednova", "fedper", "fedrep", "ditto", "apfl", "qffl",
+        "fedbn", "ifca",
     ] = "fedavg"
     local_epochs: int = 1
     local_steps: int = 0
@@ -116,7 +124,8 @@ class PersonalizationConfig:
     ``ditto_lambda``: Ditto's ``λ``, the pull of each personal model toward the global one;
     ``personal_steps``: Ditto's local steps on the personal model each round (0 = the same
     local work as the global model). ``apfl_alpha``: APFL's initial mixing weight ``α``.
-    Ditto and APFL keep one full model per client in the client state."""
+    Ditto and APFL keep one full model per client in the client state.
+    ``clusters``: IFCA's number of cluster models ``k`` (``ifca``; 1 is FedAvg)."""
 
     local_layers: tuple[str, ...] = ()
     local_count: int = 0
@@ -125,6 +134,7 @@ class PersonalizationConfig:
     ditto_lambda: float = 0.1
     personal_steps: int = 0
     apfl_alpha: float = 0.25
+    clusters: int = 2
 
 
 @dataclass(frozen=True)
@@ -157,13 +167,50 @@ class EvaluationConfig:
     every: int = 1
     groups: tuple[str, ...] = ()
     """Columns whose groups the final model is compared across (``server.groups``): per-group
-    accuracy, TPR, FPR, positive rate and the equalised-odds and demographic-parity gaps in
-    ``summary.json`` under ``groups``, overall and per site (a 0/1 feature or a one-hot
-    categorical one, e.g. ``["sex"]`` for heart disease)."""
+    accuracy, TPR, FPR, positive rate and calibration, and the equalised-odds,
+    demographic-parity and calibration gaps in ``summary.json`` under ``groups``, overall and
+    per site (a 0/1 column or a categorical one, e.g. ``["sex"]`` for heart disease, or
+    ``"<column>_band"`` with ``bands``). Simulation only. The labels are kept beside the data
+    at each site and the group's columns are removed from the features, unless
+    ``group_features`` (:mod:`consortium.data.groups`)."""
+    group_features: bool = False
+    """Keep the ``groups`` columns among the model's features (default: the model never sees
+    them). A banded column (``bands``) always stays a feature."""
+    bands: tuple[str, ...] = ()
+    """Band edges for derived groups ``"<column>_band"``: ``["age: 50, 60"]`` gives the groups
+    ``<50``, ``50–60``, ``≥60`` (a band holds its lower edge), cut on the raw value
+    (heart-disease only; :func:`consortium.data.groups.parse_bands`)."""
     clients: float = 0.0
     """Clients evaluated per round: 0 = every client with test data; a count >= 1 or a
     fraction in (0, 1) = that many seeded draws proportional to test examples, with standard
     errors (``server.evaluation``); the last round evaluates every client."""
+
+
+@dataclass(frozen=True)
+class FairnessConfig:
+    """A fairness-aware training option (simulation only): ``method = "reweigh"`` is Kamiran
+    & Calders' reweighing ("Data preprocessing techniques for classification without
+    discrimination", KAIS 2012) by the group column ``column`` (one of
+    ``evaluation.groups``), applied as their uniform sampling: each site resamples its own
+    training rows so that every (group, label) cell has its size under independence, ``n_g ·
+    n_y / n`` (:func:`consortium.data.groups.reweigh`). ``"thresholds"`` is Hardt, Price &
+    Srebro's equalised-odds post-processing ("Equality of Opportunity in Supervised Learning",
+    NeurIPS 2016) with deterministic per-group thresholds on the final model's score: each
+    site counts its fitting rows' scores per group and label on a 101-point grid, the server
+    adds the counts and picks the thresholds with the smallest equalised-odds gap there
+    (within ``tolerance`` of it the most accurate, never wider than the model's own), the
+    largest group kept at the model's own 0.5 and the others moved towards its rates
+    (``anchor = "largest"``; ``"none"`` moves every group)
+    (:mod:`consortium.server.thresholds`); the fitting rows are the training rows
+    (``fit_fraction = 0``) or a stratified share of them set aside
+    (:func:`consortium.data.groups.fitting_split`). ``"reweigh+thresholds"``: both.
+    ``"none"``: off."""
+
+    method: Literal["none", "reweigh", "thresholds", "reweigh+thresholds"] = "none"
+    column: str = ""
+    fit_fraction: float = 0.0
+    tolerance: float = 0.0
+    anchor: Literal["largest", "none"] = "largest"
 
 
 @dataclass(frozen=True)
@@ -331,6 +378,7 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
+    fairness: FairnessConfig = field(default_factory=FairnessConfig)
 
     def __post_init__(self) -> None:
         _check_ranges(self)
@@ -366,6 +414,8 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(d.shards_per_client >= 1, "data.shards_per_client", d.shards_per_client, "an integer >= 1")
     need(d.quantity_sigma >= 0, "data.quantity_sigma", d.quantity_sigma, "a number >= 0")
     need(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "a number in (0, 1)")
+    need(0 <= d.validation < 1, "data.validation", d.validation,
+         "a number in [0, 1) (0: off, evaluate on the test split)")
     an = cfg.analysis
     need(an.min_count >= 1, "analysis.min_count", an.min_count, "an integer >= 1")
     need(an.max_levels >= 2, "analysis.max_levels", an.max_levels, "an integer >= 2")
@@ -397,6 +447,11 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(pz.personal_steps >= 0, "personalization.personal_steps", pz.personal_steps,
          "0 (the global model's local work) or a number of local steps >= 1")
     need(0 <= pz.apfl_alpha <= 1, "personalization.apfl_alpha", pz.apfl_alpha, "a number in [0, 1]")
+    need(pz.clusters >= 1, "personalization.clusters", pz.clusters, "an integer >= 1 (ifca)")
+    if a.name == "ifca":
+        from consortium.algorithms.ifca import check_experiment
+
+        check_experiment(cfg)
     need(a.q >= 0, "algorithm.q", a.q, "a number >= 0")
     if pz.local_layers and pz.local_count:
         raise ConfigError(
@@ -479,6 +534,7 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(0 <= cfg.simulation.dropout < 1, "simulation.dropout", cfg.simulation.dropout,
          "a fraction in [0, 1)")
     need(cfg.evaluation.every >= 1, "evaluation.every", cfg.evaluation.every, "an integer >= 1")
+    _check_groups(cfg)
     ev = cfg.evaluation.clients
     need(ev == 0 or 0 < ev < 1 or (ev >= 1 and ev.is_integer()), "evaluation.clients", ev,
          "0 (every client), a count >= 1, or a fraction in (0, 1)")
@@ -491,6 +547,47 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
 
 
 # -- building and checking ----------------------------------------------------------------------
+
+
+def _check_groups(cfg: ExperimentConfig) -> None:
+    """``evaluation.groups`` / ``bands`` and ``[fairness]``: what can be checked without data."""
+    from consortium.data.groups import BAND_SUFFIX, parse_bands
+
+    ev, fair = cfg.evaluation, cfg.fairness
+    for column in parse_bands(ev.bands):
+        if column + BAND_SUFFIX not in ev.groups:
+            raise ConfigError(
+                f"evaluation.bands bands {column!r}, but evaluation.groups does not name "
+                f"{column + BAND_SUFFIX!r}; add it to evaluation.groups or remove the band"
+            )
+    if fair.method == "none" and fair.column:
+        raise ConfigError(
+            f"fairness.column = {fair.column!r} is set without fairness.method; set "
+            'fairness.method = "reweigh" or remove fairness.column'
+        )
+    if "thresholds" not in fair.method and fair.fit_fraction:
+        raise ConfigError(
+            f"fairness.fit_fraction = {fair.fit_fraction:g} is for fairness.method = "
+            '"thresholds"; set the method or remove fit_fraction'
+        )
+    if not 0 <= fair.fit_fraction < 1:
+        raise ConfigError(
+            f"fairness.fit_fraction = {fair.fit_fraction!r} is not allowed: expected the share "
+            "of each site's training rows to fit the thresholds on, in [0, 1) (0 = the "
+            "training rows themselves)"
+        )
+    if not 0 <= fair.tolerance <= 1:
+        raise ConfigError(
+            f"fairness.tolerance = {fair.tolerance!r} is not allowed: expected the largest "
+            "equalised-odds gap the thresholds may leave on the fitting rows, in [0, 1]"
+        )
+    if fair.method != "none" and fair.column not in ev.groups:
+        raise ConfigError(
+            f"fairness.method = {fair.method!r} needs fairness.column, one of "
+            f"evaluation.groups (found {fair.column!r} and groups {list(ev.groups)}); e.g. "
+            'evaluation.groups = ["sex"] and fairness.column = "sex", so that the gap it '
+            "narrows is reported"
+        )
 
 
 def _check_distributed(cfg: ExperimentConfig) -> None:

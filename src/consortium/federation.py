@@ -104,7 +104,8 @@ def build_data(f: Federation) -> None:
 
         # a category is named only if a site holds it min_count times, as a deployed site does
         dataset = load_dataset(cfg.data, seed=cfg.seed,
-                               min_count=category_min_count(analysis=cfg.analysis.min_count))
+                               min_count=category_min_count(analysis=cfg.analysis.min_count),
+                               evaluation=cfg.evaluation, fairness=cfg.fairness)
     f.clean, f.threat = dataset, None
     if cfg.attack.kind != "none":
         from consortium.attacks import threat_model
@@ -121,7 +122,7 @@ def build_data(f: Federation) -> None:
 def build_model(f: Federation) -> None:
     """The model factory (with ``model.freeze``) and the initial parameters, seeded from the
     run seed so that every run of a config starts from the same model."""
-    from consortium.models.zoo import check_fits, freeze
+    from consortium.models.zoo import check_fits, check_local_dp, freeze, seeded_model
     from consortium.models.zoo import model_factory as zoo_factory
 
     cfg, ds = f.cfg, f.dataset
@@ -129,9 +130,9 @@ def build_model(f: Federation) -> None:
     f.factory = freeze(f.given.model or zoo_factory(
         cfg.model.name, ds.input_shape, ds.num_classes, hidden=cfg.model.hidden
     ), cfg.model.freeze)
-    torch.manual_seed(derive_init_seed(cfg))
-    module = f.factory()
+    module = seeded_model(f.factory, derive_init_seed(cfg))
     check_fits(module, ds.input_shape, ds.num_classes, name=cfg.model.name)
+    check_local_dp(module, local_dp=cfg.privacy.mode == "local")  # batch norm: refused
     f.init = Parameters.from_module(module)
 
 
@@ -150,8 +151,15 @@ def build_algorithm_parts(f: Federation) -> None:
         f.cfg.algorithm.name, mu=f.cfg.algorithm.mu, local_layers=pz.local_layers,
         local_count=pz.local_count, head_epochs=pz.head_epochs, q=f.cfg.algorithm.q,
         ditto_lambda=pz.ditto_lambda, personal_steps=pz.personal_steps,
-        apfl_alpha=pz.apfl_alpha,
+        apfl_alpha=pz.apfl_alpha, clusters=pz.clusters,
     )
+    check_model = getattr(f.algorithm, "check_model", None)
+    if check_model is not None:  # a model the algorithm cannot train (APFL and batch norm)
+        with torch.random.fork_rng(devices=[]):
+            check_model(f.factory())
+    with_model = getattr(f.algorithm, "with_model", None)
+    if with_model is not None:  # server state that starts from models (IFCA's clusters)
+        f.algorithm = with_model(f.init, f.factory, seed=f.cfg.seed)
     f.settings = local_training(f.cfg)
 
 
@@ -349,12 +357,30 @@ def build_server(f: Federation) -> None:
 
     cfg, ds = f.cfg, f.dataset
     personal = hasattr(f.algorithm, "own_parameters")
-    if (personal or cfg.personalization.finetune_steps) and f.executor.name == "remote":
+    if personal and f.executor.name == "remote" and f.algorithm.name not in REMOTE_PERSONAL:
         raise ConfigError(
-            f"algorithm.name = {f.algorithm.name!r} with personalization.finetune_steps = "
-            f"{cfg.personalization.finetune_steps} asks for personalised models, which run in "
-            "simulation only in this version (over gRPC each site must keep and evaluate its "
-            "own head: not built yet); run it with `consortium run`"
+            f"algorithm.name = {f.algorithm.name!r} keeps a model of each client's own, which "
+            "runs in simulation only in this version (over gRPC: "
+            f"{', '.join(sorted(REMOTE_PERSONAL))}); run it with `consortium run`"
+        )
+    if cfg.data.validation and f.executor.name == "remote":
+        raise ConfigError(
+            f"data.validation = {cfg.data.validation:g} is for simulation only (a deployed site "
+            "splits its own file into train and test); tune with `consortium run`, then set "
+            "data.validation = 0 to deploy"
+        )
+    if cfg.data.validation and ds.notes.get("evaluated_on") != "validation":
+        raise ConfigError(
+            f"data.validation = {cfg.data.validation:g} splits data that consortium loads, but "
+            "this run was given its data set; split it yourself "
+            "(consortium.data.validation.validation_split) or set data.validation = 0"
+        )
+    if (cfg.evaluation.groups or cfg.fairness.method != "none") and f.executor.name == "remote":
+        raise ConfigError(
+            "evaluation.groups and [fairness] run in simulation only in this version (each "
+            "site would have to keep its group labels aside, report per-group counts and "
+            "resample its own rows: not built yet); remove them to deploy, or run the "
+            "experiment with `consortium run`"
         )
     clients = ClientPool(
         ds.packed(), model_factory=f.factory, algorithm=f.algorithm, pipeline=f.pipeline,
@@ -377,6 +403,11 @@ def build_server(f: Federation) -> None:
         eval_every=cfg.evaluation.every,
     )
 
+
+REMOTE_PERSONAL = frozenset({"apfl", "ditto", "fedbn", "fedper", "fedrep"})
+"""Personalised algorithms a deployment runs (each site keeps and evaluates its own model in
+its ``--state``; FedPer's, FedRep's and FedBN's personal tensors never leave it:
+deploy/shared.py)."""
 
 BUILDERS: tuple[Callable[[Federation], None], ...] = (
     build_data, build_model, build_algorithm_parts, build_privacy, build_client_stages,

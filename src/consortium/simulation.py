@@ -168,7 +168,8 @@ def _summarise(fed: Federation, state: Any, duration_s: float) -> dict[str, Any]
     model's metrics (as they always were, and again as ``global_<name>``), and
     ``personalized_<name>`` and ``local_<name>`` (the local-only baseline) where those ran;
     ``client_accuracy`` states the spread of per-client accuracy (mean, worst, p10, std,
-    Jain's index) for each of them.
+    Jain's index) for each of them. With ``data.validation`` every number is on the validation
+    split and ``evaluated_on`` says ``"validation"`` (absent: the test split).
     """
     cfg = fed.cfg
     baselines: dict[str, dict[str, Any]] = {}
@@ -208,12 +209,19 @@ def _summarise(fed: Federation, state: Any, duration_s: float) -> dict[str, Any]
     personalized = {k[len(mine):]: v for k, v in last.items() if k.startswith(mine)}
     if personalized:
         summary["personalized"] = personalized
+    describe = getattr(fed.algorithm, "summary", None)
+    if describe is not None:  # what the algorithm reports of itself (IFCA: its clusters)
+        summary[fed.algorithm.name] = describe(
+            state.algorithm, {cid: fed.store.peek(cid) for cid in fed.dataset.client_ids}
+        )
     spreads = {
         kind: client_spread([m[f"{kind}_accuracy"] for m in per_client.values()
                              if f"{kind}_accuracy" in m])
         for kind in ("global", "personalized", "local")
     }
     summary["client_accuracy"] = {kind: spread for kind, spread in spreads.items() if spread}
+    if fed.dataset.notes.get("evaluated_on") == "validation":  # tuning, not test results
+        summary["evaluated_on"] = "validation"
     if fed.threat is not None:
         summary["attack"] = fed.threat.describe()
     confusions.update(getattr(fed.server.evaluator, "final_confusion", {}))
@@ -226,6 +234,12 @@ def _summarise(fed: Federation, state: Any, duration_s: float) -> dict[str, Any]
         model = fed.factory()
         state.params.load_into(model)
         summary["groups"] = group_metrics(model, fed.dataset, cfg.evaluation.groups)
+        if "thresholds" in cfg.fairness.method:  # equalised-odds post-processing (Hardt 2016)
+            from consortium.server.thresholds import equalized_odds_postprocess
+
+            summary["groups"][cfg.fairness.column]["postprocessed"] = equalized_odds_postprocess(
+                model, fed.dataset, cfg.fairness.column, tolerance=cfg.fairness.tolerance,
+                anchor=cfg.fairness.anchor == "largest")
     return summary
 
 

@@ -73,7 +73,9 @@ class Layout:
 
 @dataclass(frozen=True)
 class Parameters:
-    """A model's trainable tensors as one flat float32 vector plus its layout."""
+    """A model's parameters as one flat float32 vector plus its layout: the trainable tensors,
+    the frozen ones, and batch-norm running statistics held as parameters
+    (:class:`~consortium.models.zoo.FederatedBatchNorm1d`)."""
 
     layout: Layout
     vector: torch.Tensor

@@ -175,7 +175,7 @@ def test_config_refuses_personal_layers_for_a_shared_algorithm() -> None:
 def test_registered_and_listed() -> None:
     assert {"fedper", "fedrep"} <= set(ALGORITHMS)
     assert build_algorithm("fedper").name == "fedper"
-    with pytest.raises(ConfigError, match="shares every parameter"):
+    with pytest.raises(ConfigError, match="does not take them"):
         build_algorithm("fedavg", local_layers=("5",))
 
 

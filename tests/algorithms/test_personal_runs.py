@@ -33,7 +33,9 @@ def config(algorithm: str = "fedavg", **personalization: object) -> dict:
 def test_client_spread_by_hand() -> None:
     # [1, 0.5]: mean 0.75, std 0.25, p10 = 0.5 + 0.1·0.5, Jain (1.5)² / (2 · 1.25) = 0.9
     assert client_spread([1.0, 0.5]) == pytest.approx(
-        {"mean": 0.75, "worst": 0.5, "p10": 0.55, "std": 0.25, "jain": 0.9})
+        {"mean": 0.75, "worst": 0.5, "p10": 0.55, "std": 0.25, "jain": 0.9, "worst10_mean": 0.5})
+    # worst 10 % of 11 clients: the lowest ceil(1.1) = 2 values, (0 + 0.1) / 2
+    assert client_spread([0.1, 0.0] + [1.0] * 9)["worst10_mean"] == pytest.approx(0.05)
     assert client_spread([0.8] * 4)["jain"] == pytest.approx(1.0)
     assert client_spread([1.0, 0.0, 0.0, 0.0])["jain"] == pytest.approx(0.25)  # 1/n
     assert client_spread([float("nan")]) == {}

@@ -42,16 +42,64 @@ def test_rates_and_gaps_by_hand() -> None:
                            clients={"a": a, "b": b})
     out = group_metrics(_Fixed(), data, ["sex"])["sex"]
     men = out["overall"]["groups"]["1"]  # rows: (y, pred) = (1,1) (0,1) (1,0) | (0,0)
-    assert men == {"n": 4, "accuracy": 0.5, "tpr": 0.5, "fpr": 0.5, "positive_rate": 0.5}
+    rates = ("n", "accuracy", "tpr", "fpr", "positive_rate")
+    assert {k: men[k] for k in rates} == {"n": 4, "accuracy": 0.5, "tpr": 0.5, "fpr": 0.5,
+                                          "positive_rate": 0.5}
     women = out["overall"]["groups"]["0"]  # (1,1) (1,0) (0,0) | (0,1)
-    assert women == {"n": 4, "accuracy": 0.5, "tpr": 0.5, "fpr": 0.5, "positive_rate": 0.5}
+    assert {k: women[k] for k in rates} == {"n": 4, "accuracy": 0.5, "tpr": 0.5, "fpr": 0.5,
+                                            "positive_rate": 0.5}
     site_a = out["sites"]["a"]["groups"]
     assert site_a["1"]["tpr"] == 0.5 and site_a["1"]["fpr"] == 1.0  # (1,1) (0,1) (1,0)
     assert site_a["0"]["tpr"] == 0.5 and site_a["0"]["fpr"] == 0.0  # (1,1) (1,0) (0,0)
     gaps = out["sites"]["a"]["gaps"]
     assert gaps["equalized_odds"] == pytest.approx(1.0)  # FPR 1.0 vs 0.0
     assert gaps["demographic_parity"] == pytest.approx(2 / 3 - 1 / 3)
-    assert out["overall"]["gaps"] == {"accuracy": 0.0, "equalized_odds": 0.0, "demographic_parity": 0.0}
+    gaps = out["overall"]["gaps"]
+    assert {k: gaps[k] for k in ("accuracy", "equalized_odds", "demographic_parity")} == {
+        "accuracy": 0.0, "equalized_odds": 0.0, "demographic_parity": 0.0}
+
+
+class _Prob(torch.nn.Module):
+    """Outputs log-probabilities whose softmax gives P(class 1) = feature 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = x[:, 1].double()
+        return torch.stack([torch.log1p(-p), torch.log(p)], dim=1)
+
+
+def test_calibration_by_hand() -> None:
+    # feature 0: group, feature 1: p = P(y = 1); two sites, pooled overall
+    a = _site([[1, .15], [1, .15], [1, .85], [1, .85], [0, .35], [0, .35], [0, .65], [0, .65]],
+              [0, 1, 1, 1, 0, 1, 0, 0])
+    b = _site([[1, .95]], [1])
+    data = SimpleNamespace(feature_names=("g", "p"), num_classes=2, clients={"a": a, "b": b})
+    out = group_metrics(_Prob(), data, ["g"])["g"]
+    g1 = out["sites"]["a"]["groups"]["1"]
+    # bin [0.1, 0.2): 2 rows, Σp = 0.3, Σy = 1; bin [0.8, 0.9): 2 rows, Σp = 1.7, Σy = 2
+    assert g1["mean_predicted"] == pytest.approx(0.5)
+    assert g1["observed_rate"] == pytest.approx(0.75)
+    assert g1["calibration_in_the_large"] == pytest.approx(-0.25)
+    assert g1["ece"] == pytest.approx((0.7 + 0.3) / 4)
+    g0 = out["sites"]["a"]["groups"]["0"]
+    # bin [0.3, 0.4): Σp = 0.7, Σy = 1; bin [0.6, 0.7): Σp = 1.3, Σy = 0
+    assert g0["calibration_in_the_large"] == pytest.approx(0.25)
+    assert g0["ece"] == pytest.approx((0.3 + 1.3) / 4)
+    gaps = out["sites"]["a"]["gaps"]
+    assert gaps["calibration"] == pytest.approx(0.5) and gaps["ece"] == pytest.approx(0.15)
+    pooled = out["overall"]["groups"]["1"]  # site b adds p = 0.95, y = 1 in bin [0.9, 1]
+    assert pooled["mean_predicted"] == pytest.approx(2.95 / 5)
+    assert pooled["observed_rate"] == pytest.approx(0.8)
+    assert pooled["ece"] == pytest.approx((0.7 + 0.3 + 0.05) / 5)
+
+
+def test_kept_labels_are_used_instead_of_features() -> None:
+    a = _site([[9.0, 1.0], [9.0, -1.0], [9.0, 1.0]], [1, 1, 0])
+    kept = {"a": {"sex": {"train": np.array([]), "test": np.array(["f", "m", "m"])}}}
+    data = SimpleNamespace(feature_names=("x", "score"), num_classes=2, clients={"a": a},
+                           groups=kept)
+    out = group_metrics(_Fixed(), data, ["sex"])["sex"]["overall"]["groups"]
+    assert out["f"]["n"] == 1 and out["f"]["tpr"] == 1.0
+    assert out["m"]["n"] == 2 and out["m"]["tpr"] == 0.0 and out["m"]["fpr"] == 1.0
 
 
 def test_an_unknown_group_column_names_the_features() -> None:

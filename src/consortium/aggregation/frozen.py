@@ -20,6 +20,7 @@ import torch
 
 from consortium.aggregation.base import ServerOptimizer, StageState
 from consortium.errors import PipelineError
+from consortium.models.zoo import statistics_names
 from consortium.types import Layout
 
 __all__ = ["KeepFrozen", "frozen_mask", "keep_frozen"]
@@ -30,10 +31,15 @@ def frozen_mask(module: torch.nn.Module, layout: Layout) -> torch.Tensor | None:
     flat vector: a bool vector of ``layout.size``, ``True`` at frozen coordinates; ``None``
     when every parameter trains.
 
+    Batch-norm running statistics held as parameters
+    (:func:`~consortium.models.zoo.statistics_names`) have ``requires_grad = False`` but are
+    not frozen: local training moves them and the server averages them like any coordinate.
+
     Raises:
         PipelineError: ``layout`` names a tensor that is not a parameter of ``module``.
     """
-    trains = {name: p.requires_grad for name, p in module.named_parameters()}
+    statistics = statistics_names(module)
+    trains = {name: p.requires_grad or name in statistics for name, p in module.named_parameters()}
     missing = [spec.name for spec in layout.specs if spec.name not in trains]
     if missing:
         raise PipelineError(

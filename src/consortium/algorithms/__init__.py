@@ -6,8 +6,10 @@ from consortium.algorithms.apfl import APFL
 from consortium.algorithms.base import Algorithm, TrainContext, local_update
 from consortium.algorithms.ditto import Ditto
 from consortium.algorithms.fedavg import FedAvg
+from consortium.algorithms.fedbn import FedBN
 from consortium.algorithms.fednova import FedNova
 from consortium.algorithms.fedprox import FedProx
+from consortium.algorithms.ifca import IFCA
 from consortium.algorithms.personal import FedPer, FedRep, PersonalLayers
 from consortium.algorithms.qffl import QFedAvg
 from consortium.algorithms.scaffold import Scaffold
@@ -16,9 +18,11 @@ from consortium.errors import ConfigError
 __all__ = [
     "ALGORITHMS",
     "APFL",
+    "IFCA",
     "Algorithm",
     "Ditto",
     "FedAvg",
+    "FedBN",
     "FedNova",
     "FedPer",
     "FedProx",
@@ -41,20 +45,22 @@ ALGORITHMS = {
     "ditto": "FedAvg + a personal model per client, proximal to the global one (Li et al. 2021)",
     "apfl": "personal model mixed with the global one by a learned weight (Deng et al. 2020)",
     "qffl": "q-FedAvg: fair allocation, clients weighted up by loss^q (Li et al. 2020)",
+    "fedbn": "FedAvg, each client's batch-norm layers kept local (Li et al. 2021); mlp_bn, cnn_bn",
+    "ifca": "clustered FL: k models, each client trains the one with its lowest loss (Ghosh et al. 2020)",
 }
 
 
 def build_algorithm(
     name: str, *, mu: float = 0.01, local_layers: tuple[str, ...] = (), local_count: int = 0,
     head_epochs: int = 1, q: float = 1.0, ditto_lambda: float = 0.1, personal_steps: int = 0,
-    apfl_alpha: float = 0.25,
+    apfl_alpha: float = 0.25, clusters: int = 2,
 ) -> Algorithm:
     """The algorithm called ``name`` (see :data:`ALGORITHMS`).
 
     ``local_layers`` / ``local_count`` (``[personalization]``) name the personal layers of
     ``fedper`` and ``fedrep`` (default: the final layer); ``head_epochs`` is FedRep's;
     ``ditto_lambda`` and ``personal_steps`` are Ditto's, ``apfl_alpha`` APFL's initial mixing
-    weight, ``q`` q-FFL's exponent.
+    weight, ``q`` q-FFL's exponent, ``clusters`` IFCA's number of cluster models.
 
     Raises:
         ConfigError: an unknown name, or personal layers given to an algorithm that shares
@@ -68,14 +74,19 @@ def build_algorithm(
     if local_layers or local_count:
         raise ConfigError(
             f"personalization.local_layers/local_count are set, but algorithm.name = {name!r} "
-            'shares every parameter; use algorithm.name = "fedper" or "fedrep"'
+            "does not take them (fedbn keeps exactly the batch-norm layers; the others share "
+            'every parameter); use algorithm.name = "fedper" or "fedrep"'
         )
     if name == "fedavg":
         return FedAvg()
+    if name == "fedbn":
+        return FedBN()
     if name == "ditto":
         return Ditto(lam=ditto_lambda, personal_steps=personal_steps)
     if name == "apfl":
         return APFL(alpha=apfl_alpha)
+    if name == "ifca":
+        return IFCA(clusters=clusters)
     if name == "qffl":
         return QFedAvg(q=q)
     if name == "fedprox":

@@ -142,6 +142,19 @@ class APFL:
         ctx.client_state[ALPHA_KEY] = torch.tensor([alpha])
         return v, alpha
 
+    def check_model(self, module: torch.nn.Module) -> None:
+        """Refuse a batch-norm model (:class:`ConfigError`): APFL differentiates the mixed
+        model ``α v + (1 − α) w`` as one flat vector, and batch norm's running statistics
+        (which a forward pass in training mode updates in place) cannot be part of it."""
+        from consortium.models.zoo import statistics_names
+
+        if statistics_names(module):
+            raise ConfigError(
+                "apfl cannot train a model with batch normalisation (its running statistics "
+                "are not mixed or differentiated with the personal model); use a model "
+                'without it (model.name = "mlp" or "cnn") or algorithm.name = "fedbn"'
+            )
+
     def own_parameters(self, params: Parameters, state: Mapping[str, torch.Tensor]) -> Parameters:
         """A client's personalised model (evaluation): ``α_k v_k + (1 − α_k) w``; the global
         model before the client trained."""

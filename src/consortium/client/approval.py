@@ -33,6 +33,9 @@ def experiment_manifest(cfg: ExperimentConfig) -> dict[str, Any]:
     """What the experiment asks of a site, as plain JSON-able data (see the module docstring)."""
     privacy = {k: v for k, v in asdict(cfg.privacy).items()
                if k not in ("noise_source", "site_policies")}
+    # only where they apply, so that other experiments keep the hashes operators approved
+    personal = ({"personalization": asdict(cfg.personalization)}
+                if _personalised(cfg) else {})
     return {
         "format": FORMAT,
         "name": cfg.name,
@@ -42,12 +45,19 @@ def experiment_manifest(cfg: ExperimentConfig) -> dict[str, Any]:
                  "test_fraction": cfg.data.test_fraction},
         "model": {"name": cfg.model.name, "hidden": list(cfg.model.hidden)},
         "algorithm": asdict(cfg.algorithm),
+        **personal,
         "sampling": asdict(cfg.sampling),
         "privacy": privacy,
         "secure_aggregation": asdict(cfg.secure_aggregation),
         "evaluation_every": cfg.evaluation.every,
         "leaves_site": leaves_site(cfg),
     }
+
+
+def _personalised(cfg: ExperimentConfig) -> bool:
+    """Whether the site keeps (or fine-tunes) a model of its own in this experiment."""
+    return (cfg.algorithm.name in ("fedper", "fedrep", "fedbn", "ditto", "apfl")
+            or cfg.personalization.finetune_steps > 0)
 
 
 def leaves_site(cfg: ExperimentConfig) -> list[str]:
@@ -87,6 +97,12 @@ def leaves_site(cfg: ExperimentConfig) -> list[str]:
                    "the server can unmask only the sum over the round's sites")
     else:
         update += " in the clear, with its weight (the number of training examples)"
+    if cfg.algorithm.name in ("fedper", "fedrep"):
+        update += ("; only the shared layers' part of it: the personal layers (the site's own "
+                   "head) never leave the site")
+    if cfg.algorithm.name == "fedbn":
+        update += ("; only the part outside batch normalisation: the site's batch-norm layers "
+                   "(weights and running statistics) never leave the site")
     if cfg.algorithm.name == "scaffold":
         update += "; SCAFFOLD's control-variate change, protected like the update"
     if cfg.algorithm.name == "fednova":
@@ -94,8 +110,10 @@ def leaves_site(cfg: ExperimentConfig) -> list[str]:
     out.append("each round the site is picked: " + update)
     out.append("each round the site is picked: its local step count, and the training metrics "
                "the site's policy lists in send_metrics (none by default)")
+    own = (" and of the site's own model (never the model itself)" if _personalised(cfg)
+           else "")
     out.append(f"every {cfg.evaluation.every} round(s): accuracy, loss, AUC and balanced accuracy "
-               "of the global model on the site's test split, and that split's size")
+               f"of the global model{own} on the site's test split, and that split's size")
     return out
 
 
@@ -110,7 +128,10 @@ def manifest_hash(manifest: dict[str, Any] | ExperimentConfig) -> str:
 def format_manifest(manifest: dict[str, Any]) -> str:
     """The manifest for a person to read, with its hash on the last line."""
     lines = [f"experiment {manifest['name']!r}: {manifest['rounds']} rounds"]
-    for key in ("model", "algorithm", "sampling", "privacy", "secure_aggregation"):
+    for key in ("model", "algorithm", "personalization", "sampling", "privacy",
+                "secure_aggregation"):
+        if key not in manifest:
+            continue
         values = ", ".join(f"{k}={v}" for k, v in manifest[key].items())
         lines.append(f"  {key}: {values}")
     lines.append("  what leaves the site:")

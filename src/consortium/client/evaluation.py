@@ -127,10 +127,13 @@ def summarise_clients(
 def client_spread(values: Sequence[float]) -> dict[str, float]:
     """How a metric is spread across clients, each client counting once: ``mean``, ``worst``
     (the minimum), ``p10`` (10th percentile, linear interpolation), ``std`` (population
-    standard deviation) and ``jain``, Jain's fairness index ``(Σx)² / (n·Σx²)`` (Jain, Chiu,
+    standard deviation), ``jain``, Jain's fairness index ``(Σx)² / (n·Σx²)`` (Jain, Chiu,
     Hawe, "A Quantitative Measure of Fairness and Discrimination for Resource Allocation in
     Shared Computer Systems", DEC-TR-301, 1984): 1 when every client has the same value,
-    ``1/n`` when one client has everything. NaN values are left out; no values give ``{}``.
+    ``1/n`` when one client has everything; and ``worst10_mean``, the mean of the worst 10 %
+    of clients (the lowest ``ceil(n/10)`` values), q-FFL's "worst 10 %" (Li, Sanjabi, Beirami,
+    Smith, "Fair Resource Allocation in Federated Learning", ICLR 2020, Table 1) — not the 10th
+    percentile. NaN values are left out; no values give ``{}``.
     """
     xs = [float(v) for v in values if not math.isnan(v)]
     if not xs:
@@ -143,4 +146,5 @@ def client_spread(values: Sequence[float]) -> dict[str, float]:
         "p10": _quantile(xs, 0.1),
         "std": float(t.std(correction=0)),
         "jain": float(t.sum()) ** 2 / (len(xs) * squares) if squares > 0 else 1.0,
+        "worst10_mean": float(t.sort().values[: math.ceil(len(xs) / 10)].mean()),
     }

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from consortium.errors import DataError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["ClientData", "FederatedDataset", "PackedClients", "Split"]
 
@@ -139,6 +143,11 @@ class FederatedDataset:
         server_test: a held-out test set on the server, if the data set has one.
         feature_names: names of the feature columns for tabular data.
         citation: where the data come from, for reports.
+        groups: client id → group column → ``{"train": labels, "test": labels}``, one text
+            label per row of that split (``evaluation.groups``, kept beside the data at the
+            site by :func:`consortium.data.groups.keep_groups_aside`); empty when none.
+        fitting: client id → the rows on which ``[fairness] method = "thresholds"`` fits its
+            per-group thresholds (:func:`consortium.data.groups.fitting_split`); empty when none.
     """
 
     name: str
@@ -149,6 +158,8 @@ class FederatedDataset:
     feature_names: tuple[str, ...] | None = None
     citation: str = ""
     notes: dict[str, str] = field(default_factory=dict)
+    groups: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]] = field(default_factory=dict)
+    fitting: Mapping[str, Split] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.clients:

@@ -8,7 +8,7 @@ from consortium.data.partition import PARTITIONS
 from consortium.errors import DataError
 
 if TYPE_CHECKING:
-    from consortium.config import DataConfig
+    from consortium.config import DataConfig, EvaluationConfig, FairnessConfig
     from consortium.data.base import FederatedDataset
 
 __all__ = ["DATASETS", "PARTITIONS", "load_dataset"]
@@ -30,7 +30,10 @@ _SITED = ("heart-disease", "synthetic", "csv", "parquet")
 _TABLES = ("heart-disease", "csv", "parquet")
 
 
-def load_dataset(cfg: DataConfig, *, seed: int, min_count: int = 5) -> FederatedDataset:
+def load_dataset(
+    cfg: DataConfig, *, seed: int, min_count: int = 5, evaluation: EvaluationConfig | None = None,
+    fairness: FairnessConfig | None = None,
+) -> FederatedDataset:
     """Build the federated data set that the ``[data]`` section describes.
 
     ``heart-disease``, ``csv`` and ``parquet`` have real sites and ``synthetic`` generates
@@ -39,7 +42,9 @@ def load_dataset(cfg: DataConfig, *, seed: int, min_count: int = 5) -> Federated
     ``breast-cancer`` have a server test set (``server_test_fraction``). ``clients`` is
     ignored where the sites are given (heart disease has four, files have theirs). Keys
     that a data set does not use (``alpha`` for heart disease ...) are ignored. Nothing is
-    downloaded.
+    downloaded. With ``validation`` > 0 the clients are evaluated on a validation split of
+    their training rows instead of their test split
+    (:func:`~consortium.data.validation.validation_split`).
 
     Args:
         cfg: the data configuration.
@@ -48,12 +53,41 @@ def load_dataset(cfg: DataConfig, *, seed: int, min_count: int = 5) -> Federated
             hold it, as a deployed site does
             (:func:`~consortium.data.preprocess.category_min_count`; pass
             ``category_min_count(analysis=cfg.analysis.min_count)``).
+        evaluation, fairness: with ``evaluation.groups``, the last step keeps each row's
+            group labels beside the data and takes the group columns out of the features,
+            ``[fairness] method = "reweigh"`` resamples each site's training rows
+            and ``"thresholds"`` sets aside the rows its thresholds are fitted on
+            (:func:`~consortium.data.groups.apply_group_options`).
 
     Raises:
         DataError: for an unknown data set, a partition the data set cannot use, or anything
             the loader raises (missing files, columns, impossible partitions ...).
         MissingExtraError: for Parquet without ``pyarrow``.
     """
+    dataset = _load_named(cfg, seed=seed, min_count=min_count)
+    if cfg.validation:
+        from consortium.data.validation import validation_split
+
+        # evaluate on a validation split carved out of the training rows, never the test split
+        dataset = validation_split(dataset, fraction=cfg.validation, seed=seed)
+    if evaluation is not None and evaluation.groups:
+        from consortium.data.groups import apply_group_options
+
+        # last: group labels kept aside (and their columns out of x), then reweighing
+        dataset = apply_group_options(
+            dataset, cfg, seed=seed, groups=evaluation.groups, bands=evaluation.bands,
+            as_features=evaluation.group_features,
+            reweigh_by=fairness.column if fairness is not None and "reweigh" in fairness.method
+            else "",
+            fit_by=fairness.column if fairness is not None and "thresholds" in fairness.method
+            else "",
+            fit_fraction=fairness.fit_fraction if fairness is not None else 0.0,
+        )
+    return dataset
+
+
+def _load_named(cfg: DataConfig, *, seed: int, min_count: int) -> FederatedDataset:
+    """The data set ``cfg.dataset`` as its loader builds it (see :func:`load_dataset`)."""
     name = cfg.dataset
     if name not in DATASETS:
         raise DataError(

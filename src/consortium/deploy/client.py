@@ -219,6 +219,12 @@ class SiteRunner:
             return self._connect_analysis(stub, reply, metadata, server_key)
         config, site = self._build(reply.config_toml, stub, metadata, reply.run_id)
         site.attach(self.policy, self._state_file(reply.run_id), self._kept.get(reply.run_id))
+        if site.personal and self.state_dir is None:
+            log.warning(
+                "algorithm %r keeps this site's own model (its personal part) in memory only: a "
+                "restarted site starts it again from the global model; pass --state DIR to keep "
+                "it across restarts", config.algorithm.name,
+            )
         self._kept = {reply.run_id: site}  # a reconnection to this run keeps the state
         info = site.describe()
         ack = stub.Describe(info, metadata=metadata, timeout=30)
@@ -685,7 +691,7 @@ class SiteRunner:
 
         if item.evaluate:
             try:
-                evaluation = session.site.client.evaluate(item.task)
+                evaluation = session.site.evaluate(item.task)
             except Exception as exc:
                 log.exception("evaluating the server's task failed")
                 evaluation = EvaluationResult(item.task.round, self.site, 0, {})
@@ -699,8 +705,9 @@ class SiteRunner:
                             error=f"the site could not train on this task: {type(exc).__name__}: {exc}")
         if result.refused:
             log.warning("%s", result.error)
-        session.site.save_state()  # the spend is on disk before the update leaves
-        return ResultEnvelope(item.task_id, result)
+        session.site.save_state()  # the spend and the site's own model are on disk before it leaves
+        result, parts = session.site.shared_part(result, item.task.parameters.layout)
+        return ResultEnvelope(item.task_id, result, parts=parts)
 
 
 def _site_policy(path: str | Path, site: str) -> Any:
@@ -725,6 +732,8 @@ class _Site:
     info: tuple[tuple[int, ...], int, int, int]
     state_file: Path | None = None
     before: tuple[int, dict[str, Any]] | None = None
+    finetune_steps: int = 0  # personalization.finetune_steps: fine-tune before the last evaluation
+    rounds: int = 0  # the run's rounds (the last evaluation fine-tunes)
 
     def attach(self, policy: Any, state_file: Path | None, kept: _Site | None = None) -> None:
         """Enforce ``policy``; take the state from ``kept`` (this process's previous session of
@@ -800,18 +809,20 @@ class _Site:
     @classmethod
     def build(cls, cfg: Any, name: str, dataset: Any, *, environment: Any = None,
               allow_models: Sequence[str] = ()) -> _Site:
-        from consortium.algorithms import build_algorithm
         from consortium.client.app import SiteClient
         from consortium.client.state import ClientStateStore
-        from consortium.federation import local_training, site_pipeline
+        from consortium.federation import Federation, Given, build_algorithm_parts, site_pipeline
         from consortium.models.zoo import freeze, model_factory
 
         (data,) = dataset.clients.values()
         factory = freeze(model_factory(cfg.model.name, dataset.input_shape, dataset.num_classes,
                                        hidden=cfg.model.hidden, allowed=allow_models),
                          cfg.model.freeze)
-        algorithm = build_algorithm(cfg.algorithm.name, mu=cfg.algorithm.mu)
-        settings = local_training(cfg)
+        # the server's own builder: the algorithm with every setting of the experiment the
+        # operator approved ([algorithm] and [personalization]), as the server builds it
+        parts = Federation(cfg, Given())
+        build_algorithm_parts(parts)
+        algorithm, settings = parts.algorithm, parts.settings
         client = SiteClient(
             name, data, model_factory=factory, algorithm=algorithm,
             pipeline=site_pipeline(cfg, algorithm, settings), settings=settings,
@@ -819,7 +830,51 @@ class _Site:
             environment=environment,
         )
         info = (tuple(dataset.input_shape), dataset.num_classes, len(data.train), len(data.test))
-        return cls(client, info)
+        site = cls(client, info)
+        site.finetune_steps = cfg.personalization.finetune_steps
+        site.rounds = cfg.rounds
+        return site
+
+    @property
+    def personal(self) -> bool:
+        """Whether the algorithm keeps a model of the site's own (FedPer, FedRep, FedBN, Ditto,
+        APFL)."""
+        return hasattr(self.client.algorithm, "own_parameters")
+
+    def shared_part(self, result: Any, layout: Any) -> tuple[Any, Any]:
+        """``(result, parts)`` to send: under an algorithm with personal tensors (FedPer,
+        FedRep, FedBN) the update's delta cut down to the shared tensors, which ``parts`` names
+        (:mod:`consortium.deploy.shared`); the personal ones never leave the site, not even
+        as zeros. Any other result goes as it is, with ``parts`` None."""
+        import dataclasses
+
+        from consortium.deploy.shared import cut, shared_layout
+
+        shared = shared_layout(self.client.algorithm, layout)
+        update = result.update
+        # under secure aggregation the delta is empty: its values travel masked, whole
+        if shared is None or update is None or update.delta.numel() != layout.size:
+            return result, None
+        update = dataclasses.replace(update, delta=cut(update.delta, layout, shared))
+        return dataclasses.replace(result, update=update), shared
+
+    def evaluate(self, task: Any) -> Any:
+        """The global model's metrics on the site's test split, and, under a personalised
+        algorithm (or with ``personalization.finetune_steps`` in the last round), its own
+        model's as ``personalized_<name>`` (fine-tuned first when asked, without DP noise:
+        only the metrics leave the site, never the model)."""
+        import dataclasses
+
+        from consortium.deploy.validate import PERSONALIZED
+
+        evaluation = self.client.evaluate(task)
+        finetune = self.finetune_steps if task.round >= self.rounds else 0
+        if not (self.personal or finetune):
+            return evaluation
+        own = self.client.evaluate_personalized(task, finetune_steps=finetune)
+        metrics = {**evaluation.metrics,
+                   **{PERSONALIZED + k: v for k, v in own.metrics.items()}}
+        return dataclasses.replace(evaluation, metrics=metrics)
 
     def describe(self) -> Any:
         from consortium.deploy.proto import consortium_pb2 as pb

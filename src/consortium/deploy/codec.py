@@ -147,11 +147,17 @@ class TaskEnvelope:
 
 @dataclass(frozen=True)
 class ResultEnvelope:
-    """A result with the id of the task it answers and its size on the wire (0: not received)."""
+    """A result with the id of the task it answers and its size on the wire (0: not received).
+
+    ``parts``: the tensors the update's delta holds when it is only part of the model — a
+    personalised algorithm's shared tensors, in the model's order, the personal ones left out
+    (they never leave the site); ``None``: the delta holds the whole model (or is empty under
+    secure aggregation). On the wire: ``Update.delta_layout``."""
 
     task_id: str
     result: Result
     nbytes: int = 0
+    parts: Layout | None = None
 
 
 @dataclass(frozen=True)
@@ -356,32 +362,40 @@ def _fill_parameters(msg: pb.Parameters, params: Parameters) -> None:
             f"expected the parameters as a flat float32 vector of {params.layout.size} values, "
             f"found {vector.dtype} of shape {tuple(vector.shape)}"
         )
-    for spec in params.layout.specs:
-        wire_name = _WIRE_NAMES.get(spec.dtype)
-        if wire_name is None:
-            raise EncodeError(
-                f"model tensor {spec.name!r} has dtype {spec.dtype}, which cannot be sent; "
-                f"expected one of {sorted(DTYPES)}"
-            )
-        msg.layout.add(name=spec.name, dtype=wire_name, shape=spec.shape)
+    _fill_layout(msg.layout, params.layout, "model")
     _fill_tensor(msg.vector, "vector", vector)
 
 
-def _parameters_of(msg: pb.Parameters, expected: Layout | None) -> Parameters:
+def _fill_layout(repeated: Any, layout: Layout, what: str) -> None:
+    for spec in layout.specs:
+        wire_name = _WIRE_NAMES.get(spec.dtype)
+        if wire_name is None:
+            raise EncodeError(
+                f"{what} tensor {spec.name!r} has dtype {spec.dtype}, which cannot be sent; "
+                f"expected one of {sorted(DTYPES)}"
+            )
+        repeated.add(name=spec.name, dtype=wire_name, shape=spec.shape)
+
+
+def _layout_of(repeated: Iterable[pb.TensorSpec], where: str) -> Layout:
     specs, names = [], set()
-    for s in msg.layout:
+    for s in repeated:
         _check_name(s.name, "layout tensor name")
         if s.name in names:
-            raise DecodeError(f"parameters: layout tensor {s.name!r} appears twice")
+            raise DecodeError(f"{where}: layout tensor {s.name!r} appears twice")
         names.add(s.name)
         dtype = DTYPES.get(s.dtype)
         if dtype is None:
             raise DecodeError(
-                f"parameters: layout tensor {s.name!r} has dtype {_short(s.dtype)}; expected one of "
+                f"{where}: layout tensor {s.name!r} has dtype {_short(s.dtype)}; expected one of "
                 f"{sorted(DTYPES)}"
             )
         specs.append(TensorSpec(s.name, _shape_of(s.shape, dtype, f"layout {s.name!r}"), dtype))
-    layout = Layout(tuple(specs))
+    return Layout(tuple(specs))
+
+
+def _parameters_of(msg: pb.Parameters, expected: Layout | None) -> Parameters:
+    layout = _layout_of(msg.layout, "parameters")
     if expected is not None and layout != expected:
         raise DecodeError(f"parameters: {_layout_difference(layout, expected)}")
     if not msg.HasField("vector"):
@@ -585,15 +599,16 @@ def _evaluation_task_of(msg: pb.EvaluationTask, expected: Layout | None) -> Task
 # --------------------------------------------------------------------------------------- results
 
 
-def encode_result(result: Result, *, task_id: str) -> pb.Result:
-    """A client's result as a ``Result`` message answering task ``task_id``.
+def encode_result(result: Result, *, task_id: str, parts: Layout | None = None) -> pb.Result:
+    """A client's result as a ``Result`` message answering task ``task_id``; ``parts``: the
+    model tensors its delta holds when it is not the whole model (:class:`ResultEnvelope`).
 
     Raises:
-        EncodeError: the update's client id differs from the result's, or a tensor that cannot
-            be sent.
+        EncodeError: the update's client id differs from the result's, a tensor that cannot
+            be sent, or a delta that is not flat float32 of ``parts``' size.
     """
     msg = pb.Result()
-    _fill_result(msg, result, task_id)
+    _fill_result(msg, result, task_id, parts)
     return msg
 
 
@@ -631,7 +646,7 @@ def decode_evaluation_result(data: pb.EvaluationResult | Buffer) -> EvaluationEn
     return _evaluation_result_of(msg, _size(data, msg))
 
 
-def _fill_result(msg: pb.Result, result: Result, task_id: str) -> None:
+def _fill_result(msg: pb.Result, result: Result, task_id: str, parts: Layout | None = None) -> None:
     with _encoding("result"):
         msg.round, msg.task_id, msg.client_id = result.round, task_id, result.client_id
         msg.refused = result.refused
@@ -648,6 +663,14 @@ def _fill_result(msg: pb.Result, result: Result, task_id: str) -> None:
         msg.update.weight = update.weight
         for key, value in update.metrics.items():
             msg.update.metrics[key] = value
+    if parts is not None:
+        delta = update.delta
+        if delta.dtype != torch.float32 or delta.ndim != 1 or delta.numel() != parts.size:
+            raise EncodeError(
+                f"a delta of part of the model must be flat float32 of its {parts.size} values, "
+                f"found {delta.dtype} of shape {tuple(delta.shape)}"
+            )
+        _fill_layout(msg.update.delta_layout, parts, "delta")
     _fill_tensor(msg.update.delta, "delta", update.delta)
     _fill_tensors(msg.update.extras, update.extras)
 
@@ -656,10 +679,13 @@ def _result_of(msg: pb.Result, nbytes: int) -> ResultEnvelope:
     _check_id(msg.task_id, "task id")
     _check_id(msg.client_id, "client id")
     update = None
+    parts = None
     if msg.HasField("update"):
         u = msg.update
         if not u.HasField("delta"):
             raise DecodeError(f"result for task {msg.task_id!r}: the update has no delta")
+        if len(u.delta_layout):
+            parts = _layout_of(u.delta_layout, f"result for task {msg.task_id!r}: delta layout")
         update = Update(
             client_id=msg.client_id,
             delta=_tensor_of(u.delta),
@@ -669,7 +695,7 @@ def _result_of(msg: pb.Result, nbytes: int) -> ResultEnvelope:
         )
     error = msg.error if msg.HasField("error") else None
     result = Result(msg.round, msg.client_id, update, error=error, refused=msg.refused)
-    return ResultEnvelope(msg.task_id, result, nbytes)
+    return ResultEnvelope(msg.task_id, result, nbytes, parts)
 
 
 def _fill_evaluation_result(
@@ -1101,7 +1127,7 @@ def encode_upload(item: ResultEnvelope | EvaluationEnvelope | AnalysisResultEnve
     """
     msg = pb.Upload()
     if isinstance(item, ResultEnvelope):
-        _fill_result(msg.result, item.result, item.task_id)
+        _fill_result(msg.result, item.result, item.task_id, item.parts)
     elif isinstance(item, EvaluationEnvelope):
         _fill_evaluation_result(msg.evaluation, item.result, item.task_id)
     elif isinstance(item, AnalysisResultEnvelope):

@@ -35,6 +35,7 @@ from consortium.deploy.codec import (
     Wait,
 )
 from consortium.deploy.logsafe import MAX_REASON_CHARS, RejectionLimiter, peer_text
+from consortium.deploy.shared import expand, shared_layout
 from consortium.deploy.validate import (
     DEFAULT_MAX_WEIGHT,
     MAX_UPDATE_NORM,
@@ -599,6 +600,12 @@ class Hub:
             self._log("result", site=site, round=pending.round, task_id=upload.task_id,
                       update_sha256=digest, norm=norm, weight=result.update.weight)
             self._count(site, "results", pending.round)
+            shared = getattr(pending.expected, "shared", None)
+            if upload.parts is not None and shared is not None:
+                # the personal coordinates never came: zeros there, as a simulated client sends
+                full = expand(result.update.delta, self.layout, shared)
+                result = dataclasses.replace(
+                    result, update=dataclasses.replace(result.update, delta=full))
         else:
             self._log("result", site=site, round=pending.round, task_id=upload.task_id,
                       error=result.error, refused=result.refused)
@@ -886,12 +893,16 @@ class RemoteExecutor:
         stages = getattr(getattr(clients, "pipeline", None), "stages", ())
         secure = any(getattr(s, "name", "") == "secure_aggregation" for s in stages)
         max_norm = update_norm_cap(_model_norm(tasks[0])) if tasks else MAX_UPDATE_NORM
+        # a personalised algorithm's sites send only the shared tensors (deploy/shared.py)
+        shared = shared_layout(getattr(clients, "algorithm", None),
+                               tasks[0].parameters.layout) if tasks else None
         for task in tasks:
             task_id = uuid.uuid4().hex
             expected = ExpectedTask(
                 site=task.client_id, round=task.round, task_id=task_id, secure=secure,
                 max_norm=max_norm, extras=_expected_extras(
                     clients, task.parameters.layout, self.hub.max_weight(task.client_id)),
+                shared=shared,
             )
             future = self.hub.expect(task.client_id, task.round, task_id, "train", expected)
             futures[future] = (task_id, task)

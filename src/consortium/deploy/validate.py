@@ -26,6 +26,7 @@ from consortium.types import Layout, Update
 __all__ = [
     "DEFAULT_MAX_WEIGHT",
     "MAX_UPDATE_NORM",
+    "PERSONALIZED",
     "RELATIVE_NORM_CAP",
     "ExpectedTask",
     "RejectedResult",
@@ -35,6 +36,10 @@ __all__ = [
 ]
 
 _UNIT_METRICS: Final = frozenset({"accuracy", "balanced_accuracy", "auc"})
+
+PERSONALIZED: Final = "personalized_"
+"""The prefix of a site's own model's metrics in its evaluation (personalised algorithms and
+fine-tuning): ``personalized_accuracy`` beside the global model's ``accuracy``."""
 
 DEFAULT_MAX_WEIGHT: Final = 1e9
 """Largest aggregation weight (or evaluation example count) accepted by default: weights are
@@ -107,6 +112,9 @@ class ExpectedTask:
             and only the extras' shapes come in the clear (``SecureAggregation``).
         max_norm: the largest L2 norm of the delta (:func:`update_norm_cap` of the global
             model the task carries).
+        shared: under a personalised algorithm (FedPer, FedRep), the model's shared tensors
+            (:func:`consortium.deploy.shared.shared_layout`): the delta must hold exactly
+            these, named in the result, and no personal one; ``None``: the whole model.
     """
 
     site: str
@@ -115,6 +123,7 @@ class ExpectedTask:
     extras: Mapping[str, ExtraSpec | tuple[int, ...]] | None = None
     secure: bool = False
     max_norm: float = MAX_UPDATE_NORM
+    shared: Layout | None = None
 
 
 def validate_result(
@@ -131,8 +140,10 @@ def validate_result(
     Checks, in order: the sender is the authenticated site; the round is the current one; the
     task id is the expected one and was not answered before (no replay); the result is within
     ``max_bytes`` (on the wire and in tensor data); it carries an update or an error, not both;
-    the delta is flat float32 with ``layout.size`` values (empty when ``expected.secure``); the
-    extras have the expected names, shapes and dtypes; delta and extras are finite and not of
+    the delta is flat float32 with ``layout.size`` values (empty when ``expected.secure``;
+    under a personalised algorithm, ``expected.shared``: it names exactly the shared tensors and
+    holds their values only — a site that sends a personal tensor, or the whole model, is
+    rejected, its values never used); the extras have the expected names, shapes and dtypes; delta and extras are finite and not of
     absurd magnitude (L2 norm within ``expected.max_norm``, :data:`MAX_UPDATE_NORM` for
     extras); weight and metrics are finite; the weight is in ``[0, max_weight]``; every extra
     is within its declared bounds. A result without an update (the client failed or refused)
@@ -170,7 +181,7 @@ def validate_result(
         return
     if result.error is not None or result.refused:
         raise reject("it carries an update together with an error or a refusal")
-    _check_update(update, expected, layout, max_weight, reject)
+    _check_update(update, expected, layout, max_weight, reject, envelope.parts)
 
 
 def validate_evaluation(
@@ -201,12 +212,14 @@ def validate_evaluation(
     if result.num_examples > max_examples:
         raise reject(f"{result.num_examples} examples exceed the limit of {max_examples:g}")
     _check_metrics(result.metrics, reject)
-    # a metric out of its range would pull the federated average anywhere it likes
+    # a metric out of its range would pull the federated average anywhere it likes (a site's
+    # own model's metrics, ``personalized_<name>``, as much as the global model's)
     for name, value in sorted(result.metrics.items()):
-        if name in _UNIT_METRICS and not 0.0 <= value <= 1.0:
+        base = name.removeprefix(PERSONALIZED)
+        if base in _UNIT_METRICS and not 0.0 <= value <= 1.0:
             raise reject(f"metric {name!r} = {value:g} is outside [0, 1]")
-        if name == "loss" and value < 0:
-            raise reject(f"metric 'loss' = {value:g} is negative")
+        if base == "loss" and value < 0:
+            raise reject(f"metric {name!r} = {value:g} is negative")
 
 
 def _check_identity(
@@ -229,15 +242,26 @@ def _check_identity(
 
 
 def _check_update(
-    update: Update, expected: ExpectedTask, layout: Layout, max_weight: float, reject: _Reject
+    update: Update, expected: ExpectedTask, layout: Layout, max_weight: float, reject: _Reject,
+    parts: Layout | None = None,
 ) -> None:
     if update.client_id != expected.site:
         raise reject(f"its update claims to come from client {update.client_id!r}")
     delta = update.delta
     size = 0 if expected.secure else layout.size
+    what = "the model's layout"
+    if expected.shared is not None and not expected.secure:
+        _check_parts(parts, expected.shared, layout, reject)
+        size, what = expected.shared.size, "the model's shared tensors"
+    elif parts is not None:
+        raise reject(
+            f"its delta names part of the model ({_names(parts)}), but this run "
+            + ("sums whole updates through secure aggregation" if expected.secure
+               else "shares every parameter") + ": send the whole model's delta"
+        )
     if delta.dtype != torch.float32 or delta.ndim != 1 or delta.numel() != size:
         raise reject(
-            f"expected a flat float32 delta of {size} values (the model's layout), found "
+            f"expected a flat float32 delta of {size} values ({what}), found "
             f"{delta.dtype} of shape {tuple(delta.shape)}"
         )
     specs = _specs(expected.extras)
@@ -265,6 +289,36 @@ def _check_update(
         for name, spec in sorted(specs.items()):
             _check_bounds(update.extras[name], name, spec, update.weight, reject)
     _check_metrics(update.metrics, reject)
+
+
+def _check_parts(parts: Layout | None, shared: Layout, layout: Layout, reject: _Reject) -> None:
+    """Under a personalised algorithm the delta names exactly the run's shared tensors: a
+    personal tensor is refused (it must never leave its site), and so is the whole model."""
+    personal = [n for n in layout.names if n not in set(shared.names)]
+    if parts is None:
+        raise reject(
+            "it sends the whole model's delta, but under this run's personalised algorithm "
+            f"only the shared tensors travel ({_names(shared)}); the personal ones "
+            f"({', '.join(personal)}) stay at the site"
+        )
+    sent_personal = [n for n in parts.names if n in set(personal)]
+    if sent_personal:
+        raise reject(
+            f"it sends personal tensor(s) {sent_personal}, which stay at the site under this "
+            f"run's personalised algorithm; only the shared tensors ({_names(shared)}) may "
+            "be sent"
+        )
+    if parts != shared:
+        raise reject(
+            f"its delta holds tensors {_names(parts)}, expected exactly the shared tensors "
+            f"{_names(shared)} with the model's shapes and dtypes, in the model's order"
+        )
+
+
+def _names(layout: Layout, limit: int = 20) -> str:
+    names = list(layout.names)
+    more = f", … ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _specs(

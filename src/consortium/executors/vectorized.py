@@ -15,6 +15,13 @@ those: the stacked parameters, momentum, algorithm terms and DP-SGD noise have t
 columns only (:func:`trainable_columns`), frozen values are constants of the forward pass, and
 a frozen parameter's delta is exactly zero.
 
+Batch normalisation (the zoo's ``mlp_bn`` and ``cnn_bn``, whose running statistics are
+parameters that do not train: :func:`~consortium.models.zoo.statistics_names`): the statistics
+are stacked per client beside the trainable columns and handed to the batched forward pass,
+which updates each client's row in place, as a module in train mode does; at a step where
+clients' batches differ in size (the short last batch of an epoch) the clients are batched in
+groups of equal batch size, so that padding never enters a batch's statistics.
+
 Personalised algorithms: each client's row starts from its algorithm's ``terms.start`` (the
 global model with the client's own head, read from its state), and FedRep's ``terms.phases``
 mask each step's gradient to the phase's columns, with per-column momentum that starts when
@@ -46,11 +53,12 @@ from consortium.executors._linear_stack import LinearStack
 from consortium.executors.base import exchange_in_process
 from consortium.executors.sequential import SequentialExecutor
 from consortium.messages import EvaluationResult, Result, Task
+from consortium.models.zoo import statistics_names
 from consortium.privacy.policy import record_release
 from consortium.seeds import derive_seed
 from consortium.types import Layout, Parameters
 
-__all__ = ["VectorizedExecutor", "trainable_columns", "vectorizable"]
+__all__ = ["VectorizedExecutor", "statistics_columns", "trainable_columns", "vectorizable"]
 
 
 def trainable_columns(module: torch.nn.Module, layout: Layout) -> torch.Tensor | None:
@@ -67,6 +75,19 @@ def trainable_columns(module: torch.nn.Module, layout: Layout) -> torch.Tensor |
     return torch.nonzero(mask).flatten()
 
 
+def statistics_columns(module: torch.nn.Module, layout: Layout) -> torch.Tensor | None:
+    """The positions in ``layout``'s flat vector of ``module``'s batch-norm running
+    statistics (:func:`~consortium.models.zoo.statistics_names`), or ``None`` when it has none.
+
+    They do not train (no gradient step) but every forward pass in train mode moves them.
+    """
+    names = statistics_names(module)
+    if not names:
+        return None
+    mask = torch.cat([torch.full((spec.numel,), spec.name in names) for spec in layout.specs])
+    return torch.nonzero(mask).flatten()
+
+
 def vectorizable(pool: Mapping[str, SiteClient]) -> str | None:
     """Why ``pool`` cannot be trained batched, or ``None`` if it can."""
     if not isinstance(pool, ClientPool):
@@ -77,7 +98,10 @@ def vectorizable(pool: Mapping[str, SiteClient]) -> str | None:
         return "a custom loss function (only cross-entropy is batched)"
     module = pool.model_factory()
     if any(True for _ in module.buffers()):
-        return "the model has buffers (batch norm statistics cannot be batched yet)"
+        return (
+            "the model has buffers (batch norm's running statistics as buffers; the zoo's "
+            "mlp_bn and cnn_bn hold them as parameters and are batched)"
+        )
     layout = Parameters.from_module(module).layout
     try:
         probe = torch.zeros((2, 2, *pool.packed.train.x.shape[1:]))
@@ -90,43 +114,70 @@ def vectorizable(pool: Mapping[str, SiteClient]) -> str | None:
 
 
 def _forward_fn(  # type: ignore[no-untyped-def]
-    module: torch.nn.Module, layout: Layout, frozen_from: torch.Tensor | None = None
+    module: torch.nn.Module, layout: Layout, frozen_from: torch.Tensor | None = None,
+    *, statistics: bool = False,
 ):
     """``forward(flat, x)``: the module's output with its parameters read from ``flat``.
 
     With ``frozen_from`` (a whole flat vector), ``flat`` holds only the trainable parameters
     (:func:`trainable_columns`' order) and the frozen ones are read from ``frozen_from`` as
-    constants, so differentiating ``forward`` costs nothing for the frozen part.
+    constants, so differentiating ``forward`` costs nothing for the frozen part. With
+    ``statistics`` (and ``frozen_from``), it is ``forward(flat, x, stats)``: the batch-norm
+    running statistics are read from ``stats`` (name → tensor), which a forward pass in train
+    mode updates in place. (One contiguous tensor per statistic: under ``vmap``, batch norm's
+    in-place update of a view into one stacked matrix is lost.)
     """
-    spans, constants = _spans(module, layout, frozen_from)
+    spans, constants = _spans(module, layout, frozen_from, statistics=statistics)
 
     def forward(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         params = {name: flat[o : o + n].view(shape) for name, o, n, shape in spans}
         return functional_call(module, {**params, **constants}, (x,))
 
-    return forward
+    def forward_with(
+        flat: torch.Tensor, x: torch.Tensor, stats: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        params = {name: flat[o : o + n].view(shape) for name, o, n, shape in spans}
+        return functional_call(module, {**params, **stats, **constants}, (x,))
+
+    return forward_with if statistics else forward
 
 
 Span = tuple[str, int, int, tuple[int, ...]]
 
 
 def _spans(
-    module: torch.nn.Module, layout: Layout, frozen_from: torch.Tensor | None
+    module: torch.nn.Module, layout: Layout, frozen_from: torch.Tensor | None, *,
+    statistics: bool = False,
 ) -> tuple[list[Span], dict[str, torch.Tensor]]:
     """``(name, offset, numel, shape)`` of each tensor in the stacked vector (all of them, or
-    with ``frozen_from`` the trainable ones), and the frozen tensors' values by name."""
+    with ``frozen_from`` the trainable ones), and the frozen tensors' values by name; with
+    ``statistics``, the batch-norm running statistics are in neither (they come apart)."""
     trains = {name: p.requires_grad for name, p in module.named_parameters()}
+    running = statistics_names(module) if statistics else set()
     spans: list[Span] = []
     constants: dict[str, torch.Tensor] = {}
     offset = whole = 0
     for spec in layout.specs:
-        if frozen_from is not None and not trains[spec.name]:
+        if spec.name in running:
+            pass
+        elif frozen_from is not None and not trains[spec.name]:
             constants[spec.name] = frozen_from[whole : whole + spec.numel].view(spec.shape)
         else:
             spans.append((spec.name, offset, spec.numel, spec.shape))
             offset += spec.numel
         whole += spec.numel
     return spans, constants
+
+
+def _layout_spans(layout: Layout, names: set[str]) -> list[Span]:
+    """``(name, offset, numel, shape)`` in the whole flat vector of the tensors ``names``."""
+    out: list[Span] = []
+    offset = 0
+    for spec in layout.specs:
+        if spec.name in names:
+            out.append((spec.name, offset, spec.numel, spec.shape))
+        offset += spec.numel
+    return out
 
 
 def _autograd_loss_and_grad(forward, params, x, y, valid, counts):  # type: ignore[no-untyped-def]
@@ -141,6 +192,39 @@ def _autograd_loss_and_grad(forward, params, x, y, valid, counts):  # type: igno
     per_client = (ce * valid).sum(1) / counts
     (grad,) = torch.autograd.grad(per_client.sum(), p)
     return per_client.detach(), grad
+
+
+def _normed_loss_and_grad(forward, params, stats, x, y, counts):  # type: ignore[no-untyped-def]
+    """:func:`_autograd_loss_and_grad` for a model with batch-norm statistics ``stats``
+    (name → ``[K, *shape]``, the first ``m`` rows updated in place): the clients are batched
+    in groups of equal batch size, each on its real examples only (valid rows come first in
+    a batch), so that padding never enters a batch's mean and variance."""
+    m = params.shape[0]
+    per_client = torch.empty(m, dtype=params.dtype)
+    grad = torch.empty_like(params)
+    for c in torch.unique(counts).tolist():
+        sel = torch.nonzero(counts == c).flatten()
+        whole = len(sel) == m
+        # views of the first m rows when whole (updated in place), else gathered copies
+        rows = {name: t[:m] if whole else t[sel] for name, t in stats.items()}
+
+        def forward_rows(
+            p: torch.Tensor, xb: torch.Tensor, rows: dict[str, torch.Tensor] = rows
+        ) -> torch.Tensor:
+            return forward(p, xb, rows)  # type: ignore[no-any-return]
+
+        xs, ys = x[sel, :c], y[sel, :c]
+        valid = torch.ones(ys.shape, dtype=torch.bool)
+        loss, g = _autograd_loss_and_grad(
+            forward_rows, params if whole else params[sel], xs, ys, valid,
+            torch.full((len(sel),), c),
+        )
+        if not whole:
+            for name, t in stats.items():
+                t[sel] = rows[name]
+        per_client[sel] = loss
+        grad[sel] = g
+    return per_client, grad
 
 
 class _PrivateSteps:
@@ -450,8 +534,19 @@ class VectorizedExecutor:
         def cols(v: torch.Tensor) -> torch.Tensor:
             return v if trainable is None else v[..., trainable]
 
-        stack = LinearStack.match(module, layout, frozen_from=frozen_from)
-        forward = vmap(_forward_fn(module, layout, frozen_from))
+        # Batch-norm running statistics: stacked per client beside the trainable columns,
+        # updated in place by each step's forward pass (train mode), never stepped.
+        stat_cols = statistics_columns(module, layout)
+        if stat_cols is not None and settings.local_dp:
+            raise ConsortiumError(
+                "local DP-SGD cannot train a batch-norm model (an example's gradient depends "
+                'on its batch); use privacy.mode = "central"'
+            )
+        module.train()  # batch norm uses batch statistics, as the sequential loop's module
+        stack = None if stat_cols is not None else LinearStack.match(
+            module, layout, frozen_from=frozen_from
+        )
+        forward = vmap(_forward_fn(module, layout, frozen_from, statistics=stat_cols is not None))
         bs = settings.batch_size
         s_max = ranked[0].steps
         offsets = pool.packed.train_offsets
@@ -463,10 +558,15 @@ class VectorizedExecutor:
             index[pos, : c.steps] = torch.where(rows >= 0, rows + offsets[c.index], rows)
         steps = torch.tensor([c.steps for c in ranked])
 
-        params = cols(torch.stack([
+        starts = torch.stack([
             c.terms.start if c.terms.start is not None else c.task.parameters.vector
             for c in ranked
-        ])).clone()
+        ])
+        params = cols(starts).clone()
+        stats = None if stat_cols is None else {
+            name: starts[:, o : o + n].reshape(k, *shape).clone()
+            for name, o, n, shape in _layout_spans(layout, statistics_names(module))
+        }
         phased = _Phases.of(ranked, settings, cols, s_max)
         mu = torch.tensor([c.terms.prox_mu for c in ranked], dtype=params.dtype)
         use_prox = bool((mu != 0).any())
@@ -504,7 +604,11 @@ class VectorizedExecutor:
                 safe = idx.clamp(min=0)
                 xb, yb = x_all[safe], y_all[safe]
                 counts = valid.sum(1)
-                if stack is not None:
+                if stats is not None:
+                    per_client, grad = _normed_loss_and_grad(
+                        forward, params[:m], stats, xb, yb, counts
+                    )
+                elif stack is not None:
                     per_client, grad = stack.loss_and_grad(params[:m], xb, yb, valid, counts)
                 else:
                     per_client, grad = _autograd_loss_and_grad(
@@ -542,6 +646,9 @@ class VectorizedExecutor:
             deltas = torch.zeros((k, layout.size), dtype=deltas.dtype).index_copy_(
                 1, trainable, deltas
             )
+        if stats is not None and stat_cols is not None:  # in layout order, as stat_cols
+            final = torch.cat([t.reshape(k, -1) for t in stats.values()], dim=1)
+            deltas.index_copy_(1, stat_cols, final - global_vec[stat_cols])
         if private is not None:
             # DP-SGD reports the mean over non-empty Poisson batches (as the sequential loop);
             # the caller divides by the step count

@@ -19,7 +19,7 @@ __all__ = [
     "sample_trust",
 ]
 
-_PRIVATE_ALGORITHMS = ("fedavg", "fedprox", "fedper", "fedrep")  # send the delta only
+_PRIVATE_ALGORITHMS = ("fedavg", "fedprox", "fedper", "fedrep", "fedbn")  # send the delta only
 
 
 @dataclass(frozen=True)

@@ -206,6 +206,7 @@ def _render_page(
         _rounds_notice(history, skipped),
         _figures_section(run_dir, images),
         _per_client_section(summary),
+        _groups_section(summary),
         _rounds_section(history),
         _config_section(config),
     ]
@@ -365,6 +366,42 @@ def _comparison_section(summary: Mapping[str, Any], results: Mapping[str, Mappin
                      spread_rows, numeric_from=1)
         )
     return out + "\n"
+
+
+_GROUP_RATES = (("n", "n"), ("accuracy", "accuracy"), ("tpr", "TPR"), ("fpr", "FPR"),
+                ("positive_rate", "positive rate"), ("mean_predicted", "mean predicted"),
+                ("observed_rate", "observed rate"), ("ece", "ECE"))
+_GROUP_GAPS = (("equalized_odds", "equalised odds"), ("demographic_parity", "demographic parity"),
+               ("accuracy", "accuracy"), ("calibration", "calibration"), ("ece", "ECE"))
+
+
+def _groups_section(summary: Mapping[str, Any]) -> str:
+    """``summary.json``'s ``groups`` (``evaluation.groups``): per group column, the final
+    model's rates per group over every site's test split, and the gaps overall and per site."""
+    groups = _mapping(summary.get("groups"))
+    if not groups:
+        return ""
+    out = ["<h2>Groups</h2>",
+           '<p class="note">The final global model per group, pooled over the sites\' test '
+           "splits; gaps are the largest difference between groups (the group "
+           "<em>missing</em> left out); calibration: mean predicted probability minus the "
+           "observed positive rate.</p>"]
+    for column, body in groups.items():
+        overall = _mapping(_mapping(body).get("overall"))
+        by_group = _mapping(overall.get("groups"))
+        rates = [key for key, _ in _GROUP_RATES
+                 if any(key in _mapping(g) for g in by_group.values())]
+        rows = [[str(label), *(format_value(_number(_mapping(g).get(k))) for k in rates)]
+                for label, g in by_group.items()]
+        head = ["group", *(name for key, name in _GROUP_RATES if key in rates)]
+        gap_rows = [["overall", *(format_value(_number(_mapping(overall.get("gaps")).get(k)))
+                                  for k, _ in _GROUP_GAPS)]]
+        gap_rows += [[str(site), *(format_value(_number(_mapping(_mapping(v).get("gaps")).get(k)))
+                                   for k, _ in _GROUP_GAPS)]
+                     for site, v in _mapping(_mapping(body).get("sites")).items()]
+        out += [f"<h3>{_e(column)}</h3>", _table(head, rows, numeric_from=1),
+                _table(("gap", *(name for _, name in _GROUP_GAPS)), gap_rows, numeric_from=1)]
+    return "\n".join(out)
 
 
 def _rounds_section(history: Sequence[Mapping[str, Any]]) -> str:

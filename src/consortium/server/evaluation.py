@@ -25,6 +25,8 @@ from consortium.types import Parameters
 
 __all__ = ["Evaluator", "Probe", "draw_clients", "evaluation_draws", "pps_estimate"]
 
+_OWN = "personalized_"  # a site's own model's metrics in a deployed site's evaluation
+
 Probe = Callable[[torch.nn.Module], dict[str, float]]
 """Extra metrics of the global model computed at the server on each evaluation (e.g. a
 backdoor's success rate on triggered test data, in simulation)."""
@@ -50,7 +52,9 @@ class Evaluator:
     and with ``finetune_steps`` the last one, also evaluates each client's *own* model on its
     test split (:meth:`SiteClient.evaluate_personalized`: the global shared part with its
     personal part, fine-tuned for ``finetune_steps`` local steps in the last round), in this
-    process, where the simulated clients' state is. Its metrics are ``personalized_<name>``,
+    process, where the simulated clients' state is (a deployed site evaluates its own model
+    and reports it beside the global one's, as ``personalized_<name>``: its state never leaves
+    the site). Its metrics are ``personalized_<name>``,
     weighted by test examples as the global ones, in the record and in each client's entry.
     The last evaluation also states the spread of per-client accuracy (each client once):
     ``accuracy_mean``, ``accuracy_std``, ``accuracy_jain`` beside ``accuracy_min`` and
@@ -96,19 +100,26 @@ class Evaluator:
         ]
         per_client: dict[str, dict[str, float]] = {}
         sizes: dict[str, int] = {}
+        reported: dict[str, dict[str, float]] = {}  # a deployed site's own model's metrics
         for r in executor.evaluate(tasks, clients):
-            per_client[r.client_id] = r.metrics
+            per_client[r.client_id] = {k: v for k, v in r.metrics.items() if not k.startswith(_OWN)}
             sizes[r.client_id] = r.num_examples
+            own_metrics = {k[len(_OWN):]: v for k, v in r.metrics.items() if k.startswith(_OWN)}
+            if own_metrics:
+                reported[r.client_id] = own_metrics
         metrics = summarise_clients(per_client, sizes)
         if draws is not None:  # a census has no sampling error to state
             metrics.update(_estimates(draws, per_client, metrics))
         final = round >= self.final_round
+        remote = getattr(executor, "name", "") == "remote"
         # a deployment's server holds placeholders, not the sites' test examples
-        if final and getattr(executor, "name", "") != "remote":
+        if final and not remote:
             self.final_confusion = {"final": self._confusions(params, clients, list(per_client))}
         finetune = self.finetune_steps if final else 0
         if self.personal or finetune:
-            own = self._personalized(round, params, clients, list(per_client), finetune, final)
+            # remote sites evaluate their own models themselves (their state is there)
+            own = reported if remote else self._personalized(
+                round, params, clients, list(per_client), finetune, final)
             mine = summarise_clients(own, {cid: sizes[cid] for cid in own})
             if draws is not None:  # estimated from the draws, as the global metrics are
                 mine.update(_estimates(draws, own, mine))

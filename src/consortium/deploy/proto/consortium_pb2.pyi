@@ -201,7 +201,7 @@ class Task(_message.Message):
     def __init__(self, round: _Optional[int] = ..., task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., seed: _Optional[int] = ..., parameters: _Optional[_Union[Parameters, _Mapping]] = ..., payload: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., stage_payloads: _Optional[_Iterable[_Union[StagePayload, _Mapping]]] = ..., work: _Optional[float] = ..., cohort_size: _Optional[int] = ..., audit_head: _Optional[_Union[AuditHead, _Mapping]] = ...) -> None: ...
 
 class Update(_message.Message):
-    __slots__ = ("delta", "weight", "metrics", "extras")
+    __slots__ = ("delta", "weight", "metrics", "extras", "delta_layout")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -213,11 +213,13 @@ class Update(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     EXTRAS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     delta: Tensor
     weight: float
     metrics: _containers.ScalarMap[str, float]
     extras: _containers.RepeatedCompositeFieldContainer[Tensor]
-    def __init__(self, delta: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., extras: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+    delta_layout: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    def __init__(self, delta: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., extras: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., delta_layout: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("round", "task_id", "client_id", "update", "error", "refused")
