@@ -358,3 +358,23 @@ def test_importing_the_report_does_not_load_matplotlib() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_report_shows_group_rates_gaps_and_the_equalised_odds_thresholds(tmp_path: Path) -> None:
+    from consortium import simulate
+    from consortium.config import ExperimentConfig
+
+    cfg = ExperimentConfig.from_dict({
+        "rounds": 2, "evaluation": {"groups": ["sex"]},
+        "fairness": {"method": "thresholds", "column": "sex"},
+    })
+    result = simulate(cfg, out=tmp_path / "run")
+    post = result.summary["groups"]["sex"]["postprocessed"]
+    page = write_report(tmp_path / "run", plots=False).read_text()
+    assert "<h2>Groups</h2>" in page and "Equalised-odds thresholds" in page
+    for label, threshold in post["thresholds"].items():  # one row per group, its threshold
+        row = table_row(page.split("Equalised-odds thresholds", 1)[1], label)
+        assert row[0] == format_value(threshold)
+    cost = table_row(page.split("Equalised-odds thresholds", 1)[1], "accuracy")
+    assert cost == [format_value(post["plain"]["accuracy"]), format_value(post["accuracy"]),
+                        format_value(post["accuracy_cost"])]

@@ -68,6 +68,21 @@ class Algorithm(Protocol):
     extras ``make_update`` sends for a client of at most ``max_weight`` examples (see
     :class:`~consortium.aggregation.base.ExtraSpec`); a deployed server rejects any other.
     Without it the server checks the extras' values but not their names and shapes.
+
+    Other optional parts, each found with ``getattr`` where the run is assembled
+    (:mod:`consortium.federation`) or summarised:
+
+    - ``personal_mask(layout) -> bool tensor``: coordinates each client keeps for itself
+      (FedPer, FedRep, FedBN); the server never moves them and a deployed site never uploads
+      them.
+    - ``own_parameters(params, client_state) -> Parameters``: a client's own model, for
+      personalised evaluation (every personalised algorithm).
+    - ``check_model(module)``: raise :class:`ConfigError` for a model the algorithm cannot
+      train (APFL and batch norm), before round 1.
+    - ``with_model(init, factory, seed) -> Algorithm``: the algorithm with server state that
+      starts from models (IFCA's clusters).
+    - ``summary(state, client_states) -> dict``: what ``summary.json`` reports of the
+      algorithm under its name (IFCA's cluster sizes).
     """
 
     @property

@@ -401,7 +401,40 @@ def _groups_section(summary: Mapping[str, Any]) -> str:
                      for site, v in _mapping(_mapping(body).get("sites")).items()]
         out += [f"<h3>{_e(column)}</h3>", _table(head, rows, numeric_from=1),
                 _table(("gap", *(name for _, name in _GROUP_GAPS)), gap_rows, numeric_from=1)]
+        post = _mapping(_mapping(body).get("postprocessed"))
+        if post:
+            out.append(_postprocessed(post))
     return "\n".join(out)
+
+
+def _postprocessed(post: Mapping[str, Any]) -> str:
+    """The equalised-odds thresholds' block (``[fairness] method = "thresholds"``): each
+    group's threshold, the post-processed rates and gaps beside the plain model's, and the
+    accuracy cost."""
+    overall = _mapping(post.get("overall"))
+    by_group = _mapping(overall.get("groups"))
+    thresholds = _mapping(post.get("thresholds"))
+    rates = [key for key, _ in _GROUP_RATES
+             if any(key in _mapping(g) for g in by_group.values())]
+    rows = [[str(label), format_value(_number(thresholds.get(label))),
+             *(format_value(_number(_mapping(g).get(k))) for k in rates)]
+            for label, g in by_group.items()]
+    head = ["group", "threshold", *(name for key, name in _GROUP_RATES if key in rates)]
+    plain = _mapping(post.get("plain"))
+    cost = [["accuracy", format_value(_number(plain.get("accuracy"))),
+             format_value(_number(post.get("accuracy"))),
+             format_value(_number(post.get("accuracy_cost")))],
+            ["balanced accuracy", format_value(_number(plain.get("balanced_accuracy"))),
+             format_value(_number(post.get("balanced_accuracy"))),
+             format_value(_number(post.get("balanced_accuracy_cost")))]]
+    gaps = [["post-processed", *(format_value(_number(_mapping(overall.get("gaps")).get(k)))
+                                 for k, _ in _GROUP_GAPS)]]
+    return "\n".join([
+        f"<h4>Equalised-odds thresholds ({_e(str(post.get('method', '')))})</h4>",
+        _table(head, rows, numeric_from=1),
+        _table(("gap", *(name for _, name in _GROUP_GAPS)), gaps, numeric_from=1),
+        _table(("", "plain", "post-processed", "cost"), cost, numeric_from=1),
+    ])
 
 
 def _rounds_section(history: Sequence[Mapping[str, Any]]) -> str:
