@@ -33,6 +33,7 @@ __all__ = [
     "ExperimentConfig",
     "FairnessConfig",
     "ModelConfig",
+    "PeftConfig",
     "PersonalizationConfig",
     "PrivacyConfig",
     "SamplingConfig",
@@ -48,9 +49,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: Literal["heart-disease", "synthetic", "digits", "breast-cancer", "csv", "parquet"] = (
-        "heart-disease"
-    )
+    dataset: Literal[
+        "heart-disease", "synthetic", "digits", "breast-cancer", "csv", "parquet", "triage",
+    ] = "heart-disease"
     partition: Literal["natural", "iid", "dirichlet", "shards", "quantity"] = "natural"
     clients: int = 4
     alpha: float = 0.5
@@ -82,12 +83,27 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class PeftConfig:
+    """LoRA adapters for ``model.name = "minilm-lora"`` (:mod:`consortium.models.peft`):
+    rank ``r``, scale ``alpha / r``, the attention modules ``target`` they adapt, and ``path``,
+    a local Hugging Face model directory to use as the frozen base ("" = the packaged
+    all-MiniLM-L6-v2)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target: tuple[str, ...] = ("query", "value")
+    path: str = ""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = "logistic"
     hidden: tuple[int, ...] = (64,)
     freeze: tuple[str, ...] = ()
     """Parameters that do not train (``requires_grad = False``): full names (``"1.weight"``)
     or submodule names (``"1"``); see :func:`consortium.models.zoo.freeze`."""
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
 
 @dataclass(frozen=True)
@@ -159,6 +175,11 @@ class ExecutorConfig:
     max_memory_mb: float = 1024.0
     address: str = ""  # ray: a cluster to connect to; "" starts a local Ray
     workers: int = 0  # ray: groups run at once (and a local Ray's CPUs); 0 = every CPU
+    device: str = "cpu"
+    """Where local training, evaluation and the baselines compute: ``"cpu"``, ``"cuda"``,
+    ``"cuda:N"`` or ``"auto"`` (cuda when torch sees a GPU); the flat parameter vectors,
+    aggregation, DP noise and secure aggregation stay on the CPU
+    (:func:`consortium.executors.device.resolve_device`)."""
 
 
 @dataclass(frozen=True)
@@ -204,13 +225,18 @@ class FairnessConfig:
     (:mod:`consortium.server.thresholds`); the fitting rows are the training rows
     (``fit_fraction = 0``) or a stratified share of them set aside
     (:func:`consortium.data.groups.fitting_split`). ``"reweigh+thresholds"``: both.
-    ``"none"``: off."""
+    ``"none"``: off. ``"fairfed"``: Ezzeldin et al.'s FairFed ("FairFed: Enabling Group
+    Fairness in Federated Learning", AAAI 2023), aggregation weights moved each round by
+    ``beta`` towards the sites whose equalised-odds gap is close to the federation's
+    (:mod:`consortium.aggregation.fairfed`); ``"fairfed+thresholds"``: with the thresholds."""
 
-    method: Literal["none", "reweigh", "thresholds", "reweigh+thresholds"] = "none"
+    method: Literal["none", "reweigh", "thresholds", "reweigh+thresholds", "fairfed",
+                    "fairfed+thresholds"] = "none"
     column: str = ""
     fit_fraction: float = 0.0
     tolerance: float = 0.0
     anchor: Literal["largest", "none"] = "largest"
+    beta: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -355,6 +381,25 @@ class AttackConfig:
     params: Params = ()
 
 
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Uplink compression of each client's update (``consortium.compression``): ``uplink``
+    names the method; ``fraction`` (top-k, random-k), ``bits`` (QSGD: ``2^bits − 1`` levels),
+    ``chunk`` (QSGD / int buckets), ``rank`` (PowerSGD), ``error_feedback`` (the residual kept
+    at the client), ``sign_lr`` (signSGD's server step). ``downlink`` is not built yet and
+    must stay "none"."""
+
+    uplink: Literal["none", "topk", "randk", "qsgd", "int8", "int4", "int2", "fp16", "bf16",
+                    "sign", "powersgd"] = "none"
+    downlink: Literal["none"] = "none"
+    fraction: float = 0.01
+    bits: int = 4
+    chunk: int = 512
+    rank: int = 2
+    error_feedback: bool = False
+    sign_lr: float = 0.01
+
+
 _OPEN_SECTIONS = (AggregationConfig, AttackConfig)
 
 
@@ -379,6 +424,7 @@ class ExperimentConfig:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     fairness: FairnessConfig = field(default_factory=FairnessConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def __post_init__(self) -> None:
         _check_ranges(self)
@@ -478,6 +524,9 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(v.tau > 0, "server.tau", v.tau, "a number > 0")
     need(cfg.executor.max_memory_mb > 0, "executor.max_memory_mb", cfg.executor.max_memory_mb, "a number > 0")
     need(cfg.executor.workers >= 0, "executor.workers", cfg.executor.workers, "an integer >= 0 (0: every CPU)")
+    dev = cfg.executor.device
+    need(dev in ("cpu", "cuda", "auto") or (dev.startswith("cuda:") and dev[5:].isdigit()),
+         "executor.device", dev, '"cpu", "cuda", "cuda:N" or "auto"')
     p = cfg.privacy
     need(p.noise_multiplier >= 0, "privacy.noise_multiplier", p.noise_multiplier, "a number >= 0")
     need(p.clip > 0, "privacy.clip", p.clip, "a number > 0")
@@ -580,6 +629,25 @@ def _check_groups(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"fairness.tolerance = {fair.tolerance!r} is not allowed: expected the largest "
             "equalised-odds gap the thresholds may leave on the fitting rows, in [0, 1]"
+        )
+    if "fairfed" in fair.method and (cfg.secure_aggregation.enabled
+                                     or cfg.privacy.mode in ("central", "distributed")):
+        raise ConfigError(
+            f"fairness.method = {fair.method!r} weighs each site's own update, which secure "
+            "aggregation and central or distributed DP hide or fix: set "
+            'secure_aggregation.enabled = false and privacy.mode = "none" or "local", or '
+            'choose fairness.method = "reweigh" or "thresholds"'
+        )
+    if "fairfed" in fair.method and cfg.aggregation.rule != "mean":
+        raise ConfigError(
+            f"fairness.method = {fair.method!r} sets the weights of the weighted mean; "
+            f"aggregation.rule = {cfg.aggregation.rule!r} does not average by weight: set "
+            'aggregation.rule = "mean" or choose another fairness.method'
+        )
+    if not 0 <= fair.beta < float("inf"):
+        raise ConfigError(
+            f"fairness.beta = {fair.beta!r} is not allowed: expected a finite number >= 0 "
+            "(FairFed's step on the aggregation weights; 1 in the paper, 0 = FedAvg)"
         )
     if fair.method != "none" and fair.column not in ev.groups:
         raise ConfigError(

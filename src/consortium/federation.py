@@ -25,6 +25,7 @@ from consortium.config import ExperimentConfig
 from consortium.data.base import FederatedDataset
 from consortium.errors import ConfigError
 from consortium.executors import Executor
+from consortium.executors.device import resolve_device
 from consortium.privacy.plan import DistributedPlan, PrivacyPlan, distributed_stage
 from consortium.server.loop import RunState, Server
 from consortium.server.sampling import Sampler
@@ -128,7 +129,8 @@ def build_model(f: Federation) -> None:
     cfg, ds = f.cfg, f.dataset
     f.loss_fn = f.given.loss_fn or torch.nn.functional.cross_entropy
     f.factory = freeze(f.given.model or zoo_factory(
-        cfg.model.name, ds.input_shape, ds.num_classes, hidden=cfg.model.hidden
+        cfg.model.name, ds.input_shape, ds.num_classes, hidden=cfg.model.hidden,
+        peft=cfg.model.peft,
     ), cfg.model.freeze)
     module = seeded_model(f.factory, derive_init_seed(cfg))
     check_fits(module, ds.input_shape, ds.num_classes, name=cfg.model.name)
@@ -194,6 +196,11 @@ def build_aggregation(f: Federation) -> None:
     aggregator: Any = weighted_mean() if cfg.aggregation.rule == "mean" else _robust_rule(f)
     if f.secure_sum is not None:
         aggregator = f.secure_sum
+    if "fairfed" in cfg.fairness.method:  # FairFed's weights (Ezzeldin et al., AAAI 2023)
+        from consortium.aggregation.fairfed import fairfed_weights
+
+        aggregator = fairfed_weights(aggregator, f.dataset, f.factory,
+                                     column=cfg.fairness.column, beta=cfg.fairness.beta)
     # before the attack's wrapper: a simulated attacker's update is bounded as a real one is
     aggregator = bound_updates(aggregator, cfg.aggregation.update_bound, stages=f.stages)
     f.aggregator = f.threat.wrap(aggregator) if f.threat is not None else aggregator
@@ -302,7 +309,8 @@ def build_executor_part(f: Federation) -> None:
 
     e = f.cfg.executor
     f.executor = f.given.executor or build_executor(
-        e.kind, max_memory_mb=e.max_memory_mb, address=e.address, workers=e.workers
+        e.kind, max_memory_mb=e.max_memory_mb, address=e.address, workers=e.workers,
+        device=e.device,
     )
 
 
@@ -394,6 +402,7 @@ def build_server(f: Federation) -> None:
         clients=cfg.evaluation.clients, seed=cfg.seed, final_round=cfg.rounds,
         personal=personal,
         finetune_steps=cfg.personalization.finetune_steps,
+        device=resolve_device(cfg.executor.device, announce=False),
     )
     f.server = Server(
         clients=clients, algorithm=f.algorithm, pipeline=f.pipeline, sampler=f.sampler,
@@ -460,6 +469,10 @@ def client_stages(
         stages.append(_site_central_dp(cfg) if site or central is None else central.stage)
     if mode == "distributed":
         stages.append(distributed_stage(cfg) if site or distributed is None else distributed.stage)
+    if cfg.compression.uplink != "none":  # after the DP clip; refuses SecAgg (see its module)
+        from consortium.compression import compression_stage
+
+        stages.append(compression_stage(cfg, deployed=site))
     secure_sum = None
     if cfg.secure_aggregation.enabled:
         if site:

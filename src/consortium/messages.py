@@ -57,10 +57,14 @@ class Result:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of tensor data the update carries: the delta, or its encoding under
+        compression (:attr:`consortium.compression.Encoded.nbytes`), plus the extras."""
         if self.update is None:
             return 0
         u = self.update
         n = u.delta.numel() * u.delta.element_size()
+        if u.encoded is not None:  # a compressed update: its exact encoded bytes
+            n += int(u.encoded.nbytes)
         return n + sum(t.numel() * t.element_size() for t in u.extras.values())
 
 

@@ -18,6 +18,7 @@ from consortium.config import ExperimentConfig, load_config, read_toml
 from consortium.data.base import FederatedDataset
 from consortium.errors import CheckpointError, ConfigError
 from consortium.executors import Executor
+from consortium.executors.device import resolve_device
 from consortium.federation import (
     Federation,
     Given,
@@ -176,7 +177,8 @@ def _summarise(fed: Federation, state: Any, duration_s: float) -> dict[str, Any]
     local_per_client: dict[str, dict[str, float]] = {}
     confusions: dict[str, Any] = {}
     for name in cfg.evaluation.baselines:
-        setup = BaselineSetup(fed.factory, fed.init, fed.settings, fed.loss_fn, cfg.rounds, cfg.seed)
+        setup = BaselineSetup(fed.factory, fed.init, fed.settings, fed.loss_fn, cfg.rounds, cfg.seed,
+                              device=resolve_device(cfg.executor.device, announce=False))
         if name == "local":
             metrics, local_per_client = local_baseline(
                 fed.dataset, setup, confusions=confusions.setdefault(f"baselines/{name}", {})
@@ -231,7 +233,7 @@ def _summarise(fed: Federation, state: Any, duration_s: float) -> dict[str, Any]
     if cfg.evaluation.groups and fed.executor.name != "remote":  # a deployment holds no test data
         from consortium.server.groups import group_metrics
 
-        model = fed.factory()
+        model = fed.factory().to(resolve_device(cfg.executor.device, announce=False))
         state.params.load_into(model)
         summary["groups"] = group_metrics(model, fed.dataset, cfg.evaluation.groups)
         if "thresholds" in cfg.fairness.method:  # equalised-odds post-processing (Hardt 2016)

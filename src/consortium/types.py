@@ -112,6 +112,7 @@ class Update:
         extras: algorithm-specific tensors that are *summed* across clients (for example
             SCAFFOLD's control-variate delta); the algorithm scales them on the client so that
             a plain sum is what the server needs, which keeps them secure-aggregation friendly.
+        encoded: the compressed form of the delta, when the pipeline compresses (see below).
     """
 
     client_id: str
@@ -119,3 +120,7 @@ class Update:
     weight: float
     metrics: dict[str, float] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    encoded: Any = None
+    """What travels instead of ``delta`` under uplink compression: a
+    :class:`consortium.compression.Encoded` (``delta`` is then empty until the server's
+    compression stage decodes it); ``None`` otherwise."""

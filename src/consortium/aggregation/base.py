@@ -88,6 +88,10 @@ class ClientContext:
     """The site's own :class:`~consortium.client.environment.SiteEnvironment` (its private
     randomness, its signing identity, the run it joined, its secure-aggregation minimums), or
     ``None`` in a simulation that draws everything from the task's seed."""
+    state: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    """This client's persistent state (the client-state store's entry, the algorithm's
+    ``client_state``): what a stage keeps across rounds, e.g. compression's error-feedback
+    residual; ``None`` where there is none (unit tests)."""
 
 
 @dataclass

@@ -11,7 +11,7 @@ from torch.func import functional_call
 from consortium.aggregation.base import Aggregate, ExtraSpec, RoundContext, StageState
 from consortium.algorithms.base import LocalResult, TrainContext, train_with
 from consortium.algorithms.fedavg import plain_update
-from consortium.client.training import LocalTerms, LocalTraining, batch_indices
+from consortium.client.training import LocalTerms, LocalTraining, batch_indices, module_device
 from consortium.errors import ClientError, ConfigError
 from consortium.types import Layout, Parameters, Update
 
@@ -122,10 +122,15 @@ class APFL:
         lr, wd = ctx.settings.lr, ctx.settings.weight_decay
         module, data = ctx.module, ctx.data
         trains = training_mask(module, layout)  # frozen parameters get no step, as in torch.optim
+        device = module_device(module)  # executor.device; the state comes back to the CPU
+        if device.type != "cpu":
+            w, v, trains = w.to(device), v.to(device), trains.to(device)
         module.train()
         for step, idx in enumerate(batch_indices(len(data), steps, ctx.settings.batch_size,
                                                  seed=ctx.seed)):
             x, y = data.x[idx], data.y[idx]
+            if device.type != "cpu":
+                x, y = x.to(device), y.to(device)
             _, g_w = flat_gradient(module, layout, w, x, y, ctx.loss_fn)
             mix = alpha * v + (1 - alpha) * w
             loss, g_mix = flat_gradient(module, layout, mix, x, y, ctx.loss_fn)
@@ -138,6 +143,7 @@ class APFL:
             v = v - lr * (alpha * g_mix + wd * trains * v)
             w = w - lr * (g_w + wd * trains * w)
             alpha = new_alpha
+        v = v.cpu()
         ctx.client_state[V_KEY] = v
         ctx.client_state[ALPHA_KEY] = torch.tensor([alpha])
         return v, alpha

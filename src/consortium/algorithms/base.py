@@ -125,7 +125,7 @@ def local_update(ctx: TrainContext, terms: LocalTerms | None = None) -> LocalRes
         ctx.module, ctx.data, ctx.settings, loss_fn=ctx.loss_fn, seed=ctx.seed, steps=steps,
         terms=terms, randomness=ctx.randomness,
     )
-    local = Parameters.from_module(ctx.module).vector
+    local = Parameters.from_module(ctx.module).vector.cpu()  # from executor.device: no-op on CPU
     return LocalResult(
         delta=local - ctx.global_params.vector,
         steps=stats.steps,

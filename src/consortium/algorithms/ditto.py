@@ -105,7 +105,7 @@ class Ditto:
             train_locally(ctx.module, ctx.data, settings, loss_fn=ctx.loss_fn,
                           seed=derive_seed(ctx.seed, "ditto"), steps=steps_for_work(planned, ctx.work),
                           terms=terms)
-        v = Parameters.from_module(ctx.module).vector.clone()
+        v = Parameters.from_module(ctx.module).vector.cpu().clone()  # state stays on the CPU
         ctx.client_state[STATE_KEY] = v
         return v
 

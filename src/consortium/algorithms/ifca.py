@@ -10,6 +10,7 @@ import torch
 
 from consortium.aggregation.base import Aggregate, ExtraSpec, RoundContext, StageState
 from consortium.algorithms.base import LocalResult, TrainContext, train_with
+from consortium.client.evaluation import model_outputs
 from consortium.client.training import LocalTerms, LocalTraining
 from consortium.errors import ConfigError
 from consortium.seeds import derive_seed
@@ -263,9 +264,7 @@ def choose_cluster(ctx: TrainContext, candidates: list[torch.Tensor]) -> int:
     try:
         for j, vector in enumerate(candidates):
             ctx.global_params.replace(vector).load_into(module)
-            outputs = torch.cat([
-                module(data.x[i : i + _EVAL_BATCH]) for i in range(0, len(data), _EVAL_BATCH)
-            ])
+            outputs = model_outputs(module, data.x, _EVAL_BATCH)  # on the CPU
             loss = float(ctx.loss_fn(outputs, data.y))
             if loss < best_loss:  # NaN never wins
                 best, best_loss = j, loss

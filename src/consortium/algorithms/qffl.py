@@ -8,7 +8,7 @@ import torch
 
 from consortium.aggregation.base import Aggregate, ExtraSpec, RoundContext, StageState
 from consortium.algorithms.base import LocalResult, TrainContext, train_with
-from consortium.client.training import LocalTerms, LocalTraining
+from consortium.client.training import LocalTerms, LocalTraining, module_device
 from consortium.data.base import Split
 from consortium.errors import ConfigError
 from consortium.types import Layout, Update
@@ -26,7 +26,8 @@ def training_loss(module: torch.nn.Module, data: Split, loss_fn, *, chunk: int =
     total, n = 0.0, len(data)
     for i in range(0, n, chunk):
         x, y = data.x[i : i + chunk], data.y[i : i + chunk]
-        total += float(loss_fn(module(x), y)) * len(y)
+        device = module_device(module)  # executor.device
+        total += float(loss_fn(module(x.to(device)), y.to(device))) * len(y)
     return total / max(n, 1)
 
 

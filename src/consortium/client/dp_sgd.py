@@ -6,6 +6,10 @@ L2 norm ``clip``, adds ``N(0, (noise_multiplier·clip)²)`` to their sum and div
 *expected* batch size ``q·n``. That is exactly the mechanism the accountant composes:
 ``PoissonSampledDpEvent(q, GaussianDpEvent(noise_multiplier))`` per step.
 
+With the model on a GPU (``executor.device``) the per-example gradients and clipping run
+there; the clipped sum comes back to the CPU, where the batches and the noise are drawn as
+without a GPU, and the noisy gradient goes back to the model.
+
 At a deployed site the batches and the noise come from the site's own CSPRNG, never from the
 task's seed, which the server chooses: with the seed, a server could subtract the noise exactly.
 
@@ -74,6 +78,9 @@ def private_step(
     loss_value: float | None = None
     if len(idx) > 0:
         x, y = data.x[idx], data.y[idx]
+        device = next(iter(named.values())).device
+        if device.type != "cpu":  # executor.device: the batch goes to the model
+            x, y = x.to(device), y.to(device)
         detached = {n: p.detach() for n, p in named.items()}
 
         def one(params: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
@@ -83,7 +90,8 @@ def private_step(
         flat = torch.cat([per[n].reshape(len(idx), -1) for n in named], dim=1).double()
         norms = torch.linalg.vector_norm(flat, dim=1)
         factor = torch.clamp(clip / torch.clamp(norms, min=1e-12), max=1.0)
-        total = (flat * factor.unsqueeze(1)).sum(0)
+        # the clipped sum comes back to the CPU, where the noise is drawn (never a GPU RNG)
+        total = (flat * factor.unsqueeze(1)).sum(0).cpu()
         with torch.no_grad():
             loss_value = float(loss_fn(module(x), y))
     if randomness is not None:
@@ -96,6 +104,6 @@ def private_step(
     gradient = (noisy / expected_batch).to(torch.float32)
     offset = 0
     for p, size in zip(named.values(), sizes):
-        p.grad = gradient[offset : offset + size].view_as(p).clone()
+        p.grad = gradient[offset : offset + size].view_as(p).to(p.device).clone()
         offset += size
     return loss_value

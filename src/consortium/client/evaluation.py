@@ -8,10 +8,12 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from consortium.client.training import module_device
 from consortium.data.base import Split
 
 __all__ = [
-    "auc_binary", "client_spread", "confusion_matrix", "evaluate_model", "summarise_clients",
+    "auc_binary", "client_spread", "confusion_matrix", "evaluate_model", "model_outputs",
+    "summarise_clients",
 ]
 
 
@@ -43,6 +45,18 @@ def auc_binary(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def model_outputs(module: torch.nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """``module``'s outputs on ``x`` in chunks of ``batch_size``, on the CPU: each chunk goes to
+    the model's device (``executor.device``) and its outputs come back."""
+    device = module_device(module)
+    if device.type == "cpu":
+        return torch.cat([module(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    return torch.cat([
+        module(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)
+    ])
+
+
+@torch.no_grad()
 def evaluate_model(
     module: torch.nn.Module,
     data: Split,
@@ -56,7 +70,7 @@ def evaluate_model(
     n = len(data)
     if n == 0:
         return {}
-    outputs = torch.cat([module(data.x[i : i + batch_size]) for i in range(0, n, batch_size)])
+    outputs = model_outputs(module, data.x, batch_size)
     y = data.y
     loss = float(loss_fn(outputs, y))
     pred = outputs.argmax(dim=1)
@@ -85,7 +99,7 @@ def confusion_matrix(
     n = len(data)
     if n == 0:
         return np.zeros((num_classes, num_classes), dtype=np.int64)
-    outputs = torch.cat([module(data.x[i : i + batch_size]) for i in range(0, n, batch_size)])
+    outputs = model_outputs(module, data.x, batch_size)
     cells = data.y.long() * num_classes + outputs.argmax(dim=1)
     counts = torch.bincount(cells, minlength=num_classes * num_classes)
     return counts.numpy().astype(np.int64).reshape(num_classes, num_classes)

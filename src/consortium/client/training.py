@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ __all__ = [
     "TrainStats",
     "batch_matrix",
     "local_steps",
+    "module_device",
     "phase_schedule",
     "planned_steps",
     "train_locally",
@@ -176,6 +178,23 @@ def batch_indices(n: int, steps: int, batch_size: int, *, seed: int) -> list[tor
     return [row[row >= 0] for row in batch_matrix(n, steps, batch_size, seed=seed)]
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of ``module``'s parameters (``executor.device``; CPU without parameters)."""
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def terms_on(terms: LocalTerms, device: torch.device) -> LocalTerms:
+    """``terms`` with the vectors local training adds to gradients (``anchor``, ``offset``)
+    on ``device``; the CPU originals are untouched."""
+    return dataclasses.replace(
+        terms,
+        anchor=terms.anchor.to(device) if terms.anchor is not None else None,
+        offset=terms.offset.to(device) if terms.offset is not None else None,
+    )
+
+
 def apply_terms(params: list[torch.nn.Parameter], terms: LocalTerms) -> None:
     """Add ``terms`` to the gradients of ``params`` (all of the module's parameters, in order)."""
     offset = 0
@@ -215,6 +234,9 @@ def train_locally(
     all_params = list(module.parameters())  # the order of Parameters' flat layout
     params = [p for p in all_params if p.requires_grad]
     module.train()
+    device = module_device(module)
+    if terms is not None and device.type != "cpu":  # the model's device (executor.device)
+        terms = terms_on(terms, device)
     if terms is not None and terms.phases:
         return _train_phases(module, data, settings, all_params, loss_fn=loss_fn, seed=seed,
                              steps=steps, terms=terms)
@@ -240,9 +262,13 @@ def _sgd_steps(
 ) -> float:
     """One optimiser step per batch; returns the summed loss (``first``: the steps before)."""
     total = 0.0
+    device = module_device(module)
     for step, idx in enumerate(batches, start=first):
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(module(data.x[idx]), data.y[idx])
+        x, y = data.x[idx], data.y[idx]
+        if device.type != "cpu":  # seeded CPU indices, the batch moved (executor.device)
+            x, y = x.to(device), y.to(device)
+        loss = loss_fn(module(x), y)
         if not torch.isfinite(loss):
             raise ClientError(
                 f"the local loss became {loss.item()} after {step} steps; lower "

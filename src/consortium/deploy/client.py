@@ -816,7 +816,8 @@ class _Site:
 
         (data,) = dataset.clients.values()
         factory = freeze(model_factory(cfg.model.name, dataset.input_shape, dataset.num_classes,
-                                       hidden=cfg.model.hidden, allowed=allow_models),
+                                       hidden=cfg.model.hidden, allowed=allow_models,
+                                       peft=cfg.model.peft),
                          cfg.model.freeze)
         # the server's own builder: the algorithm with every setting of the experiment the
         # operator approved ([algorithm] and [personalization]), as the server builds it

@@ -132,7 +132,7 @@ class LinearStack:
         g = logp.exp()
         g.scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(nll).unsqueeze(-1))
         g.mul_(scale.unsqueeze(-1))
-        grad = torch.empty((m, self.size), dtype=params.dtype)
+        grad = torch.empty((m, self.size), dtype=params.dtype, device=params.device)
         for i in reversed(range(self.lowest, len(self.layers))):
             layer = self.layers[i]
             if layer.relu:

@@ -52,6 +52,7 @@ from consortium.client.training import LocalTraining, planned_steps, steps_for_w
 from consortium.data.base import PackedClients, Split
 from consortium.errors import ConfigError, ConsortiumError, MissingExtraError
 from consortium.executors.base import exchange_in_process
+from consortium.executors.device import resolve_device
 from consortium.executors.sequential import SequentialExecutor
 from consortium.executors.vectorized import VectorizedExecutor, _evaluate_packed, vectorizable
 from consortium.messages import EvaluationResult, Result, Task
@@ -139,6 +140,8 @@ class _Round:
     num_classes: int
     vectorized: bool
     policies: dict[str, SitePolicy] = field(default_factory=dict)
+    device: str = "cpu"
+    """``executor.device`` on the worker: ``"cuda"`` when Ray gave the task a GPU share."""
 
 
 def _fit_group(
@@ -155,10 +158,11 @@ def _fit_group(
         num_classes=rnd.num_classes, state=store, policies=rnd.policies,
     )
     tasks = [rnd.tasks[i] for i in indices]
+    device = resolve_device(rnd.device, announce=False)  # Ray shows the task its GPU as cuda:0
     if rnd.vectorized:
-        results = list(VectorizedExecutor()._fit_group(tasks, pool))
+        results = list(VectorizedExecutor(device=device)._fit_group(tasks, pool))
     else:
-        results = list(SequentialExecutor().fit(tasks, pool))
+        results = list(SequentialExecutor(device=device).fit(tasks, pool))
     return results, {cid: store.get(cid) for cid in states}, pool.sessions
 
 
@@ -193,6 +197,10 @@ class RayExecutor:
             CPU of the machine, or of the cluster when connecting to one.
         max_memory_mb: memory budget of one group (so of one worker); rounds whose groups
             would exceed it are split into more groups.
+        device: ``executor.device``. ``"cuda"`` (``"cuda:N"``) gives every group task an equal
+            share of the cluster's GPUs (``num_gpus``; the cluster must have some), ``"auto"``
+            does so when it has GPUs and runs on CPUs otherwise. The driver's evaluation runs
+            on its own GPU when it has one, else on its CPU.
 
     Raises:
         MissingExtraError: Ray is not installed.
@@ -202,7 +210,8 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, *, address: str = "", workers: int = 0, max_memory_mb: float = 1024.0) -> None:
+    def __init__(self, *, address: str = "", workers: int = 0, max_memory_mb: float = 1024.0,
+                 device: str = "cpu") -> None:
         if workers < 0:
             raise ConfigError(f"executor.workers = {workers} is not allowed: expected an integer >= 0")
         if not max_memory_mb > 0:
@@ -214,8 +223,15 @@ class RayExecutor:
         self._owns_ray = False
         self._remote: Any = None
         self._pools: dict[int, _PoolEntry] = {}
+        self.device = device
+        local = resolve_device(
+            "cpu" if device == "cpu" else device if torch.cuda.is_available() else "cpu",
+            announce=False,
+        )
         self._sizer = VectorizedExecutor(max_memory_mb=max_memory_mb)
-        self._sequential = SequentialExecutor()
+        self._sequential = SequentialExecutor(device=local)
+        self._local = local
+        self._worker_device = "cpu"
         self._said_not_a_pool = False
 
     # -- Ray -----------------------------------------------------------------------------------
@@ -243,7 +259,17 @@ class RayExecutor:
                 ) from exc
             self._owns_ray = True
         if self._remote is None:
-            self._remote = ray.remote(num_cpus=1)(_fit_group)
+            gpus = float(ray.cluster_resources().get("GPU", 0))
+            share = 0.0
+            if self.device != "cpu" and gpus > 0:
+                share = min(1.0, gpus / self._parallelism())
+                self._worker_device = "cuda"
+            elif self.device not in ("cpu", "auto"):
+                raise ConfigError(
+                    f"executor.device = {self.device!r} but the Ray cluster has no GPU; set "
+                    'executor.device = "cpu" or "auto", or add GPU nodes to the cluster'
+                )
+            self._remote = ray.remote(num_cpus=1, num_gpus=share)(_fit_group)
 
     def _parallelism(self) -> int:
         if self.workers:
@@ -322,7 +348,7 @@ class RayExecutor:
         shared = self._ray.put(_Round(
             tuple(tasks), pool.model_factory, pool.algorithm, pool.pipeline, pool.settings,
             pool.loss_fn, pool.num_classes, vectorized=entry.reason is None,
-            policies=pool.policies,
+            policies=pool.policies, device=self._worker_device,
         ))
         pending: dict[Any, list[int]] = {}
         for group in self._groups(tasks, pool, entry):
@@ -389,7 +415,7 @@ class RayExecutor:
             yield from self._sequential.evaluate(tasks, clients)
             return
         if entry.module is None:
-            entry.module = clients.model_factory()
+            entry.module = clients.model_factory().to(self._local)
         yield from _evaluate_packed(tasks, clients, entry.module)
 
     def exchange(

@@ -15,17 +15,23 @@ __all__ = ["SequentialExecutor"]
 
 
 class SequentialExecutor:
-    """Runs tasks in order in this process, reusing one scratch model per model factory."""
+    """Runs tasks in order in this process, reusing one scratch model per model factory.
+
+    Args:
+        device: where the scratch models live (``executor.device``); each batch goes there and
+            the update comes back to the CPU (:mod:`consortium.executors.device`).
+    """
 
     name = "sequential"
 
-    def __init__(self) -> None:
+    def __init__(self, *, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self._scratch: dict[int, torch.nn.Module] = {}
 
     def _module(self, client: SiteClient) -> torch.nn.Module:
         key = id(client.model_factory)
         if key not in self._scratch:
-            self._scratch[key] = client.model_factory()
+            self._scratch[key] = client.model_factory().to(self.device)
         return self._scratch[key]
 
     def fit(self, tasks: Sequence[Task], clients: Mapping[str, SiteClient]) -> Iterator[Result]:

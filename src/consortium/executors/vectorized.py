@@ -99,8 +99,9 @@ def vectorizable(pool: Mapping[str, SiteClient]) -> str | None:
     module = pool.model_factory()
     if any(True for _ in module.buffers()):
         return (
-            "the model has buffers (batch norm's running statistics as buffers; the zoo's "
-            "mlp_bn and cnn_bn hold them as parameters and are batched)"
+            "the model has buffers (state outside its parameters: a frozen base held as "
+            "buffers, as minilm-lora's, or batch norm's running statistics as buffers — the "
+            "zoo's mlp_bn and cnn_bn hold those as parameters and are batched)"
         )
     layout = Parameters.from_module(module).layout
     try:
@@ -200,7 +201,7 @@ def _normed_loss_and_grad(forward, params, stats, x, y, counts):  # type: ignore
     in groups of equal batch size, each on its real examples only (valid rows come first in
     a batch), so that padding never enters a batch's mean and variance."""
     m = params.shape[0]
-    per_client = torch.empty(m, dtype=params.dtype)
+    per_client = torch.empty(m, dtype=params.dtype, device=params.device)
     grad = torch.empty_like(params)
     for c in torch.unique(counts).tolist():
         sel = torch.nonzero(counts == c).flatten()
@@ -214,10 +215,10 @@ def _normed_loss_and_grad(forward, params, stats, x, y, counts):  # type: ignore
             return forward(p, xb, rows)  # type: ignore[no-any-return]
 
         xs, ys = x[sel, :c], y[sel, :c]
-        valid = torch.ones(ys.shape, dtype=torch.bool)
+        valid = torch.ones(ys.shape, dtype=torch.bool, device=ys.device)
         loss, g = _autograd_loss_and_grad(
             forward_rows, params if whole else params[sel], xs, ys, valid,
-            torch.full((len(sel),), c),
+            torch.full((len(sel),), c, device=ys.device),
         )
         if not whole:
             for name, t in stats.items():
@@ -238,7 +239,8 @@ class _PrivateSteps:
     """
 
     def __init__(self, ranked: list[_Client], pool: ClientPool, module: torch.nn.Module,
-                 layout: Layout, frozen_from: torch.Tensor | None) -> None:
+                 layout: Layout, frozen_from: torch.Tensor | None,
+                 data: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         s = pool.settings
         self.clip, self.noise = s.dp_clip, s.dp_noise
         self.rates = [min(1.0, s.batch_size / c.examples) for c in ranked]
@@ -248,10 +250,11 @@ class _PrivateSteps:
         ]
         self.seeds = [c.task.seed for c in ranked]
         self.offsets = [int(pool.packed.train_offsets[c.index]) for c in ranked]
+        self.x, self.y = data if data is not None else (pool.packed.train.x, pool.packed.train.y)
+        self.device = self.x.device  # executor.device; batches and noise are drawn on the CPU
         self.expected = torch.tensor(
             [rate * c.examples for rate, c in zip(self.rates, ranked)], dtype=torch.float64
-        )
-        self.x, self.y = pool.packed.train.x, pool.packed.train.y
+        ).to(self.device)
         self.forward = vmap(_forward_fn(module, layout, frozen_from))
         self.spans, constants = _spans(module, layout, frozen_from)
 
@@ -271,6 +274,7 @@ class _PrivateSteps:
         index = torch.full((m, b), -1, dtype=torch.int64)
         for k, idx in enumerate(lists):
             index[k, : len(idx)] = idx + self.offsets[k]
+        index = index.to(self.device)
         valid = index >= 0
         safe = index.clamp(min=0)
         xb, yb = self.x[safe], self.y[safe]
@@ -290,7 +294,7 @@ class _PrivateSteps:
             torch.randn(self.d, dtype=torch.float64, generator=torch.Generator().manual_seed(
                 derive_seed(self.seeds[k], "dp-noise", s) % 2**63))
             for k in range(m)
-        ]) * (self.noise * self.clip)
+        ]).to(self.device) * (self.noise * self.clip)
         grad = ((total + noise) / self.expected[:m, None]).to(torch.float32)
         with torch.no_grad():
             logits = self.forward(params, xb)
@@ -342,10 +346,14 @@ class _Phases:
         """``[m, d_train]``: where each of the first ``m`` clients trains at step ``s``."""
         return self.masks[self.phase[:m, s]]
 
+    def to(self, device: torch.device) -> _Phases:
+        """These phases with their masks on ``device`` (the stacked parameters')."""
+        return _Phases(self.masks.to(device), self.phase.to(device))
+
     def starts(self, s: int, m: int) -> torch.Tensor:
         """``[m, 1]``: whether step ``s`` is the first of a phase for each of the first ``m``."""
         if s == 0:
-            return torch.ones((m, 1), dtype=torch.bool)
+            return torch.ones((m, 1), dtype=torch.bool, device=self.masks.device)
         return (self.phase[:m, s] != self.phase[:m, s - 1]).unsqueeze(1)
 
 
@@ -367,17 +375,24 @@ class VectorizedExecutor:
     Args:
         max_memory_mb: memory budget for one batch group; larger rounds are processed in
             groups sized to it.
+        device: where the batched computation runs (``executor.device``): the stacked
+            parameters, the clients' packed training data (moved once per data set) and the
+            scratch model; the batch orders and DP noise are drawn on the CPU as without a GPU,
+            and the deltas come back to the CPU.
     """
 
     name = "vectorized"
 
-    def __init__(self, *, max_memory_mb: float = 1024.0) -> None:
+    def __init__(self, *, max_memory_mb: float = 1024.0,
+                 device: torch.device | str = "cpu") -> None:
         if not max_memory_mb > 0:
             raise ConsortiumError(f"executor.max_memory_mb = {max_memory_mb} must be > 0")
         self.max_memory_mb = max_memory_mb
-        self._sequential = SequentialExecutor()
+        self.device = torch.device(device)
+        self._sequential = SequentialExecutor(device=self.device)
         self._checked: dict[int, str | None] = {}
         self._module: torch.nn.Module | None = None
+        self._data: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # -- support -------------------------------------------------------------------------------
 
@@ -435,7 +450,7 @@ class VectorizedExecutor:
         handles = [m.register_forward_hook(count) for m in module.modules()]
         try:
             with torch.no_grad():
-                module(pool.packed.train.x[:1])
+                module(pool.packed.train.x[:1].to(self.device))
         finally:
             for h in handles:
                 h.remove()
@@ -443,8 +458,18 @@ class VectorizedExecutor:
 
     def _scratch(self, pool: ClientPool) -> torch.nn.Module:
         if self._module is None:
-            self._module = pool.model_factory()
+            self._module = pool.model_factory().to(self.device)
         return self._module
+
+    def _train_data(self, pool: ClientPool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pool's packed training examples and labels on the device (moved once while the
+        pool's data stays the same tensor)."""
+        x, y = pool.packed.train.x, pool.packed.train.y
+        if self.device.type == "cpu":
+            return x, y
+        if self._data is None or self._data[0] is not x:
+            self._data = (x, x.to(self.device), y.to(self.device))
+        return self._data[1], self._data[2]
 
     def _prepare(
         self, tasks: Sequence[Task], pool: ClientPool
@@ -507,6 +532,7 @@ class VectorizedExecutor:
                     ClientContext(
                         c.task.round, c.task.client_id, c.task.seed,
                         pool.sessions.setdefault(c.task.client_id, {}),
+                        state=c.ctx.client_state,
                     ),
                 )
             except ConsortiumError as exc:
@@ -523,7 +549,9 @@ class VectorizedExecutor:
     ) -> tuple[torch.Tensor, list[float], list[bool]]:
         settings = pool.settings
         k = len(ranked)
-        global_vec = ranked[0].task.parameters.vector
+        dev = self.device  # the flat vectors of the tasks and results stay on the CPU
+        cpu_global = ranked[0].task.parameters.vector
+        global_vec = cpu_global.to(dev)
         layout = ranked[0].task.parameters.layout
         module = self._scratch(pool)
         # Only the trainable columns are stacked and stepped (frozen ones are constants read
@@ -532,7 +560,7 @@ class VectorizedExecutor:
         frozen_from = None if trainable is None else global_vec
 
         def cols(v: torch.Tensor) -> torch.Tensor:
-            return v if trainable is None else v[..., trainable]
+            return v if trainable is None else v[..., trainable.to(v.device)]
 
         # Batch-norm running statistics: stacked per client beside the trainable columns,
         # updated in place by each step's forward pass (train mode), never stepped.
@@ -556,43 +584,47 @@ class VectorizedExecutor:
         for pos, c in enumerate(ranked):
             rows = make_batches(c.examples, c.steps, bs, seed=c.task.seed)
             index[pos, : c.steps] = torch.where(rows >= 0, rows + offsets[c.index], rows)
+        index = index.to(dev)
         steps = torch.tensor([c.steps for c in ranked])
 
         starts = torch.stack([
             c.terms.start if c.terms.start is not None else c.task.parameters.vector
             for c in ranked
-        ])
+        ]).to(dev)
         params = cols(starts).clone()
         stats = None if stat_cols is None else {
             name: starts[:, o : o + n].reshape(k, *shape).clone()
             for name, o, n, shape in _layout_spans(layout, statistics_names(module))
         }
         phased = _Phases.of(ranked, settings, cols, s_max)
-        mu = torch.tensor([c.terms.prox_mu for c in ranked], dtype=params.dtype)
+        if phased is not None:
+            phased = phased.to(dev)
+        mu = torch.tensor([c.terms.prox_mu for c in ranked], dtype=params.dtype).to(dev)
         use_prox = bool((mu != 0).any())
         anchor = (
             cols(torch.stack([
-                c.terms.anchor if c.terms.anchor is not None else global_vec for c in ranked
-            ]))
+                c.terms.anchor if c.terms.anchor is not None else cpu_global for c in ranked
+            ]).to(dev))
             if use_prox else None
         )
         use_offset = any(c.terms.offset is not None for c in ranked)
         offset = (
             cols(torch.stack([
-                c.terms.offset if c.terms.offset is not None else torch.zeros_like(global_vec)
+                c.terms.offset if c.terms.offset is not None else torch.zeros_like(cpu_global)
                 for c in ranked
-            ]))
+            ]).to(dev))
             if use_offset else None
         )
         momentum, wd, lr = settings.momentum, settings.weight_decay, settings.lr
         buf = torch.zeros_like(params) if momentum else None
-        loss_sum = torch.zeros(k, dtype=torch.float64)
-        failed = torch.zeros(k, dtype=torch.bool)
-        x_all, y_all = pool.packed.train.x, pool.packed.train.y
+        loss_sum = torch.zeros(k, dtype=torch.float64, device=dev)
+        failed = torch.zeros(k, dtype=torch.bool, device=dev)
+        x_all, y_all = self._train_data(pool)
         private = (
-            _PrivateSteps(ranked, pool, module, layout, frozen_from) if settings.local_dp else None
+            _PrivateSteps(ranked, pool, module, layout, frozen_from, (x_all, y_all))
+            if settings.local_dp else None
         )
-        nonempty = torch.zeros(k, dtype=torch.float64)
+        nonempty = torch.zeros(k, dtype=torch.float64, device=dev)
 
         for s in range(s_max):
             m = int((steps > s).sum())  # the active clients are a prefix of the ranking
@@ -614,7 +646,7 @@ class VectorizedExecutor:
                     per_client, grad = _autograd_loss_and_grad(
                         forward, params[:m], xb, yb, valid, counts
                     )
-                has = torch.ones(m, dtype=torch.bool)
+                has = torch.ones(m, dtype=torch.bool, device=dev)
             with torch.no_grad():
                 finite = torch.isfinite(per_client) | ~has
                 failed[:m] |= ~finite
@@ -641,19 +673,19 @@ class VectorizedExecutor:
                     params[:m] -= lr * buf[:m]
                 else:
                     params[:m] -= lr * grad
-        deltas = params - cols(global_vec)
+        deltas = (params - cols(global_vec)).cpu()  # back to the CPU (no-op there)
         if trainable is not None:  # frozen parameters travel as exact zeros
             deltas = torch.zeros((k, layout.size), dtype=deltas.dtype).index_copy_(
                 1, trainable, deltas
             )
         if stats is not None and stat_cols is not None:  # in layout order, as stat_cols
-            final = torch.cat([t.reshape(k, -1) for t in stats.values()], dim=1)
-            deltas.index_copy_(1, stat_cols, final - global_vec[stat_cols])
+            final = torch.cat([t.reshape(k, -1) for t in stats.values()], dim=1).cpu()
+            deltas.index_copy_(1, stat_cols, final - cpu_global[stat_cols])
         if private is not None:
             # DP-SGD reports the mean over non-empty Poisson batches (as the sequential loop);
             # the caller divides by the step count
             mean = torch.where(nonempty > 0, loss_sum / nonempty.clamp(min=1), float("nan"))
-            loss_sum = mean * steps.double()
+            loss_sum = mean * steps.to(dev).double()
         return deltas, loss_sum.tolist(), failed.tolist()
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -696,9 +728,10 @@ def _evaluate_packed(
     rows = torch.repeat_interleave(starts - first, sizes) + torch.arange(int(sizes.sum()))
     seg = torch.repeat_interleave(torch.arange(len(tasks)), sizes)
     x, y = packed.test.x[rows], packed.test.y[rows]
-    logits = torch.cat([module(x[i : i + 8192]) for i in range(0, len(x), 8192)]) if len(x) else (
-        torch.zeros(0, pool.num_classes)
-    )
+    device = next(module.parameters()).device  # executor.device; the logits come back
+    logits = torch.cat([
+        module(x[i : i + 8192].to(device)).to("cpu") for i in range(0, len(x), 8192)
+    ]) if len(x) else torch.zeros(0, pool.num_classes)
     ce = F.cross_entropy(logits, y, reduction="none").double()
     correct = (logits.argmax(1) == y).double()
     n = len(tasks)

@@ -1,4 +1,5 @@
-"""The model zoo: logistic, mlp, cnn (and their batch-norm variants mlp_bn, cnn_bn), and any
+"""The model zoo: logistic, mlp, cnn (and their batch-norm variants mlp_bn, cnn_bn), LoRA on a
+pretrained text encoder (minilm-lora, :mod:`consortium.models.peft`), and any
 ``package.module:factory`` a user supplies.
 
 Batch normalisation in a federation: a BatchNorm layer's running statistics are buffers in
@@ -19,6 +20,7 @@ import inspect
 import threading
 from collections.abc import Callable, Collection, Sequence
 from math import prod
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from consortium.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from consortium.config import PeftConfig
 
 __all__ = [
     "BUILT_IN", "MODELS", "FederatedBatchNorm1d", "FederatedBatchNorm2d", "build_model",
@@ -65,6 +70,8 @@ MODELS = {
     "cnn": "small convolutional net for (channels, height, width) images",
     "mlp_bn": "mlp with batch normalisation: Linear → BatchNorm1d → ReLU blocks (for FedBN)",
     "cnn_bn": "cnn with batch normalisation: Conv → BatchNorm2d → ReLU blocks (for FedBN)",
+    "minilm-lora": "frozen all-MiniLM-L6-v2 text encoder with LoRA adapters (peft) and a "
+    "linear head; [model.peft] sets r, alpha, target, path (needs consortium[peft])",
     "package.module:factory": "your own: a function (input_shape, num_classes) -> nn.Module",
 }
 
@@ -246,7 +253,7 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
     return factory
 
 
-BUILT_IN = ("logistic", "mlp", "cnn", "mlp_bn", "cnn_bn")
+BUILT_IN = ("logistic", "mlp", "cnn", "mlp_bn", "cnn_bn", "minilm-lora")
 
 
 def check_allowed(name: str, allowed: Collection[str] | None) -> None:
@@ -271,19 +278,29 @@ def check_allowed(name: str, allowed: Collection[str] | None) -> None:
 
 def model_factory(
     name: str, input_shape: Sequence[int], num_classes: int, *, hidden: Sequence[int] = (64,),
-    allowed: Collection[str] | None = None,
+    allowed: Collection[str] | None = None, peft: PeftConfig | None = None,
 ) -> Callable[[], nn.Module]:
     """A zero-argument function that builds a fresh model of the chosen kind.
 
     ``allowed``: see :func:`check_allowed` (a deployed site passes its own list).
+    ``peft``: ``[model.peft]`` for ``minilm-lora`` (:mod:`consortium.models.peft`).
     """
     check_allowed(name, allowed)
-    return _Locked(_factory(name, tuple(input_shape), num_classes, hidden))
+    return _Locked(_factory(name, tuple(input_shape), num_classes, hidden, peft))
 
 
 def _factory(name: str, input_shape: tuple[int, ...], num_classes: int,
-             hidden: Sequence[int]) -> Callable[[], nn.Module]:
+             hidden: Sequence[int], peft: PeftConfig | None = None) -> Callable[[], nn.Module]:
     shape = tuple(input_shape)
+    if name == "minilm-lora":
+        from functools import partial
+
+        from consortium.config import PeftConfig
+        from consortium.models.peft import lora_classifier
+
+        p = peft or PeftConfig()
+        return partial(lora_classifier, shape, num_classes, r=p.r, alpha=p.alpha,
+                       dropout=p.dropout, target=p.target, path=p.path)
     if name == "logistic":
         return lambda: logistic(shape, num_classes)
     if name == "mlp":

@@ -61,9 +61,11 @@ class BaselineSetup:
     loss_fn: LossFn
     rounds: int
     seed: int
+    device: torch.device = torch.device("cpu")
+    """Where the baselines train and are evaluated (``executor.device``)."""
 
     def train(self, data: Split, *, steps: int, seed: int) -> torch.nn.Module:
-        module = self.model_factory()
+        module = self.model_factory().to(self.device)
         self.init.load_into(module)
         train_locally(module, data, self.settings, loss_fn=self.loss_fn, seed=seed, steps=steps)
         return module

@@ -78,6 +78,8 @@ class Evaluator:
     personal: bool = False
     finetune_steps: int = 0
     final_confusion: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    device: torch.device = torch.device("cpu")
+    """Where the evaluation's models run (``executor.device``); metrics come back as floats."""
 
     def evaluate(
         self,
@@ -135,7 +137,7 @@ class Evaluator:
                 metrics.update({f"{name}_{k}": spread[k] for k in ("mean", "std", "jain")
                                 if k in spread})
         if self.server_test is not None and len(self.server_test) > 0:
-            module = self.model_factory()
+            module = self.model_factory().to(self.device)
             params.load_into(module)
             central = evaluate_model(
                 module, self.server_test, loss_fn=self.loss_fn, num_classes=self.num_classes
@@ -157,7 +159,7 @@ class Evaluator:
         """Each client's own model on its own test split (fine-tuned first when asked); in
         the ``final`` evaluation, also its confusion matrix in ``final_confusion``."""
         with torch.random.fork_rng(devices=[]):  # building a model draws from torch's RNG
-            module = self.model_factory()
+            module = self.model_factory().to(self.device)
         out = {}
         confusions: dict[str, np.ndarray] = {}
         for cid in client_ids:
@@ -183,7 +185,7 @@ class Evaluator:
         if any(test is None for test in tests.values()):
             return {}
         with torch.random.fork_rng(devices=[]):  # building a model draws from torch's RNG
-            module = self.model_factory()
+            module = self.model_factory().to(self.device)
         params.load_into(module)
         return {
             cid: confusion_matrix(module, test, num_classes=self.num_classes)

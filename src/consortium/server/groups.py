@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from consortium.client.training import module_device
 from consortium.data.groups import feature_group_labels
 from consortium.errors import DataError
 
@@ -97,8 +98,9 @@ def predict(module: torch.nn.Module, x: torch.Tensor, *, binary: bool) -> tuple[
         np.ndarray, np.ndarray | None]:
     """``module``'s predicted class for each row of ``x`` (the argmax of its output) and, for
     a binary task, its probability of class 1 (softmax, in float64); ``None`` otherwise."""
+    device = module_device(module)  # executor.device: the rows go to the model, logits back
     with torch.no_grad():
-        logits = module(x)
+        logits = module(x) if device.type == "cpu" else module(x.to(device)).cpu()
     prob = torch.softmax(logits.double(), dim=1)[:, 1].numpy() if binary else None
     return logits.argmax(dim=1).numpy(), prob
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from consortium.aggregation.base import (
 )
 from consortium.algorithms.base import Algorithm
 from consortium.client.app import SiteClient
+from consortium.compression.admit import admit
 from consortium.errors import ClientError, RoundAborted
 from consortium.executors.base import Executor
 from consortium.messages import Result, Task
@@ -149,7 +151,9 @@ class Server:
 
         def successful():
             for r in self.dropouts.fit(self.executor, tasks, self.clients, round=rnd, seed=self.seed):
-                results.append(_Seen.of(r))
+                sent = r.nbytes  # what travelled, counted even when it is rejected here
+                r = admit(r, self.pipeline.stages, state.params.layout)  # a malformed encoding
+                results.append(dataclasses.replace(_Seen.of(r), nbytes=sent))
                 if r.update is not None:
                     yield r.update
 
