@@ -26,6 +26,7 @@ from consortium.aggregation.base import (
 )
 from consortium.aggregation.bound import bound_updates
 from consortium.aggregation.clipping import clip_by_l2_norm
+from consortium.aggregation.fairfed import FairFedWeights
 from consortium.aggregation.frozen import keep_frozen
 from consortium.aggregation.mean import weighted_mean
 from consortium.aggregation.optimizers import SERVER_OPTIMIZERS, adam, avgm, server_optimizer, sgd
@@ -427,12 +428,16 @@ CONFORMANCE: dict[str, Part] = {
     "bound_updates[centered_clipping]": Part(
         lambda: bound_updates(centered_clipping(tau=1.0, momentum=0.5), 1.0)
     ),
+    # FairFed's weights (issue 16), with local gaps that move them every round
+    "fairfed_weights": Part(lambda: FairFedWeights(
+        weighted_mean(), ("c0", "c1", "c2", "c3"), (1.0, 2.0, 3.0, 4.0),
+        lambda params, ids: (0.2, {c: 0.05 * i for i, c in enumerate(ids)}), beta=1.0)),
     # FedAdam whose step never moves the bias "b" (frozen parameters, issue 14)
     "keep_frozen": Part(lambda: keep_frozen(adam(), torch.arange(LAYOUT.size) >= 6)),
 }
 NOT_PARTS = {  # builders and helpers, not parts
     "pipeline", "server_optimizer", "make_rule", "check_multiplier", "enforce_norm",
-    "frozen_mask",
+    "frozen_mask", "fairfed_step",
 }
 
 

@@ -44,8 +44,10 @@ from consortium.types import Layout, Parameters, Update
 
 __all__ = ["FairFedWeights", "TrainingGaps", "fairfed_step", "fairfed_weights"]
 
-Gaps = Callable[[Parameters, Sequence[str]], tuple["float | None", dict[str, "float | None"]]]
-"""``(global params, the round's clients) -> (F_g, {client: F_k})``."""
+Gaps = Callable[[Parameters | None, Sequence[str]],
+               tuple["float | None", dict[str, "float | None"]]]
+"""``(global params, the round's clients) -> (F_g, {client: F_k})``; the params are None where
+no round loop gave them (unit tests of the pipeline)."""
 
 
 def fairfed_step(
@@ -77,7 +79,7 @@ class FairFedWeights:
     and its start ``n_k / n``; ``gaps`` measures ``F_g`` and every ``F_k`` of the round's
     global model (:class:`TrainingGaps` in a simulation). Each update's weight is scaled by
     ``ω_k / ω_k⁰`` (so a FedAvg weight ``n_k`` becomes ``n · ω_k``); a factor of exactly 1
-    leaves the update object itself. State (checkpointed): ``{"omega": float64 tensor}``, plus
+    leaves the update object itself. State (checkpointed): ``{"omega": float32 tensor (the pipeline's state contract)}``, plus
     ``"inner"`` when ``inner`` keeps state. Info: ``fairfed_gap`` (``F_g``) and
     ``fairfed_weights`` ({client: ω_k}) after the update.
     """
@@ -108,14 +110,16 @@ class FairFedWeights:
         return not hasattr(self.inner, "accumulate") and hasattr(self.inner, "init")
 
     def initial(self) -> dict[str, float]:
-        """ω⁰: each client's share of the training rows."""
+        """ω⁰: each client's share of the training rows (as the float32 state holds it, so
+        an unmoved weight scales its update by exactly 1)."""
         n = sum(self.sizes)
-        return {c: s / n for c, s in zip(self.clients, self.sizes)}
+        shares = torch.tensor([s / n for s in self.sizes], dtype=torch.float32).tolist()
+        return dict(zip(self.clients, shares))
 
     def init(self, layout: Layout) -> StageState:
         w0 = self.initial()
         state: dict[str, Any] = {
-            "omega": torch.tensor([w0[c] for c in self.clients], dtype=torch.float64)}
+            "omega": torch.tensor([w0[c] for c in self.clients], dtype=torch.float32)}
         if self._inner_stateful:
             state["inner"] = self.inner.init(layout)  # type: ignore[attr-defined]
         return state
@@ -137,15 +141,12 @@ class FairFedWeights:
         omega = dict(zip(self.clients, (float(w) for w in state["omega"].tolist())))
         info: dict[str, Any] = {}
         if self.beta != 0:  # β = 0: FedAvg's weights untouched (and no evaluation)
-            if ctx.global_params is None:
-                raise ConfigError("FairFed needs the round's global model (RoundContext."
-                                  "global_params); run it through the server loop")
             ids = [u.client_id for u in updates]
             global_gap, local = self.gaps(ctx.global_params, ids)
             omega = fairfed_step(omega, local, global_gap, beta=self.beta)
             info = {"fairfed_gap": global_gap,
                     "fairfed_weights": {c: float(f"{omega[c]:.6g}") for c in sorted(ids)}}
-            state["omega"] = torch.tensor([omega[c] for c in self.clients], dtype=torch.float64)
+            state["omega"] = torch.tensor([omega[c] for c in self.clients], dtype=torch.float32)
         w0 = self.initial()
         weighted = []
         for u in updates:
@@ -178,10 +179,13 @@ class TrainingGaps:
     column: str
 
     def __call__(
-        self, params: Parameters, ids: Sequence[str]
+        self, params: Parameters | None, ids: Sequence[str]
     ) -> tuple[float | None, dict[str, float | None]]:
         from consortium.server.groups import predict, row_labels, summarize
 
+        if params is None:
+            raise ConfigError("FairFed needs the round's global model (RoundContext."
+                              "global_params); run it through the server loop")
         params.load_into(self.module)
         self.module.eval()
         preds: dict[str, Any] = {}
