@@ -30,6 +30,7 @@ __all__ = [
     "Stage",
     "StageState",
     "StreamingAggregator",
+    "WrapsAggregator",
     "pipeline",
 ]
 
@@ -207,6 +208,38 @@ class BufferedAggregator(Aggregator, Protocol):
     """
 
     def aggregate(self, updates: list[Update], *, ctx: RoundContext) -> Aggregate: ...
+
+
+class WrapsAggregator:
+    """What a wrapper around another aggregator (``self.inner``) forwards: it needs individual
+    updates on top of what ``inner`` needs, and ``inner``'s client checks. Used by the update
+    bound, FairFed's weights and the simulated model attacks, each a buffered aggregator that
+    hands the (changed) updates on to ``inner``."""
+
+    inner: Any
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset(self.inner.needs) | {INDIVIDUAL}
+
+    @property
+    def inner_stateful(self) -> bool:
+        """Whether ``inner`` keeps state across rounds (centered clipping); a wrapper says so
+        with its own ``stateful``, a plain rule by having ``init`` but no ``accumulate``."""
+        declared = getattr(self.inner, "stateful", None)
+        if declared is not None:
+            return bool(declared)
+        return not hasattr(self.inner, "accumulate") and hasattr(self.inner, "init")
+
+    def check_clients(self, n: int) -> None:
+        """``inner``'s check (a robust rule's f needs enough clients per round)."""
+        check = getattr(self.inner, "check_clients", None)
+        if check is not None:
+            check(n)
+
+    def min_clients(self) -> int:
+        own = getattr(self.inner, "min_clients", None)
+        return int(own()) if own is not None else 1
 
 
 class ServerOptimizer(Protocol):

@@ -46,12 +46,12 @@ import numpy as np
 import torch
 
 from consortium.aggregation.base import (
-    INDIVIDUAL,
     SUM_ONLY,
     Aggregate,
     Aggregator,
     RoundContext,
     StageState,
+    WrapsAggregator,
 )
 from consortium.errors import ConfigError
 from consortium.types import Layout, Update
@@ -91,7 +91,7 @@ def update_norm(delta: torch.Tensor) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class BoundedUpdates:
+class BoundedUpdates(WrapsAggregator):
     """Scale every update's delta to norm at most ``multiplier × median(‖Δᵢ‖)``, then aggregate.
 
     ``inner`` is any aggregator (the weighted mean, a robust rule, a stateful one): it receives
@@ -118,30 +118,13 @@ class BoundedUpdates:
         return f"update_bound({self.multiplier:g}×median) → {self.inner.name}"
 
     @property
-    def needs(self) -> frozenset[str]:
-        return frozenset(self.inner.needs) | {INDIVIDUAL}
-
-    @property
     def stateful(self) -> bool:
         """Whether the wrapped rule keeps state across rounds (centered clipping)."""
-        declared = getattr(self.inner, "stateful", None)
-        if declared is not None:
-            return bool(declared)
-        return not hasattr(self.inner, "accumulate") and hasattr(self.inner, "init")
+        return self.inner_stateful
 
     def init(self, layout: Layout) -> StageState:
         inner: Any = self.inner
         return inner.init(layout) if self.stateful else {}
-
-    def check_clients(self, n: int) -> None:
-        """The wrapped rule's check (a robust rule's f needs enough clients per round)."""
-        check = getattr(self.inner, "check_clients", None)
-        if check is not None:
-            check(n)
-
-    def min_clients(self) -> int:
-        own = getattr(self.inner, "min_clients", None)
-        return int(own()) if own is not None else 1
 
     def bound(self, updates: Iterable[Update]) -> tuple[list[Update], dict[str, Any]]:
         """The updates with every delta scaled to norm ≤ B, and the info record."""

@@ -38,7 +38,13 @@ from typing import Any
 
 import torch
 
-from consortium.aggregation.base import INDIVIDUAL, Aggregate, Aggregator, RoundContext, StageState
+from consortium.aggregation.base import (
+    Aggregate,
+    Aggregator,
+    RoundContext,
+    StageState,
+    WrapsAggregator,
+)
 from consortium.errors import ConfigError
 from consortium.types import Layout, Parameters, Update
 
@@ -72,7 +78,7 @@ def fairfed_step(
 
 
 @dataclasses.dataclass(frozen=True)
-class FairFedWeights:
+class FairFedWeights(WrapsAggregator):
     """Average each round's updates with FairFed's weights, then hand them to ``inner``.
 
     ``clients`` and ``sizes`` (training rows) fix the order of the state's ``omega`` vector
@@ -95,19 +101,8 @@ class FairFedWeights:
         return f"fairfed(β={self.beta:g}) → {self.inner.name}"
 
     @property
-    def needs(self) -> frozenset[str]:
-        return frozenset(self.inner.needs) | {INDIVIDUAL}
-
-    @property
     def stateful(self) -> bool:
         return True
-
-    @property
-    def _inner_stateful(self) -> bool:
-        declared = getattr(self.inner, "stateful", None)
-        if declared is not None:
-            return bool(declared)
-        return not hasattr(self.inner, "accumulate") and hasattr(self.inner, "init")
 
     def initial(self) -> dict[str, float]:
         """ω⁰: each client's share of the training rows (as the float32 state holds it, so
@@ -120,18 +115,9 @@ class FairFedWeights:
         w0 = self.initial()
         state: dict[str, Any] = {
             "omega": torch.tensor([w0[c] for c in self.clients], dtype=torch.float32)}
-        if self._inner_stateful:
+        if self.inner_stateful:
             state["inner"] = self.inner.init(layout)  # type: ignore[attr-defined]
         return state
-
-    def check_clients(self, n: int) -> None:
-        check = getattr(self.inner, "check_clients", None)
-        if check is not None:
-            check(n)
-
-    def min_clients(self) -> int:
-        own = getattr(self.inner, "min_clients", None)
-        return int(own()) if own is not None else 1
 
     def aggregate(
         self, updates: list[Update], *, ctx: RoundContext, state: StageState | None = None
@@ -154,7 +140,7 @@ class FairFedWeights:
             weighted.append(u if factor == 1.0 else dataclasses.replace(u, weight=u.weight * factor))
         inner: Any = self.inner
         agg: Aggregate
-        if self._inner_stateful:
+        if self.inner_stateful:
             agg, state["inner"] = inner.aggregate(weighted, ctx=ctx, state=state.get("inner"))
         elif hasattr(inner, "aggregate"):
             agg = inner.aggregate(weighted, ctx=ctx)

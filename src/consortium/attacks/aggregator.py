@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from consortium.aggregation.base import (
-    INDIVIDUAL,
     Aggregator,
     RoundContext,
     StageState,
+    WrapsAggregator,
 )
 from consortium.attacks.base import ModelAttack
 from consortium.seeds import derive_seed
@@ -21,7 +21,7 @@ from consortium.types import Layout, Update
 __all__ = ["AttackedAggregator"]
 
 
-class AttackedAggregator:
+class AttackedAggregator(WrapsAggregator):
     """Wraps any aggregator; the round's malicious clients send what ``attack`` makes of their updates.
 
     Each round it stacks the updates to ``[n, d]`` (so it is a buffered aggregator and needs
@@ -49,21 +49,13 @@ class AttackedAggregator:
         return f"{self.inner.name}[{self.attack.name} attack]"
 
     @property
-    def needs(self) -> frozenset[str]:
-        return frozenset(self.inner.needs) | {INDIVIDUAL}
-
-    @property
     def linear(self) -> bool:
         return bool(getattr(self.inner, "linear", False))
 
     @property
     def stateful(self) -> bool:
-        """Whether the wrapped rule keeps state across rounds (centered clipping); a wrapper
-        (the update bound) says so with its own ``stateful``."""
-        declared = getattr(self.inner, "stateful", None)
-        if declared is not None:
-            return bool(declared)
-        return not hasattr(self.inner, "accumulate") and hasattr(self.inner, "init")
+        """Whether the wrapped rule keeps state across rounds (centered clipping)."""
+        return self.inner_stateful
 
     def init(self, layout: Layout) -> StageState:
         inner: Any = self.inner
