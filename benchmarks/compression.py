@@ -9,7 +9,11 @@ Workloads (issue 17), each run once per method with the same seed, data and init
 
 ``bytes_up`` is what the run's metrics.jsonl records: the encoded updates' exact sizes
 (:attr:`consortium.compression.Encoded.nbytes`), summed over rounds; the ratio is float32's
-bytes over the method's. Accuracy is the global model's on every client's test split.
+bytes over the method's. The "down …" rows compress the broadcast model instead (EF21-P,
+:mod:`consortium.compression.downlink`); ``bytes_down`` counts what each sampled client needs
+to catch up (its missed messages, or the whole float32 model when that is fewer bytes), and
+``down_ratio`` is float32's over the method's. The two "all 100 a round" rows sample every
+client every round (compare them with each other, not with the 10-a-round base). Accuracy is the global model's on every client's test split.
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/compression.py [--rounds 300] [--workloads digits-cnn,w1]
 """
@@ -41,7 +45,20 @@ METHODS: dict[str, dict[str, Any]] = {
     "top-1 % without EF": {"uplink": "topk", "fraction": 0.01},
     "random-10 % + EF": {"uplink": "randk", "fraction": 0.1, "error_feedback": True},
     "powersgd r=2 + EF": {"uplink": "powersgd", "rank": 2, "error_feedback": True},
+    # downlink (EF21-P, consortium.compression.downlink): the broadcast model compressed
+    "down fp16": {"downlink": "fp16"},
+    "down int8": {"downlink": "int8"},
+    "down int4": {"downlink": "int4"},
+    "down int2": {"downlink": "int2"},
+    "down qsgd 4-bit": {"downlink": "qsgd", "bits": 4},
+    "down top-10 %": {"downlink": "topk", "fraction": 0.1},
+    "int8 both ways": {"uplink": "int8", "downlink": "int8"},
+    "down int8 (all 100 a round)": {"downlink": "int8"},
+    "float32 (all 100 a round)": {},
 }
+
+EVERYONE = ("down int8 (all 100 a round)", "float32 (all 100 a round)")
+"""Rows run with every client every round (downlink catch-up costs nothing there)."""
 
 WORKLOADS: dict[str, dict[str, Any]] = {
     "digits-cnn": {
@@ -64,6 +81,8 @@ def run(workload: str, method: str, rounds: int) -> dict[str, Any]:
 
     cfg = {"seed": 0, "rounds": rounds, **WORKLOADS[workload],
            "evaluation": {"every": rounds}, "compression": METHODS[method]}
+    if method in EVERYONE:
+        cfg["sampling"] = {"fraction": 1.0}
     start = time.perf_counter()
     try:
         result = consortium.simulate(cfg)
@@ -96,12 +115,14 @@ def main() -> None:
                 print(f"| {workload} | {method} | diverged: {row['diverged']} |", flush=True)
                 continue
             row["ratio"] = base["bytes_up"] / row["bytes_up"]
+            row["down_ratio"] = base["bytes_down"] / row["bytes_down"]
             row["loss_points"] = 100 * (base["accuracy"] - row["accuracy"])
             rows.append(row)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(rows, indent=2))
             print(f"| {workload} | {method} | {row['accuracy']:.3f} | {row['bytes_up']:,} | "
-                  f"{row['ratio']:.1f}× | {row['loss_points']:+.1f} | {row['wall_s']:.1f} |",
+                  f"{row['ratio']:.1f}× | {row['loss_points']:+.1f} | {row['wall_s']:.1f} | "
+                  f"{row['bytes_down']:,} | {row['down_ratio']:.2f}× |",
                   flush=True)
 
 

@@ -386,12 +386,14 @@ class CompressionConfig:
     """Uplink compression of each client's update (``consortium.compression``): ``uplink``
     names the method; ``fraction`` (top-k, random-k), ``bits`` (QSGD: ``2^bits − 1`` levels),
     ``chunk`` (QSGD / int buckets), ``rank`` (PowerSGD), ``error_feedback`` (the residual kept
-    at the client), ``sign_lr`` (signSGD's server step). ``downlink`` is not built yet and
-    must stay "none"."""
+    at the client), ``sign_lr`` (signSGD's server step). ``downlink`` compresses the broadcast
+    model the same ways (EF21-P, ``consortium.compression.downlink``; not sign/powersgd;
+    simulation only, fedavg/fedprox)."""
 
     uplink: Literal["none", "topk", "randk", "qsgd", "int8", "int4", "int2", "fp16", "bf16",
                     "sign", "powersgd"] = "none"
-    downlink: Literal["none"] = "none"
+    downlink: Literal["none", "topk", "randk", "qsgd", "int8", "int4", "int2", "fp16", "bf16",
+                      "sign", "powersgd"] = "none"
     fraction: float = 0.01
     bits: int = 4
     chunk: int = 512

@@ -359,6 +359,7 @@ def build_callbacks(f: Federation) -> None:
 def build_server(f: Federation) -> None:
     """The client pool, the evaluator (with the attack's probe) and the round loop."""
     from consortium.client.pool import ClientPool
+    from consortium.compression.downlink import downlink_compressor
     from consortium.privacy.policy import load_policies
     from consortium.server.evaluation import Evaluator
     from consortium.server.heterogeneity import Dropouts, Stragglers
@@ -410,6 +411,7 @@ def build_server(f: Federation) -> None:
         stragglers=Stragglers(cfg.simulation.stragglers),
         dropouts=Dropouts.of(cfg.simulation.dropout, f.pipeline), callbacks=f.callbacks,
         eval_every=cfg.evaluation.every,
+        downlink=downlink_compressor(cfg, deployed=f.executor.name == "remote"),
     )
 
 

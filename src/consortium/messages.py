@@ -26,6 +26,8 @@ class Task:
         work: fraction of the planned local steps to do (systems heterogeneity; 1 = all).
         cohort_size: how many clients were asked to take part this round (a site's policy
             may refuse to join too small an aggregate).
+        model_nbytes: under downlink compression, the bytes the model took to reach this
+            client (:mod:`consortium.compression.downlink`); ``None``: the dense parameters.
     """
 
     round: int
@@ -36,11 +38,15 @@ class Task:
     stage_payloads: tuple[dict[str, Any], ...] = ()
     work: float = 1.0
     cohort_size: int = 0
+    model_nbytes: int | None = None
 
     @property
     def nbytes(self) -> int:
-        """Bytes of tensor data this task carries (model plus payload)."""
+        """Bytes of tensor data this task carries (model plus payload): the model dense, or
+        its compressed messages' exact bytes under downlink compression."""
         n = self.parameters.vector.numel() * self.parameters.vector.element_size()
+        if self.model_nbytes is not None:
+            n = self.model_nbytes
         return n + sum(t.numel() * t.element_size() for t in self.payload.values())
 
 

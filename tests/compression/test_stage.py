@@ -232,13 +232,17 @@ def test_cli_run_shows_the_smaller_bytes_up(tmp_path) -> None:
     assert ExperimentConfig.from_dict({"compression": {"uplink": "topk"}}).compression.uplink == "topk"
 
 
-def test_a_deployed_site_refuses_until_the_wire_carries_encodings() -> None:
+def test_a_deployed_site_builds_the_methods_the_wire_carries_and_refuses_powersgd() -> None:
     from consortium.compression import compression_stage
 
     cfg = ExperimentConfig.from_dict({"compression": {"uplink": "topk"}})
     assert isinstance(compression_stage(cfg), Compress)
+    assert isinstance(compression_stage(cfg, deployed=True), Compress)  # EncodedUpdate travels
+    low = ExperimentConfig.from_dict({"compression": {"uplink": "powersgd",
+                                                      "error_feedback": True}})
+    assert isinstance(compression_stage(low), Compress)
     with pytest.raises(ConfigError, match="simulation only"):
-        compression_stage(cfg, deployed=True)
+        compression_stage(low, deployed=True)
     assert compression_stage(ExperimentConfig()) is None
 
 

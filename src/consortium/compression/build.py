@@ -32,7 +32,9 @@ __all__ = ["compression_stage"]
 def compression_stage(cfg: Any, *, deployed: bool = False) -> Any:
     """The :class:`~consortium.compression.stage.Compress` stage ``cfg.compression`` asks
     for, or ``None`` when ``uplink = "none"``. ``deployed``: built by a site of a gRPC
-    deployment, whose wire format does not carry encoded updates yet (refused).
+    deployment, whose uploads carry the encoding itself (``EncodedUpdate`` in the proto; the
+    server decodes it while it validates the result); PowerSGD is refused there (its shapes
+    payload does not travel yet).
 
     Raises:
         ConfigError: an invalid setting, or a combination listed in the module docstring.
@@ -41,11 +43,11 @@ def compression_stage(cfg: Any, *, deployed: bool = False) -> Any:
     if c.uplink == "none":
         return None
     method = c.uplink
-    if deployed:
+    if deployed and method == "powersgd":
         raise ConfigError(
-            f"compression.uplink = {method!r} works in simulation only for now: the gRPC "
-            "wire format does not carry encoded updates yet; set compression.uplink = \"none\" "
-            "for a deployment"
+            "compression.uplink = \"powersgd\" works in simulation only for now: its clients "
+            "learn the layers' shapes from a stage payload the gRPC task cannot carry yet; use "
+            "topk, randk, qsgd, int8/int4/int2, fp16, bf16 or sign for a deployment"
         )
     if cfg.secure_aggregation.enabled or cfg.privacy.mode == "distributed":
         raise ConfigError(
@@ -67,10 +69,6 @@ def compression_stage(cfg: Any, *, deployed: bool = False) -> Any:
                 f"aggregation.rule = {cfg.aggregation.rule!r}; set aggregation.rule = \"mean\" "
                 "(the vote is the sign of the mean of the clients' signs)"
             )
-    if c.downlink != "none":
-        raise ConfigError(
-            f"compression.downlink = {c.downlink!r} is not built yet; set it to \"none\""
-        )
     from consortium.compression.stage import compress
 
     try:

@@ -164,7 +164,8 @@ def _chunks(enc: Encoded, bits: int, chunk: int, lo: int, hi: int) -> int:
 
 
 def _per_chunk(scales: torch.Tensor, chunk: int, size: int) -> torch.Tensor:
-    return scales.repeat_interleave(chunk)[:size]
+    # indexed, not repeat_interleave(chunk): a received chunk of 2**40 must not allocate 2**40
+    return scales[torch.arange(size) // chunk]
 
 
 def decode(

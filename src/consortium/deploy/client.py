@@ -339,7 +339,7 @@ class SiteRunner:
         self.receipts.record(
             run_id=session.run_id, site=self.site, round=item.task.round, task_id=item.task_id,
             kind="evaluate" if item.evaluate else "train", head=item.head, verified=verified,
-            sent=sent, update_sha256=update_digest(update.delta)[0] if update is not None else None,
+            sent=sent, update_sha256=update_digest(_sent_delta(update))[0] if update is not None else None,
             accepted=bool(ack.accepted) if ack is not None else None,
             reason=str(getattr(ack, "reason", "")) if ack is not None else "no acknowledgement",
         )
@@ -883,6 +883,17 @@ class _Site:
         shape, classes, n_train, n_test = self.info
         return pb.SiteInfo(input_shape=list(shape), num_classes=classes, num_train=n_train,
                            num_test=n_test)
+
+
+def _sent_delta(update: Any) -> Any:
+    """The delta an update stands for: a compressed one's decoding (the server's audit log
+    records the digest of the same decoded delta), else the delta as sent."""
+    enc = getattr(update, "encoded", None)
+    if enc is None:
+        return update.delta
+    from consortium.compression.encoded import decode
+
+    return decode(enc, size=enc.size)
 
 
 def _secure(cfg: Any) -> bool:

@@ -45,6 +45,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DTYPES",
+    "MAX_HEADER_INTS",
     "MAX_NAME_CHARS",
     "MAX_NDIM",
     "SESSION_METADATA_KEY",
@@ -602,10 +603,12 @@ def _evaluation_task_of(msg: pb.EvaluationTask, expected: Layout | None) -> Task
 def encode_result(result: Result, *, task_id: str, parts: Layout | None = None) -> pb.Result:
     """A client's result as a ``Result`` message answering task ``task_id``; ``parts``: the
     model tensors its delta holds when it is not the whole model (:class:`ResultEnvelope`).
+    A compressed update (``update.encoded``) travels as its ``EncodedUpdate``, without a delta.
 
     Raises:
         EncodeError: the update's client id differs from the result's, a tensor that cannot
-            be sent, or a delta that is not flat float32 of ``parts``' size.
+            be sent, a delta that is not flat float32 of ``parts``' size, or a compressed
+            update that also carries a dense delta.
     """
     msg = pb.Result()
     _fill_result(msg, result, task_id, parts)
@@ -619,7 +622,9 @@ def decode_result(data: pb.Result | Buffer) -> ResultEnvelope:
     finite values) is :func:`consortium.deploy.validate.validate_result`'s job.
 
     Raises:
-        DecodeError: a malformed message or tensor, missing ids, or an update without a delta.
+        DecodeError: a malformed message or tensor, missing ids, an update with neither a
+            delta nor an encoding (or both), an encoding with more than
+            :data:`MAX_HEADER_INTS` header integers or a tensor that is not flat.
     """
     msg = _parse(pb.Result, data)
     return _result_of(msg, _size(data, msg))
@@ -671,8 +676,53 @@ def _fill_result(msg: pb.Result, result: Result, task_id: str, parts: Layout | N
                 f"found {delta.dtype} of shape {tuple(delta.shape)}"
             )
         _fill_layout(msg.update.delta_layout, parts, "delta")
-    _fill_tensor(msg.update.delta, "delta", update.delta)
+    if update.encoded is not None:  # compressed: the encoding travels instead of the delta
+        if update.delta.numel():
+            raise EncodeError("a compressed update carries its encoding and no dense delta")
+        _fill_encoded(msg.update.encoded, update.encoded)
+    else:
+        _fill_tensor(msg.update.delta, "delta", update.delta)
     _fill_tensors(msg.update.extras, update.extras)
+
+
+_ENCODED_TENSORS: Final = ("indices", "values", "codes", "scales")
+MAX_HEADER_INTS: Final = 8
+"""Most header integers an encoded update may carry (every kind needs at most two)."""
+
+
+def _fill_encoded(msg: pb.EncodedUpdate, enc: Any) -> None:
+    """An :class:`~consortium.compression.Encoded` as an ``EncodedUpdate``: its kind, size and
+    header, and each of its tensors flat, as raw bytes with its dtype."""
+    with _encoding("encoded update"):
+        msg.kind, msg.size = enc.kind, enc.size
+        msg.header.extend(int(h) for h in enc.header)
+    for name in _ENCODED_TENSORS:
+        tensor = getattr(enc, name)
+        if tensor is not None:
+            _fill_tensor(getattr(msg, name), "", tensor.reshape(-1))
+
+
+def _encoded_of(msg: pb.EncodedUpdate, where: str) -> Any:
+    """The :class:`~consortium.compression.Encoded` an ``EncodedUpdate`` holds; only its
+    structure is checked here (flat tensors of accepted dtypes, a bounded header): whether it
+    decodes for the run's model is :mod:`consortium.deploy.validate`'s job."""
+    from consortium.compression.encoded import Encoded
+
+    where = f"{where}: encoded update"
+    _check_name(msg.kind, f"{where} kind")
+    if len(msg.header) > MAX_HEADER_INTS:
+        raise DecodeError(f"{where}: {len(msg.header)} header integers, at most "
+                          f"{MAX_HEADER_INTS} are accepted")
+    if msg.size >= _MAX_ELEMENT_BYTES:
+        raise DecodeError(f"{where}: size {msg.size} is too large to be a model")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in _ENCODED_TENSORS:
+        if msg.HasField(name):
+            tensor = _tensor_of(getattr(msg, name))
+            if tensor.ndim != 1:
+                raise DecodeError(f"{where}: {name} of shape {list(tensor.shape)}, expected flat")
+            tensors[name] = tensor
+    return Encoded(msg.kind, int(msg.size), tuple(int(h) for h in msg.header), **tensors)
 
 
 def _result_of(msg: pb.Result, nbytes: int) -> ResultEnvelope:
@@ -682,16 +732,21 @@ def _result_of(msg: pb.Result, nbytes: int) -> ResultEnvelope:
     parts = None
     if msg.HasField("update"):
         u = msg.update
-        if not u.HasField("delta"):
-            raise DecodeError(f"result for task {msg.task_id!r}: the update has no delta")
+        where = f"result for task {msg.task_id!r}"
+        encoded = _encoded_of(u.encoded, where) if u.HasField("encoded") else None
+        if encoded is not None and u.HasField("delta"):
+            raise DecodeError(f"{where}: the update carries both a delta and an encoding")
+        if encoded is None and not u.HasField("delta"):
+            raise DecodeError(f"{where}: the update has no delta")
         if len(u.delta_layout):
-            parts = _layout_of(u.delta_layout, f"result for task {msg.task_id!r}: delta layout")
+            parts = _layout_of(u.delta_layout, f"{where}: delta layout")
         update = Update(
             client_id=msg.client_id,
-            delta=_tensor_of(u.delta),
+            delta=torch.zeros(0) if encoded is not None else _tensor_of(u.delta),
             weight=u.weight,
-            metrics=_metrics_of(u.metrics, f"result for task {msg.task_id!r}"),
-            extras=_tensors_of(u.extras, f"result for task {msg.task_id!r} extras"),
+            metrics=_metrics_of(u.metrics, where),
+            extras=_tensors_of(u.extras, f"{where} extras"),
+            encoded=encoded,
         )
     error = msg.error if msg.HasField("error") else None
     result = Result(msg.round, msg.client_id, update, error=error, refused=msg.refused)

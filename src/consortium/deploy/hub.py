@@ -583,7 +583,7 @@ class Hub:
                                "a training result for an evaluation task")
         try:
             assert self.layout is not None
-            validate_result(
+            decoded = validate_result(
                 upload, expected=pending.expected, layout=self.layout,
                 max_bytes=self.upload_limit(), seen_task_ids=self._seen,
                 # a site's weight is its number of training examples: never more than it
@@ -596,7 +596,9 @@ class Hub:
             return self.reject(site, upload.task_id, pending.round, str(exc))
         result = upload.result
         if result.update is not None:
-            digest, norm = update_digest(result.update.delta)
+            # a compressed update is logged by the delta it decodes to (the pipeline's
+            # compression stage decodes it again before aggregation)
+            digest, norm = update_digest(result.update.delta if decoded is None else decoded)
             self._log("result", site=site, round=pending.round, task_id=upload.task_id,
                       update_sha256=digest, norm=norm, weight=result.update.weight)
             self._count(site, "results", pending.round)
@@ -896,13 +898,17 @@ class RemoteExecutor:
         # a personalised algorithm's sites send only the shared tensors (deploy/shared.py)
         shared = shared_layout(getattr(clients, "algorithm", None),
                                tasks[0].parameters.layout) if tasks else None
+        # under uplink compression the sites send encodings, decoded while validated
+        from consortium.compression.stage import Compress
+
+        compression = next((s for s in stages if isinstance(s, Compress)), None)
         for task in tasks:
             task_id = uuid.uuid4().hex
             expected = ExpectedTask(
                 site=task.client_id, round=task.round, task_id=task_id, secure=secure,
                 max_norm=max_norm, extras=_expected_extras(
                     clients, task.parameters.layout, self.hub.max_weight(task.client_id)),
-                shared=shared,
+                shared=shared, compression=compression,
             )
             future = self.hub.expect(task.client_id, task.round, task_id, "train", expected)
             futures[future] = (task_id, task)

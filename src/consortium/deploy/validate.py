@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, MutableSet
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import torch
 
@@ -30,6 +30,7 @@ __all__ = [
     "RELATIVE_NORM_CAP",
     "ExpectedTask",
     "RejectedResult",
+    "max_encoded_bytes",
     "update_norm_cap",
     "validate_evaluation",
     "validate_result",
@@ -115,6 +116,9 @@ class ExpectedTask:
         shared: under a personalised algorithm (FedPer, FedRep), the model's shared tensors
             (:func:`consortium.deploy.shared.shared_layout`): the delta must hold exactly
             these, named in the result, and no personal one; ``None``: the whole model.
+        compression: the run's :class:`~consortium.compression.Compress` stage (``[compression]
+            uplink``): the update must carry an encoding of its kind, which must decode for the
+            model (:func:`consortium.compression.encoded.decode`); ``None``: a dense delta.
     """
 
     site: str
@@ -124,6 +128,7 @@ class ExpectedTask:
     secure: bool = False
     max_norm: float = MAX_UPDATE_NORM
     shared: Layout | None = None
+    compression: Any = None
 
 
 def validate_result(
@@ -134,7 +139,7 @@ def validate_result(
     max_bytes: int,
     seen_task_ids: MutableSet[str],
     max_weight: float = DEFAULT_MAX_WEIGHT,
-) -> None:
+) -> torch.Tensor | None:
     """Accept ``envelope`` as the answer to ``expected``, or raise why not.
 
     Checks, in order: the sender is the authenticated site; the round is the current one; the
@@ -149,6 +154,14 @@ def validate_result(
     is within its declared bounds. A result without an update (the client failed or refused)
     passes with the first checks only.
 
+    Under uplink compression (``expected.compression``) the update carries an encoding instead
+    of the delta: it must be the run's kind, within the bytes that kind needs for this model
+    (:func:`max_encoded_bytes`, checked before anything is decoded), and decode strictly
+    (:meth:`consortium.compression.Compress.decoded`: indices in range and increasing, lengths
+    that agree with the header and the model, codes in range, finite values); the decoded
+    delta then takes the dense delta's checks (magnitude; under a personalised algorithm, zeros
+    at the personal coordinates: the encoding stands for the whole model).
+
     Once the sender, round and task id check out, the task id is added to ``seen_task_ids``,
     whether the rest passes or not: a site answers a task once, and cannot probe the checks
     with variants of a result.
@@ -160,6 +173,10 @@ def validate_result(
         max_bytes: the largest result accepted, in bytes.
         seen_task_ids: the task ids already answered in this run; updated in place.
         max_weight: the largest aggregation weight accepted.
+
+    Returns:
+        The dense delta a compressed update decodes to (for the audit log's digest), else
+        ``None``.
 
     Raises:
         RejectedResult: the first check that failed; its message names the site, round and
@@ -178,10 +195,14 @@ def validate_result(
     if update is None:
         if result.error is None and not result.refused:
             raise reject("it carries neither an update nor an error")
-        return
+        return None
     if result.error is not None or result.refused:
         raise reject("it carries an update together with an error or a refusal")
-    _check_update(update, expected, layout, max_weight, reject, envelope.parts)
+    decoded = None
+    if update.encoded is not None or expected.compression is not None:
+        decoded = _decoded(update, expected, layout, reject, envelope.parts)
+    _check_update(update, expected, layout, max_weight, reject, envelope.parts, decoded)
+    return decoded
 
 
 def validate_evaluation(
@@ -241,16 +262,80 @@ def _check_identity(
     seen_task_ids.add(task_id)
 
 
+def max_encoded_bytes(kind: str, size: int, header: tuple[int, ...] = ()) -> int:
+    """The most bytes an honest encoding of ``kind`` takes for a ``size``-value model
+    (:attr:`consortium.compression.Encoded.nbytes`): top-k sends at most every coordinate (an
+    int32 index and a float32 value), random-k a float32 value per kept coordinate, fp16/bf16
+    two bytes a coordinate, QSGD and int up to 8 bits a coordinate and a float32 scale per chunk
+    of at least one, sign one bit a coordinate; the kind's name and ``1 + len(header)``
+    integers of 8 bytes besides. A received encoding above it is refused before it is decoded:
+    no header can make the server allocate more than the model's size allows."""
+    per = {"topk": 8 * size, "randk": 4 * size, "fp16": 2 * size, "bf16": 2 * size,
+           "qsgd": size + 4 * size, "int": size + 4 * size, "sign": (size + 7) // 8}
+    return per.get(kind, 4 * size) + len(kind.encode()) + 8 * (1 + len(header))
+
+
+def _decoded(
+    update: Update, expected: ExpectedTask, layout: Layout, reject: _Reject,
+    parts: Layout | None,
+) -> torch.Tensor:
+    """The dense delta of a compressed update, after every check of its encoding."""
+    from consortium.compression.encoded import Encoded, MalformedUpdate
+
+    stage, enc = expected.compression, update.encoded
+    if stage is None:
+        raise reject("it sends a compressed update, but this run does not compress "
+                     "(compression.uplink = \"none\"): send the float32 delta")
+    if not isinstance(enc, Encoded):
+        raise reject(f"it sends a dense delta, but this run compresses every update "
+                     f"(compression.uplink = {stage.method!r}): send its encoding")
+    if parts is not None:
+        raise reject(f"its delta names part of the model ({_names(parts)}), but a compressed "
+                     "update stands for the whole model")
+    limit = max_encoded_bytes(enc.kind, layout.size, enc.header)
+    if enc.nbytes > limit:
+        raise reject(f"its {enc.kind} encoding takes {enc.nbytes} bytes, more than the "
+                     f"{limit} that kind needs for a model of {layout.size} values")
+    if enc.kind in ("qsgd", "int") and len(enc.header) == 2:
+        # an honest site quantises with the run's chunk length and bits (the approved
+        # experiment); any other is not this run's encoding, and no header sizes an allocation
+        bits, chunk = enc.header
+        if chunk != stage.chunk:
+            raise reject(f"its chunk length {chunk} is not this run's compression.chunk = "
+                         f"{stage.chunk}")
+        if enc.kind == "qsgd" and bits != stage.bits:
+            raise reject(f"it sends {bits}-bit QSGD levels; this run's compression.bits = "
+                         f"{stage.bits}")
+    try:
+        dense = stage.decoded(update, layout)
+    except MalformedUpdate as exc:
+        raise reject(str(exc)) from exc
+    except (ValueError, RuntimeError, IndexError, OverflowError) as exc:  # never a crash
+        raise reject(f"its {enc.kind} encoding does not decode ({type(exc).__name__}: "
+                     f"{exc})") from exc
+    shared = expected.shared
+    if shared is not None and enc.kind != "sign":  # sign's ±1 carry no value there
+        from consortium.deploy.shared import shared_mask
+
+        personal = ~shared_mask(layout, shared)
+        if bool((dense[personal] != 0).any()):
+            raise reject("its encoding holds values at the personal tensors' coordinates, "
+                         "which stay at the site under this run's personalised algorithm")
+    return dense
+
+
 def _check_update(
     update: Update, expected: ExpectedTask, layout: Layout, max_weight: float, reject: _Reject,
-    parts: Layout | None = None,
+    parts: Layout | None = None, decoded: torch.Tensor | None = None,
 ) -> None:
     if update.client_id != expected.site:
         raise reject(f"its update claims to come from client {update.client_id!r}")
-    delta = update.delta
+    delta = update.delta if decoded is None else decoded
     size = 0 if expected.secure else layout.size
     what = "the model's layout"
-    if expected.shared is not None and not expected.secure:
+    if decoded is not None:
+        pass  # a compressed update stands for the whole model (checked by _decoded)
+    elif expected.shared is not None and not expected.secure:
         _check_parts(parts, expected.shared, layout, reject)
         size, what = expected.shared.size, "the model's shared tensors"
     elif parts is not None:

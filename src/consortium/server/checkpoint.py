@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from consortium.aggregation.base import PipelineState
 from consortium.client.state import ClientStateStore
-from consortium.errors import CheckpointError
+from consortium.compression.downlink import check_state
+from consortium.errors import CheckpointError, PipelineError
 from consortium.server.loop import RunState
 from consortium.types import Layout, Parameters, TensorSpec
 
@@ -94,6 +95,8 @@ def save_checkpoint(
         "last_metrics": state.last_metrics,
         "per_client": state.per_client,
     }
+    if state.downlink:  # downlink compression's x̂ (absent otherwise: files as before)
+        meta["downlink"] = _split(state.downlink, "downlink", tensors)
     save_file(tensors, str(tmp / "tensors.safetensors"))
     (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
     if extras is not None:
@@ -238,7 +241,12 @@ def load_checkpoint(
         algorithm=_join(meta["algorithm"], tensors),
         last_metrics=meta.get("last_metrics", {}),
         per_client=meta.get("per_client", {}),
+        downlink=_join(meta.get("downlink", {}), tensors),
     )
+    try:
+        check_state(state.downlink, params.numel(), where, round=rnd)
+    except PipelineError as exc:
+        raise CheckpointError(str(exc)) from exc
     return state, ClientStateStore.from_flat(_join(meta["clients"], tensors))
 
 

@@ -20,6 +20,7 @@ from consortium.aggregation.base import (
 from consortium.algorithms.base import Algorithm
 from consortium.client.app import SiteClient
 from consortium.compression.admit import admit
+from consortium.compression.downlink import Downlink
 from consortium.errors import ClientError, RoundAborted
 from consortium.executors.base import Executor
 from consortium.messages import Result, Task
@@ -69,6 +70,9 @@ class RunState:
     """Clients whose updates went into the last round (for the privacy ledger)."""
     participant_steps: dict[str, int] = field(default_factory=dict)
     """Local steps each of them took (local DP accounting)."""
+    downlink: dict[str, Any] = field(default_factory=dict)
+    """Downlink compression's state (the clients' model ``x̂``, each client's last round, the
+    messages' running byte total: :mod:`consortium.compression.downlink`); ``{}`` without it."""
 
 
 class Server:
@@ -88,6 +92,7 @@ class Server:
         dropouts: Dropouts | None = None,
         callbacks: CallbackList | None = None,
         eval_every: int = 1,
+        downlink: Downlink | None = None,
     ) -> None:
         self.clients = clients
         self.algorithm = algorithm
@@ -100,6 +105,7 @@ class Server:
         self.dropouts = dropouts or Dropouts(0.0)
         self.callbacks = callbacks or CallbackList()
         self.eval_every = eval_every
+        self.downlink = downlink
 
     def init_state(self, params: Parameters) -> RunState:
         return RunState(
@@ -125,11 +131,19 @@ class Server:
         work = self.stragglers.work(rnd, participants, seed=self.seed)
         payload = self.algorithm.make_payload(state.algorithm)
         stage_payloads = self.pipeline.broadcast(state.pipeline)
+        sent, downlink_state = state.params, state.downlink
+        model_nbytes: dict[str, int] = {}
+        if self.downlink is not None:  # clients train from x̂; the server steps x (EF21-P)
+            sent, model_nbytes, downlink_state = self.downlink.broadcast(
+                state.downlink, state.params, participants, round=rnd,
+                seed=derive_seed(self.seed, "downlink", rnd),
+            )
         tasks = [
             Task(
-                round=rnd, client_id=cid, parameters=state.params,
+                round=rnd, client_id=cid, parameters=sent,
                 seed=derive_seed(self.seed, "client", rnd, cid), payload=payload,
                 stage_payloads=stage_payloads, work=work[cid], cohort_size=len(participants),
+                model_nbytes=model_nbytes.get(cid),
             )
             for cid in participants
         ]
@@ -224,5 +238,6 @@ class Server:
             participant_steps={u.client_id: int(u.metrics.get("steps", 0)) for u in updates},
             last_metrics=evaluated,
             per_client=per_client,
+            downlink=downlink_state,
         )
         return new_state, record

@@ -200,8 +200,26 @@ class Task(_message.Message):
     audit_head: AuditHead
     def __init__(self, round: _Optional[int] = ..., task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., seed: _Optional[int] = ..., parameters: _Optional[_Union[Parameters, _Mapping]] = ..., payload: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., stage_payloads: _Optional[_Iterable[_Union[StagePayload, _Mapping]]] = ..., work: _Optional[float] = ..., cohort_size: _Optional[int] = ..., audit_head: _Optional[_Union[AuditHead, _Mapping]] = ...) -> None: ...
 
+class EncodedUpdate(_message.Message):
+    __slots__ = ("kind", "size", "header", "indices", "values", "codes", "scales")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    size: int
+    header: _containers.RepeatedScalarFieldContainer[int]
+    indices: Tensor
+    values: Tensor
+    codes: Tensor
+    scales: Tensor
+    def __init__(self, kind: _Optional[str] = ..., size: _Optional[int] = ..., header: _Optional[_Iterable[int]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., codes: _Optional[_Union[Tensor, _Mapping]] = ..., scales: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
 class Update(_message.Message):
-    __slots__ = ("delta", "weight", "metrics", "extras", "delta_layout")
+    __slots__ = ("delta", "weight", "metrics", "extras", "delta_layout", "encoded")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -214,12 +232,14 @@ class Update(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     EXTRAS_FIELD_NUMBER: _ClassVar[int]
     DELTA_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
     delta: Tensor
     weight: float
     metrics: _containers.ScalarMap[str, float]
     extras: _containers.RepeatedCompositeFieldContainer[Tensor]
     delta_layout: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, delta: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., extras: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., delta_layout: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+    encoded: EncodedUpdate
+    def __init__(self, delta: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., extras: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., delta_layout: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., encoded: _Optional[_Union[EncodedUpdate, _Mapping]] = ...) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("round", "task_id", "client_id", "update", "error", "refused")
