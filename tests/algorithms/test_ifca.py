@@ -246,8 +246,12 @@ def test_refused_combinations(section: str, values: dict, names: str) -> None:
 
 
 def test_data_attacks_and_secure_aggregation_are_allowed() -> None:
-    ExperimentConfig.from_dict(config(attack={"kind": "label-flip", "fraction": 0.25},
-                                      secure_aggregation={"enabled": True}))
+    from consortium.federation import assemble
+
+    cfg = ExperimentConfig.from_dict(config(attack={"kind": "label-flip", "fraction": 0.25},
+                                            secure_aggregation={"enabled": True}))
+    f = assemble(cfg)  # the whole run is built: no builder refuses the combination
+    assert f.algorithm.name == "ifca" and f.secure_sum is not None and f.threat is not None
 
 
 def test_clusters_must_be_positive_and_starting_models_given() -> None:

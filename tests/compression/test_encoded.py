@@ -104,15 +104,15 @@ def test_sign_by_hand() -> None:
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_int_quantisation_is_unbiased(bits: int) -> None:
-    _unbiased(lambda v, gen: encode_int(v, bits=bits, chunk=16, uniform=lambda n: torch.rand(n, generator=gen)))
+    assert_unbiased(lambda v, gen: encode_int(v, bits=bits, chunk=16, uniform=lambda n: torch.rand(n, generator=gen)))
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_qsgd_is_unbiased(bits: int) -> None:
-    _unbiased(lambda v, gen: encode_qsgd(v, bits=bits, chunk=16, uniform=lambda n: torch.rand(n, generator=gen)))
+    assert_unbiased(lambda v, gen: encode_qsgd(v, bits=bits, chunk=16, uniform=lambda n: torch.rand(n, generator=gen)))
 
 
-def _unbiased(encode) -> None:  # type: ignore[no-untyped-def]
+def assert_unbiased(encode) -> None:  # type: ignore[no-untyped-def]
     v = torch.randn(40, generator=torch.Generator().manual_seed(1))
     gen = torch.Generator().manual_seed(2)
     draws = torch.stack([decode(encode(v, gen), size=40) for _ in range(3000)])

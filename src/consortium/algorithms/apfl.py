@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from consortium.aggregation.base import Aggregate, ExtraSpec, RoundContext, StageState
-from consortium.algorithms.base import LocalResult, TrainContext, train_with
+from consortium.algorithms.base import LocalResult, PlainServer, TrainContext
 from consortium.algorithms.fedavg import plain_update
 from consortium.client.training import LocalTerms, LocalTraining, batch_indices, module_device
 from consortium.errors import ClientError, ConfigError
@@ -46,7 +45,7 @@ def training_mask(module: torch.nn.Module, layout: Layout) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class APFL:
+class APFL(PlainServer):
     """Adaptive Personalized Federated Learning.
 
     Deng, Kamani, Mahdavi. "Adaptive Personalized Federated Learning", arXiv:2003.13461,
@@ -81,12 +80,6 @@ class APFL:
                 "in [0, 1] (the initial weight of the personal model in the mixture)"
             )
 
-    def init_server(self, layout: Layout) -> StageState:
-        return {}
-
-    def make_payload(self, state: StageState) -> dict[str, torch.Tensor]:
-        return {}
-
     def check_settings(self, settings: LocalTraining) -> None:
         """Raise :class:`ConfigError` unless local training is plain SGD without local DP."""
         if settings.optimizer != "sgd" or settings.momentum != 0 or settings.local_dp:
@@ -96,12 +89,6 @@ class APFL:
                 f"momentum {settings.momentum}, local DP {settings.local_dp}. Set "
                 'algorithm.optimizer = "sgd", algorithm.momentum = 0 and no privacy.mode = "local"'
             )
-
-    def expected_extras(
-        self, layout: Layout, settings: LocalTraining, max_weight: float
-    ) -> dict[str, ExtraSpec]:
-        """None: the update is FedAvg's."""
-        return {}
 
     def local_terms(self, ctx: TrainContext) -> LocalTerms:
         return LocalTerms()
@@ -169,11 +156,3 @@ class APFL:
             return params
         alpha = float(a[0])
         return params.replace(alpha * v + (1 - alpha) * params.vector)
-
-    def train(self, ctx: TrainContext) -> Update:
-        return train_with(self, ctx)
-
-    def server_step(
-        self, aggregate: Aggregate, state: StageState, ctx: RoundContext
-    ) -> tuple[torch.Tensor, StageState]:
-        return aggregate.delta, state

@@ -8,12 +8,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from consortium.aggregation.base import Aggregate, RoundContext, StageState
+from consortium.aggregation.base import Aggregate, ExtraSpec, RoundContext, StageState
 from consortium.client.training import LocalTerms, LocalTraining, local_steps, train_locally
 from consortium.data.base import Split
 from consortium.types import Layout, Parameters, Update
 
-__all__ = ["Algorithm", "LocalResult", "TrainContext", "local_update", "train_with"]
+__all__ = ["Algorithm", "LocalResult", "PlainServer", "TrainContext", "local_update", "train_with"]
 
 
 @dataclass
@@ -138,3 +138,33 @@ def train_with(algorithm: Algorithm, ctx: TrainContext) -> Update:
     """One client's whole local half in this process: terms, local SGD, update."""
     algorithm.check_settings(ctx.settings)
     return algorithm.make_update(ctx, local_update(ctx, algorithm.local_terms(ctx)))
+
+
+class PlainServer:
+    """The parts of an algorithm whose server keeps no state, sends no payload and steps by the
+    plain aggregate, and whose update is the delta and the weight alone (no extras): FedAvg,
+    FedProx, Ditto and APFL take all of them, q-FFL some. An algorithm overrides what it does
+    differently."""
+
+    def init_server(self, layout: Layout) -> StageState:
+        return {}
+
+    def make_payload(self, state: StageState) -> dict[str, torch.Tensor]:
+        return {}
+
+    def check_settings(self, settings: LocalTraining) -> None:
+        pass
+
+    def expected_extras(
+        self, layout: Layout, settings: LocalTraining, max_weight: float
+    ) -> dict[str, ExtraSpec]:
+        """None: the update is the delta and the weight."""
+        return {}
+
+    def train(self, ctx: TrainContext) -> Update:
+        return train_with(self, ctx)  # type: ignore[arg-type]
+
+    def server_step(
+        self, aggregate: Aggregate, state: StageState, ctx: RoundContext
+    ) -> tuple[torch.Tensor, StageState]:
+        return aggregate.delta, state

@@ -8,19 +8,17 @@ from dataclasses import dataclass
 
 import torch
 
-from consortium.aggregation.base import Aggregate, ExtraSpec, RoundContext, StageState
-from consortium.algorithms.base import LocalResult, TrainContext, train_with
+from consortium.algorithms.base import LocalResult, PlainServer, TrainContext
 from consortium.algorithms.fedavg import plain_update
 from consortium.client.training import (
     LocalTerms,
-    LocalTraining,
     planned_steps,
     steps_for_work,
     train_locally,
 )
 from consortium.errors import ConfigError
 from consortium.seeds import derive_seed
-from consortium.types import Layout, Parameters, Update
+from consortium.types import Parameters, Update
 
 __all__ = ["Ditto"]
 
@@ -29,7 +27,7 @@ STATE_KEY = "ditto.v"
 
 
 @dataclass(frozen=True)
-class Ditto:
+class Ditto(PlainServer):
     """Ditto: global FedAvg plus a personal model per client, regularised toward the global one.
 
     Li, Hu, Beirami, Smith. "Ditto: Fair and Robust Federated Learning Through
@@ -68,21 +66,6 @@ class Ditto:
                 "0 (the global model's local work) or a number of steps >= 1"
             )
 
-    def init_server(self, layout: Layout) -> StageState:
-        return {}
-
-    def make_payload(self, state: StageState) -> dict[str, torch.Tensor]:
-        return {}
-
-    def check_settings(self, settings: LocalTraining) -> None:
-        pass
-
-    def expected_extras(
-        self, layout: Layout, settings: LocalTraining, max_weight: float
-    ) -> dict[str, ExtraSpec]:
-        """None: the update is FedAvg's."""
-        return {}
-
     def local_terms(self, ctx: TrainContext) -> LocalTerms:
         return LocalTerms()
 
@@ -113,11 +96,3 @@ class Ditto:
         """A client's own model (evaluation): ``v_k``, or the global model before it trained."""
         v = state.get(STATE_KEY)
         return params if v is None else params.replace(v)
-
-    def train(self, ctx: TrainContext) -> Update:
-        return train_with(self, ctx)
-
-    def server_step(
-        self, aggregate: Aggregate, state: StageState, ctx: RoundContext
-    ) -> tuple[torch.Tensor, StageState]:
-        return aggregate.delta, state

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from consortium.aggregation.base import Aggregate, ExtraSpec, RoundContext, StageState
-from consortium.algorithms.base import LocalResult, TrainContext, train_with
+from consortium.algorithms.base import LocalResult, PlainServer, TrainContext
 from consortium.client.training import LocalTerms, LocalTraining, module_device
 from consortium.data.base import Split
 from consortium.errors import ConfigError
@@ -32,7 +32,7 @@ def training_loss(module: torch.nn.Module, data: Split, loss_fn, *, chunk: int =
 
 
 @dataclass(frozen=True)
-class QFedAvg:
+class QFedAvg(PlainServer):
     """q-FedAvg, the solver of q-FFL's objective ``min_w Σ_k p_k F_k(w)^{q+1} / (q+1)``.
 
     Li, Sanjabi, Beirami, Smith. "Fair Resource Allocation in Federated Learning", ICLR 2020,
@@ -64,15 +64,6 @@ class QFedAvg:
         if not self.q >= 0:
             raise ConfigError(f"algorithm.q = {self.q!r} is not allowed; expected a number >= 0")
 
-    def init_server(self, layout: Layout) -> StageState:
-        return {}
-
-    def make_payload(self, state: StageState) -> dict[str, torch.Tensor]:
-        return {}
-
-    def check_settings(self, settings: LocalTraining) -> None:
-        pass
-
     def expected_extras(
         self, layout: Layout, settings: LocalTraining, max_weight: float
     ) -> dict[str, ExtraSpec]:
@@ -97,9 +88,6 @@ class QFedAvg:
             metrics={"train_loss": result.mean_loss, "steps": float(result.steps)},
             extras={_H: torch.tensor([h]), _LOSS: torch.tensor([loss])},
         )
-
-    def train(self, ctx: TrainContext) -> Update:
-        return train_with(self, ctx)
 
     def server_step(
         self, aggregate: Aggregate, state: StageState, ctx: RoundContext
