@@ -12,10 +12,17 @@ Workloads (issue 17), each run once per method with the same seed, data and init
 bytes over the method's. The "down …" rows compress the broadcast model instead (EF21-P,
 :mod:`consortium.compression.downlink`); ``bytes_down`` counts what each sampled client needs
 to catch up (its missed messages, or the whole float32 model when that is fewer bytes), and
-``down_ratio`` is float32's over the method's. The two "all 100 a round" rows sample every
+``down_ratio`` is float32's over the method's; the "… per-client" rows keep one reference
+``x̂ᵢ`` per client at the server (``compression.downlink_reference = "per_client"``): one
+message a task after the first contact. The two "all 100 a round" rows sample every
 client every round (compare them with each other, not with the 10-a-round base). Accuracy is the global model's on every client's test split.
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/compression.py [--rounds 300] [--workloads digits-cnn,w1]
+      [--methods "float32 (none),top-2 % + EF compact"] [--server avgm] [--seed 0]
+
+The first method of ``--methods`` is the reference of the ratio and the loss (float32 with the
+same ``--server`` optimiser). "compact" rows send top-k with fp16 values and Golomb–Rice coded
+index gaps (``compression.values = "fp16"``, ``compression.indices = "rice"``).
 """
 
 from __future__ import annotations
@@ -42,7 +49,18 @@ METHODS: dict[str, dict[str, Any]] = {
     "top-10 % + EF": {"uplink": "topk", "fraction": 0.1, "error_feedback": True},
     "top-3 % + EF": {"uplink": "topk", "fraction": 0.03, "error_feedback": True},
     "top-1 % + EF": {"uplink": "topk", "fraction": 0.01, "error_feedback": True},
+    "top-1.5 % + EF": {"uplink": "topk", "fraction": 0.015, "error_feedback": True},
+    "top-2 % + EF": {"uplink": "topk", "fraction": 0.02, "error_feedback": True},
+    "top-4 % + EF": {"uplink": "topk", "fraction": 0.04, "error_feedback": True},
     "top-1 % without EF": {"uplink": "topk", "fraction": 0.01},
+    # compact top-k: fp16 values and Golomb–Rice coded index gaps (kind "sparse")
+    **{f"top-{p} % + EF compact": {"uplink": "topk", "fraction": p / 100, "error_feedback": True,
+                                   "values": "fp16", "indices": "rice"}
+       for p in (1, 1.5, 2, 3, 4, 5)},
+    "top-3 % + EF fp16": {"uplink": "topk", "fraction": 0.03, "error_feedback": True,
+                          "values": "fp16"},
+    "top-3 % + EF rice": {"uplink": "topk", "fraction": 0.03, "error_feedback": True,
+                          "indices": "rice"},
     "random-10 % + EF": {"uplink": "randk", "fraction": 0.1, "error_feedback": True},
     "powersgd r=2 + EF": {"uplink": "powersgd", "rank": 2, "error_feedback": True},
     # downlink (EF21-P, consortium.compression.downlink): the broadcast model compressed
@@ -55,6 +73,15 @@ METHODS: dict[str, dict[str, Any]] = {
     "int8 both ways": {"uplink": "int8", "downlink": "int8"},
     "down int8 (all 100 a round)": {"downlink": "int8"},
     "float32 (all 100 a round)": {},
+    # per-client references (compression.downlink_reference): one message C(x − x̂ᵢ) a task
+    **{f"down {name} per-client": {**down, "downlink_reference": "per_client"}
+       for name, down in (
+           ("fp16", {"downlink": "fp16"}), ("int8", {"downlink": "int8"}),
+           ("int4", {"downlink": "int4"}), ("int2", {"downlink": "int2"}),
+           ("qsgd 4-bit", {"downlink": "qsgd", "bits": 4}),
+           ("top-10 %", {"downlink": "topk", "fraction": 0.1}))},
+    "int8 both ways per-client": {"uplink": "int8", "downlink": "int8",
+                                  "downlink_reference": "per_client"},
 }
 
 EVERYONE = ("down int8 (all 100 a round)", "float32 (all 100 a round)")
@@ -76,11 +103,14 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 }
 
 
-def run(workload: str, method: str, rounds: int) -> dict[str, Any]:
+def run(workload: str, method: str, rounds: int, server: str = "sgd", seed: int = 0
+        ) -> dict[str, Any]:
     import consortium
 
-    cfg = {"seed": 0, "rounds": rounds, **WORKLOADS[workload],
+    cfg = {"seed": seed, "rounds": rounds, **WORKLOADS[workload],
            "evaluation": {"every": rounds}, "compression": METHODS[method]}
+    if server != "sgd":  # e.g. avgm: server momentum (lr 1.0, momentum 0.9)
+        cfg["server"] = {"optimizer": server}
     if method in EVERYONE:
         cfg["sampling"] = {"fraction": 1.0}
     start = time.perf_counter()
@@ -102,13 +132,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--workloads", default="digits-cnn,w1")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated names")
+    parser.add_argument("--server", default="sgd",
+                        help="server.optimizer of every run (sgd | avgm | adam ...); the ratio "
+                             "and loss are against the first method run with the same one")
+    parser.add_argument("--seed", type=int, default=0, help="the runs' seed (data split, "
+                        "initial model, sampling)")
     parser.add_argument("--out", default=str(HERE / "results" / "compression.json"))
     args = parser.parse_args()
     rows = []
     for workload in args.workloads.split(","):
         base = None
         for method in args.methods.split(","):
-            row = run(workload, method, args.rounds)
+            row = run(workload, method, args.rounds, args.server, args.seed)
+            row["server"], row["seed"] = args.server, args.seed
             base = base or row
             if row["accuracy"] is None:
                 rows.append(row)

@@ -143,6 +143,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="scale every site's update to at most X times the round's median "
                      "update norm (default: aggregation.update_bound, else 3); 0 turns the "
                      "bound off (a warning)")
+    srv.add_argument("--closed-roster", action="store_true",
+                     help="refuse sites that connect after round 1 (default: a provisioned "
+                     "site that connects late joins from the next round)")
     srv.add_argument("--register-timeout", type=float, default=600.0, help="seconds to wait for the sites")
     srv.add_argument("--stream-idle-timeout", type=float, default=30.0, metavar="S",
                      help="a site's upload or task stream that moves no frame for S seconds is "
@@ -212,7 +215,13 @@ def _parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("datasets", help="list the built-in data sets and partitioners")
     ds.add_argument("--export-heart-disease", metavar="DIR",
                     help="write the four hospitals' files into DIR (one per site, for a deployment)")
+    ds.add_argument("--export-triage", metavar="DIR",
+                    help="write the four triage sites' notes into DIR as CSV (one per site, for a "
+                    "deployment; the notes of seed 0 with 120 a site, as the default experiment)")
     sub.add_parser("algorithms", help="list algorithms, server optimisers, models and executors")
+    from consortium.contribution.cli import add_parser as add_contribution
+
+    add_contribution(sub)
     return p
 
 
@@ -245,6 +254,16 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
             print(f"{site}: {out / f'{site}.data'}  (consortium client --site {site} --data ...)")
         (out / "README.md").write_bytes((source / "README.md").read_bytes())
         print(f"attribution (CC BY 4.0): {out / 'README.md'}")
+        return EXIT_OK
+    if args.export_triage:
+        from consortium.data.triage import SITES as NOTE_SITES
+        from consortium.data.triage import write_site_notes
+
+        out = Path(args.export_triage)
+        out.mkdir(parents=True, exist_ok=True)
+        for site in NOTE_SITES:
+            path = write_site_notes(out / f"{site}.csv", site, seed=0)
+            print(f"{site}: {path}  (consortium client --site {site} --data ...)")
         return EXIT_OK
 
     _print_table("data sets", list(DATASETS.items()))
@@ -549,6 +568,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         min_results=args.min_results, over_select=args.over_select, heartbeat_s=args.heartbeat,
         stream_idle_timeout=args.stream_idle_timeout, stream_min_rate=args.stream_min_rate,
         progress=not args.no_progress, resume=args.resume, update_bound=args.update_bound,
+        closed_roster=args.closed_roster,
     )
     assert result.run_dir is not None
     _print_results(result.summary, result.run_dir)
@@ -599,6 +619,10 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
     from consortium.config import load_config
 
     cfg = load_config(args.config, list(args.overrides))
+    if cfg.model.name == "minilm-lora" and not args.analyze:
+        from consortium.models.peft import with_base_hash
+
+        cfg = with_base_hash(cfg)  # as `consortium server` fills it: the hash the sites receive
     if args.analyze:
         from consortium.deploy.analysis_site import analysis_manifest, format_analysis_manifest
 
@@ -702,6 +726,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_audit(args)
         if args.command == "manifest":
             return _cmd_manifest(args)
+        if args.command == "contribution":
+            from consortium.contribution.cli import run_command
+
+            return run_command(args)
         return _cmd_run(args)
     except ConsortiumError as exc:
         print(f"consortium: error: {exc}", file=sys.stderr)

@@ -94,6 +94,11 @@ class PeftConfig:
     dropout: float = 0.0
     target: tuple[str, ...] = ("query", "value")
     path: str = ""
+    base_sha256: str = ""
+    """The SHA-256 of the frozen base (:func:`consortium.models.peft.base_hash`) that every
+    build must find: a different base is refused. ``consortium server`` (and ``consortium
+    manifest``) fill it from the base they load when it is empty, so every site checks its own
+    base against the experiment's before its first task; set it to pin one ("" = not pinned)."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,11 @@ class PersonalizationConfig:
 class SamplingConfig:
     clients_per_round: int = 0
     fraction: float = 0.0
+    over_select: float = 0.0
+    """Simulated over-selection (Bonawitz et al. 2019): a round keeps the first
+    ceil(n / (1 + over_select)) of its n sampled clients to finish on the simulated clock
+    (:mod:`consortium.server.clock`); 0: off. ``consortium server --over-select`` is the
+    deployment's."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +177,27 @@ class ServerConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    deadline_s: float = 0.0
+    """Simulated seconds a round waits for its clients (:mod:`consortium.server.clock`): those
+    not finished by then are dropped; 0: no deadline."""
+    min_results: int = 1
+    """A simulated round with fewer updates in time is aborted (the model stays)."""
+    mode: Literal["sync", "fedbuff", "fedasync"] = "sync"
+    """``"sync"``: rounds; ``"fedbuff"``/``"fedasync"``: asynchronous aggregation on the
+    simulated clock (:mod:`consortium.server.asynchronous`)."""
+    concurrency: int = 0
+    """Async: clients training at once (0: ``sampling.clients_per_round``)."""
+    buffer_size: int = 10
+    """FedBuff: updates per server step (K); FedAsync steps on every update."""
+    max_staleness: int = 0
+    """Async: updates more than this many server versions old are dropped (0: no bound)."""
+    staleness: Literal["polynomial", "constant", "hinge"] = "polynomial"
+    """Async: the staleness weight s(τ) (Xie et al. 2019): (1+τ)^−a, 1, or hinge."""
+    staleness_a: float = 0.5
+    staleness_b: float = 4.0
+    """hinge: s(τ) = 1 for τ ≤ b, else 1 / (a(τ − b) + 1)."""
+    mixing: float = 0.6
+    """FedAsync: α in x ← (1 − α s(τ)) x + α s(τ) x_client."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +236,13 @@ class EvaluationConfig:
     """Clients evaluated per round: 0 = every client with test data; a count >= 1 or a
     fraction in (0, 1) = that many seeded draws proportional to test examples, with standard
     errors (``server.evaluation``); the last round evaluates every client."""
+    target_accuracy: float = 0.0
+    include_offline: bool = False
+    """Evaluate every client each round, offline ones too (a measurement of the model, as on
+    a fixed test set), instead of the clients the simulated clock has online."""
+    """``summary.json`` gives ``time_to_target_s`` (simulated seconds) and
+    ``updates_to_target`` (client updates aggregated) until ``accuracy`` first reaches it;
+    0: off."""
 
 
 @dataclass(frozen=True)
@@ -308,6 +346,27 @@ class SimulationConfig:
 
     stragglers: float = 0.0
     dropout: float = 0.0
+    availability: str = "always"
+    """The simulated clock's availability trace (:mod:`consortium.server.traces`):
+    ``"always"``, ``"diurnal"`` (``period_s``, ``duty``) or a CSV/Parquet file (client,
+    start, end)."""
+    speeds: str = "uniform"
+    """Clients' compute and network: ``"uniform"`` (``speed``, ``bandwidth``,
+    ``latency_s``), ``"fedscale"`` (heavy-tailed around them) or a CSV/Parquet file (client,
+    speed, bandwidth[, latency])."""
+    speed: float = 1000.0
+    """Examples a client trains on per simulated second (the median under "fedscale")."""
+    bandwidth: float = 1.25e6
+    """Bytes per simulated second, each way (the median under "fedscale")."""
+    latency_s: float = 0.05
+    period_s: float = 86400.0
+    """``availability = "diurnal"``: the length of a day."""
+    duty: float = 0.5
+    """``availability = "diurnal"``: the share of the period a client is online."""
+    slow_fraction: float = 0.0
+    """This share of the clients (drawn from the seed) compute and transfer ``slow_factor``
+    times slower."""
+    slow_factor: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -388,7 +447,9 @@ class CompressionConfig:
     ``chunk`` (QSGD / int buckets), ``rank`` (PowerSGD), ``error_feedback`` (the residual kept
     at the client), ``sign_lr`` (signSGD's server step). ``downlink`` compresses the broadcast
     model the same ways (EF21-P, ``consortium.compression.downlink``; not sign/powersgd;
-    simulation only, fedavg/fedprox)."""
+    fedavg/fedprox); ``downlink_reference`` = ``"shared"`` (one x̂ for every client) or
+    ``"per_client"`` (one x̂ᵢ per client, at most ``downlink_memory_mb`` MiB of them at the
+    server; a deployment always keeps one per site)."""
 
     uplink: Literal["none", "topk", "randk", "qsgd", "int8", "int4", "int2", "fp16", "bf16",
                     "sign", "powersgd"] = "none"
@@ -400,6 +461,58 @@ class CompressionConfig:
     rank: int = 2
     error_feedback: bool = False
     sign_lr: float = 0.01
+    values: Literal["float32", "fp16"] = "float32"  # top-k's kept values
+    indices: Literal["int32", "rice"] = "int32"  # top-k's indices: Golomb–Rice coded gaps
+    downlink_reference: Literal["shared", "per_client"] = "shared"
+    downlink_memory_mb: float = 2048.0  # most per-client references the server holds
+
+
+@dataclass(frozen=True)
+class InterpretConfig:
+    """Interpretability of the final model (``consortium.interpret``), all off by default:
+    ``importance = "permutation"`` (federated permutation importance, ``repeats`` shuffles per
+    feature at each site), ``shap`` (mean |SHAP| per feature on up to ``sample`` test rows per
+    site against ``background`` training rows; extra ``consortium[interpret]``),
+    ``coefficients`` (named coefficients of a linear model), ``calibration`` (ECE and
+    reliability bins per site and overall). ``ratio`` flags a feature whose share of a site's
+    importance is that many times its share at another site."""
+
+    importance: Literal["none", "permutation"] = "none"
+    shap: bool = False
+    coefficients: bool = False
+    calibration: bool = False
+    repeats: int = 5
+    sample: int = 50
+    background: int = 20
+    ratio: float = 3.0
+
+
+@dataclass(frozen=True)
+class ContributionConfig:
+    """Contribution scores of the sites (simulation only; ``consortium.contribution``):
+    ``method`` = ``"exact-shapley"`` (every coalition, up to 10 clients per round),
+    ``"gtg-shapley"`` (Liu et al., ACM TIST 2022), ``"tmc-shapley"`` (Ghorbani & Zou, ICML
+    2019) or ``"leave-one-out"``, over coalition models rebuilt from each round's updates;
+    ``"none"``: off. ``utility``: the coalition model's ``"accuracy"`` or ``"loss"`` (minus
+    the cross-entropy) on ``validation`` = ``"sites"`` (every site's evaluation split) or
+    ``"server"`` (the server's test set). ``permutations``: TMC's count, GTG's most;
+    ``truncation``: a permutation stops once its prefix is within this of ``v(N)`` (0: off,
+    the default — it gives a harmful site that comes late 0 instead of its negative marginal,
+    benchmarks/RESULTS.md "Contribution scores");
+    ``between``: GTG skips a round whose ``|v(N) − v(∅)|`` is below this (0: off); ``convergence``:
+    GTG's stopping rule; ``free_rider``: flag a site scoring at most this share of the fair
+    share (or within 2 standard errors of 0); ``record``: keep every round's updates in
+    ``RUN_DIR/contribution/`` for ``consortium contribution RUN_DIR``."""
+
+    method: Literal["none", "exact-shapley", "gtg-shapley", "tmc-shapley", "leave-one-out"] = "none"
+    utility: Literal["accuracy", "loss"] = "accuracy"
+    validation: Literal["sites", "server"] = "sites"
+    permutations: int = 50
+    truncation: float = 0.0
+    between: float = 0.0
+    convergence: float = 0.05
+    free_rider: float = 0.1
+    record: bool = False
 
 
 _OPEN_SECTIONS = (AggregationConfig, AttackConfig)
@@ -427,6 +540,8 @@ class ExperimentConfig:
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     fairness: FairnessConfig = field(default_factory=FairnessConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    contribution: ContributionConfig = field(default_factory=ContributionConfig)
+    interpret: InterpretConfig = field(default_factory=InterpretConfig)
 
     def __post_init__(self) -> None:
         _check_ranges(self)
@@ -464,6 +579,9 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "a number in (0, 1)")
     need(0 <= d.validation < 1, "data.validation", d.validation,
          "a number in [0, 1) (0: off, evaluate on the test split)")
+    sha = cfg.model.peft.base_sha256
+    need(sha == "" or (len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)),
+         "model.peft.base_sha256", sha, '64 lowercase hex digits (a SHA-256), or "" (not pinned)')
     an = cfg.analysis
     need(an.min_count >= 1, "analysis.min_count", an.min_count, "an integer >= 1")
     need(an.max_levels >= 2, "analysis.max_levels", an.max_levels, "an integer >= 2")
@@ -585,7 +703,14 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(0 <= cfg.simulation.dropout < 1, "simulation.dropout", cfg.simulation.dropout,
          "a fraction in [0, 1)")
     need(cfg.evaluation.every >= 1, "evaluation.every", cfg.evaluation.every, "an integer >= 1")
+    _check_clock(cfg)
     _check_groups(cfg)
+    _check_contribution(cfg)
+    it = cfg.interpret
+    need(it.repeats >= 1, "interpret.repeats", it.repeats, "an integer >= 1")
+    need(it.sample >= 1, "interpret.sample", it.sample, "an integer >= 1 (rows per site)")
+    need(it.background >= 1, "interpret.background", it.background, "an integer >= 1")
+    need(it.ratio > 1, "interpret.ratio", it.ratio, "a number > 1")
     ev = cfg.evaluation.clients
     need(ev == 0 or 0 < ev < 1 or (ev >= 1 and ev.is_integer()), "evaluation.clients", ev,
          "0 (every client), a count >= 1, or a fraction in (0, 1)")
@@ -597,7 +722,65 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     )
 
 
+def _check_clock(cfg: ExperimentConfig) -> None:
+    """The simulated clock's keys (:mod:`consortium.server.clock`)."""
+    sim, v = cfg.simulation, cfg.server
+
+    def need(cond: bool, key: str, value: Any, allowed: str) -> None:
+        if not cond:
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected {allowed}")
+
+    for key in ("speed", "bandwidth", "period_s", "slow_factor"):
+        need(getattr(sim, key) > 0, f"simulation.{key}", getattr(sim, key), "a number > 0")
+    need(sim.latency_s >= 0, "simulation.latency_s", sim.latency_s, "a number >= 0")
+    need(0 < sim.duty <= 1, "simulation.duty", sim.duty, "a fraction in (0, 1]")
+    need(0 <= sim.slow_fraction <= 1, "simulation.slow_fraction", sim.slow_fraction,
+         "a fraction in [0, 1]")
+    need(v.deadline_s >= 0, "server.deadline_s", v.deadline_s, "simulated seconds >= 0 (0: none)")
+    need(v.min_results >= 1, "server.min_results", v.min_results, "an integer >= 1")
+    need(v.concurrency >= 0, "server.concurrency", v.concurrency, "an integer >= 0")
+    need(v.buffer_size >= 1, "server.buffer_size", v.buffer_size, "an integer >= 1")
+    need(v.max_staleness >= 0, "server.max_staleness", v.max_staleness, "an integer >= 0")
+    need(v.staleness_a >= 0, "server.staleness_a", v.staleness_a, "a number >= 0")
+    need(v.staleness_b >= 0, "server.staleness_b", v.staleness_b, "a number >= 0")
+    need(0 < v.mixing <= 1, "server.mixing", v.mixing, "a fraction in (0, 1]")
+    over = cfg.sampling.over_select
+    need(0 <= over <= 10, "sampling.over_select", over, "a fraction in [0, 10], e.g. 0.3")
+    t = cfg.evaluation.target_accuracy
+    need(0 <= t <= 1, "evaluation.target_accuracy", t, "an accuracy in (0, 1] (0: off)")
+    if over and cfg.privacy.mode in ("central", "distributed"):
+        raise ConfigError(
+            f"sampling.over_select with privacy.mode = {cfg.privacy.mode!r}: DP-FedAvg divides "
+            "the noisy sum by the expected number of clients, so cutting the slowest ones "
+            "biases every round; set sampling.over_select = 0, or use server.deadline_s"
+        )
+
+
 # -- building and checking ----------------------------------------------------------------------
+
+
+def _check_contribution(cfg: ExperimentConfig) -> None:
+    """``[contribution]``: its ranges, and its refusal under secure aggregation."""
+    c = cfg.contribution
+    for key, value, ok, allowed in (
+        ("permutations", c.permutations, c.permutations >= 2, "an integer >= 2"),
+        ("truncation", c.truncation, c.truncation >= 0, "a number >= 0"),
+        ("between", c.between, c.between >= 0, "a number >= 0"),
+        ("convergence", c.convergence, c.convergence >= 0, "a number >= 0"),
+        ("free_rider", c.free_rider, 0 <= c.free_rider < 1, "a fraction in [0, 1)"),
+    ):
+        if not ok:
+            raise ConfigError(f"contribution.{key} = {value!r} is not allowed: expected {allowed}")
+    if c.method != "none" and (cfg.secure_aggregation.enabled or cfg.privacy.mode == "distributed"):
+        raise ConfigError(
+            f"contribution.method = {c.method!r} rebuilds coalition models from each site's own "
+            "update, which the server never sees under secure aggregation (it learns only the "
+            "sum); extra secure sums over N \\ {i} in the same round would not help, since "
+            "sum(N) - sum(N \\ {i}) is site i's update. What works: leave-one-out by separate "
+            "runs, one federation (under secure aggregation) per coalition N \\ {i}: "
+            "`consortium contribution RUN_DIR --retrain` after the run (n + 1 trainings). Set "
+            'contribution.method = "none" for the run'
+        )
 
 
 def _check_groups(cfg: ExperimentConfig) -> None:

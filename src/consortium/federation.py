@@ -57,6 +57,9 @@ class Given:
     checkpoint_extras: Callable[[], Mapping[str, Any]] | None = None
     on_checkpoint: Callable[[int, str], None] | None = None
     run_id: str = ""
+    on_assembled: Callable[[Federation], None] | None = None
+    """Called with the assembled run before round 1 (a deployment's changing roster reaches
+    the client pool and the ledger through it: deploy/roster.py)."""
 
 
 @dataclass
@@ -87,6 +90,7 @@ class Federation:
     state: RunState | None = field(init=False)  # build_resume: None starts from init
     history: list[dict[str, Any]] = field(init=False)  # build_resume
     callbacks: Any = field(init=False)  # build_callbacks: a CallbackList
+    contribution: Any = field(init=False)  # build_contribution: a recorder, or None
     server: Server = field(init=False)  # build_server
 
 
@@ -331,6 +335,8 @@ def build_resume(f: Federation) -> None:
         log = MetricsLog(run_dir / "metrics.jsonl")
         log.truncate_after(f.state.round)
         f.history = read_metrics(log.path) if log.path.exists() else []
+        if f.history:  # the simulated clock's time is the last round's (server.clock)
+            f.state.sim_time_s = float(f.history[-1].get("sim_time_s") or 0.0)
         if f.ledger is not None:
             f.ledger.resume(f.state.round)
 
@@ -354,6 +360,14 @@ def build_callbacks(f: Federation) -> None:
         cbs.append(ProgressBar(f.cfg.name))
     cbs += tracking_callbacks(f.cfg, run_dir)
     f.callbacks = CallbackList(cbs + list(g.callbacks))
+
+
+def build_contribution(f: Federation) -> None:
+    """``[contribution]``: records each round's updates and scores the sites
+    (:func:`consortium.contribution.build.build_contribution`)."""
+    from consortium.contribution.build import build_contribution as build
+
+    build(f)
 
 
 def build_server(f: Federation) -> None:
@@ -412,7 +426,72 @@ def build_server(f: Federation) -> None:
         dropouts=Dropouts.of(cfg.simulation.dropout, f.pipeline), callbacks=f.callbacks,
         eval_every=cfg.evaluation.every,
         downlink=downlink_compressor(cfg, deployed=f.executor.name == "remote"),
+        clock=simulated_clock(cfg, ds, f.settings, remote=f.executor.name == "remote",
+                              layout=f.init.layout),
     )
+
+
+def simulated_clock(cfg: ExperimentConfig, dataset: FederatedDataset, settings: LocalTraining,
+                    *, remote: bool = False, layout: Any = None) -> Any:
+    """The simulated clock of ``[simulation]`` (availability, speeds), ``server.deadline_s``,
+    ``server.min_results`` and ``sampling.over_select`` (:mod:`consortium.server.clock`);
+    ``None`` for a deployment, whose sites keep real time. ``layout``: the model's, whose
+    size under ``[compression] uplink`` gives the upload's bytes (:func:`_encoded_upload`).
+
+    Raises:
+        ConfigError: a deployment asked for a simulated trace, deadline or over-selection.
+    """
+    from consortium.server.clock import Clock
+    from consortium.server.traces import make_availability, make_profiles
+
+    sim = cfg.simulation
+    if remote:
+        asked = [k for k, v in (("simulation.availability", sim.availability != "always"),
+                                ("simulation.speeds", sim.speeds != "uniform"),
+                                ("simulation.slow_fraction", sim.slow_fraction > 0),
+                                ("server.deadline_s", cfg.server.deadline_s > 0),
+                                ("sampling.over_select", cfg.sampling.over_select > 0)) if v]
+        if asked:
+            raise ConfigError(
+                f"{', '.join(asked)} drive(s) the simulated clock, for simulation only: real "
+                "sites come and go by themselves; remove them to deploy (consortium server "
+                "has --round-timeout, --min-results and --over-select)")
+        return None
+    packed = dataset.packed()
+    ids = list(packed.client_ids)
+    return Clock(
+        make_profiles(ids, sim, seed=cfg.seed), make_availability(ids, sim, seed=cfg.seed),
+        train_sizes=packed.train_sizes().numpy(), batch_size=settings.batch_size,
+        epochs=settings.epochs, steps=settings.steps, deadline=cfg.server.deadline_s,
+        over_select=cfg.sampling.over_select, min_results=cfg.server.min_results,
+        upload=_encoded_upload(cfg, layout), evaluate_offline=cfg.evaluation.include_offline,
+    )
+
+
+def _encoded_upload(cfg: ExperimentConfig, layout: Any) -> int:
+    """Bytes of a delta under ``[compression] uplink``, measured by encoding a random vector
+    of the model's size once (0: uncompressed, the clock then counts the dense model)."""
+    if cfg.compression.uplink == "none" or layout is None:
+        return 0
+    from consortium.aggregation.base import ClientContext
+    from consortium.compression import compression_stage
+
+    stage = compression_stage(cfg, deployed=False)
+    if stage is None:  # random-k inside secure aggregation: SecAgg's own message
+        return 0
+    v = torch.randn(layout.size, generator=torch.Generator().manual_seed(0))
+    ctx = ClientContext(round=0, client_id="clock", seed=0, layout=layout)
+    return int(stage.encode(v, ctx, {}, {}).nbytes)
+
+
+def build_mode(f: Federation) -> None:
+    """``server.mode``: synchronous rounds (the server as built), or FedBuff / FedAsync's
+    asynchronous loop over the same parts (:mod:`consortium.server.asynchronous`, which
+    refuses what does not compose)."""
+    if f.cfg.server.mode != "sync":
+        from consortium.server.asynchronous import asynchronous_server
+
+        f.server = asynchronous_server(f)
 
 
 REMOTE_PERSONAL = frozenset({"apfl", "ditto", "fedbn", "fedper", "fedrep"})
@@ -423,7 +502,8 @@ deploy/shared.py)."""
 BUILDERS: tuple[Callable[[Federation], None], ...] = (
     build_data, build_model, build_algorithm_parts, build_privacy, build_client_stages,
     build_aggregation, build_pipeline, build_frozen, build_sampler, build_ledger,
-    build_executor_part, build_resume, build_callbacks, build_server,
+    build_executor_part, build_resume, build_callbacks, build_contribution, build_server,
+    build_mode,
 )
 """Every builder, in the order a run is assembled: each reads the parts before it."""
 
@@ -433,6 +513,8 @@ def assemble(cfg: ExperimentConfig, given: Given | None = None) -> Federation:
     f = Federation(cfg, given or Given())
     for build in BUILDERS:
         build(f)
+    if f.given.on_assembled is not None:
+        f.given.on_assembled(f)
     return f
 
 
@@ -474,7 +556,9 @@ def client_stages(
     if cfg.compression.uplink != "none":  # after the DP clip; refuses SecAgg (see its module)
         from consortium.compression import compression_stage
 
-        stages.append(compression_stage(cfg, deployed=site))
+        compress = compression_stage(cfg, deployed=site)
+        if compress is not None:  # None: randk under SecAgg, sent by SecAgg's own stage
+            stages.append(compress)
     secure_sum = None
     if cfg.secure_aggregation.enabled:
         if site:
@@ -526,7 +610,17 @@ def secure_aggregation_parts(
         clip=sa.clip, bits=sa.bits, weight_bound=sa.weight_bound, threshold=sa.threshold,
         neighbours=sa.neighbours, extra_bounds=bounds, run_id=run_id,
         authenticate=sa.authenticate, integer=cfg.privacy.mode == "distributed", weights=weights,
+        **_secure_randk(cfg),
     )
+
+
+def _secure_randk(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``[compression] uplink = "randk"`` under SecAgg: its fraction and error feedback
+    (consortium.compression.secure); nothing otherwise."""
+    c = cfg.compression
+    if c.uplink != "randk":
+        return {}
+    return {"fraction": c.fraction, "error_feedback": c.error_feedback}
 
 
 def local_training(cfg: ExperimentConfig) -> LocalTraining:

@@ -28,6 +28,10 @@ class Task:
             may refuse to join too small an aggregate).
         model_nbytes: under downlink compression, the bytes the model took to reach this
             client (:mod:`consortium.compression.downlink`); ``None``: the dense parameters.
+        downlink: deployed per-client downlink compression: the
+            :class:`~consortium.compression.downlink.ModelDelta` the wire carries instead of
+            ``parameters`` (which the site rebuilds from its own reference); ``None``: the
+            parameters travel whole.
     """
 
     round: int
@@ -39,6 +43,7 @@ class Task:
     work: float = 1.0
     cohort_size: int = 0
     model_nbytes: int | None = None
+    downlink: Any = None
 
     @property
     def nbytes(self) -> int:

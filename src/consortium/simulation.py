@@ -83,6 +83,7 @@ def simulate(
     checkpoint_extras: Callable[[], Mapping[str, Any]] | None = None,
     on_checkpoint: Callable[[int, str], None] | None = None,
     run_id: str = "",
+    on_assembled: Callable[[Any], None] | None = None,
 ) -> SimulationResult:
     """Run a federated simulation.
 
@@ -104,6 +105,8 @@ def simulate(
             it takes effect (a deployment records the digest in its audit log).
         run_id: a deployment's run id (``consortium server``): secure aggregation binds its
             keys and signatures to it, and the sites refuse another run's.
+        on_assembled: called with the assembled :class:`~consortium.federation.Federation`
+            before round 1 (``consortium server``'s changing roster: deploy/roster.py).
 
     Raises:
         ConsortiumError: any configuration, data, model or checkpoint problem.
@@ -113,7 +116,7 @@ def simulate(
         dataset=dataset, model=model, algorithm=algorithm, pipeline=pipeline, sampler=sampler,
         executor=executor, loss_fn=loss_fn, callbacks=callbacks, run_dir=run_dir,
         resume=resume is not None, progress=progress, checkpoint_extras=checkpoint_extras,
-        on_checkpoint=on_checkpoint, run_id=run_id,
+        on_checkpoint=on_checkpoint, run_id=run_id, on_assembled=on_assembled,
     ))
     state = fed.state if fed.state is not None else fed.server.init_state(fed.init)
     before_s = sum(float(r.get("wall_s") or 0.0) for r in fed.history)
@@ -222,10 +225,22 @@ def _summarise(fed: Federation, state: Any, duration_s: float) -> dict[str, Any]
         for kind in ("global", "personalized", "local")
     }
     summary["client_accuracy"] = {kind: spread for kind, spread in spreads.items() if spread}
+    clock = getattr(fed.server, "clock", None)
+    if clock is not None:  # the simulated clock (server.clock)
+        summary["sim_time_s"] = state.sim_time_s
+        if not clock.trivial:
+            summary["clock"] = clock.describe()
+    if cfg.evaluation.target_accuracy:
+        from consortium.server.clock import time_to_target
+
+        summary.update(time_to_target(fed.history, cfg.evaluation.target_accuracy))
     if fed.dataset.notes.get("evaluated_on") == "validation":  # tuning, not test results
         summary["evaluated_on"] = "validation"
     if fed.threat is not None:
         summary["attack"] = fed.threat.describe()
+    contribution = getattr(fed, "contribution", None)
+    if contribution is not None:  # [contribution]: scores, flags and the benefit table
+        summary["contribution"] = contribution.summary(per_client)
     confusions.update(getattr(fed.server.evaluator, "final_confusion", {}))
     ci = _bootstrap_intervals(cfg.seed, summary, confusions)
     if ci:
@@ -242,6 +257,12 @@ def _summarise(fed: Federation, state: Any, duration_s: float) -> dict[str, Any]
             summary["groups"][cfg.fairness.column]["postprocessed"] = equalized_odds_postprocess(
                 model, fed.dataset, cfg.fairness.column, tolerance=cfg.fairness.tolerance,
                 anchor=cfg.fairness.anchor == "largest")
+    from consortium.interpret import enabled, interpret_model
+
+    if enabled(cfg.interpret) and fed.executor.name != "remote":  # [interpret], after the run
+        model = fed.factory().to(resolve_device(cfg.executor.device, announce=False))
+        state.params.load_into(model)
+        summary["interpret"] = interpret_model(cfg.interpret, model, fed.dataset, seed=cfg.seed)
     return summary
 
 

@@ -183,10 +183,10 @@ def test_refused_combinations(changes: dict, message: str) -> None:
         downlink_compressor(cfg)
 
 
-def test_deployment_is_refused_and_none_builds_nothing() -> None:
+def test_deployment_keeps_a_reference_per_site_and_none_builds_nothing() -> None:
     cfg = ExperimentConfig.from_dict({"compression": {"downlink": "int8"}})
-    with pytest.raises(ConfigError, match="simulation only"):
-        downlink_compressor(cfg, deployed=True)
+    deployed = downlink_compressor(cfg, deployed=True)
+    assert deployed is not None and deployed.per_client and deployed.deployed
     assert isinstance(downlink_compressor(cfg), Downlink)
     assert downlink_compressor(ExperimentConfig()) is None
 

@@ -232,7 +232,7 @@ def test_cli_run_shows_the_smaller_bytes_up(tmp_path) -> None:
     assert ExperimentConfig.from_dict({"compression": {"uplink": "topk"}}).compression.uplink == "topk"
 
 
-def test_a_deployed_site_builds_the_methods_the_wire_carries_and_refuses_powersgd() -> None:
+def test_a_deployed_site_builds_every_method_powersgd_included() -> None:
     from consortium.compression import compression_stage
 
     cfg = ExperimentConfig.from_dict({"compression": {"uplink": "topk"}})
@@ -241,9 +241,26 @@ def test_a_deployed_site_builds_the_methods_the_wire_carries_and_refuses_powersg
     low = ExperimentConfig.from_dict({"compression": {"uplink": "powersgd",
                                                       "error_feedback": True}})
     assert isinstance(compression_stage(low), Compress)
-    with pytest.raises(ConfigError, match="simulation only"):
-        compression_stage(low, deployed=True)
+    site = compression_stage(low, deployed=True)
+    assert isinstance(site, Compress) and site.broadcast(site.init(Layout.of({}))) == {}
     assert compression_stage(ExperimentConfig()) is None
+
+
+def test_powersgd_takes_the_shapes_from_the_clients_own_layout() -> None:
+    layout = Layout.of({"w": torch.zeros(6, 5), "b": torch.zeros(6)})
+    stage = compress("powersgd", rank=1, error_feedback=True)
+    assert stage.broadcast(stage.init(layout)) == {}  # nothing about the shapes travels
+    v = torch.randn(36, generator=torch.Generator().manual_seed(0))
+    state: dict[str, torch.Tensor] = {}
+    out = stage.client(Update("a", v, 1.0), {}, ClientContext(1, "a", 0, state=state,
+                                                              layout=layout))
+    assert out.encoded.kind == "lowrank" and out.encoded.values.numel() == (6 + 5) * 1 + 6
+    assert state["compression.q"].numel() == 5  # the warm start for the next round
+    sent = stage.decoded(out, layout)  # the server decodes with its own layout
+    assert torch.allclose(state["compression.residual"], v - sent)
+    assert torch.equal(sent[30:], v[30:])  # the bias travels raw
+    with pytest.raises(consortium.errors.PipelineError, match="ClientContext\\(layout=...\\)"):
+        stage.client(Update("a", v, 1.0), {}, ClientContext(1, "a", 0, state={}))
 
 
 def test_sign_majority_vote_by_hand() -> None:

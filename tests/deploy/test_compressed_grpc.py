@@ -71,7 +71,18 @@ def _encodings() -> dict[str, tuple[Compress, Encoded]]:
         "fp16": (compress("fp16"), encode_cast(v, "fp16")),
         "bf16": (compress("bf16"), encode_cast(v, "bf16")),
         "sign": (compress("sign"), encode_sign(v)),
+        "sparse": (compress("topk", fraction=0.01, values="fp16", indices="rice"),
+                   encode_topk(v, 0.01, values="fp16", indices="rice")),
+        "lowrank": (compress("powersgd", rank=2, error_feedback=True), _lowrank(v)),
     }
+
+
+def _lowrank(v: torch.Tensor) -> Encoded:
+    from consortium.compression.lowrank import encode_lowrank, q_length
+
+    shapes = [s.shape for s in LAYOUT.specs]
+    values, _ = encode_lowrank(v, shapes, 2, torch.randn(q_length(shapes, 2)))
+    return Encoded("lowrank", D, (2,), values=values)
 
 
 def _envelope(enc: Any, *, delta: torch.Tensor | None = None, client: str = "north") -> ResultEnvelope:
@@ -113,7 +124,8 @@ def test_every_kind_round_trips_as_its_encoding_with_a_small_framing(method: str
     assert back.result.nbytes == enc.nbytes  # what bytes_up counts for this update
     assert 0 < len(raw) - enc.nbytes < 120, len(raw) - enc.nbytes  # ids, weight, tags
     dense = _check(back, stage)  # accepted; the decoded delta is returned for the audit log
-    assert dense is not None and torch.equal(dense, decode(enc, size=D))
+    shapes = [s.shape for s in LAYOUT.specs]  # PowerSGD's: the server's own layout
+    assert dense is not None and torch.equal(dense, decode(enc, size=D, shapes=shapes))
 
 
 def _topk(indices: list[int], values: list[float], k: int | None = None) -> Encoded:
@@ -138,6 +150,50 @@ def _topk(indices: list[int], values: list[float], k: int | None = None) -> Enco
 def test_a_malformed_topk_update_is_rejected_with_its_reason(enc: Encoded, reason: str) -> None:
     with pytest.raises(RejectedResult, match=reason):
         _check(_wire(_envelope(enc)), compress("topk", fraction=0.01))
+
+
+def _sparse(**changes: Any) -> Encoded:
+    import dataclasses
+
+    v = torch.randn(D, generator=torch.Generator().manual_seed(0))
+    enc = encode_topk(v, 0.01, values="fp16", indices="rice")
+    if "codes" in changes and isinstance(changes["codes"], list):
+        changes["codes"] = torch.tensor(changes["codes"], dtype=torch.uint8)
+    return dataclasses.replace(enc, **changes)
+
+
+def _sparse_codes() -> list[int]:
+    codes = _sparse().codes
+    assert codes is not None
+    return [int(c) for c in codes]
+
+
+def _bit(codes: list[int], byte: int, bit: int) -> list[int]:
+    out = list(codes)
+    out[byte] ^= 1 << bit
+    return out
+
+
+@pytest.mark.parametrize(("enc", "reason"), [
+    # k = 10 of 1000: b = 6, 60 bits of remainders in 8 bytes (4 padding bits), then the unary
+    (_sparse(codes=_bit(_sparse_codes(), 7, 7)), "padding bits after the remainders"),
+    (_sparse(codes=[*_sparse_codes(), 1]), "holds 11 quotients, expected k = 10"),
+    (_sparse(codes=_bit(_sparse_codes(), -1, 7)), "quotients, expected k = 10"),
+    # eight more zeros before the first quotient's end: every index moves by 8 · 64
+    (_sparse(codes=[*_sparse_codes()[:8], 0, *_sparse_codes()[8:]]), "index 1421 is not below"),
+    (_sparse(codes=[*_sparse_codes()[:8], 0x80, 0x80, 0x80, *_sparse_codes()[8:]]),
+     "the stream has"),  # more unary bytes than 10 indices below 1000 allow
+    (_sparse(header=(10, 6)), "the header has 2 integers, expected 1"),  # b does not travel
+    (_sparse(values=torch.full((10,), float("inf"), dtype=torch.float16)), "not all finite"),
+    (_sparse(values=torch.ones(10)), "compression.values = 'fp16'"),
+    (_sparse(codes=torch.zeros(1 << 16, dtype=torch.uint8)), "more than the"),  # size cap
+    (encode_topk(torch.randn(D), 0.02, values="fp16", indices="rice"), "this run keeps k = 10"),
+])
+def test_a_malformed_sparse_update_is_rejected_with_its_reason(enc: Encoded, reason: str) -> None:
+    stage = compress("topk", fraction=0.01, values="fp16", indices="rice")
+    _check(_wire(_envelope(_sparse())), stage)  # the honest one passes
+    with pytest.raises(RejectedResult, match=reason):
+        _check(_wire(_envelope(enc)), stage)
 
 
 def test_codes_out_of_range_and_lengths_that_disagree_are_rejected() -> None:
@@ -259,8 +315,12 @@ METHODS = {
     "topk": ["compression.uplink=topk", "compression.fraction=0.01"],
     "int8": ["compression.uplink=int8"],
     "fp16": ["compression.uplink=fp16"],
+    "compact": ["compression.uplink=topk", "compression.fraction=0.01", "compression.values=fp16",
+                "compression.indices=rice"],
+    "powersgd": ["compression.uplink=powersgd", "compression.rank=2",
+                 "compression.error_feedback=true"],
 }
-MIN_RATIO = {"topk": 40.0, "int8": 3.9, "fp16": 1.99}
+MIN_RATIO = {"topk": 40.0, "int8": 3.9, "fp16": 1.99, "compact": 100.0, "powersgd": 6.5}
 FRAMING = 400
 
 
@@ -276,7 +336,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
         assert all(isinstance(n, int) for n in run["sites"].values()), run["sites"]
         assert not isinstance(run.get("served"), BaseException), run.get("served")
         records = [json.loads(line) for line in (d / "run" / "metrics.jsonl").read_text().splitlines()]
-        out[method] = {"results": run["wire"].results, "records": records}
+        out[method] = {"results": run["wire"].results, "records": records, "dir": d}
     return out
 
 
@@ -332,9 +392,12 @@ def _malformed(what: str, d: int) -> Encoded:
                    values=values)
 
 
-def _hostile_run(d: Path, name: str, *, attack: bool) -> dict[str, Any]:
+def _hostile_run(d: Path, name: str, *, attack: bool, overrides: list[str] = TOPK,
+                 attacks: dict[int, tuple[str, str]] = ATTACKS,
+                 malformed: Any = _malformed) -> dict[str, Any]:
     """The real server with the three honest hospitals and the hostile one, which refuses
-    every task (the reference) or sends one malformed top-k update a round (``attack``)."""
+    every task (the reference) or sends one malformed update a round (``attack``: round →
+    ``malformed(what, d)`` of ``attacks``) in a run of ``overrides``."""
     from consortium.client.approval import manifest_hash
     from consortium.config import load_config
     from consortium.deploy import server as server_module
@@ -346,13 +409,13 @@ def _hostile_run(d: Path, name: str, *, attack: bool) -> dict[str, Any]:
 
     out: dict[str, Any] = {"models": {}, "answers": {}, "honest": {}}
     ports: queue.Queue[int] = queue.Queue()
-    approve = (manifest_hash(load_config(None, TOPK)),)
+    approve = (manifest_hash(load_config(None, overrides)),)
 
     def serve() -> None:
         try:
             out["served"] = server_module.serve(
                 None, listen="127.0.0.1:0", certs=d / "certs" / "server", out=d / name,
-                min_sites=4, overrides=TOPK, register_timeout=60, round_timeout=60,
+                min_sites=4, overrides=overrides, register_timeout=60, round_timeout=60,
                 heartbeat_s=10, on_listening=ports.put, progress=False,
             )
         except BaseException as exc:
@@ -388,10 +451,10 @@ def _hostile_run(d: Path, name: str, *, attack: bool) -> dict[str, Any]:
                     site.push(EvaluationEnvelope(item.task_id, EvaluationResult(
                         rnd, HOSTILE, num_test, {"accuracy": 0.5, "loss": 0.7})))
                     continue
-                if attack and rnd in ATTACKS:
+                if attack and rnd in attacks:
                     size = int(item.task.parameters.vector.numel())
                     update = Update(HOSTILE, torch.zeros(0), float(num_train), {"steps": 1.0},
-                                    encoded=_malformed(ATTACKS[rnd][0], size))
+                                    encoded=malformed(attacks[rnd][0], size))
                     out["answers"][rnd] = site.push(ResultEnvelope(item.task_id, Result(
                         rnd, HOSTILE, update)))
                 else:
@@ -451,4 +514,113 @@ def test_each_sites_error_feedback_residual_is_saved_in_its_state(tmp_path: Path
     from consortium.deploy.receipts import verify_against
 
     report = verify_against(tmp_path / "run", sorted((tmp_path / "state").rglob("receipts.jsonl")))
+    assert report.receipts >= 4 * 2 and report.ok, report.summary()
+
+
+# --------------------------------------------- compact top-k and PowerSGD over the real service
+
+SPARSE = [*TOPK, "compression.values=fp16", "compression.indices=rice"]
+SPARSE_ATTACKS = {  # the mlp's d = 2242: k = 22, b = 6, 132 bits of remainders (4 padding)
+    1: ("padding", "the padding bits after the remainders are not zero"),
+    2: ("long", r"the stream has \d+ bytes; 22 indices below 2242 with b = 6 take 17 bytes"),
+    3: ("beyond d", "an index 2242 is not below d = 2242"),
+}
+
+
+def _malformed_sparse(what: str, d: int) -> Encoded:
+    import numpy as np
+
+    from consortium.compression.codecs import keep_count
+    from consortium.compression.rice import encode_gaps, remainder_bytes, rice_parameter
+
+    k = keep_count(d, 0.01)
+    b = rice_parameter(d, k)
+    last = d if what == "beyond d" else d - 1
+    codes = encode_gaps(np.array([*range(0, (k - 1) * 50, 50), last]), b)
+    if what == "padding":
+        codes[remainder_bytes(k, b) - 1] |= 0x80
+    elif what == "long":  # a stream far longer than k indices below d can need
+        codes = np.concatenate([codes, np.full(4 * d, 0xFF, dtype=np.uint8)])
+    return Encoded("sparse", d, (k,), values=torch.full((k,), 0.5, dtype=torch.float16),
+                   codes=torch.from_numpy(codes))
+
+
+@pytest.fixture(scope="module")
+def hostile_sparse_runs(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    from consortium.deploy.provision import provision
+
+    d = tmp_path_factory.mktemp("sparse-hostile")
+    provision([*HONEST, HOSTILE], d / "certs")
+    kw: dict[str, Any] = {"overrides": SPARSE, "attacks": SPARSE_ATTACKS,
+                          "malformed": _malformed_sparse}
+    return (_hostile_run(d, "reference", attack=False, **kw),
+            _hostile_run(d, "attacked", attack=True, **kw))
+
+
+@pytest.mark.parametrize("rnd", sorted(SPARSE_ATTACKS))
+def test_a_malformed_sparse_update_over_grpc_is_rejected_and_the_model_is_untouched(
+    hostile_sparse_runs: tuple[dict[str, Any], dict[str, Any]], rnd: int,
+) -> None:
+    reference, attacked = hostile_sparse_runs
+    for run in hostile_sparse_runs:
+        assert not isinstance(run.get("served"), BaseException), run.get("served")
+        assert all(isinstance(n, int) for n in run["honest"].values()), run["honest"]
+    answer = attacked["answers"][rnd]
+    assert not answer.accepted
+    assert re.search(SPARSE_ATTACKS[rnd][1], answer.reason), answer.reason
+    assert reference["answers"][rnd].accepted
+    assert torch.equal(attacked["models"][rnd], reference["models"][rnd])  # bit for bit
+
+
+def test_compact_topk_sends_its_exact_bytes(measured: dict[str, dict[str, Any]]) -> None:
+    """fp16 values and Rice-coded gaps: 2 bytes a value, about b + 2 bits an index."""
+    from consortium.compression.codecs import keep_count
+    from consortium.compression.rice import max_unary_bytes, remainder_bytes, rice_parameter
+
+    size = 256 * 32 + 256 + 2 * 256 + 2
+    k = keep_count(size, 0.01)
+    b = rice_parameter(size, k)
+    least = len("sparse") + 8 * 2 + 2 * k + remainder_bytes(k, b) + (k + 7) // 8
+    most = least - (k + 7) // 8 + max_unary_bytes(size, k, b)
+    for r in measured["compact"]["records"]:
+        per_update = r["bytes_up"] / r["clients"]
+        assert least <= per_update <= most, (least, per_update, most)
+
+
+def test_powersgd_over_grpc_sends_its_factors_and_keeps_q_and_the_residual(
+    measured: dict[str, dict[str, Any]],
+) -> None:
+    """PowerSGD (rank 2, error feedback) over the real service: each update is the factors
+    the site computed with its own layout (``lowrank`` of exactly :func:`lowrank_length`
+    floats), the server decodes it with its own layout, the digests the sites keep in their
+    receipts match the server's audit log (both decode the same delta), and each site's
+    ``--state`` holds its warm-start ``Q`` and its residual. (The final model cannot equal a
+    simulation's bit for bit: a deployed site draws its first ``Q`` from its own CSPRNG.)"""
+    from safetensors.torch import load_file
+
+    from consortium.compression import RESIDUAL_KEY
+    from consortium.compression.lowrank import lowrank_length, q_length
+    from consortium.compression.stage import Q_KEY
+    from consortium.deploy.receipts import verify_against
+    from tests.deploy.test_personal_grpc import HOSPITALS
+
+    run = measured["powersgd"]
+    shapes = [(256, 32), (256,), (2, 256), (2,)]  # the MLP on the hospitals' 32 features
+    size = sum(int(torch.Size(s).numel()) for s in shapes)
+    per_update = len("lowrank") + 8 * 2 + 4 * lowrank_length(shapes, 2)
+    assert lowrank_length(shapes, 2) == (256 + 32) * 2 + 256 + 2 * 256 + 2  # 2 × 256 raw
+    assert [r["bytes_up"] for r in run["records"]] == [r["clients"] * per_update
+                                                     for r in run["records"]]
+    d: Path = run["dir"]
+    for site in HOSPITALS:
+        (state,) = (d / "state" / site).rglob("*.safetensors")
+        saved = load_file(str(state))
+        (q,) = [v for k, v in saved.items() if k.startswith(site) and k.endswith(Q_KEY)]
+        assert q.numel() == q_length(shapes, 2) == 32 * 2, site  # the one factorised layer
+        (residual,) = [v for k, v in saved.items()
+                       if k.startswith(site) and k.endswith(RESIDUAL_KEY)]
+        assert residual.numel() == size and bool(residual.abs().sum() > 0), site
+    report = verify_against(d / "run", sorted((d / "state").rglob("receipts.jsonl")))
     assert report.receipts >= 4 * 2 and report.ok, report.summary()

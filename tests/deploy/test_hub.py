@@ -97,6 +97,7 @@ def test_the_roster_refuses_strangers_and_changed_data_once_the_run_started(hub:
     assert hub.describe(hub.register("a"), SiteInfo((3,), 2, 10, 5)) is None  # a restart
     why = hub.describe(hub.register("a"), SiteInfo((3,), 2, 11, 5))
     assert why is not None and "11 training" in why and "10 training" in why and "changed" in why
+    hub.open_roster = False  # --closed-roster; by default a late site joins (test_roster_grpc.py)
     why = hub.describe(hub.register("b"), SiteInfo((3,), 2, 10, 5))
     assert why is not None and "without site 'b'" in why
 

@@ -70,8 +70,8 @@ def test_under_secure_aggregation_every_phase_is_in_the_record(monkeypatch) -> N
     n = record["clients"]
     assert n == 4
     # hand-computed floor: each client's masked vector alone is d values and the weight slot,
-    # int64 on the wire; before this count bytes_up was 0 under SecAgg
-    assert record["bytes_up"] >= n * (d + 1) * 8
+    # uint32 on the wire; before this count bytes_up was 0 under SecAgg
+    assert record["bytes_up"] >= n * (d + 1) * 4
     by_side: dict[str, int] = defaultdict(int)
     for side, stage, phase, cid, m in seen:
         by_side[side] += len(stage) + len(phase) + 8 + len(cid) + payload_nbytes(m)

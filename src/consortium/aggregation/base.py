@@ -93,6 +93,10 @@ class ClientContext:
     """This client's persistent state (the client-state store's entry, the algorithm's
     ``client_state``): what a stage keeps across rounds, e.g. compression's error-feedback
     residual; ``None`` where there is none (unit tests)."""
+    layout: Layout | None = field(default=None, compare=False, repr=False)
+    """The layout of the vector the client halves transform (the task's parameters, which
+    the client loaded into its own model): the tensors' shapes, e.g. for PowerSGD's matrices
+    (:mod:`consortium.compression.lowrank`); ``None`` where the caller has none (unit tests)."""
 
 
 @dataclass

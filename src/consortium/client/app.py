@@ -111,7 +111,8 @@ class SiteClient:
             update = self.pipeline.client(
                 update, task.stage_payloads,
                 ClientContext(task.round, self.client_id, task.seed, self.session,
-                              self.environment, state=client_state),
+                              self.environment, state=client_state,
+                              layout=task.parameters.layout),
             )
         except ConsortiumError as exc:
             return Result(task.round, self.client_id, None, error=str(exc))

@@ -43,7 +43,7 @@ def experiment_manifest(cfg: ExperimentConfig) -> dict[str, Any]:
         "rounds": cfg.rounds,
         "data": {"dataset": cfg.data.dataset, "target": cfg.data.target,
                  "test_fraction": cfg.data.test_fraction},
-        "model": {"name": cfg.model.name, "hidden": list(cfg.model.hidden)},
+        "model": _model(cfg),
         "algorithm": asdict(cfg.algorithm),
         **personal,
         "sampling": asdict(cfg.sampling),
@@ -52,6 +52,19 @@ def experiment_manifest(cfg: ExperimentConfig) -> dict[str, Any]:
         "evaluation_every": cfg.evaluation.every,
         "leaves_site": leaves_site(cfg),
     }
+
+
+def _model(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The model part: its name and sizes, and for ``minilm-lora`` its LoRA settings and the
+    frozen base it fine-tunes (``base_sha256``, the hash every site checks its own base
+    against; ``path``, where the site reads it) — only there, so that other experiments keep
+    the hashes operators approved."""
+    model: dict[str, Any] = {"name": cfg.model.name, "hidden": list(cfg.model.hidden)}
+    if cfg.model.name == "minilm-lora":
+        p = cfg.model.peft
+        model.update(r=p.r, alpha=p.alpha, dropout=p.dropout, target=list(p.target),
+                     base_path=p.path, base_sha256=p.base_sha256)
+    return model
 
 
 def _personalised(cfg: ExperimentConfig) -> bool:
@@ -75,6 +88,9 @@ def leaves_site(cfg: ExperimentConfig) -> list[str]:
         f"{k} of the site's rows hold (more if its policy's min_count is larger; rarer values "
         "are not named, and a data set with fixed categories names none)",
     ]
+    if cfg.data.dataset == "triage":  # text: tokenised at the site, no statistics to merge
+        out = ["once, before round 1: the data's input shape, class count and numbers of "
+               "training and test examples (the notes and their tokens never leave the site)"]
     if p.mode == "local":
         update = (f"the model update after local DP-SGD with the site's own noise (noise "
                   f"multiplier {p.noise_multiplier:g}, per-example clip {p.clip:g}, batch "
@@ -103,6 +119,10 @@ def leaves_site(cfg: ExperimentConfig) -> list[str]:
     if cfg.algorithm.name == "fedbn":
         update += ("; only the part outside batch normalisation: the site's batch-norm layers "
                    "(weights and running statistics) never leave the site")
+    if cfg.model.name == "minilm-lora":
+        update += ("; only the LoRA adapters and the classification head: the frozen base "
+                   "never leaves the site, and the site trains only if its base has the "
+                   "experiment's base_sha256")
     if cfg.algorithm.name == "scaffold":
         update += "; SCAFFOLD's control-variate change, protected like the update"
     if cfg.algorithm.name == "fednova":

@@ -59,6 +59,20 @@ class ClientPool(Mapping[str, SiteClient]):
             policy=self.policy(client_id), sessions=self.sessions,
         )
 
+    def grow(self, packed: PackedClients) -> None:
+        """Serve ``packed`` from now on: every client of this pool and more (a deployment's
+        roster grew between rounds: deploy/roster.py). Clients already here keep their state.
+
+        Raises:
+            ValueError: ``packed`` lacks one of this pool's clients.
+        """
+        have = set(packed.client_ids)
+        lost = [c for c in self.packed.client_ids if c not in have]
+        if lost:
+            raise ValueError(f"a grown pool must keep every client; {lost} are missing")
+        self.packed = packed
+        self._test_sizes = packed.test_sizes().tolist()
+
     def policy(self, client_id: str) -> SitePolicy | None:
         """The site's own policy (``"*"`` is the default for sites without one)."""
         return self.policies.get(client_id, self.policies.get("*"))

@@ -10,11 +10,12 @@ post-processing and costs no privacy.
 
 Refused, with the reason and the fix:
 
-- **secure aggregation** (and distributed DP, which runs inside it): SecAgg masks a dense vector
-  of field elements whose size ``secure_aggregation.bits`` sets; an encoding (indices, packed
-  codes, half floats) cannot travel through the masked sum, and decoding first would send the
-  dense vector anyway. The quantisation that does commute with the masked sum is SecAgg's own:
-  lower ``secure_aggregation.bits`` to send fewer bytes.
+- **secure aggregation** (and distributed DP, which runs inside it), but for random-k: SecAgg
+  sums masked vectors coordinate by coordinate, so only a linear compressor whose clients keep
+  the same coordinates passes through it. ``randk`` does, with one coordinate set per round
+  shared by every client (:mod:`consortium.compression.secure`; SecAgg's own stage then sends
+  the ``k`` coordinates and no ``Compress`` stage is built); the others are refused there, as
+  is randk with central or distributed DP.
 - **sign** with central DP (its majority vote would run before the noise, and the ±1 vectors'
   norm √d exceeds any clip), with error feedback (the vote is not what the client's residual
   assumes), and with a robust aggregator (the vote is the aggregation rule itself).
@@ -33,8 +34,9 @@ def compression_stage(cfg: Any, *, deployed: bool = False) -> Any:
     """The :class:`~consortium.compression.stage.Compress` stage ``cfg.compression`` asks
     for, or ``None`` when ``uplink = "none"``. ``deployed``: built by a site of a gRPC
     deployment, whose uploads carry the encoding itself (``EncodedUpdate`` in the proto; the
-    server decodes it while it validates the result); PowerSGD is refused there (its shapes
-    payload does not travel yet).
+    server decodes it while it validates the result). PowerSGD works there too: the site
+    factorises with its own layout's shapes, the server decodes with its own, and the warm
+    start and residual are the site's persistent state (``--state``).
 
     Raises:
         ConfigError: an invalid setting, or a combination listed in the module docstring.
@@ -43,19 +45,11 @@ def compression_stage(cfg: Any, *, deployed: bool = False) -> Any:
     if c.uplink == "none":
         return None
     method = c.uplink
-    if deployed and method == "powersgd":
-        raise ConfigError(
-            "compression.uplink = \"powersgd\" works in simulation only for now: its clients "
-            "learn the layers' shapes from a stage payload the gRPC task cannot carry yet; use "
-            "topk, randk, qsgd, int8/int4/int2, fp16, bf16 or sign for a deployment"
-        )
     if cfg.secure_aggregation.enabled or cfg.privacy.mode == "distributed":
-        raise ConfigError(
-            f"compression.uplink = {method!r} cannot combine with secure aggregation: SecAgg "
-            "sums dense masked vectors of secure_aggregation.bits-bit integers, through which "
-            "an encoded update cannot travel. Set compression.uplink = \"none\" and lower "
-            "secure_aggregation.bits to send fewer bytes, or disable secure aggregation"
-        )
+        from consortium.compression.secure import check_secure
+
+        check_secure(cfg)  # refuses all but randk (compression/secure.py says why)
+        return None  # SecAgg's own stage sends the round's shared k coordinates
     if method == "sign":
         if cfg.privacy.mode == "central":
             raise ConfigError(
@@ -74,7 +68,8 @@ def compression_stage(cfg: Any, *, deployed: bool = False) -> Any:
     try:
         return compress(
             method, fraction=c.fraction, bits=c.bits, chunk=c.chunk, rank=c.rank,
-            error_feedback=c.error_feedback, sign_lr=c.sign_lr,
+            error_feedback=c.error_feedback, sign_lr=c.sign_lr, values=c.values,
+            indices=c.indices,
         )
     except PipelineError as exc:
         raise ConfigError(str(exc)) from exc

@@ -41,16 +41,40 @@ def keep_count(size: int, fraction: float) -> int:
     return max(1, min(size, round(fraction * size)))
 
 
-def encode_topk(v: torch.Tensor, fraction: float) -> Encoded:
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def encode_topk(
+    v: torch.Tensor, fraction: float, *, values: str = "float32", indices: str = "int32"
+) -> Encoded:
     """Top-k sparsification: the ``k`` coordinates of largest magnitude, indices sorted.
 
     Biased (it keeps only the largest), so it needs error feedback to converge at small ``k``
     (Stich, Cordonnier & Jaggi, "Sparsified SGD with memory", NeurIPS 2018).
+
+    Args:
+        v: the dense vector.
+        fraction: ``k = keep_count(d, fraction)``.
+        values: ``"float32"``, or ``"fp16"`` (IEEE binary16, round to nearest, clamped to
+            ±65504 so that nothing overflows to inf; error feedback keeps the rounding).
+        indices: ``"int32"`` (4 bytes each, kind ``topk``) or ``"rice"``: the gaps
+            Golomb–Rice coded (:mod:`~consortium.compression.rice`, kind ``sparse``, header
+            ``(k,)``; the parameter ``b = round(log2(d/k · ln 2))`` follows from ``d`` and
+            ``k`` on both sides), about ``b + 1.5`` bits an index.
     """
     d = v.numel()
     k = keep_count(d, fraction)
     idx = torch.topk(v.abs(), k, sorted=False).indices.sort().values
-    return Encoded("topk", d, (k,), indices=idx.to(torch.int32), values=v[idx].clone())
+    kept = v[idx].clone()
+    if values == "fp16":
+        kept = kept.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+    if indices == "rice":
+        from consortium.compression.rice import encode_gaps, rice_parameter
+
+        b = rice_parameter(d, k)
+        codes = torch.from_numpy(encode_gaps(idx.numpy(), b))
+        return Encoded("sparse", d, (k,), values=kept, codes=codes)
+    return Encoded("topk", d, (k,), indices=idx.to(torch.int32), values=kept)
 
 
 def encode_randk(v: torch.Tensor, fraction: float, seed: int) -> Encoded:

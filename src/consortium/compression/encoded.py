@@ -13,7 +13,12 @@ kind   header                 tensors
 ====== ====================== =========================================================
 fp16   ()                     values float16 [d]
 bf16   ()                     values bfloat16 [d]
-topk   (k,)                   indices int32 [k] strictly increasing in [0, d); values float32 [k]
+topk   (k,)                   indices int32 [k] strictly increasing in [0, d); values float32
+                              or float16 [k]
+sparse (k,)                   codes uint8: the indices' gaps Golomb–Rice coded with parameter
+                              ``b = rice_parameter(d, k)`` (:mod:`~consortium.compression.rice`;
+                              both sides derive it, so it does not travel); values float16 or
+                              float32 [k]
 randk  (k, seed)              values float32 [k]; the indices are ``random_indices(d, k, seed)``
 qsgd   (bits, chunk)          codes uint8 (bits+1 bits a coordinate); scales float32 [chunks] ≥ 0
 int    (bits, chunk)          codes uint8 (bits a coordinate, ≤ 2^bits − 2); scales float32 [chunks] ≥ 0
@@ -181,7 +186,9 @@ def decode(
     Raises:
         MalformedUpdate: an unknown kind, a length that disagrees with the header or the model,
             indices out of range or repeated, codes out of range, non-finite values or scales,
-            negative scales, non-zero padding bits, tensors that do not belong to the kind.
+            negative scales, non-zero padding bits, tensors that do not belong to the kind,
+            and for ``sparse`` a Golomb–Rice stream longer than its ``k`` indices below ``d``
+            can need, other than ``k`` quotients or trailing bytes (:func:`~consortium.compression.rice.decode_gaps`).
     """
     if not isinstance(enc, Encoded):
         raise MalformedUpdate(f"expected an Encoded update, got {type(enc).__name__}")
@@ -200,7 +207,7 @@ def decode(
         _need(1 <= k <= d, enc, f"k = {k} outside [1, {d}]")
         _absent(enc, "codes", "scales")
         idx = _tensor(enc, "indices", (torch.int32,), k).to(torch.int64)
-        values = _tensor(enc, "values", (torch.float32,), k)
+        values = _tensor(enc, "values", (torch.float32, torch.float16), k).to(torch.float32)
         _need(int(idx.min()) >= 0 and int(idx.max()) < d, enc,
               f"indices outside [0, {d}) (found {int(idx.min())} .. {int(idx.max())})")
         _need(bool((idx[1:] > idx[:-1]).all()), enc,
@@ -209,6 +216,8 @@ def decode(
         out = torch.zeros(d)
         out[idx] = values
         return out
+    if kind == "sparse":
+        return _sparse(enc, d)
     if kind == "randk":
         k, seed = _header(enc, 2)
         _need(1 <= k <= d, enc, f"k = {k} outside [1, {d}]")
@@ -256,6 +265,31 @@ def decode(
         _finite(enc, "values", values)
         return decode_lowrank(values, shapes, rank)
     raise MalformedUpdate(
-        f"encoded update of unknown kind {kind!r}; expected fp16, bf16, topk, randk, qsgd, "
-        "int, sign or lowrank"
+        f"encoded update of unknown kind {kind!r}; expected fp16, bf16, topk, sparse, randk, "
+        "qsgd, int, sign or lowrank"
     )
+
+
+def _sparse(enc: Encoded, d: int) -> torch.Tensor:
+    """Top-k with Golomb–Rice coded gaps: every check of
+    :func:`~consortium.compression.rice.decode_gaps` (bounded work before anything is unpacked)."""
+    from consortium.compression.rice import RiceError, decode_gaps, rice_parameter
+
+    (k,) = _header(enc, 1)
+    _need(1 <= k <= d, enc, f"k = {k} outside [1, {d}]")
+    b = rice_parameter(d, k)  # derived on both sides: nothing a sender could inflate
+    _absent(enc, "indices", "scales")
+    values = _tensor(enc, "values", (torch.float16, torch.float32), k).to(torch.float32)
+    _finite(enc, "values", values)
+    codes = enc.codes
+    _need(codes is not None, enc, "it has no codes (the coded indices)")
+    assert codes is not None
+    _need(codes.dtype == torch.uint8 and codes.ndim == 1, enc,
+          f"codes are {codes.dtype} of shape {tuple(codes.shape)}, expected flat uint8")
+    try:
+        idx = decode_gaps(codes.numpy(), d=d, k=k, b=b)
+    except RiceError as exc:
+        raise MalformedUpdate(f"encoded update (sparse, d={d}) refused: {exc}") from exc
+    out = torch.zeros(d)
+    out[torch.from_numpy(idx)] = values
+    return out

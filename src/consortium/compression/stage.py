@@ -30,6 +30,7 @@ from consortium.compression.codecs import (
     encode_randk,
     encode_sign,
     encode_topk,
+    keep_count,
 )
 from consortium.compression.encoded import Encoded, MalformedUpdate, decode
 from consortium.errors import PipelineError
@@ -40,6 +41,8 @@ __all__ = ["METHODS", "RESIDUAL_KEY", "Compress", "compress"]
 
 METHODS = ("none", "topk", "randk", "qsgd", "int8", "int4", "int2", "fp16", "bf16", "sign",
            "powersgd")
+VALUES = ("float32", "fp16")
+INDICES = ("int32", "rice")
 RESIDUAL_KEY = "compression.residual"
 Q_KEY = "compression.q"
 
@@ -73,8 +76,15 @@ class Compress:
         rank: PowerSGD's rank.
         error_feedback: keep the residual ``v − C(v)`` at the client and add it next round.
         sign_lr: signSGD's server step: the global model moves by ``sign_lr · sign(Σ sᵢ)``.
+        values: top-k's kept values: ``"float32"`` or ``"fp16"`` (2 bytes each).
+        indices: top-k's indices: ``"int32"`` (4 bytes each) or ``"rice"`` (Golomb–Rice coded
+            gaps, about ``log2(d/k) + 1.5`` bits each; the kind ``sparse``).
 
-    PowerSGD's clients learn the layers' shapes from the stage's broadcast payload.
+    PowerSGD's clients take the layers' shapes from their own layout
+    (:attr:`ClientContext.layout <consortium.aggregation.base.ClientContext.layout>`: the
+    task's parameters, loaded into the client's own model), the server decodes with its own
+    layout's shapes, and nothing about the shapes travels in the task; a client's warm-start
+    ``Q`` and residual are its persistent state (a deployed site's ``--state``).
     """
 
     method: str
@@ -84,6 +94,8 @@ class Compress:
     rank: int = 2
     error_feedback: bool = False
     sign_lr: float = 0.01
+    values: str = "float32"
+    indices: str = "int32"
 
     @property
     def name(self) -> str:
@@ -98,13 +110,11 @@ class Compress:
         return frozenset({"compressed"})
 
     def init(self, layout: Layout) -> StageState:
-        if self.method == "powersgd":
-            return {"shapes": [list(s.shape) for s in layout.specs]}
         return {}
 
     def broadcast(self, state: StageState) -> dict[str, Any]:
-        """PowerSGD's clients need the layers' shapes; the other methods need nothing."""
-        return {"shapes": state["shapes"]} if self.method == "powersgd" else {}
+        """Nothing: every client knows its own layout (PowerSGD's shapes)."""
+        return {}
 
     # -- client ------------------------------------------------------------------------------
 
@@ -118,7 +128,7 @@ class Compress:
         if m in ("fp16", "bf16"):
             return encode_cast(v, m)
         if m == "topk":
-            return encode_topk(v, self.fraction)
+            return encode_topk(v, self.fraction, values=self.values, indices=self.indices)
         if m == "randk":
             return encode_randk(v, self.fraction, _seed(ctx, "randk"))
         if m == "qsgd":
@@ -128,7 +138,7 @@ class Compress:
         if m == "sign":
             return encode_sign(v)
         if m == "powersgd":
-            return self._encode_lowrank(v, ctx, state, _shapes(payload, v.numel()))
+            return self._encode_lowrank(v, ctx, state, _shapes(ctx, payload, v.numel()))
         raise PipelineError(f"unknown compression method {m!r}; expected one of {METHODS}")
 
     def _encode_lowrank(
@@ -167,7 +177,7 @@ class Compress:
                 v = v + residual
         enc = self.encode(v, ctx, state, payload)
         if self.error_feedback:
-            shapes = payload.get("shapes") if self.method == "powersgd" else None
+            shapes = _shapes(ctx, payload, v.numel()) if self.method == "powersgd" else None
             state[RESIDUAL_KEY] = v - decode(enc, size=v.numel(), shapes=shapes)
         # one vote per client under signSGD (Bernstein et al.'s majority vote is unweighted)
         weight = 1.0 if self.method == "sign" else update.weight
@@ -186,7 +196,8 @@ class Compress:
 
         Raises:
             MalformedUpdate: no encoding, another kind or bit width, a dense delta beside the
-                encoding, or an encoding :func:`decode` refuses.
+                encoding, an encoding :func:`decode` refuses, or top-k with another ``k``
+                than ``fraction`` gives or values of another dtype than ``values``.
         """
         enc = update.encoded
         who = f"client {update.client_id!r}"
@@ -195,16 +206,38 @@ class Compress:
                 f"{who} sent no {self.method} encoding; every client of this run compresses "
                 "its update (the same [compression] section)"
             )
-        if enc.kind != _KIND[self.method]:
+        if enc.kind != self.kind:
             raise MalformedUpdate(
-                f"{who} sent a {enc.kind!r} encoding; this run expects {_KIND[self.method]!r}"
+                f"{who} sent a {enc.kind!r} encoding; this run expects {self.kind!r}"
             )
         if self.method in ("int8", "int4", "int2") and enc.header[:1] != (int(self.method[3:]),):
             raise MalformedUpdate(f"{who} sent {enc.header[:1]}-bit codes; this run expects "
                                   f"{self.method}")
         if update.delta.numel():
             raise MalformedUpdate(f"{who} sent a dense delta beside its encoding")
-        return decode(enc, size=layout.size, shapes=[s.shape for s in layout.specs])
+        dense = decode(enc, size=layout.size, shapes=[s.shape for s in layout.specs])
+        if self.method == "topk":  # after decode, whose reasons name the malformed field
+            self._check_topk(enc, layout.size, who)
+        return dense
+
+    @property
+    def kind(self) -> str:
+        """The :class:`Encoded` kind this stage's clients send."""
+        if self.method == "topk" and self.indices == "rice":
+            return "sparse"
+        return _KIND[self.method]
+
+    def _check_topk(self, enc: Encoded, size: int, who: str) -> None:
+        # an honest client keeps keep_count(d, fraction) values of the run's dtype
+        k = keep_count(size, self.fraction)
+        if enc.header[:1] != (k,):
+            sent = enc.header[0] if enc.header else "no"
+            raise MalformedUpdate(f"{who} sent k = {sent} coordinates; this run keeps "
+                                  f"k = {k} (compression.fraction = {self.fraction})")
+        dtype = torch.float16 if self.values == "fp16" else torch.float32
+        if enc.values is not None and enc.values.dtype != dtype:
+            raise MalformedUpdate(f"{who} sent {enc.values.dtype} values; this run's "
+                                  f"compression.values = {self.values!r}")
 
     def server(
         self, aggregate: Aggregate, state: StageState, ctx: RoundContext
@@ -217,12 +250,17 @@ class Compress:
         return dataclasses.replace(aggregate, delta=vote), state
 
 
-def _shapes(payload: Mapping[str, Any], size: int) -> list[list[int]]:
+def _shapes(ctx: ClientContext, payload: Mapping[str, Any], size: int) -> list[list[int]]:
+    """The layers' shapes PowerSGD factorises: the client's own layout (``ctx.layout``), or a
+    ``"shapes"`` list a caller passes in the payload (unit tests without a layout)."""
     shapes = payload.get("shapes")
+    if shapes is None and ctx.layout is not None:
+        shapes = [list(s.shape) for s in ctx.layout.specs]
     if not isinstance(shapes, list) or sum(_numel(s) for s in shapes) != size:
         raise PipelineError(
-            f"powersgd needs the layers' shapes of the {size}-value model from the task's "
-            "stage payload (Compress.broadcast); send Pipeline.broadcast(state) with the task"
+            f"powersgd needs the layers' shapes of the {size}-value update: pass "
+            "ClientContext(layout=...) (the layout of the task's parameters; the executors "
+            "and a deployed site pass it)"
         )
     return [[int(x) for x in s] for s in shapes]
 
@@ -244,7 +282,8 @@ def compress(method: str, **settings: Any) -> Compress:
     """A :class:`Compress` stage after checking its settings.
 
     Raises:
-        PipelineError: an unknown method, a fraction outside (0, 1], bits outside [1, 7] for
+        PipelineError: an unknown method, top-k's ``values``/``indices`` unknown or set for
+            another method, a fraction outside (0, 1], bits outside [1, 7] for
             QSGD, a chunk or rank below 1, a sign_lr ≤ 0, or a method that needs error
             feedback (PowerSGD) without it / cannot take it (sign).
     """
@@ -257,6 +296,17 @@ def compress(method: str, **settings: Any) -> Compress:
         raise PipelineError(f"compression.bits = {stage.bits} must be in [1, 7] for qsgd")
     if stage.chunk < 1 or stage.rank < 1:
         raise PipelineError("compression.chunk and compression.rank must be >= 1")
+    if stage.values not in VALUES or stage.indices not in INDICES:
+        raise PipelineError(
+            f"compression.values = {stage.values!r} / compression.indices = {stage.indices!r}: "
+            f"expected values in {VALUES} and indices in {INDICES}"
+        )
+    if method != "topk" and (stage.values, stage.indices) != (VALUES[0], INDICES[0]):
+        raise PipelineError(
+            f"compression.values and compression.indices choose top-k's compact form; "
+            f"compression.uplink = {method!r} does not use them: set uplink = \"topk\" or "
+            f"leave values = \"float32\" and indices = \"int32\""
+        )
     if method == "sign" and not stage.sign_lr > 0:
         raise PipelineError(f"compression.sign_lr = {stage.sign_lr} must be > 0")
     if method == "sign" and stage.error_feedback:

@@ -401,6 +401,7 @@ def serve_analysis(
         "config_toml": cfg.to_toml(), "run_id": f"{run_dir.name}-{uuid.uuid4().hex[:8]}",
         "registry": None, "max_result_bytes": MAX_RESULT_BYTES, "audit": audit,
         "summaries_expected": 0, "signer": signer, "purpose": "analysis",
+        "open_roster": False,  # an analysis's phases ask the sites that started it
     }, heartbeat_s=heartbeat_s, limits=limits)
     hub = thread.start()
     audit.append("run", run_id=hub.run_id, resumed=False, signed=signer is not None,

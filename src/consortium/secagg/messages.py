@@ -21,6 +21,7 @@ from consortium.secagg.masks import MAX_MODULUS_BITS
 from consortium.secagg.shamir import Share
 
 __all__ = [
+    "MASKED_WORD_BITS",
     "SEED_COMMITMENT_BYTES",
     "AdvertiseKeys",
     "ConsistencyRequest",
@@ -36,6 +37,7 @@ __all__ = [
     "UnmaskRequest",
     "UnmaskResponse",
     "consistency_bytes",
+    "masked_wire_dtype",
     "seed_commitment",
     "signed_keys_bytes",
 ]
@@ -168,10 +170,35 @@ class SharesForClient:
 
 @dataclass(frozen=True)
 class MaskedInput:
-    """Phase 3, client to server: the masked vector ``y`` (int64 in ``[0, 2**modulus_bits)``)."""
+    """Phase 3, client to server: the masked vector ``y`` (int64 in ``[0, 2**modulus_bits)``).
+
+    In memory the residues are int64 (the protocol's arithmetic); on the wire they travel in
+    the narrowest exact form, :func:`masked_wire_dtype`: 4-byte uint32 words for the usual
+    modulus ``2**32`` (half of int64), int64 only for a residue beyond 32 bits.
+    :meth:`wire_nbytes` is what the wire then carries, which ``bytes_up`` counts.
+    """
 
     client_id: str
     vector: torch.Tensor
+
+    def wire_nbytes(self) -> int:
+        """Bytes of the client id (UTF-8) and the vector in its wire form, without framing."""
+        width = 4 if masked_wire_dtype(self.vector) == "uint32" else 8
+        return len(self.client_id.encode("utf-8")) + self.vector.numel() * width
+
+
+MASKED_WORD_BITS = 32
+"""Residues below ``2**MASKED_WORD_BITS`` (every residue of a modulus up to ``2**32``) travel
+as uint32 words."""
+
+
+def masked_wire_dtype(vector: torch.Tensor) -> str:
+    """The wire dtype of a masked vector: ``"uint32"`` when every value lies in
+    ``[0, 2**32)`` (always, for ``modulus_bits <= 32``), else ``"int64"``; exact either way."""
+    if vector.numel() == 0:
+        return "uint32"
+    low, high = int(vector.min()), int(vector.max())
+    return "uint32" if low >= 0 and high >> MASKED_WORD_BITS == 0 else "int64"
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,14 @@ from consortium.errors import PipelineError
 from consortium.seeds import derive_seed
 from consortium.types import Layout, Update
 
-__all__ = ["SecureAggregation", "SecureSum", "secagg_context", "secure_aggregation"]
+__all__ = [
+    "RESIDUAL_KEY",
+    "SecureAggregation",
+    "SecureSum",
+    "secagg_context",
+    "secure_aggregation",
+    "sparse_count",
+]
 
 MODULUS_BITS = 32
 HEADROOM = 4
@@ -41,6 +48,16 @@ wraps, and a sum that a forged input or a corrupted share turned into noise fall
 honest range in each coordinate with probability at least 3/4 (see :class:`SecureSum`)."""
 SIMULATION_CONTEXT = b"consortium"
 """The SecAgg context of a simulation (no run id): the constant of earlier versions."""
+RESIDUAL_KEY = "secagg.residual"
+"""Where random-k under SecAgg with error feedback keeps the coordinates not yet sent."""
+
+
+def sparse_count(size: int, fraction: float) -> int:
+    """``k``: the coordinates of a delta of ``size`` that random-k under SecAgg sends
+    (``max(1, round(fraction·size))``, as :func:`~consortium.compression.codecs.keep_count`)."""
+    if fraction >= 1:
+        return size
+    return max(1, min(size, round(fraction * size)))
 
 
 def secagg_context(run_id: str) -> bytes:
@@ -57,6 +74,13 @@ class _Session:
     round: int
     vector: torch.Tensor | None
     client: Any = None  # the SecAggClient, made when the server's config arrives
+
+
+def _residues(vector: torch.Tensor) -> bool:
+    """Whether every value of ``vector`` lies in ``[0, 2**MODULUS_BITS)``."""
+    return not vector.numel() or (
+        int(vector.min()) >= 0 and int(vector.max()) >> MODULUS_BITS == 0
+    )
 
 
 def _encode_scales(
@@ -91,6 +115,10 @@ class SecureAggregation:
     ``ClientContext.site.identity`` (a :class:`~consortium.secagg.identity.SiteIdentity`);
     a simulation with ``simulated`` (a :class:`~consortium.secagg.identity.SimulatedAuthority`)
     signs with a certificate it issues per client id, and requires signatures.
+
+    With ``fraction < 1`` (``[compression] uplink = "randk"``) only the round's shared
+    random-k coordinates of ``w·Δ`` go into the vector (:mod:`consortium.compression.secure`),
+    so the masks, the upload and the server's sum run over ``k`` values instead of ``d``.
     """
 
     clip: float = 1.0
@@ -105,6 +133,14 @@ class SecureAggregation:
     integer: bool = False
     """Send the delta as it is, integers (distributed DP's noised grid values), and the weight
     as an integer count, both modulo 2**32: no scaling, clipping or rounding here."""
+    fraction: float = 1.0
+    """Random-k under SecAgg (:mod:`consortium.compression.secure`): send only the round's
+    shared ``k = round(fraction·d)`` coordinates of the delta (extras and weight in full);
+    1.0 sends the whole delta."""
+    error_feedback: bool = False
+    """With ``fraction < 1``: keep the coordinates not sent in the client's state
+    (:data:`RESIDUAL_KEY`) and add them next time (the server does not rescale); without it
+    the server scales the sum by ``d/k`` (unbiased)."""
 
     def init(self, layout: Layout) -> StageState:
         return {}
@@ -124,7 +160,8 @@ class SecureAggregation:
         if self.integer:
             return self._client_integer(update, ctx)
         segments = _encode_scales(update.extras, self.weight_bound, dict(self.extra_bounds))
-        parts = [update.delta.double() * update.weight / self.weight_bound]
+        delta = self._sparsified(update.delta, ctx) if self.fraction < 1 else update.delta
+        parts = [delta.double() * update.weight / self.weight_bound]
         parts += [update.extras[n].double().reshape(-1) / scale for n, _, scale in segments]
         parts.append(torch.tensor([update.weight / self.weight_bound], dtype=torch.float64))
         x = torch.cat(parts)
@@ -142,6 +179,38 @@ class SecureAggregation:
             update.client_id, torch.zeros(0), 0.0,
             metrics={**update.metrics, "secagg_clipped": clipped}, extras=shapes,
         )
+
+    def _sparsified(self, delta: torch.Tensor, ctx: ClientContext) -> torch.Tensor:
+        """The round's shared coordinates of ``delta`` (plus the residual kept from earlier
+        rounds under error feedback, whose new value is what is not sent now).
+
+        Raises:
+            PipelineError: error feedback without a persistent client state.
+        """
+        from consortium.compression.secure import round_coordinates
+
+        d = delta.numel()
+        run_id = ctx.site.run_id if ctx.site is not None else ""
+        idx = round_coordinates(d, sparse_count(d, self.fraction),
+                                context=secagg_context(run_id), round=ctx.round)
+        if not self.error_feedback:
+            return delta.reshape(-1)[idx]
+        state = ctx.state
+        if state is None:
+            raise PipelineError(
+                "secure aggregation's random-k with error feedback keeps the coordinates not "
+                "sent across rounds, but the client context has no persistent state; pass "
+                "ClientContext(state=...) (the executors pass the client-state store's entry)"
+            )
+        v = delta.reshape(-1).to(torch.float32)
+        residual = state.get(RESIDUAL_KEY)
+        if residual is not None and residual.numel() == d:
+            v = v + residual
+        kept = v[idx]
+        rest = v.clone()
+        rest[idx] = 0.0
+        state[RESIDUAL_KEY] = rest
+        return kept
 
     def _client_integer(self, update: Update, ctx: ClientContext) -> Update:
         """The integer path: ``[Δ..., w] mod 2**32`` with ``Δ`` and ``w`` integers in
@@ -274,6 +343,11 @@ class SecureSum:
     sum, so it checks the sum against what honest inputs could produce; Bell et al. 2020 and
     Bonawitz et al. 2017 assume honest inputs):
 
+    - Length: every masked vector must be int64 of exactly :meth:`vector_length` values (the
+      delta's ``d``, or ``k`` under random-k, each extra, the weight slot) in ``[0, 2**32)``;
+      a client that sends another is left out of the sum like a client that dropped after
+      sharing its keys (its pairwise masks are recovered from its neighbours' shares) and
+      named in the round's ``secagg_malformed``.
     - Headroom: ``n·(2**bits - 1)·HEADROOM <= 2**32`` for the ``n`` clients of a round, checked
       before the protocol starts (:meth:`check_clients`); a round without it is refused.
     - Range: every coordinate of the unmasked sum, the weight slot included, must lie in
@@ -318,6 +392,12 @@ class SecureSum:
     """Decode the sum as centred integers (values in ``[-2**31, 2**31)``), for
     :class:`SecureAggregation` with ``integer=True``: the exact sum goes to the server's
     halves in the extra ``secagg.integer_sum`` (int64), the weight is the summed count."""
+    fraction: float = 1.0
+    """Random-k (see :class:`SecureAggregation`): the masked vectors hold the round's shared
+    ``k`` coordinates of the delta, scattered back into ``d`` here."""
+    error_feedback: bool = False
+    """With ``fraction < 1``: the clients keep what they did not send, so the scattered sum
+    is not rescaled; without it the delta is scaled by ``d/k`` (unbiased over the set)."""
 
     def aggregate(self, updates: list[Update], *, ctx: RoundContext) -> Aggregate:
         from consortium.secagg.protocol import (
@@ -356,11 +436,22 @@ class SecureSum:
             config=config, graph_seed=derive_seed(ctx.seed, "secagg-graph").to_bytes(8, "big")
         )
 
+        length = self.vector_length(ctx.layout.size, updates[0].extras)
+        malformed: list[str] = []
+
         def replies(phase: str, messages: Mapping[str, Any]) -> Iterator[Any]:
             for cid, reply in exchange(self.stage, phase, messages):
                 sender = getattr(reply, "client_id", getattr(reply, "sender", None))
-                if sender == cid:  # a reply claiming another client's id is dropped
-                    yield reply
+                if sender != cid:  # a reply claiming another client's id is dropped
+                    continue
+                vector = getattr(reply, "vector", None) if phase == "masked" else None
+                if vector is not None and not (
+                    isinstance(vector, torch.Tensor) and vector.dtype == torch.int64
+                    and vector.shape == (length,) and _residues(vector)
+                ):  # the client is dropped: its pairwise masks are removed as for a dropout
+                    malformed.append(cid)
+                    continue
+                yield reply
 
         try:
             broadcasts = server.collect_keys(list(replies("keys", dict.fromkeys(ids, config))))
@@ -381,6 +472,8 @@ class SecureSum:
                                 "secagg_authenticated": server.authenticated}
         if server.corrupted:  # corrected: the sum is right, the holders are named
             info["secagg_corrupted_shares"] = sorted(server.corrupted)
+        if malformed:  # sent a masked vector of another length or dtype: left out
+            info["secagg_malformed"] = sorted(malformed)
         if self.integer:
             return self._decode_integer(result.sum, result.contributors, ctx, info)
         self._check_range(result.sum, count)
@@ -388,17 +481,39 @@ class SecureSum:
             result.sum, count=count, clip=self.clip, bits=self.bits, modulus=2**MODULUS_BITS,
         )
         d = ctx.layout.size
+        k = sparse_count(d, self.fraction)
         weight = float(total[-1]) * self.weight_bound
         self._check_weight(weight, result.contributors)
         segments = _encode_scales(updates[0].extras, self.weight_bound, dict(self.extra_bounds))
-        extras, offset = {}, d
+        extras, offset = {}, k
         for name, size, scale in segments:
             extras[name] = (total[offset : offset + size] * scale).to(torch.float32)
             offset += size
-        return Aggregate(
-            (total[:d] * self.weight_bound / weight).to(torch.float32), weight, count, extras,
-            info=info,
-        )
+        if k == d:
+            delta = (total[:d] * self.weight_bound / weight).to(torch.float32)
+        else:
+            delta = self._scattered(total[:k], d, ctx.round) * self.weight_bound / weight
+            delta = delta.to(torch.float32)
+            info["secagg_coordinates"] = k
+        return Aggregate(delta, weight, count, extras, info=info)
+
+    def vector_length(self, d: int, extras: Mapping[str, torch.Tensor]) -> int:
+        """The length every client's masked vector must have: the delta's ``k`` coordinates
+        (``d`` unless random-k), each extra's size (none in integer mode), the weight slot."""
+        if self.integer:
+            return d + 1
+        return sparse_count(d, self.fraction) + sum(t.numel() for t in extras.values()) + 1
+
+    def _scattered(self, values: torch.Tensor, d: int, round: int) -> torch.Tensor:
+        """The ``k`` summed coordinates put back at the round's shared set in a vector of
+        ``d`` (float64), scaled by ``d/k`` unless the clients keep a residual."""
+        from consortium.compression.secure import round_coordinates
+
+        k = values.numel()
+        idx = round_coordinates(d, k, context=secagg_context(self.run_id), round=round)
+        out = torch.zeros(d, dtype=torch.float64)
+        out[idx] = values.double() if self.error_feedback else values.double() * (d / k)
+        return out
 
     def check_clients(self, n: int) -> None:
         """Refuse a configuration whose rounds of ``n`` clients the modulus cannot hold with
@@ -511,6 +626,7 @@ def secure_aggregation(
     *, clip: float = 1.0, bits: int = 16, weight_bound: float = 1000.0, threshold: float = 0.5,
     neighbours: int = 0, extra_bounds: Mapping[str, float] | None = None, run_id: str = "",
     authenticate: bool = False, integer: bool = False, weights: Mapping[str, float] | None = None,
+    fraction: float = 1.0, error_feedback: bool = False,
 ) -> tuple[SecureAggregation, SecureSum]:
     """The stage and the aggregator of secure aggregation, to put in a pipeline together.
 
@@ -524,7 +640,10 @@ def secure_aggregation(
     weights exactly (distributed DP, :mod:`consortium.privacy.distributed`) instead of
     quantising floats. ``weights`` (client id -> the weight the server knows it sends: its
     training examples, or 1 under central or distributed DP) lets the server check the
-    securely summed weight (see :class:`SecureSum`).
+    securely summed weight (see :class:`SecureSum`). ``fraction < 1`` sends only the round's
+    shared random-k coordinates of the delta (:mod:`consortium.compression.secure`): with
+    ``error_feedback`` the clients keep the rest for later rounds, without it the server
+    scales the summed coordinates by ``d/k``.
     """
     if not clip > 0 or not weight_bound > 0:
         raise PipelineError("secure aggregation needs clip > 0 and weight_bound > 0")
@@ -532,6 +651,14 @@ def secure_aggregation(
         raise PipelineError(f"secure aggregation threshold = {threshold} must be in (0, 1]")
     if not 2 <= bits <= 24:
         raise PipelineError(f"secure aggregation bits = {bits} must be in [2, 24]")
+    if not 0 < fraction <= 1:
+        raise PipelineError(f"secure aggregation fraction = {fraction} must be in (0, 1]")
+    if fraction < 1 and integer:
+        raise PipelineError(
+            "random-k under secure aggregation does not combine with its integer mode "
+            "(distributed DP): the discrete Gaussian noise and its sensitivity are calibrated "
+            "on all d coordinates; use compression.uplink = \"none\" with distributed DP"
+        )
     bounds = tuple(sorted((extra_bounds or {}).items()))
     for name, bound in bounds:
         if not bound > 0:
@@ -547,7 +674,8 @@ def secure_aggregation(
         simulated = SimulatedAuthority()
     return (
         SecureAggregation(clip, bits, weight_bound, threshold, bounds, simulated=simulated,
-                          integer=integer),
+                          integer=integer, fraction=fraction, error_feedback=error_feedback),
         SecureSum(clip, bits, weight_bound, threshold, neighbours, bounds, run_id=run_id,
-                  weights=known, integer=integer),
+                  weights=known, integer=integer, fraction=fraction,
+                  error_feedback=error_feedback),
     )

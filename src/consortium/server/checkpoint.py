@@ -97,6 +97,8 @@ def save_checkpoint(
     }
     if state.downlink:  # downlink compression's x̂ (absent otherwise: files as before)
         meta["downlink"] = _split(state.downlink, "downlink", tensors)
+    if state.asynchronous:  # FedBuff/FedAsync's clients in flight (server.asynchronous)
+        meta["asynchronous"] = _split(state.asynchronous, "asynchronous", tensors)
     save_file(tensors, str(tmp / "tensors.safetensors"))
     (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
     if extras is not None:
@@ -242,6 +244,7 @@ def load_checkpoint(
         last_metrics=meta.get("last_metrics", {}),
         per_client=meta.get("per_client", {}),
         downlink=_join(meta.get("downlink", {}), tensors),
+        asynchronous=_join(meta.get("asynchronous", {}), tensors),
     )
     try:
         check_state(state.downlink, params.numel(), where, round=rnd)

@@ -88,12 +88,17 @@ class Evaluator:
         *,
         executor: Executor,
         clients: Mapping[str, SiteClient],
+        online: Sequence[str] | None = None,
     ) -> tuple[dict[str, float | None], dict[str, dict[str, float]]]:
+        """``online``: the clients reachable (the simulated clock's; ``None``: every one)."""
         test_size = getattr(clients, "test_size", None)
         test_sizes = {
             cid: test_size(cid) if test_size else len(clients[cid].data.test) for cid in clients
         }
         eligible = [cid for cid, n in test_sizes.items() if n > 0]
+        if online is not None:
+            reachable = set(online)
+            eligible = [cid for cid in eligible if cid in reachable]
         draws = self._draws(round, eligible, test_sizes)
         drawn = set(draws) if draws is not None else set(eligible)
         tasks = [

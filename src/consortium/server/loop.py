@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from consortium.executors.base import Executor
 from consortium.messages import Result, Task
 from consortium.reporting.callbacks import CallbackList
 from consortium.seeds import derive_seed
+from consortium.server.clock import Clock
 from consortium.server.evaluation import Evaluator
 from consortium.server.heterogeneity import Dropouts, Stragglers
 from consortium.server.sampling import Sampler
@@ -73,6 +74,11 @@ class RunState:
     downlink: dict[str, Any] = field(default_factory=dict)
     """Downlink compression's state (the clients' model ``x̂``, each client's last round, the
     messages' running byte total: :mod:`consortium.compression.downlink`); ``{}`` without it."""
+    sim_time_s: float = 0.0
+    """The simulated clock's time at the end of this round (:mod:`consortium.server.clock`)."""
+    asynchronous: dict[str, Any] = field(default_factory=dict)
+    """The asynchronous modes' clients in flight and the models they started from
+    (:mod:`consortium.server.asynchronous`); ``{}`` in synchronous rounds."""
 
 
 class Server:
@@ -93,6 +99,7 @@ class Server:
         callbacks: CallbackList | None = None,
         eval_every: int = 1,
         downlink: Downlink | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.clients = clients
         self.algorithm = algorithm
@@ -106,6 +113,14 @@ class Server:
         self.callbacks = callbacks or CallbackList()
         self.eval_every = eval_every
         self.downlink = downlink
+        self.clock = clock  # None: no simulated time (a deployment)
+
+    def _online(self, t: float) -> list[str] | None:
+        """The clients online at simulated time ``t`` (whom a round's evaluation reaches);
+        ``None``: every client."""
+        if self.clock is None or self.clock.availability.always or self.clock.evaluate_offline:
+            return None
+        return self.clock.online(list(self.clients), t)
 
     def init_state(self, params: Parameters) -> RunState:
         return RunState(
@@ -127,23 +142,32 @@ class Server:
         start = time.perf_counter()
         rnd = state.round + 1
         ids = list(self.clients)
-        participants = self.sampler.sample(rnd, ids, seed=self.seed)
+        now = state.sim_time_s
+        participants = (self.sampler.sample(rnd, ids, seed=self.seed) if self.clock is None else
+                        self.clock.sample(self.sampler, rnd, ids, seed=self.seed, t=now))
         work = self.stragglers.work(rnd, participants, seed=self.seed)
         payload = self.algorithm.make_payload(state.algorithm)
         stage_payloads = self.pipeline.broadcast(state.pipeline)
         sent, downlink_state = state.params, state.downlink
         model_nbytes: dict[str, int] = {}
-        if self.downlink is not None:  # clients train from x̂; the server steps x (EF21-P)
+        own: dict[str, Parameters] = {}  # per-client downlink: each client's x̂ᵢ
+        deltas: dict[str, Any] = {}  # ... and, deployed, the message its task carries
+        if self.downlink is not None and self.downlink.per_client:
+            own, model_nbytes, deltas, downlink_state = self.downlink.send(
+                state.downlink, state.params, participants, round=rnd,
+                seed=derive_seed(self.seed, "downlink", rnd), population=len(ids),
+            )
+        elif self.downlink is not None:  # clients train from x̂; the server steps x (EF21-P)
             sent, model_nbytes, downlink_state = self.downlink.broadcast(
                 state.downlink, state.params, participants, round=rnd,
                 seed=derive_seed(self.seed, "downlink", rnd),
             )
         tasks = [
             Task(
-                round=rnd, client_id=cid, parameters=sent,
+                round=rnd, client_id=cid, parameters=own.get(cid, sent),
                 seed=derive_seed(self.seed, "client", rnd, cid), payload=payload,
                 stage_payloads=stage_payloads, work=work[cid], cohort_size=len(participants),
-                model_nbytes=model_nbytes.get(cid),
+                model_nbytes=model_nbytes.get(cid), downlink=deltas.get(cid),
             )
             for cid in participants
         ]
@@ -164,13 +188,18 @@ class Server:
         )
 
         def successful():
-            for r in self.dropouts.fit(self.executor, tasks, self.clients, round=rnd, seed=self.seed):
+            def fit(chosen: Sequence[Task]) -> Iterator[Result]:
+                return self.dropouts.fit(self.executor, chosen, self.clients, round=rnd, seed=self.seed)
+
+            # the simulated clock decides, before training, who finishes in time
+            for r in fit(tasks) if plan is None else plan.run(fit):
                 sent = r.nbytes  # what travelled, counted even when it is rejected here
                 r = admit(r, self.pipeline.stages, state.params.layout)  # a malformed encoding
                 results.append(dataclasses.replace(_Seen.of(r), nbytes=sent))
                 if r.update is not None:
                     yield r.update
 
+        plan = None if self.clock is None else self.clock.plan(tasks, round=rnd, t=now)
         aborted = None
         # errors an executor says come from its clients' messages (a deployment: what another
         # institution sent) end the round, never the run
@@ -219,18 +248,26 @@ class Server:
         per_client, evaluated = state.per_client, state.last_metrics
         if rnd % self.eval_every == 0 or last:
             metrics, per_client = self.evaluator.evaluate(
-                rnd, params, executor=self.executor, clients=self.clients
+                rnd, params, executor=self.executor, clients=self.clients,
+                online=None if plan is None or last else self._online(plan.end),
             )
             record.update(metrics)
             evaluated = dict(metrics)
         record["bytes_up"] = sum(r.nbytes for r in results) + traffic.up
         record["bytes_down"] = sum(t.nbytes for t in tasks) + traffic.down
+        resent = getattr(self.executor, "take_resent_bytes", None)  # deployed downlink resyncs
+        if resent is not None:
+            record["bytes_down"] += resent()
         record["epsilon"] = None
         if failed:
             record["failed"] = failed
         if aborted is not None:
             record["aborted"] = aborted
         record.update(aggregate.info)
+        if plan is not None:
+            record["sim_time_s"] = plan.end
+            if self.clock is not None and not self.clock.availability.always:
+                record["online"] = len(self.clock.online(ids, now))  # at the round's start
         record["wall_s"] = time.perf_counter() - start
         new_state = RunState(
             round=rnd, params=params, pipeline=pipeline_state, algorithm=algorithm_state,
@@ -239,5 +276,6 @@ class Server:
             last_metrics=evaluated,
             per_client=per_client,
             downlink=downlink_state,
+            sim_time_s=plan.end if plan is not None else state.sim_time_s,
         )
         return new_state, record

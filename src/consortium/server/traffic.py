@@ -8,7 +8,8 @@ result carries no values at all, so without this module ``bytes_up`` read 0 (iss
 sends (down) and every reply it receives (up), in simulation and in a deployment alike.
 
 The size is the message's content as the wire format carries it (``deploy/codec.py``): raw
-tensor bytes at their dtype (a masked vector is int64: 8 bytes a coordinate), byte strings
+tensor bytes at their dtype (a message whose wire form is not its dtype says so with a
+``wire_nbytes()`` method: a masked vector travels as uint32, 4 bytes a coordinate), byte strings
 and UTF-8 text at their length, integers at their minimal big-endian length (a Shamir share's
 521-bit value: 66 bytes), floats at 8 bytes, plus the envelope's stage, phase and client
 names and its round. Protobuf's own framing (a tag and a length, 2 to 6 bytes a field) is
@@ -56,6 +57,9 @@ def payload_nbytes(obj: Any) -> int:
         return sum(payload_nbytes(k) + payload_nbytes(v) for k, v in obj.items())
     if isinstance(obj, (tuple, list, set, frozenset)):
         return sum(payload_nbytes(v) for v in obj)
+    wire_nbytes = getattr(obj, "wire_nbytes", None)
+    if callable(wire_nbytes) and not isinstance(obj, type):  # its wire form is not its dtype
+        return int(wire_nbytes())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return sum(payload_nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
     raise TypeError(f"cannot size a {type(obj).__name__} as a wire message; expected bytes, "

@@ -177,7 +177,7 @@ class AuditHead(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., hash: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("round", "task_id", "client_id", "seed", "parameters", "payload", "stage_payloads", "work", "cohort_size", "audit_head")
+    __slots__ = ("round", "task_id", "client_id", "seed", "parameters", "payload", "stage_payloads", "work", "cohort_size", "audit_head", "downlink")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +188,7 @@ class Task(_message.Message):
     WORK_FIELD_NUMBER: _ClassVar[int]
     COHORT_SIZE_FIELD_NUMBER: _ClassVar[int]
     AUDIT_HEAD_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_FIELD_NUMBER: _ClassVar[int]
     round: int
     task_id: str
     client_id: str
@@ -198,7 +199,20 @@ class Task(_message.Message):
     work: float
     cohort_size: int
     audit_head: AuditHead
-    def __init__(self, round: _Optional[int] = ..., task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., seed: _Optional[int] = ..., parameters: _Optional[_Union[Parameters, _Mapping]] = ..., payload: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., stage_payloads: _Optional[_Iterable[_Union[StagePayload, _Mapping]]] = ..., work: _Optional[float] = ..., cohort_size: _Optional[int] = ..., audit_head: _Optional[_Union[AuditHead, _Mapping]] = ...) -> None: ...
+    downlink: DownlinkDelta
+    def __init__(self, round: _Optional[int] = ..., task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., seed: _Optional[int] = ..., parameters: _Optional[_Union[Parameters, _Mapping]] = ..., payload: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., stage_payloads: _Optional[_Iterable[_Union[StagePayload, _Mapping]]] = ..., work: _Optional[float] = ..., cohort_size: _Optional[int] = ..., audit_head: _Optional[_Union[AuditHead, _Mapping]] = ..., downlink: _Optional[_Union[DownlinkDelta, _Mapping]] = ...) -> None: ...
+
+class DownlinkDelta(_message.Message):
+    __slots__ = ("delta", "reference_round", "model_sha256", "scale")
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    delta: EncodedUpdate
+    reference_round: int
+    model_sha256: bytes
+    scale: float
+    def __init__(self, delta: _Optional[_Union[EncodedUpdate, _Mapping]] = ..., reference_round: _Optional[int] = ..., model_sha256: _Optional[bytes] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class EncodedUpdate(_message.Message):
     __slots__ = ("kind", "size", "header", "indices", "values", "codes", "scales")
