@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 import torch
 
+from tests.deploy.inprocess import serve_into
+
 pytest.importorskip("grpc", reason="deployment needs: pip install 'consortium[deploy]'")
 pytest.importorskip("cryptography", reason="deployment needs: pip install 'consortium[deploy]'")
 
@@ -50,7 +52,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from consortium.client.approval import manifest_hash
     from consortium.config import load_config
     from consortium.deploy import client as site_module
-    from consortium.deploy import server as server_module
     from consortium.deploy.client import SiteRunner
     from consortium.deploy.provision import provision
     from consortium.secagg.messages import MaskedInput
@@ -93,16 +94,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     approve = (manifest_hash(load_config(None, SETTINGS)),)
     ports: queue.Queue[int] = queue.Queue()
 
-    def serve() -> None:
-        try:
-            out["served"] = server_module.serve(
-                None, listen="127.0.0.1:0", certs=d / "certs" / "server", out=d / "out",
-                min_sites=len(HOSPITALS), overrides=SETTINGS, register_timeout=60,
-                round_timeout=30, heartbeat_s=5, on_listening=ports.put, progress=False,
-            )
-        except BaseException as exc:
-            out["served"] = exc
-            ports.put(0)
+    serve = serve_into(
+        out, ports, certs=d / "certs" / "server", out=d / "out",
+        min_sites=len(HOSPITALS), overrides=SETTINGS, register_timeout=60,
+        round_timeout=30, heartbeat_s=5,
+    )
 
     def site(name: str, port: int) -> None:
         try:

@@ -52,6 +52,7 @@ from consortium.deploy.validate import (
 )
 from consortium.messages import Result
 from consortium.types import Layout, TensorSpec, Update
+from tests.deploy.inprocess import serve_into
 
 D = 1000
 LAYOUT = Layout((TensorSpec("w", (10, 90), torch.float32), TensorSpec("b", (100,), torch.float32)))
@@ -400,7 +401,6 @@ def _hostile_run(d: Path, name: str, *, attack: bool, overrides: list[str] = TOP
     ``malformed(what, d)`` of ``attacks``) in a run of ``overrides``."""
     from consortium.client.approval import manifest_hash
     from consortium.config import load_config
-    from consortium.deploy import server as server_module
     from consortium.deploy.client import SiteRunner
     from consortium.deploy.codec import EvaluationEnvelope, ExchangeEnvelope
     from consortium.messages import EvaluationResult
@@ -411,16 +411,12 @@ def _hostile_run(d: Path, name: str, *, attack: bool, overrides: list[str] = TOP
     ports: queue.Queue[int] = queue.Queue()
     approve = (manifest_hash(load_config(None, overrides)),)
 
-    def serve() -> None:
-        try:
-            out["served"] = server_module.serve(
-                None, listen="127.0.0.1:0", certs=d / "certs" / "server", out=d / name,
-                min_sites=4, overrides=overrides, register_timeout=60, round_timeout=60,
-                heartbeat_s=10, on_listening=ports.put, progress=False,
-            )
-        except BaseException as exc:
-            out["served"] = exc
-            ports.put(0)
+    serve = serve_into(
+        out, ports,
+        certs=d / "certs" / "server", out=d / name,
+        min_sites=4, overrides=overrides, register_timeout=60, round_timeout=60,
+        heartbeat_s=10,
+    )
 
     def honest(site: str, port: int) -> None:
         try:

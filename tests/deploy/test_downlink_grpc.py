@@ -44,6 +44,7 @@ from consortium.deploy.codec import (
 )
 from consortium.messages import Task
 from consortium.types import Layout, Parameters
+from tests.deploy.inprocess import result_into, serve_into
 
 ROUNDS = 4
 OVERRIDES = [f"rounds={ROUNDS}", "model.name=mlp", "model.hidden=[256]",
@@ -142,7 +143,6 @@ def _deploy(d: Path, *, restart: bool) -> dict[str, Any]:
     from consortium.client.approval import manifest_hash
     from consortium.config import load_config
     from consortium.deploy import codec
-    from consortium.deploy import server as server_module
     from consortium.deploy.client import SiteRunner
     from consortium.deploy.provision import provision
     from tests.deploy.test_personal_grpc import HOSPITALS, _hospital
@@ -160,22 +160,11 @@ def _deploy(d: Path, *, restart: bool) -> dict[str, Any]:
                                  item.task.downlink is not None, sum(len(p) for p in got)))
         return got
 
-    def serve() -> None:
-        try:
-            out["served"] = server_module.serve(
-                None, listen="127.0.0.1:0", certs=d / "certs" / "server", out=d / "run",
-                min_sites=len(HOSPITALS), overrides=OVERRIDES, register_timeout=60,
-                round_timeout=60, heartbeat_s=10, on_listening=ports.put, progress=False,
-            )
-        except BaseException as exc:
-            out["served"] = exc
-            ports.put(0)
-
-    def site(name: str, runner: Any) -> None:
-        try:
-            out["sites"][name] = runner.run()
-        except BaseException as exc:
-            out["sites"][name] = exc
+    serve = serve_into(
+        out, ports, certs=d / "certs" / "server", out=d / "run",
+        min_sites=len(HOSPITALS), overrides=OVERRIDES, register_timeout=60,
+        round_timeout=60, heartbeat_s=10,
+    )
 
     def make(name: str, port: int, state: str = "state") -> Any:
         return _runner(SiteRunner)(
@@ -193,7 +182,7 @@ def _deploy(d: Path, *, restart: bool) -> dict[str, Any]:
         runners = {name: make(name, port) for name in HOSPITALS}
         if restart:
             runners["va"].kill_after = 2
-        threads = {n: threading.Thread(target=site, args=(n, r), daemon=True)
+        threads = {n: threading.Thread(target=result_into(out["sites"], n, r.run), daemon=True)
                    for n, r in runners.items()}
         for t in threads.values():
             t.start()
@@ -201,7 +190,7 @@ def _deploy(d: Path, *, restart: bool) -> dict[str, Any]:
             threads["va"].join(timeout=120)
             out["killed"] = out["sites"].get("va")
             again = make("va", port, state="lost-state")  # its state did not survive
-            threads["again"] = threading.Thread(target=site, args=("va", again), daemon=True)
+            threads["again"] = threading.Thread(target=result_into(out["sites"], "va", again.run), daemon=True)
             threads["again"].start()
         server.join(timeout=300)
         for t in threads.values():

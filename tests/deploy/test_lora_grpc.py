@@ -40,6 +40,7 @@ from consortium.deploy.client import ExperimentRefused, SiteRunner
 from consortium.deploy.codec import ResultEnvelope
 from consortium.models import peft as lora
 from tests.deploy.hostile import HostileServer
+from tests.deploy.inprocess import result_into, serve_into
 from tests.models.tiny_bert import make_tiny_bert
 
 ROUNDS = 2
@@ -115,7 +116,6 @@ def _deploy(d: Path, overrides: list[str], *, sites: tuple[str, ...] = tuple(SIT
     from consortium.client.approval import manifest_hash
     from consortium.config import load_config
     from consortium.deploy import codec
-    from consortium.deploy import server as server_module
     from consortium.deploy.provision import provision
 
     provision(sites, d / "certs")
@@ -124,22 +124,11 @@ def _deploy(d: Path, overrides: list[str], *, sites: tuple[str, ...] = tuple(SIT
     ports: queue.Queue[int] = queue.Queue()
     out: dict[str, Any] = {"wire": wire, "run": d / "run", "sites": {}, "runners": {}}
 
-    def serve() -> None:
-        try:
-            out["served"] = server_module.serve(
-                None, listen="127.0.0.1:0", certs=d / "certs" / "server", out=d / "run",
-                min_sites=len(sites), overrides=overrides, register_timeout=register_timeout,
-                round_timeout=120, heartbeat_s=10, on_listening=ports.put, progress=False,
-            )
-        except BaseException as exc:
-            out["served"] = exc
-            ports.put(0)
-
-    def site(name: str, runner: _Site) -> None:
-        try:
-            out["sites"][name] = runner.run()
-        except BaseException as exc:
-            out["sites"][name] = exc
+    serve = serve_into(
+        out, ports, certs=d / "certs" / "server", out=d / "run",
+        min_sites=len(sites), overrides=overrides, register_timeout=register_timeout,
+        round_timeout=120, heartbeat_s=10,
+    )
 
     seed = load_config(None, overrides).seed
     notes = load_config(None, overrides).data.samples_per_client
@@ -158,7 +147,7 @@ def _deploy(d: Path, overrides: list[str], *, sites: tuple[str, ...] = tuple(SIT
             )
             runner.own_base = (own_base or {}).get(name)
             out["runners"][name] = runner
-            threads.append(threading.Thread(target=site, args=(name, runner), daemon=True))
+            threads.append(threading.Thread(target=result_into(out["sites"], name, runner.run), daemon=True))
             threads[-1].start()
         for t in threads:
             t.join(timeout=300)

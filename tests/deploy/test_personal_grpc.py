@@ -34,6 +34,7 @@ from consortium.deploy.shared import cut, expand, shared_layout
 from consortium.deploy.validate import ExpectedTask, RejectedResult, validate_result
 from consortium.messages import Result
 from consortium.types import Layout, TensorSpec, Update
+from tests.deploy.inprocess import result_into, serve_into
 
 HOSPITALS = ("cleveland", "hungarian", "switzerland", "va")
 RESTARTED = "va"
@@ -231,7 +232,6 @@ def _deploy(d: Path, overrides: list[str], *, restart: bool) -> dict[str, Any]:
     from consortium.client.approval import manifest_hash
     from consortium.config import load_config
     from consortium.deploy import codec
-    from consortium.deploy import server as server_module
     from consortium.deploy.client import SiteRunner
     from consortium.deploy.provision import provision
 
@@ -242,24 +242,13 @@ def _deploy(d: Path, overrides: list[str], *, restart: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"wire": wire, "run": d / "run", "sites": {}}
     site_class = _runner(SiteRunner)
 
-    def serve() -> None:
-        try:
-            out["served"] = server_module.serve(
-                None, listen="127.0.0.1:0", certs=d / "certs" / "server", out=d / "run",
-                min_sites=len(HOSPITALS), overrides=overrides, register_timeout=60,
-                # heartbeats every 10 s: four sites and the server share this process's GIL,
-                # so a busy machine must not make a working site look silent (a missed round)
-                round_timeout=60, heartbeat_s=10, on_listening=ports.put, progress=False,
-            )
-        except BaseException as exc:
-            out["served"] = exc
-            ports.put(0)
-
-    def site(name: str, runner: Any) -> None:
-        try:
-            out["sites"][name] = runner.run()
-        except BaseException as exc:
-            out["sites"][name] = exc
+    serve = serve_into(
+        out, ports, certs=d / "certs" / "server", out=d / "run",
+        min_sites=len(HOSPITALS), overrides=overrides, register_timeout=60,
+        # heartbeats every 10 s: four sites and the server share this process's GIL,
+        # so a busy machine must not make a working site look silent (a missed round)
+        round_timeout=60, heartbeat_s=10,
+    )
 
     def make(name: str, port: int) -> Any:
         return site_class(
@@ -277,7 +266,7 @@ def _deploy(d: Path, overrides: list[str], *, restart: bool) -> dict[str, Any]:
         runners = {name: make(name, port) for name in HOSPITALS}
         if restart:
             runners[RESTARTED].kill_after = 2
-        threads = {n: threading.Thread(target=site, args=(n, r), daemon=True)
+        threads = {n: threading.Thread(target=result_into(out["sites"], n, r.run), daemon=True)
                    for n, r in runners.items()}
         for t in threads.values():
             t.start()
@@ -287,7 +276,7 @@ def _deploy(d: Path, overrides: list[str], *, restart: bool) -> dict[str, Any]:
             out["killed"] = out["sites"].get(RESTARTED)
             again = make(RESTARTED, port)  # a new process: nothing kept in memory, only --state
             out["again"] = again
-            threads["again"] = threading.Thread(target=site, args=(RESTARTED, again), daemon=True)
+            threads["again"] = threading.Thread(target=result_into(out["sites"], RESTARTED, again.run), daemon=True)
             threads["again"].start()
         server.join(timeout=300)
         for t in threads.values():

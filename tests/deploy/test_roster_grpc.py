@@ -40,6 +40,7 @@ from consortium.config import load_config
 from consortium.deploy.hub import Hub, SiteInfo
 from consortium.deploy.roster import Membership, OnlineSampler, late_refusal, late_sites_allowed
 from consortium.server.sampling import UniformSampler
+from tests.deploy.inprocess import serve_into
 
 STARTERS = ("alpha", "bravo", "charlie", "delta")
 LATE = "echo"
@@ -310,19 +311,14 @@ def _deploy(d: Path, *, rounds: int, closed: bool, script: Any, extra: tuple[str
     site_class = _runner_class()
     seeds = {n: i for i, n in enumerate(names)}
 
-    def serve() -> None:
-        try:
-            out["served"] = server_module.serve(
-                None,
-                listen=listen, certs=d / "certs" / "server", out=d / "run",
-                min_sites=min_sites, overrides=() if resume else overrides, register_timeout=60,
-                resume=d / "run" if resume else None,
-                round_timeout=60, heartbeat_s=2, on_listening=ports.put, progress=False,
-                closed_roster=closed,
-            )
-        except BaseException as exc:
-            out["served"] = exc
-            ports.put(0)
+    serve = serve_into(
+        out, ports,
+        listen=listen, certs=d / "certs" / "server", out=d / "run",
+        min_sites=min_sites, overrides=() if resume else overrides, register_timeout=60,
+        resume=d / "run" if resume else None,
+        round_timeout=60, heartbeat_s=2,
+        closed_roster=closed,
+    )
 
     def start(name: str, *, columns: tuple[str, str] = ("x1", "x2")) -> threading.Thread:
         if not (d / "certs" / "sites" / name).exists():  # `consortium provision --add-site`
