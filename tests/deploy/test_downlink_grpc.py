@@ -221,11 +221,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
             "restart": _deploy(tmp_path_factory.mktemp("downlink-grpc-restart"), restart=True)}
 
 
-def _close(saved: dict[str, torch.Tensor], simulated: Any) -> None:
+def assert_equals_simulation(saved: dict[str, torch.Tensor], simulated: Any) -> None:
+    """The deployed final model is the simulation's to 1e-6 in every coordinate (not bit for
+    bit: the two differ in the last float bits; the server's update bound, on in a deployment
+    and off in the simulation, is not the cause — the simulation with it differs the same)."""
     sim = simulated.params.tensors()
     assert set(saved) == set(sim)
     for name, t in sim.items():
-        # the sum over sites adds in the order results arrive over the network
         torch.testing.assert_close(saved[name], t, rtol=0, atol=1e-6, msg=name)
 
 
@@ -253,7 +255,7 @@ def test_tasks_shrink_about_4x_after_the_first_contact_and_bytes_down_is_exact(
 def test_the_final_model_equals_the_simulation(
     runs: dict[str, dict[str, Any]], simulated: Any,
 ) -> None:
-    _close(runs["plain"]["model"], simulated)
+    assert_equals_simulation(runs["plain"]["model"], simulated)
 
 
 def test_a_site_restarted_without_its_state_gets_the_whole_model_and_the_run_completes(
@@ -264,16 +266,27 @@ def test_a_site_restarted_without_its_state_gets_the_whole_model_and_the_run_com
     assert not isinstance(run.get("served"), BaseException), run.get("served")
     assert isinstance(run["sites"]["va"], int)  # the new process finished the run
     resync = [e for e in run["audit"] if e["kind"] == "resync"]
-    assert [(e["site"], e["round"]) for e in resync] == [("va", 3)], resync
+    assert [e["site"] for e in resync] == ["va"], resync
     assert resync[0]["reason"].startswith(RESYNC) and "no model" in resync[0]["reason"]
-    va3 = [(delta, n) for site, rnd, delta, n in run["tasks"] if (site, rnd) == ("va", 3)]
-    assert [d for d, _ in va3] == [True, False]  # the delta, then the same task whole
-    model = 4 * simulated.params.vector.numel()
+    # the first round the new process takes part in: 3, unless round 3's task went to the dead
+    # process's session before the new one registered (then round 3 goes on without va and the
+    # registration fails that task at once)
+    first = resync[0]["round"]
+    assert first in (3, 4), resync
+    tasks = [delta for site, rnd, delta, _ in run["tasks"] if (site, rnd) == ("va", first)]
+    assert tasks[-2:] == [True, False]  # the delta, then the same task whole
     records = run["records"]
-    assert all(r["clients"] == 4 for r in records), records  # va missed no round
-    assert records[2]["bytes_down"] == simulated.history[2]["bytes_down"] + model
-    # it trained from the very model its reference would have given: nothing changed
-    _close(run["model"], simulated)
+    assert all(r["clients"] == 4 for r in records if r["round"] != 3), records
+    # that round's bytes: every site's delta as in the simulation, plus va's whole model
+    model = 4 * simulated.params.vector.numel()
+    assert (records[first - 1]["bytes_down"]
+            == simulated.history[first - 1]["bytes_down"] + model), records[first - 1]
+    if first == 3:  # va missed no round
+        assert records[2]["clients"] == 4
+        # it trained from the very model its reference would have given: nothing changed
+        assert_equals_simulation(run["model"], simulated)
+    else:  # round 3 went on without va (offline, or its task failed), so the model differs
+        assert records[2]["clients"] == 3, records[2]
 
 
 # ------------------------------------------------------------------------------ hostile server

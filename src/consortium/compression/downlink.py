@@ -243,6 +243,19 @@ class Downlink:
                 "raise compression.downlink_memory_mb or use downlink_reference = \"shared\""
             )
 
+    def prepare(
+        self, state: Mapping[str, Any], params: Parameters, recipients: Sequence[str], *,
+        round: int, seed: int, population: int,
+    ) -> tuple[dict[str, Parameters], dict[str, int], dict[str, ModelDelta], dict[str, Any]]:
+        """One round's downlink in either mode, as the round loop needs it: for each recipient
+        the model it trains from, the bytes it receives, the message its deployed task carries
+        (per-client mode only) and the new state (:meth:`send`, :meth:`broadcast`)."""
+        if self.per_client:
+            return self.send(state, params, recipients, round=round, seed=seed,
+                             population=population)
+        sent, nbytes, new = self.broadcast(state, params, recipients, round=round, seed=seed)
+        return dict.fromkeys(recipients, sent), nbytes, {}, new
+
     def send(
         self, state: Mapping[str, Any], params: Parameters, recipients: Sequence[str], *,
         round: int, seed: int, population: int,

@@ -148,23 +148,20 @@ class Server:
         work = self.stragglers.work(rnd, participants, seed=self.seed)
         payload = self.algorithm.make_payload(state.algorithm)
         stage_payloads = self.pipeline.broadcast(state.pipeline)
-        sent, downlink_state = state.params, state.downlink
+        # downlink compression: clients train from x̂ (x̂ᵢ per client), the server steps x
+        # (EF21-P); ``deltas``: the message a deployed task carries instead of the model
+        own: dict[str, Parameters] = {}
         model_nbytes: dict[str, int] = {}
-        own: dict[str, Parameters] = {}  # per-client downlink: each client's x̂ᵢ
-        deltas: dict[str, Any] = {}  # ... and, deployed, the message its task carries
-        if self.downlink is not None and self.downlink.per_client:
-            own, model_nbytes, deltas, downlink_state = self.downlink.send(
+        deltas: dict[str, Any] = {}
+        downlink_state = state.downlink
+        if self.downlink is not None:
+            own, model_nbytes, deltas, downlink_state = self.downlink.prepare(
                 state.downlink, state.params, participants, round=rnd,
                 seed=derive_seed(self.seed, "downlink", rnd), population=len(ids),
             )
-        elif self.downlink is not None:  # clients train from x̂; the server steps x (EF21-P)
-            sent, model_nbytes, downlink_state = self.downlink.broadcast(
-                state.downlink, state.params, participants, round=rnd,
-                seed=derive_seed(self.seed, "downlink", rnd),
-            )
         tasks = [
             Task(
-                round=rnd, client_id=cid, parameters=own.get(cid, sent),
+                round=rnd, client_id=cid, parameters=own.get(cid, state.params),
                 seed=derive_seed(self.seed, "client", rnd, cid), payload=payload,
                 stage_payloads=stage_payloads, work=work[cid], cohort_size=len(participants),
                 model_nbytes=model_nbytes.get(cid), downlink=deltas.get(cid),
