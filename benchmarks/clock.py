@@ -29,6 +29,13 @@ or ``--budget`` simulated seconds, or ``--max-rounds``. The table gives the simu
 time_to_target``, what ``summary.json`` reports with ``evaluation.target_accuracy``), the
 rounds, the accuracy at the stop, and the updates dropped (``failed``).
 
+``--set SECTION.KEY=VALUE`` changes the config of every policy (e.g.
+``--set algorithm.local_steps=20``: a fixed number of local steps instead of one epoch), and
+``--async-set`` that of FedBuff and FedAsync only (e.g. ``--async-set
+server.async_weighting=time``, ``--async-set algorithm.local_steps=20``: FedBuff's paper
+trains a fixed number of local steps). ``--out DIR`` writes each policy's run directory with
+its report (accuracy against simulated time).
+
 Run:  OMP_NUM_THREADS=1 python benchmarks/clock.py [--n 1000] [--target 0.4] [--out DIR]
 """
 
@@ -91,7 +98,24 @@ def config(args: argparse.Namespace, policy: dict[str, Any]) -> dict[str, Any]:
     }
     for section, values in policy.items():
         cfg[section] = {**cfg.get(section, {}), **values}
+    asynchronous = policy.get("server", {}).get("mode", "sync") != "sync"
+    for item in args.set + (args.async_set if asynchronous else []):
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not name or not _:
+            raise SystemExit(f"--set {item!r}: use SECTION.KEY=VALUE (a TOML value)")
+        cfg[section] = {**cfg.get(section, {}), name: _toml_value(value)}
     return cfg
+
+
+def _toml_value(text: str) -> Any:
+    """``VALUE`` of ``--set SECTION.KEY=VALUE`` read as TOML (a bare word is a string)."""
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 class _Reached(Exception):
@@ -173,6 +197,13 @@ def main() -> None:
                         choices=["polynomial", "constant", "hinge"])
     parser.add_argument("--server-lr", type=float, default=0.0,
                         help="fedbuff/fedasync's server learning rate (0: the default, 1)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a config value for every policy (repeatable), e.g. "
+                        "algorithm.local_steps=20")
+    parser.add_argument("--async-set", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE",
+                        help="as --set, for fedbuff/fedasync only (e.g. "
+                        "server.async_weighting=time)")
     parser.add_argument("--out", default="", help="run directories (with reports) under this")
     parser.add_argument("--json", default=str(HERE / "results" / "clock.json"))
     parser.add_argument("--plot", default=str(HERE / "results" / "clock.png"),

@@ -113,7 +113,14 @@ def part_flip(rounds: int, method: str, permutations: int, data: str = "digits",
     bottom = c["ranking"][-15:]
     return {"method": method, "data": data, "utility": utility, "wall_s": time.perf_counter() - t, "attackers": sorted(bad),
             "attackers_in_bottom_15": len(bad & set(bottom)), "bottom_15": bottom,
-            "flagged": c["flagged"], "evaluations": c["evaluations"], "seconds": c["seconds"],
+            "flagged": c["flagged"], "attackers_flagged": len(bad & set(c["flagged"])),
+            "honest_flagged": len(set(c["flagged"]) - bad),
+            "indistinguishable": len(c.get("indistinguishable", ())),
+            "attacker_scores": {a: [c["scores"][a], c["standard_error"][a]] for a in sorted(bad)},
+            "honest_flagged_scores": {a: [c["scores"][a], c["standard_error"][a]]
+                                      for a in sorted(set(c["flagged"]) - bad)},
+            "share": max(c["total"], 0.0) / len(c["scores"]),
+            "evaluations": c["evaluations"], "seconds": c["seconds"],
             "final_accuracy": res.summary["final"]["accuracy"]}
 
 
@@ -137,7 +144,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--part", choices=("hospitals", "ten", "flip", "retrain", "all"), default="all")
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--utility", choices=("accuracy", "loss"), default="accuracy")
+    p.add_argument("--utility", choices=("accuracy", "loss"), default="loss")
     p.add_argument("--flip-method", default="gtg-shapley")
     p.add_argument("--permutations", type=int, default=30)
     p.add_argument("--flip-data", default="digits", help="digits (iid) or synthetic")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from scipy import stats
 
 from consortium.client.evaluation import confusion_matrix, evaluate_model
 from consortium.data.base import Split
-from consortium.intervals import bootstrap_ci, confusion_metrics
+from consortium.errors import ConfigError
+from consortium.intervals import MANY_SITES, bootstrap_ci, confusion_metrics
 
 
 def _confusion(labels: np.ndarray, predicted: np.ndarray, k: int = 2) -> np.ndarray:
@@ -143,3 +145,61 @@ def test_the_printed_table_shows_intervals_under_accuracy(tmp_path, capsys, monk
         assert f"{low:.2f}–{high:.2f}" in ci_row
     assert "95% CI" in ci_row
     assert "95% CI: percentile bootstrap" in printed
+
+
+def _many_sites(count: int, k: int, seed: int) -> dict[str, np.ndarray]:
+    """``count`` sites' ``K × K`` confusions with skewed classes and varied sizes."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in range(count):
+        cells = rng.dirichlet(np.full(k * k, 0.4)) + np.eye(k).ravel() * rng.random()
+        out[f"s{s}"] = rng.multinomial(int(rng.integers(5, 80)), cells / cells.sum()).reshape(k, k)
+    return out
+
+
+def test_class_draws_agree_with_cell_draws_within_monte_carlo_error() -> None:
+    """The vectorised draw (class counts, then correct counts) has the cell draw's
+    distribution: over 120 sites, 10 seeds of each give the same bounds within the seeds'
+    spread (a bound's Monte-Carlo standard error with B = 1,000 is a few % of the width)."""
+    confusions = _many_sites(120, 3, seed=2)
+    for metric in ("accuracy", "balanced_accuracy"):
+        bounds = {
+            draws: np.array([bootstrap_ci(confusions, seed=s, draws=draws)[metric]
+                             for s in range(10)])
+            for draws in ("cells", "classes")
+        }
+        width = float(np.mean(bounds["cells"][:, 1] - bounds["cells"][:, 0]))
+        for side in (0, 1):
+            a, b = bounds["cells"][:, side], bounds["classes"][:, side]
+            se = math.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
+            assert abs(a.mean() - b.mean()) < 4 * se + 1e-12, (metric, side)
+            assert a.std() < 0.1 * width  # the bounds are precise enough to compare
+        # and the point estimate sits inside
+        point = confusion_metrics(confusions)[metric]
+        assert bounds["classes"][:, 0].max() < point < bounds["classes"][:, 1].min()
+
+
+def test_class_draws_of_one_site_are_binomial() -> None:
+    """One site of n = 40 with 30 right: a replicate's accuracy is Binomial(40, 0.75) / 40, so
+    the 2.5 % and 97.5 % quantiles of 1,000 replicates are near scipy's binomial ones."""
+    confusions = {"a": np.array([[20, 4], [6, 10]])}
+    low, high = bootstrap_ci(confusions, seed=3, resamples=20_000, draws="classes")["accuracy"]
+    exact = stats.binom(40, 0.75)
+    assert low == pytest.approx(exact.ppf(0.025) / 40, abs=1 / 40)
+    assert high == pytest.approx(exact.ppf(0.975) / 40, abs=1 / 40)
+
+
+def test_class_draws_resample_within_each_site() -> None:
+    confusions = {"right": np.array([[50, 0], [0, 50]]), "wrong": np.array([[0, 50], [50, 0]])}
+    ci = bootstrap_ci(confusions, seed=0, draws="classes")
+    assert ci["accuracy"] == [0.5, 0.5] and ci["balanced_accuracy"] == [0.5, 0.5]
+
+
+def test_auto_draws_cells_up_to_many_sites_and_classes_above() -> None:
+    few = _many_sites(MANY_SITES, 2, seed=4)
+    assert bootstrap_ci(few, seed=1) == bootstrap_ci(few, seed=1, draws="cells")
+    many = _many_sites(MANY_SITES + 1, 2, seed=4)
+    assert bootstrap_ci(many, seed=1) == bootstrap_ci(many, seed=1, draws="classes")
+    assert bootstrap_ci({"e": np.zeros((2, 2), dtype=int)}, seed=1, draws="classes") == {}
+    with pytest.raises(ConfigError, match="draws"):
+        bootstrap_ci(few, seed=1, draws="pooled")

@@ -20,12 +20,56 @@ __all__ = ["main"]
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
+# Subcommands whose parser lives beside their code, which loads torch: name -> (module with
+# ``add_parser(sub)``, the one-line help of ``consortium --help``). Their module is imported
+# only when the command line names them, so ``--help`` and ``--version`` stay instant.
+_LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "contribution": ("consortium.contribution.cli", "score a finished run's sites (Shapley "
+                     "values) from its recorded updates (contribution.record = true)"),
+}
 
-def _parser() -> argparse.ArgumentParser:
+
+class _VersionAction(argparse.Action):
+    """``--version``: the installed package's version (importlib.metadata, read only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(f"consortium {version()}")
+        parser.exit()
+
+
+def version() -> str:
+    """The installed consortium's version, from its package metadata (no torch import)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("consortium")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from consortium import __version__
+
+        return __version__
+
+
+def _command_of(argv: Sequence[str] | None) -> str | None:
+    """The subcommand that ``argv`` names (the first word that is not an option)."""
+    words = sys.argv[1:] if argv is None else argv
+    return next((w for w in words if not w.startswith("-")), None)
+
+
+def _parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command-line parser. Building it imports no torch (tests/test_cli_startup.py):
+    every subcommand's module loads in its ``_cmd_*`` function, and the ``_LAZY_COMMANDS``
+    parsers only when ``argv`` names their command."""
     p = argparse.ArgumentParser(
         prog="consortium",
         description="Federated learning and analytics: simulate on a laptop, deploy between sites.",
     )
+    p.add_argument("--version", action=_VersionAction, help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",
@@ -96,7 +140,10 @@ def _parser() -> argparse.ArgumentParser:
         "--no-f", dest="give_f", action="store_false",
         help="leave every rule at its own f (default: rules taking f get the expected attackers)",
     )
-    rob.add_argument("--out", required=True, help="directory for robustness.json/.md/.png")
+    rob.add_argument("--out", help="directory for robustness.json/.md/.png; each cell is saved "
+                     "there as it finishes, and the same command again continues where it stopped")
+    rob.add_argument("--resume", metavar="DIR",
+                     help="continue an interrupted matrix in DIR with the arguments it was started with")
     rob.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key for every cell (repeatable)",
@@ -190,8 +237,9 @@ def _parser() -> argparse.ArgumentParser:
     cli_.add_argument("--allow-model", action="append", default=[], metavar="PKG.MOD:FACTORY",
                       help="a model factory this site trusts to import (built-in models need "
                            "none); repeatable")
-    cli_.add_argument("--give-up-after", type=float, default=0.0, metavar="S",
-                      help="stop reconnecting after S seconds without the server (default: never)")
+    cli_.add_argument("--give-up-after", type=float, default=600.0, metavar="S",
+                      help="stop reconnecting after S seconds without the server and exit with "
+                      "an error (default 600: ten minutes; 0: retry forever)")
     man = sub.add_parser("manifest", help="what an experiment asks of each site, and its hash "
                          "(for consortium client --approve)")
     man.add_argument("config", nargs="?", help="experiment TOML file (default: the demo)")
@@ -219,9 +267,14 @@ def _parser() -> argparse.ArgumentParser:
                     help="write the four triage sites' notes into DIR as CSV (one per site, for a "
                     "deployment; the notes of seed 0 with 120 a site, as the default experiment)")
     sub.add_parser("algorithms", help="list algorithms, server optimisers, models and executors")
-    from consortium.contribution.cli import add_parser as add_contribution
+    chosen = _command_of(argv)
+    for name, (module, help_line) in _LAZY_COMMANDS.items():
+        if name == chosen:
+            import importlib
 
-    add_contribution(sub)
+            importlib.import_module(module).add_parser(sub)
+        else:  # listed in --help; its own arguments load when the command is named
+            sub.add_parser(name, help=help_line)
     return p
 
 
@@ -366,22 +419,28 @@ def _print_results(summary: dict[str, Any], run_dir: Path) -> None:
     personal = summary.get("personalized") or {}
     intervals = result_intervals(summary)  # bootstrap over test examples, when the run has them
     columns = ["federated", *(["personalised"] if personal else []), "local only", "pooled"]
+    # a baseline that did not run (a deployment has no pooled data) gets no empty column
+    ran = [name for name, metrics in (summary.get("baselines") or {}).items()
+           if any(isinstance(v, float) for v in (metrics or {}).values())]
+    shown = [c for c in columns if {"local only": "local", "pooled": "pooled"}.get(c, "") in
+             ("", *ran)]
     table.add_column("metric")
-    table.add_column("federated", justify="right")
-    if personal:  # each client's own model (personal head, or fine-tuned) on its own test split
-        table.add_column("personalised", justify="right")
-    table.add_column("local only", justify="right")
-    table.add_column("pooled", justify="right")
+    for column in shown:
+        table.add_column(column, justify="right")
     for row in results_table_rows(summary):
         name = row[0]
         if name.endswith(("_p10", "_median")) or (name.endswith("_min") and name != "accuracy_min"):
             continue  # the full distribution is in summary.json and report.html
         label = "accuracy, worst site" if name == "accuracy_min" else name
         values = [row[1], personal.get(name), *row[2:]] if personal else list(row[1:])
-        numbers = [v if isinstance(v, (int, float)) else None for v in values]
+        numbers = [v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+                   for v in values]
+        if all(number is None for number in numbers):
+            continue  # not a metric (a baseline's budget) or measured by nothing here
+        numbers = [n for n, c in zip(numbers, columns, strict=True) if c in shown]
         table.add_row(label, *(_fmt(number) for number in numbers))
         bounds = [intervals.get(column, {}).get(name) if number is not None else None
-                  for column, number in zip(columns, numbers, strict=True)]
+                  for column, number in zip(shown, numbers, strict=True)]
         if any(b is not None for b in bounds):  # on its own row: the table fits 80 columns
             table.add_row("  95% CI", *(
                 "" if b is None else f"{b[0]:.2f}–{b[1]:.2f}" for b in bounds
@@ -397,6 +456,17 @@ def _print_results(summary: dict[str, Any], run_dir: Path) -> None:
             f"privacy: (ε = {privacy['epsilon']:.3g}, δ = {privacy['delta']:g}) with the "
             f"{privacy['accountant']} accountant — releases in {run_dir / 'privacy.json'}"
         )
+        if privacy.get("reading"):
+            from consortium.privacy.reading import WEAK_EPSILON
+
+            weak = privacy["epsilon"] > WEAK_EPSILON
+            console.print(escape(("WARNING: " if weak else "") + privacy["reading"]),
+                          style="bold yellow" if weak else None)
+    from consortium.reporting.clinical_report import majority_warning
+
+    below = majority_warning(summary)  # sites where the model loses to "always the majority"
+    if below:
+        console.print(escape(below), style="yellow")
     console.print(f"run directory: {run_dir}")
 
 
@@ -420,14 +490,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 f"whole; resume one seed's run with --resume {Path(args.resume) / 'seed-N'} (its "
                 "seeds.json is not updated), or rerun --seeds with a new --out"
             )
-        result = simulate(resume=args.resume, progress=not args.no_progress, report=not args.no_report)
+        try:
+            result = simulate(resume=args.resume, progress=not args.no_progress, report=not args.no_report)
+        except KeyboardInterrupt:
+            return _interrupted_run(Path(args.resume))
     else:
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        result = simulate(cfg, out=out, progress=not args.no_progress, report=not args.no_report)
+        try:
+            result = simulate(cfg, out=out, progress=not args.no_progress, report=not args.no_report)
+        except KeyboardInterrupt:
+            return _interrupted_run(out)
     assert result.run_dir is not None
     _print_results(result.summary, result.run_dir)
     return EXIT_OK
+
+
+def _interrupted_run(run_dir: Path, command: str = "consortium run") -> int:
+    """Ctrl-C during a run: say how to continue it, with its real directory."""
+    import shlex
+
+    if (run_dir / "checkpoint" / "state.json").exists():
+        print(f"consortium: interrupted; the run is saved up to its last finished round in "
+              f"{run_dir}; continue with: {command} --resume {shlex.quote(str(run_dir))}",
+              file=sys.stderr)
+    else:
+        print(f"consortium: interrupted before the first round finished; nothing to resume in "
+              f"{run_dir}: start the run again (the same --out may be given)", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _cmd_run_seeds(args: argparse.Namespace) -> int:
@@ -561,15 +651,20 @@ def _cmd_server(args: argparse.Namespace) -> int:
                 "round of site counts that the deployment's encoding does not have yet; deploy "
                 "with the federated mean and the missing indicators (the defaults)"
             )
-    result = serve(
-        args.config, listen=args.listen, certs=certs, out=args.out or args.resume,
-        min_sites=args.min_sites, overrides=args.overrides,
-        register_timeout=args.register_timeout, round_timeout=args.round_timeout,
-        min_results=args.min_results, over_select=args.over_select, heartbeat_s=args.heartbeat,
-        stream_idle_timeout=args.stream_idle_timeout, stream_min_rate=args.stream_min_rate,
-        progress=not args.no_progress, resume=args.resume, update_bound=args.update_bound,
-        closed_roster=args.closed_roster,
-    )
+    try:
+        result = serve(
+            args.config, listen=args.listen, certs=certs, out=args.out or args.resume,
+            min_sites=args.min_sites, overrides=args.overrides,
+            register_timeout=args.register_timeout, round_timeout=args.round_timeout,
+            min_results=args.min_results, over_select=args.over_select, heartbeat_s=args.heartbeat,
+            stream_idle_timeout=args.stream_idle_timeout, stream_min_rate=args.stream_min_rate,
+            progress=not args.no_progress, resume=args.resume, update_bound=args.update_bound,
+            closed_roster=args.closed_roster,
+        )
+    except KeyboardInterrupt:
+        how = f"consortium server --listen {args.listen} " + (
+            f"--certs {args.certs}" if args.certs else "--insecure")
+        return _interrupted_run(Path(args.out or args.resume), how)
     assert result.run_dir is not None
     _print_results(result.summary, result.run_dir)
     return EXIT_OK
@@ -666,26 +761,85 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_robustness(args: argparse.Namespace) -> int:
-    from consortium.robustness import format_table, robustness_matrix, write_report
+    import shlex
 
-    def show(rule: str, attack: str, cell: dict[str, Any]) -> None:
+    from consortium.robustness import (
+        check_out,
+        format_table,
+        load_cells,
+        load_invocation,
+        robustness_matrix,
+        save_invocation,
+        write_report,
+    )
+
+    reused: list[str] = []
+
+    def show(rule: str, attack: str, cell: dict[str, Any], note: str = "") -> None:
         acc = cell.get("accuracy")
         extra = f"  backdoor {cell['backdoor_success']:.2f}" if cell.get("backdoor_success") is not None else ""
         text = f"error: {cell['error']}" if cell.get("error") else f"accuracy {acc:.3f}{extra}"
-        print(f"  {rule:<24} {attack:<24} {text}", file=sys.stderr, flush=True)
+        print(f"  {rule:<24} {attack:<24} {text}{note}", file=sys.stderr, flush=True)
 
+    def show_reused(rule: str, attack: str, cell: dict[str, Any]) -> None:
+        reused.append(rule)
+        show(rule, attack, cell, "  (saved earlier)")
+
+    if args.resume:
+        defaults = _parser().parse_args(["robustness", "--resume", "x"])
+        given = [name for name in ("config", "out", "overrides", "rules", "attacks", "fraction",
+                                   "give_f") if getattr(args, name) != getattr(defaults, name)]
+        if given:
+            raise ConsortiumError(
+                f"--resume continues the matrix with the arguments it was started with; drop "
+                f"{', '.join('--' + g.replace('_', '-') for g in given)} (or start a new --out)"
+            )
+        out = Path(args.resume)
+        saved = load_invocation(out)
+        try:
+            args.config, args.rules, args.attacks = saved["config"], saved["rules"], saved["attacks"]
+            args.fraction, args.overrides = float(saved["fraction"]), list(saved["overrides"])
+            args.give_f = bool(saved["give_f"])
+        except (KeyError, TypeError, ValueError):
+            raise ConsortiumError(
+                f"--resume {str(out)!r}: its robustness-args.json is damaged; start the matrix "
+                "again with its arguments and --out"
+            ) from None
+    elif args.out:
+        out = Path(args.out)
+    else:
+        raise ConsortiumError("give --out DIR for the report (or --resume DIR to continue one)")
+    check_out(out)
+    config = str(Path(args.config).resolve()) if args.config else None
     started = time.perf_counter()
-    table = robustness_matrix(
-        args.config, rules=args.rules, attacks=args.attacks, fraction=args.fraction,
-        overrides=args.overrides, on_cell=show, give_f=args.give_f,
-    )
-    out = Path(args.out)
+    try:
+        table = robustness_matrix(
+            config, rules=args.rules, attacks=args.attacks, fraction=args.fraction,
+            overrides=args.overrides, on_cell=show, give_f=args.give_f, out=out,
+            on_reused=show_reused,
+            on_start=lambda: save_invocation(out, {
+                "config": config, "rules": args.rules, "attacks": args.attacks,
+                "fraction": args.fraction, "overrides": list(args.overrides),
+                "give_f": args.give_f,
+            }),
+        )
+    except KeyboardInterrupt:
+        done = len(load_cells(out))
+        if done:
+            print(f"consortium: interrupted; {done} finished cell{'s' * (done != 1)} saved in "
+                  f"{out / 'cells.jsonl'}; continue with: consortium robustness --resume "
+                  f"{shlex.quote(str(out))}", file=sys.stderr)
+        else:
+            print("consortium: interrupted before the first cell finished; nothing was saved",
+                  file=sys.stderr)
+        return EXIT_INTERRUPTED
     write_report(table, out, meta={
         "config": args.config or "(the heart-disease demo)", "rules": args.rules,
         "attacks": args.attacks, "fraction": args.fraction,
         "overrides": " ".join(args.overrides) or "none",
         "f": "expected attackers per round" if args.give_f else "each rule's default (--no-f)",
         "wall_s": round(time.perf_counter() - started, 1),
+        **({"cells taken from an earlier run (cells.jsonl)": len(reused)} if reused else {}),
     })
     print(format_table(table))
     print(f"\nwrote {out / 'robustness.json'}, robustness.md and robustness.png")
@@ -704,7 +858,7 @@ def run() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser(argv).parse_args(argv)
     try:
         if args.command == "datasets":
             return _cmd_datasets(args)
@@ -735,7 +889,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"consortium: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
-        print("consortium: interrupted; continue with --resume RUN_DIR", file=sys.stderr)
+        print("consortium: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

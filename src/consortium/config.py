@@ -42,6 +42,8 @@ __all__ = [
     "SimulationConfig",
     "TrackingConfig",
     "apply_overrides",
+    "defaulted_keys",
+    "fit_default_cohort",
     "load_config",
     "parse_override",
 ]
@@ -80,6 +82,17 @@ class DataConfig:
     instead of its test split, which is then not read at all; a server-side test set is
     dropped; ``summary.json`` says ``"evaluated_on": "validation"``. 0 = off (evaluate on the
     test split); see :func:`consortium.data.validation.validation_split`."""
+    split: Literal["seeded", "flamby"] = "seeded"
+    """heart-disease only: ``"seeded"`` (our own split, drawn from the run seed, every column
+    kept, imputed and scaled federatedly) or ``"flamby"`` (FLamby's fixed split and
+    preprocessing: 199/104, 172/89, 30/16, 85/45 patients, 13 features, per-hospital
+    standardisation; :mod:`consortium.data.flamby`)."""
+    non_numeric: Literal["error", "missing", "category"] = "error"
+    """csv and parquet: a column of numbers with a few cells that are not numbers (a typo such
+    as ``4O``; at most 10 % of its values): ``"error"`` names the file, line and value;
+    ``"missing"`` reads those cells as missing values (a warning names them); ``"category"``
+    makes the whole column categorical (one-hot over its values). A column that is mostly
+    text is categorical whatever this says. See :func:`consortium.data.files.load_parquet`."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +180,11 @@ class SamplingConfig:
     ceil(n / (1 + over_select)) of its n sampled clients to finish on the simulated clock
     (:mod:`consortium.server.clock`); 0: off. ``consortium server --over-select`` is the
     deployment's."""
+    cycle: Literal["", "shuffled", "fixed"] = ""
+    """Cyclic weight transfer (Chang et al. 2018): one client per round, visiting every
+    client once per cycle, reshuffled each cycle (``"shuffled"``, seeded) or in data-set order
+    (``"fixed"``); with ``server.lr = 1`` each client continues from the previous one's model
+    (:mod:`consortium.algorithms.cyclic`). "" = off."""
 
 
 @dataclass(frozen=True)
@@ -184,9 +202,11 @@ class ServerConfig:
     """A simulated round with fewer updates in time is aborted (the model stays)."""
     mode: Literal["sync", "fedbuff", "fedasync"] = "sync"
     """``"sync"``: rounds; ``"fedbuff"``/``"fedasync"``: asynchronous aggregation on the
-    simulated clock (:mod:`consortium.server.asynchronous`)."""
+    simulated clock (:mod:`consortium.server.asynchronous`), or over gRPC on the sites'
+    answers as they arrive (:mod:`consortium.deploy.asynchronous`)."""
     concurrency: int = 0
-    """Async: clients training at once (0: ``sampling.clients_per_round``)."""
+    """Async: clients training at once (0: ``sampling.clients_per_round``; over gRPC: every
+    online site)."""
     buffer_size: int = 10
     """FedBuff: updates per server step (K); FedAsync steps on every update."""
     max_staleness: int = 0
@@ -198,6 +218,10 @@ class ServerConfig:
     """hinge: s(τ) = 1 for τ ≤ b, else 1 / (a(τ − b) + 1)."""
     mixing: float = 0.6
     """FedAsync: α in x ← (1 − α s(τ)) x + α s(τ) x_client."""
+    async_weighting: Literal["examples", "equal", "time"] = "examples"
+    """Async: an update's weight in its buffer: its examples (FedAvg's), 1 (FedBuff's
+    Algorithm 1), or examples × its round trip / the buffer's mean (arrival-rate corrected;
+    :mod:`consortium.aggregation.staleness`)."""
 
 
 @dataclass(frozen=True)
@@ -217,6 +241,20 @@ class ExecutorConfig:
 class EvaluationConfig:
     baselines: tuple[Literal["local", "pooled"], ...] = ()
     every: int = 1
+    baseline_clients: int = 100
+    """The local-only baseline of a federation with more clients trains a seeded sample of
+    this many (``summary.json``'s ``baselines.local.sampled`` says so); 0 trains every client
+    (:mod:`consortium.server.baselines`)."""
+    pooled_examples: int = 20_000
+    """The pooled baseline trains on a seeded sample of this many examples when the pooled
+    training data are larger (``baselines.pooled.sampled``); 0 pools every example."""
+    baseline_budget: Literal["matched", "full"] = "matched"
+    """How long the baselines train (``baselines.<name>.budget``): ``"matched"``, what the
+    federation trained in expectation (each client alone its expected epochs, ``rounds ×
+    clients_per_round / clients × local_epochs`` with the stragglers' shortened rounds
+    counted; pooled the federation's expected passes), or ``"full"``, the budget of every
+    client taking part in every round (:class:`consortium.server.baselines.Budget`). They are
+    the same when every client takes part in every round without stragglers."""
     groups: tuple[str, ...] = ()
     """Columns whose groups the final model is compared across (``server.groups``): per-group
     accuracy, TPR, FPR, positive rate and calibration, and the equalised-odds,
@@ -489,23 +527,25 @@ class InterpretConfig:
 
 @dataclass(frozen=True)
 class ContributionConfig:
-    """Contribution scores of the sites (simulation only; ``consortium.contribution``):
+    """Contribution scores of the sites (``consortium.contribution``; in a deployment the
+    sites evaluate the coalition models after the last round, ``consortium.deploy.interpret``):
     ``method`` = ``"exact-shapley"`` (every coalition, up to 10 clients per round),
     ``"gtg-shapley"`` (Liu et al., ACM TIST 2022), ``"tmc-shapley"`` (Ghorbani & Zou, ICML
     2019) or ``"leave-one-out"``, over coalition models rebuilt from each round's updates;
-    ``"none"``: off. ``utility``: the coalition model's ``"accuracy"`` or ``"loss"`` (minus
-    the cross-entropy) on ``validation`` = ``"sites"`` (every site's evaluation split) or
+    ``"none"``: off. ``utility``: the coalition model's ``"loss"`` (minus the cross-entropy;
+    the default: it moves with every site's update, where accuracy on a few hundred rows
+    moves in steps too coarse for one of many small sites) or ``"accuracy"`` on ``validation`` = ``"sites"`` (every site's evaluation split) or
     ``"server"`` (the server's test set). ``permutations``: TMC's count, GTG's most;
     ``truncation``: a permutation stops once its prefix is within this of ``v(N)`` (0: off,
     the default — it gives a harmful site that comes late 0 instead of its negative marginal,
     benchmarks/RESULTS.md "Contribution scores");
     ``between``: GTG skips a round whose ``|v(N) − v(∅)|`` is below this (0: off); ``convergence``:
-    GTG's stopping rule; ``free_rider``: flag a site scoring at most this share of the fair
-    share (or within 2 standard errors of 0); ``record``: keep every round's updates in
+    GTG's stopping rule; ``free_rider``: flag a site scoring ≤ 0 or confidently (score + 2
+    standard errors) at most this share of the fair share; ``record``: keep every round's updates in
     ``RUN_DIR/contribution/`` for ``consortium contribution RUN_DIR``."""
 
     method: Literal["none", "exact-shapley", "gtg-shapley", "tmc-shapley", "leave-one-out"] = "none"
-    utility: Literal["accuracy", "loss"] = "accuracy"
+    utility: Literal["accuracy", "loss"] = "loss"
     validation: Literal["sites", "server"] = "sites"
     permutations: int = 50
     truncation: float = 0.0
@@ -703,9 +743,14 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(0 <= cfg.simulation.dropout < 1, "simulation.dropout", cfg.simulation.dropout,
          "a fraction in [0, 1)")
     need(cfg.evaluation.every >= 1, "evaluation.every", cfg.evaluation.every, "an integer >= 1")
+    need(cfg.evaluation.baseline_clients >= 0, "evaluation.baseline_clients",
+         cfg.evaluation.baseline_clients, "a count >= 0 (0: every client)")
+    need(cfg.evaluation.pooled_examples >= 0, "evaluation.pooled_examples",
+         cfg.evaluation.pooled_examples, "a count >= 0 (0: every example)")
     _check_clock(cfg)
     _check_groups(cfg)
     _check_contribution(cfg)
+    _check_meaningful(cfg)
     it = cfg.interpret
     need(it.repeats >= 1, "interpret.repeats", it.repeats, "an integer >= 1")
     need(it.sample >= 1, "interpret.sample", it.sample, "an integer >= 1 (rows per site)")
@@ -720,6 +765,43 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
         cfg.simulation.stragglers,
         "a fraction in [0, 1]",
     )
+
+
+# Data sets whose clients are given by the data (natural partition only), and why.
+_GIVEN_CLIENTS = {
+    "heart-disease": "its clients are the four hospitals that collected it",
+    "triage": "its clients are its four sites",
+    "csv": "its clients are your files (or the values of data.site_column)",
+    "parquet": "its clients are your files (or the values of data.site_column)",
+}
+
+
+def _check_meaningful(cfg: ExperimentConfig) -> None:
+    """Settings that would be silently ignored (issue 20): DP settings without a DP mode, and
+    ``data.clients`` for a data set whose clients are its sites. Keys are compared with their
+    defaults, so a config built in code is checked as a file is."""
+    p, default = cfg.privacy, PrivacyConfig()
+    if p.mode == "none":
+        ignored = [f"{k} = {getattr(p, k)!r}" for k in ("noise_multiplier", "clip", "target_epsilon")
+                   if getattr(p, k) != getattr(default, k)]
+        if ignored:
+            raise ConfigError(
+                f"privacy.{ignored[0]} is set but privacy.mode = \"none\", so the run would have no "
+                "differential privacy; set privacy.mode = \"central\" (DP-FedAvg at the server), "
+                "\"local\" (DP-SGD at each site) or \"distributed\", or remove the [privacy] keys"
+            )
+    d = cfg.data
+    if d.non_numeric != "error" and d.dataset not in ("csv", "parquet"):
+        raise ConfigError(
+            f"data.non_numeric = {d.non_numeric!r} applies to your own csv or parquet files, not "
+            f"to data.dataset = {d.dataset!r}; remove it"
+        )
+    if d.dataset in _GIVEN_CLIENTS and d.clients != DataConfig().clients:
+        raise ConfigError(
+            f"data.clients = {d.clients} does not apply to data.dataset = {d.dataset!r}: "
+            f"{_GIVEN_CLIENTS[d.dataset]}; remove data.clients (to study many clients, use "
+            "data.dataset = \"synthetic\", \"digits\" or \"breast-cancer\" with a partition)"
+        )
 
 
 def _check_clock(cfg: ExperimentConfig) -> None:
@@ -744,6 +826,9 @@ def _check_clock(cfg: ExperimentConfig) -> None:
     need(v.staleness_a >= 0, "server.staleness_a", v.staleness_a, "a number >= 0")
     need(v.staleness_b >= 0, "server.staleness_b", v.staleness_b, "a number >= 0")
     need(0 < v.mixing <= 1, "server.mixing", v.mixing, "a fraction in (0, 1]")
+    need(v.mode != "sync" or v.async_weighting == "examples", "server.async_weighting",
+         v.async_weighting, "\"examples\" with server.mode = \"sync\" (it weights an "
+         "asynchronous buffer: set server.mode = \"fedbuff\" or \"fedasync\")")
     over = cfg.sampling.over_select
     need(0 <= over <= 10, "sampling.over_select", over, "a fraction in [0, 10], e.g. 0.3")
     t = cfg.evaluation.target_accuracy
@@ -1047,11 +1132,72 @@ def default_config_dict() -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read an experiment file (or the embedded default), apply overrides and validate."""
+    """Read an experiment file (or the embedded default), apply overrides and validate.
+
+    Without a file the embedded default (the heart-disease demo) is the base: the keys it sets
+    that the user did not (by ``--set``) are remembered as defaults (:func:`defaulted_keys`),
+    so that the demo's ``sampling.clients_per_round = 4`` can give way on a smaller federation
+    (:func:`fit_default_cohort`). A run name the user did not set follows the data set (the
+    data file's name for csv and parquet), not the demo's "heart-disease".
+    """
     data = read_toml(path) if path is not None else default_config_dict()
+    if path is not None:  # a model module beside the experiment file imports (models/zoo.py)
+        remember_experiment_folder(Path(path))
+    user = {".".join(parse_override(o)[0]) for o in overrides or []}
+    defaulted = set() if path is not None else _leaf_keys(data) - user
     data = _one_sampling_mode(data, overrides or [])
     data = apply_overrides(data, overrides or [])
-    return ExperimentConfig.from_dict(data)
+    if "name" not in user and (path is None or "name" not in data):
+        data = {**data, "name": _data_name(data.get("data", {}))}
+    cfg = ExperimentConfig.from_dict(data)
+    object.__setattr__(cfg, _DEFAULTED, frozenset(defaulted))
+    return cfg
+
+
+_DEFAULTED = "_defaulted_keys"
+
+
+def defaulted_keys(cfg: ExperimentConfig) -> frozenset[str]:
+    """The dotted keys of ``cfg`` that came from the embedded default experiment rather than
+    from the user (a file or ``--set``): empty for a config from a file, a dict or code (then
+    every value counts as the user's), and for a copy made with ``replace``."""
+    return frozenset(getattr(cfg, _DEFAULTED, frozenset()))
+
+
+def fit_default_cohort(cfg: ExperimentConfig, population: int) -> ExperimentConfig:
+    """``cfg`` with every client per round when ``sampling.clients_per_round`` came from the
+    embedded default (the demo's four hospitals) and the federation has fewer clients, with a
+    notice on stderr; unchanged otherwise. A count the user set stays as it is (larger than
+    the federation, it is an error when the sampler is built)."""
+    s = cfg.sampling
+    if "sampling.clients_per_round" not in defaulted_keys(cfg) or s.clients_per_round <= population:
+        return cfg
+    print(f"consortium: sampling.clients_per_round = {s.clients_per_round} (the default "
+          f"experiment's) is more than the {population} clients of this data set; every client "
+          "takes part in each round (--set sampling.clients_per_round=N to sample fewer)",
+          file=sys.stderr)
+    return cfg.replace(sampling=dataclasses.replace(s, clients_per_round=0))
+
+
+def _leaf_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for k, v in data.items():
+        keys |= _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return keys
+
+
+def _data_name(data: dict[str, Any]) -> str:
+    """A run name for the data ``[data]`` describes: the data set, or for csv and parquet the
+    name of the file or folder (a glob's folder)."""
+    dataset = str(data.get("dataset", DataConfig.dataset))
+    path = str(data.get("path", ""))
+    if dataset not in ("csv", "parquet") or not path:
+        return dataset
+    p = Path(path)
+    while p.name and any(c in p.name for c in "*?["):
+        p = p.parent
+    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in p.stem).strip("-.")
+    return stem or dataset
 
 
 def _one_sampling_mode(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -1064,3 +1210,22 @@ def _one_sampling_mode(data: dict[str, Any], overrides: list[str]) -> dict[str, 
             data = _deep_copy(data)
             del data["sampling"][other]
     return data
+
+
+# -- the experiment file's folder, for custom models --------------------------------------
+
+_EXPERIMENT_FOLDERS: list[Path] = []
+
+
+def remember_experiment_folder(path: Path) -> None:
+    """Note the folder of an experiment file that was read, so that ``model.name =
+    "mymodel:build"`` finds ``mymodel.py`` beside it without ``PYTHONPATH``
+    (:func:`consortium.models.zoo.model_factory`)."""
+    folder = path.resolve().parent
+    if folder not in _EXPERIMENT_FOLDERS:
+        _EXPERIMENT_FOLDERS.append(folder)
+
+
+def experiment_folders() -> tuple[Path, ...]:
+    """The folders of the experiment files read in this process, first read first."""
+    return tuple(_EXPERIMENT_FOLDERS)

@@ -54,6 +54,9 @@ class Given:
     run_dir: Path | None = None
     resume: bool = False
     progress: bool = False
+    console: Any = None
+    """The run's :class:`~consortium.reporting.callbacks.Console` (its rounds' phase), or
+    ``None``: the progress display makes its own."""
     checkpoint_extras: Callable[[], Mapping[str, Any]] | None = None
     on_checkpoint: Callable[[int, str], None] | None = None
     run_id: str = ""
@@ -122,6 +125,11 @@ def build_data(f: Federation) -> None:
         )
         dataset = f.threat.poison(dataset)
     f.dataset = dataset
+    if f.given.dataset is None:  # a deployment's roster (a given data set) decides for itself
+        from consortium.config import fit_default_cohort
+
+        # the demo's clients_per_round (a default, not the user's) on a smaller federation: all
+        f.cfg = fit_default_cohort(cfg, len(dataset.clients))
 
 
 def build_model(f: Federation) -> None:
@@ -273,6 +281,13 @@ def build_sampler(f: Federation) -> None:
     f.sampler = f.given.sampler or (plan.sampler if plan is not None else UniformSampler(
         f.cfg.sampling.clients_per_round, f.cfg.sampling.fraction
     ))
+    if f.cfg.sampling.cycle and f.given.sampler is None:  # FLamby's Cyclic (issue 21)
+        from consortium.algorithms.cyclic import cyclic_sampler
+
+        s, srv = f.cfg.sampling, f.cfg.server
+        f.sampler = cyclic_sampler(s.cycle, server_optimizer=srv.optimizer, server_lr=srv.lr,
+                                   clients_per_round=s.clients_per_round, fraction=s.fraction,
+                                   dp_sampler=plan is not None)
     n = len(f.dataset.clients)
     f.per_round = f.sampler.size(n) if hasattr(f.sampler, "size") else n
     check_clients = getattr(f.pipeline.aggregator, "check_clients", None)
@@ -287,6 +302,10 @@ def build_ledger(f: Federation) -> None:
 
     p, run_dir = f.cfg.privacy, f.given.run_dir
     path = run_dir / "privacy.json" if run_dir is not None else None
+    from consortium.privacy.reading import check_delta
+
+    check_delta(p.mode, p.delta, sites=len(f.dataset.clients),  # δ < 1/n (issue 20)
+                records=list(_train_sizes(f.dataset).values()) if p.mode == "local" else [])
     f.ledger = None
     if f.distributed is not None:
         from consortium.privacy.distributed import DistributedLedger
@@ -357,7 +376,7 @@ def build_callbacks(f: Federation) -> None:
         cbs += [MetricsLog(run_dir / "metrics.jsonl"),
                 Checkpointer(run_dir / "checkpoint", f.store, g.checkpoint_extras, g.on_checkpoint)]
     if g.progress:
-        cbs.append(ProgressBar(f.cfg.name))
+        cbs.append(ProgressBar(f.cfg.name, console=g.console))
     cbs += tracking_callbacks(f.cfg, run_dir)
     f.callbacks = CallbackList(cbs + list(g.callbacks))
 

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from consortium.errors import ConfigError
 
-__all__ = ["BOOTSTRAP_METHOD", "T_METHOD", "bootstrap_ci", "confusion_metrics", "t_interval"]
+__all__ = [
+    "BOOTSTRAP_METHOD", "MANY_SITES", "T_METHOD", "bootstrap_auc_ci", "bootstrap_ci", "confusion_metrics",
+    "percentile_interval", "resample_confusions", "resample_pooled_confusion", "t_interval", "weighted_auc",
+]
 
 T_METHOD = "Student t over seeds: mean ± t(0.975, n−1) · s / √n"
 BOOTSTRAP_METHOD = "percentile bootstrap over test examples, stratified by site, B=1000"
+MANY_SITES = 100
+"""Above this many sites, :func:`bootstrap_ci` draws class and correct counts instead of
+every cell of each site's confusion matrix (the same distribution, vectorised)."""
 
 
 def t_interval(
@@ -65,6 +71,7 @@ def bootstrap_ci(
     seed: int,
     resamples: int = 1000,
     confidence: float = 0.95,
+    draws: str = "auto",
 ) -> dict[str, list[float]]:
     """Percentile bootstrap intervals of ``accuracy`` and ``balanced_accuracy`` over the test
     examples, resampled within each site (Efron & Tibshirani 1993, *An Introduction to the
@@ -78,12 +85,25 @@ def bootstrap_ci(
     and the cells' observed frequencies — which has the same distribution as drawing ``n``
     example indices, at a cost independent of the number of examples.
 
+    With more than :data:`MANY_SITES` sites (``draws="auto"``), a site's resample is drawn
+    through the only numbers the statistics use, its class counts and each class's correct
+    count: the class counts are multinomial with the observed class shares and, given them,
+    class ``r``'s correct count is binomial with the observed recall of ``r``. This is the
+    same joint distribution as the cell draw (merging multinomial cells gives a multinomial;
+    a cell given its row total is binomial), drawn for all sites and replicates at once,
+    ``2K`` vectorised draws instead of a ``K × K`` draw per site: seconds rather than a
+    minute and gigabytes for 10,000 sites. The random stream differs from the cell draw's, so
+    the intervals agree within Monte-Carlo error, not digit for digit.
+
     Args:
         confusions: site → ``[K, K]`` counts (rows: true label, columns: predicted).
         seed: the generator's seed (a run derives it from its own seed).
         resamples: ``B``, the number of bootstrap replicates.
         confidence: the interval's coverage; the bounds are the ``(1 ± confidence) / 2``
             quantiles of the replicates.
+        draws: ``"cells"`` (a multinomial over each site's ``K × K`` cells), ``"classes"``
+            (class counts, then correct counts: the same distribution, vectorised) or
+            ``"auto"`` (cells up to :data:`MANY_SITES` sites, classes above).
 
     Returns:
         metric → ``[low, high]``; ``{}`` when no site has test examples.
@@ -95,24 +115,88 @@ def bootstrap_ci(
         raise ConfigError(f"bootstrap resamples must be >= 1, got {resamples!r}")
     if not 0.0 < confidence < 1.0:
         raise ConfigError(f"confidence must be in (0, 1), got {confidence!r}")
+    if draws not in ("auto", "cells", "classes"):
+        raise ConfigError(f"bootstrap draws must be 'auto', 'cells' or 'classes', got {draws!r}")
     rng = np.random.default_rng(seed)
+    tails = [(1.0 - confidence) / 2.0, (1.0 + confidence) / 2.0]
+    if draws == "classes" or (draws == "auto" and len(confusions) > MANY_SITES):
+        replicates = _class_draws(confusions, rng, resamples)
+        if replicates is None:
+            return {}
+        return {name: [float(q) for q in np.quantile(values, tails)]
+                for name, values in zip(("accuracy", "balanced_accuracy"), replicates, strict=True)}
     drawn = []
     for counts in confusions.values():
         cells = np.asarray(counts, dtype=np.int64)
         n = int(cells.sum())
         if n == 0:
             continue
-        draws = rng.multinomial(n, cells.ravel() / n, size=resamples)
-        drawn.append(draws.reshape(resamples, *cells.shape))
+        replicate_cells = rng.multinomial(n, cells.ravel() / n, size=resamples)
+        drawn.append(replicate_cells.reshape(resamples, *cells.shape))
     if not drawn:
         return {}
     acc, bal, n_site = _site_statistics(drawn)
     weights = n_site / n_site.sum()
-    tails = [(1.0 - confidence) / 2.0, (1.0 + confidence) / 2.0]
     return {
         name: [float(q) for q in np.quantile(values @ weights, tails)]
         for name, values in (("accuracy", acc), ("balanced_accuracy", bal))
     }
+
+
+def _class_draws(
+    confusions: Mapping[str, np.ndarray], rng: np.random.Generator, resamples: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Bootstrap replicates ``[B]`` of the size-weighted accuracy and balanced accuracy
+    (:func:`confusion_metrics`), each site resampled within itself, drawn as class counts
+    and per-class correct counts (:func:`bootstrap_ci`). ``None`` when no site has examples.
+
+    A multinomial is drawn as a chain of binomials (class ``r`` gets
+    ``Binomial(left, R_r / (n − R_1 − … − R_{r−1}))`` of the ``left`` draws the earlier
+    classes did not take), vectorised over sites and replicates; sites are taken in blocks
+    so that the arrays stay near 16 MB."""
+    stacked = [np.asarray(c, dtype=np.int64) for c in confusions.values()]
+    stacked = [c for c in stacked if c.sum() > 0]
+    if not stacked:
+        return None
+    cells = np.stack(stacked)  # [S, K, K]
+    rows = cells.sum(axis=2)  # [S, K] observed class counts
+    hits = np.diagonal(cells, axis1=1, axis2=2)  # [S, K] observed correct counts
+    n = rows.sum(axis=1)  # [S]
+    weights = n / n.sum()
+    # class r's share of the examples the classes before it left over, exactly from counts
+    left_before = n[:, None] - np.cumsum(rows, axis=1) + rows
+    share = np.divide(rows, left_before, out=np.zeros(rows.shape), where=left_before > 0)
+    recall = np.divide(hits, rows, out=np.zeros(rows.shape), where=rows > 0)
+    acc = np.zeros(resamples)
+    bal = np.zeros(resamples)
+    block = max(1, 2_000_000 // (resamples * cells.shape[1]))
+    for lo in range(0, len(n), block):
+        sl = slice(lo, lo + block)
+        left = np.repeat(n[sl, None], resamples, axis=1)  # [s, B]: draws not yet given a class
+        correct = np.zeros(left.shape, dtype=np.int64)
+        recall_sum = np.zeros(left.shape)
+        present = np.zeros(left.shape, dtype=np.int64)
+        for r in range(cells.shape[1]):
+            count = _binomial(rng, left, share[sl, r])
+            left -= count
+            right = _binomial(rng, count, recall[sl, r])
+            correct += right
+            drawn = count > 0
+            recall_sum += np.divide(right, count, out=np.zeros(count.shape), where=drawn)
+            present += drawn
+        acc += weights[sl] @ (correct / n[sl, None])
+        bal += weights[sl] @ (recall_sum / np.maximum(present, 1))
+    return acc, bal
+
+
+def _binomial(rng: np.random.Generator, trials: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """``Binomial(trials[i, b], p[i])`` for rows ``[s, B]``, drawing only the rows whose
+    ``p`` is strictly between 0 and 1 (the others are 0 or ``trials`` for certain)."""
+    out = np.where(p[:, None] >= 1.0, trials, 0)
+    random = np.flatnonzero((p > 0.0) & (p < 1.0))
+    if random.size:
+        out[random] = rng.binomial(trials[random], p[random, None])
+    return out
 
 
 def _site_statistics(
@@ -131,3 +215,171 @@ def _site_statistics(
         bal.append(recall.sum(axis=1) / present.sum(axis=1))
         sizes.append(n[0])
     return np.stack(acc, axis=1), np.stack(bal, axis=1), np.asarray(sizes, dtype=np.float64)
+
+
+def resample_confusions(
+    confusions: Mapping[str, np.ndarray], *, seed: int, resamples: int = 1000
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Each site's bootstrap replicates ``[B, K, K]`` of its confusion matrix, drawn as
+    :func:`bootstrap_ci` draws them (multinomial over the cells: the same distribution as
+    resampling the site's test examples with replacement; Efron & Tibshirani 1993, §8.3).
+    Sites without examples are skipped. Summing the sites' replicates gives the replicates of
+    the pooled matrix, resampled within each site.
+
+    Raises:
+        ConfigError: ``resamples`` < 1.
+    """
+    if resamples < 1:
+        raise ConfigError(f"bootstrap resamples must be >= 1, got {resamples!r}")
+    rng = np.random.default_rng(seed)
+    for site, counts in confusions.items():
+        cells = np.asarray(counts, dtype=np.int64)
+        n = int(cells.sum())
+        if n == 0:
+            continue
+        draws = rng.multinomial(n, cells.ravel() / n, size=resamples)
+        yield site, draws.reshape(resamples, *cells.shape)
+
+
+def resample_pooled_confusion(
+    confusions: Mapping[str, np.ndarray], *, seed: int, resamples: int = 1000
+) -> np.ndarray | None:
+    """Poisson-bootstrap replicates ``[B, K, K]`` of the sites' summed confusion matrix, for
+    federations too large for a draw per site (:func:`resample_confusions` takes a minute for
+    10,000 sites; this takes milliseconds).
+
+    The Poisson bootstrap gives each test example a Poisson(1) weight instead of a place in a
+    multinomial draw (Hanley & MacGibbon 2006, *Computational Statistics & Data Analysis*
+    50:3431; Chamandy et al. 2012); a cell's replicate count is then Poisson with its observed
+    count as mean, and a sum of independent Poissons is Poisson with the summed mean, so the
+    pooled matrix is drawn directly. Each site's size varies between replicates instead of
+    being fixed, which over many sites changes the interval negligibly. ``None`` when no site
+    has examples.
+
+    Raises:
+        ConfigError: ``resamples`` < 1.
+    """
+    if resamples < 1:
+        raise ConfigError(f"bootstrap resamples must be >= 1, got {resamples!r}")
+    cells = [np.asarray(c, dtype=np.int64) for c in confusions.values()]
+    total = sum((c for c in cells if c.sum() > 0), start=np.zeros_like(cells[0])) if cells else None
+    if total is None or total.sum() == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    return rng.poisson(total, size=(resamples, *total.shape)).astype(np.int64)
+
+
+def percentile_interval(values: np.ndarray, *, confidence: float = 0.95) -> list[float] | None:
+    """The ``(1 ± confidence) / 2`` quantiles of bootstrap replicates (Efron & Tibshirani
+    1993, §13.3). Replicates where the statistic is undefined (NaN: e.g. PPV when a resample
+    has no predicted positives) are left out; ``None`` when fewer than half are defined, as
+    the interval would then describe another population.
+
+    Raises:
+        ConfigError: ``confidence`` is not in (0, 1).
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ConfigError(f"confidence must be in (0, 1), got {confidence!r}")
+    x = np.asarray(values, dtype=np.float64)
+    finite = x[np.isfinite(x)]
+    if finite.size == 0 or finite.size < x.size / 2:
+        return None
+    tails = [(1.0 - confidence) / 2.0, (1.0 + confidence) / 2.0]
+    return [float(q) for q in np.quantile(finite, tails)]
+
+
+def weighted_auc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The area under the ROC curve for each row of ``weights`` ``[B, n]`` (how many times
+    each example counts), by the Mann–Whitney statistic with half credit for ties (Hanley &
+    McNeil 1982): ``Σ_pos Σ_neg w_i w_j ([s_i > s_j] + ½[s_i = s_j]) / (W_pos W_neg)``. With
+    all weights 1 it is the plain AUC; with multinomial weights, a bootstrap replicate. NaN
+    where a row has no positive or no negative weight. ``labels``: 1 is positive."""
+    return _SortedScores(scores, labels).auc(weights)
+
+
+class _SortedScores:
+    """Scores sorted once, for the AUC of many rows of weights (:func:`weighted_auc`)."""
+
+    def __init__(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        self.order = np.argsort(np.asarray(scores), kind="stable")
+        s = np.asarray(scores)[self.order]
+        self.positive = (np.asarray(labels)[self.order] == 1).astype(np.float64)
+        # each example's group of equal scores, by the index of the group's first and last
+        new = np.r_[True, s[1:] != s[:-1]]
+        starts = np.flatnonzero(new)
+        group = np.cumsum(new) - 1
+        self.first = starts[group]
+        self.last = np.r_[starts[1:] - 1, len(s) - 1][group]
+
+    def auc(self, weights: np.ndarray) -> np.ndarray:
+        w = np.asarray(weights, dtype=np.float64)[:, self.order]
+        pos = w * self.positive
+        cum_neg = np.cumsum(w - pos, axis=1)
+        # negatives strictly below an example's score, and those tied with it
+        below = np.where(self.first > 0, cum_neg[:, np.maximum(self.first - 1, 0)], 0.0)
+        tied = cum_neg[:, self.last] - below
+        numerator = (pos * (below + 0.5 * tied)).sum(axis=1)
+        denominator = pos.sum(axis=1) * cum_neg[:, -1]
+        safe = np.where(denominator > 0, denominator, 1.0)
+        return np.where(denominator > 0, numerator / safe, np.nan)
+
+
+def bootstrap_auc_ci(
+    sites: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    seed: int,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    per_site: bool = True,
+) -> tuple[list[float] | None, dict[str, list[float] | None]]:
+    """Percentile bootstrap intervals of the AUC: over all sites' test examples pooled
+    (resampled within each site, as :func:`bootstrap_ci`), and at each site when ``per_site``.
+
+    Args:
+        sites: site → ``(scores, labels)`` of its test examples (labels 0/1, 1 positive).
+        seed, resamples, confidence: as :func:`bootstrap_ci`.
+        per_site: also each site's own interval.
+
+    Returns:
+        ``(pooled interval, site → interval)``; an interval is ``None`` where the AUC is
+        undefined (one class only) in most replicates.
+
+    Raises:
+        ConfigError: ``resamples`` < 1 or ``confidence`` not in (0, 1).
+    """
+    if resamples < 1:
+        raise ConfigError(f"bootstrap resamples must be >= 1, got {resamples!r}")
+    rng = np.random.default_rng(seed)
+    kept = {site: (np.asarray(s, dtype=np.float64), np.asarray(y, dtype=np.int64))
+            for site, (s, y) in sites.items() if len(s) > 0}
+    if not kept:
+        return None, {}
+    all_scores = np.concatenate([s for s, _ in kept.values()])
+    all_labels = np.concatenate([y for _, y in kept.values()])
+    sizes = np.array([len(s) for s, _ in kept.values()], dtype=np.int64)
+    offsets = np.r_[0, np.cumsum(sizes)[:-1]]
+    site_of = np.repeat(np.arange(len(sizes)), sizes)
+    total = int(sizes.sum())
+    # replicates in chunks so that a chunk's weights stay near 32 MB whatever the test size
+    chunk = max(1, 4_000_000 // total)
+    pooled: list[np.ndarray] = []
+    site_values: dict[str, list[np.ndarray]] = {site: [] for site in kept}
+    everything = _SortedScores(all_scores, all_labels)
+    sorted_sites = {site: _SortedScores(s, y) for site, (s, y) in kept.items()} if per_site else {}
+    for start in range(0, resamples, chunk):
+        b = min(chunk, resamples - start)
+        # every site draws as many of its own examples as it has, with replacement, for all
+        # sites and replicates at once: how often each example is drawn is its weight
+        drawn = offsets[site_of] + (rng.random((b, total)) * sizes[site_of]).astype(np.int64)
+        rows = np.arange(b, dtype=np.int64)[:, None] * total
+        weights = np.bincount((drawn + rows).ravel(), minlength=b * total).reshape(b, total)
+        pooled.append(everything.auc(weights))
+        if per_site:
+            for site, lo, n in zip(kept, offsets, sizes, strict=True):
+                site_values[site].append(sorted_sites[site].auc(weights[:, lo:lo + n]))
+    overall = percentile_interval(np.concatenate(pooled), confidence=confidence)
+    by_site = {
+        site: percentile_interval(np.concatenate(v), confidence=confidence)
+        for site, v in site_values.items()
+    } if per_site else {}
+    return overall, by_site

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from consortium.algorithms import Algorithm
 from consortium.client.evaluation import client_spread
 from consortium.config import ExperimentConfig, load_config, read_toml
 from consortium.data.base import FederatedDataset
-from consortium.errors import CheckpointError, ConfigError
+from consortium.errors import CheckpointError, ConfigError, ConsortiumError
 from consortium.executors import Executor
 from consortium.executors.device import resolve_device
 from consortium.federation import (
@@ -28,7 +29,7 @@ from consortium.federation import (
     secure_aggregation_parts,
     site_pipeline,
 )
-from consortium.server.baselines import BaselineSetup, local_baseline, pooled_baseline
+from consortium.server.baselines import BaselineSetup, Budget
 from consortium.server.sampling import Sampler
 from consortium.types import Parameters
 
@@ -112,26 +113,37 @@ def simulate(
         ConsortiumError: any configuration, data, model or checkpoint problem.
     """
     cfg, run_dir = _load(config, overrides, out, resume)
-    fed = assemble(cfg, Given(
-        dataset=dataset, model=model, algorithm=algorithm, pipeline=pipeline, sampler=sampler,
-        executor=executor, loss_fn=loss_fn, callbacks=callbacks, run_dir=run_dir,
-        resume=resume is not None, progress=progress, checkpoint_extras=checkpoint_extras,
-        on_checkpoint=on_checkpoint, run_id=run_id, on_assembled=on_assembled,
-    ))
-    state = fed.state if fed.state is not None else fed.server.init_state(fed.init)
-    before_s = sum(float(r.get("wall_s") or 0.0) for r in fed.history)
-    started = time.perf_counter()
+    console = _console(progress)
     try:
-        state = fed.server.run(state, rounds=cfg.rounds)
+        with _phase(console, "loading data"):
+            fed = assemble(cfg, Given(
+                dataset=dataset, model=model, algorithm=algorithm, pipeline=pipeline,
+                sampler=sampler, executor=executor, loss_fn=loss_fn, callbacks=callbacks,
+                run_dir=run_dir, resume=resume is not None, progress=progress,
+                checkpoint_extras=checkpoint_extras, on_checkpoint=on_checkpoint, run_id=run_id,
+                on_assembled=on_assembled, console=console,
+            ))
+        state = fed.state if fed.state is not None else fed.server.init_state(fed.init)
+        before_s = sum(float(r.get("wall_s") or 0.0) for r in fed.history)
+        started = time.perf_counter()
+        try:
+            state = fed.server.run(state, rounds=cfg.rounds)
+            # A resumed run adds the rounds before the stop (their wall time is in the log).
+            rounds_s = before_s + (time.perf_counter() - started)
+            baselines = _baselines(fed, console)  # through the run's executor, before it closes
+        finally:
+            fed.executor.close()
+        with _phase(console, "final evaluation"):
+            summary = _summarise(fed, state, rounds_s, baselines)
+        final_model = fed.factory()
+        state.params.load_into(final_model)
+        if run_dir is not None:
+            with _phase(console, "writing the report" if report else "writing the results"):
+                _write_outputs(run_dir, summary, state.params, report=report)
+        fed.callbacks.on_run_end(summary)
     finally:
-        fed.executor.close()
-    # A resumed run adds the rounds before the stop (their wall time is in the log).
-    summary = _summarise(fed, state, before_s + (time.perf_counter() - started))
-    final_model = fed.factory()
-    state.params.load_into(final_model)
-    if run_dir is not None:
-        _write_outputs(run_dir, summary, state.params, report=report)
-    fed.callbacks.on_run_end(summary)
+        if console is not None:
+            console.close()
     return SimulationResult(
         config=cfg, history=fed.history, summary=summary, params=state.params,
         model=final_model, run_dir=run_dir, per_client=state.per_client,
@@ -156,15 +168,113 @@ def _load(
     else:
         cfg = _resolve_config(config, overrides)
     run_dir = Path(out) if out is not None else None
-    if run_dir is not None and resume is None and (run_dir / "metrics.jsonl").exists():
+    if run_dir is not None and resume is None:
+        check_new_run_dir(run_dir)
+    return cfg, run_dir
+
+
+#: What a run (or ``consortium server``) writes into its folder before its first round ends;
+#: a folder holding only these is a run stopped early and may be started again.
+EARLY_RUN_FILES = frozenset({
+    "config.toml", "privacy.json", "audit.jsonl", "tracking.json", "mlruns", "tensorboard",
+    "checkpoint.tmp",
+})
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse an ``--out`` that a new run would damage: a file, a folder that holds a run, or a
+    non-empty folder that is not a run (its ``summary.json``, ``plots/`` … would be written over).
+
+    A folder is a run's when it holds ``metrics.jsonl`` or ``checkpoint/`` (resume it), or only
+    what a run writes before its first round ends (:data:`EARLY_RUN_FILES`, with a
+    ``config.toml`` that consortium wrote): a run stopped that early starts again in it.
+
+    Raises:
+        ConfigError: naming the folder and the fix (another ``--out``, or ``--resume``).
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(
+            f"--out {str(run_dir)!r} is a file, not a folder; give a new or empty folder for "
+            "the run directory"
+        )
+    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoint").is_dir():
         raise ConfigError(
             f"run directory {str(run_dir)!r} already holds a run; resume it with --resume "
             f"{run_dir} or choose another --out"
         )
-    return cfg, run_dir
+    names = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    foreign = [n for n in names if n not in EARLY_RUN_FILES]
+    if not foreign and "config.toml" in names and not _written_by_us(run_dir / "config.toml"):
+        foreign = ["config.toml"]
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise ConfigError(
+            f"--out {str(run_dir)!r} is a folder that is not a run: it holds {shown}, which "
+            "the run's files (config.toml, summary.json, plots/, report.html, …) could "
+            f"overwrite; give a new or empty folder (e.g. --out {run_dir / 'run'}), or "
+            "--resume RUN_DIR to continue a run"
+        )
 
 
-def _summarise(fed: Federation, state: Any, duration_s: float) -> dict[str, Any]:
+def _written_by_us(path: Path) -> bool:
+    """Whether ``path`` is a resolved ``config.toml`` as a run writes it (not a user's file)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        return ExperimentConfig.from_dict(read_toml(path)).to_toml() == text
+    except (OSError, UnicodeDecodeError, ConsortiumError):
+        return False
+
+
+def _console(progress: bool) -> Any:
+    """The run's console (phases on standard error), or ``None`` without progress."""
+    if not progress:
+        return None
+    from consortium.reporting.callbacks import Console
+
+    return Console()
+
+
+def _phase(console: Any, label: str) -> Any:
+    from contextlib import nullcontext
+
+    return nullcontext() if console is None else console.phase(label)
+
+
+def _baselines(fed: Federation, console: Any) -> Any:
+    """``evaluation.baselines`` through the run's executor (server/baselines.py); a
+    deployment's local-only baseline comes from the sites (their reports, kept by the
+    executor), its pooled one cannot exist."""
+    from consortium.server.baselines import run_baselines
+
+    cfg = fed.cfg
+    names = [n for n in cfg.evaluation.baselines]
+    if fed.executor.name == "remote":  # each site trained its own at home and reported it
+        from consortium.server.baselines import BaselineOutcome, site_reports
+
+        if "local" not in names:
+            return BaselineOutcome()
+        outcome = site_reports(getattr(fed.executor, "local_reports", {}), settings=fed.settings,
+                               rounds=cfg.rounds, sites=len(fed.dataset.clients))
+        for note in outcome.notes:
+            print(f"consortium server: {note}", file=sys.stderr, flush=True)
+        return outcome
+    setup = BaselineSetup(fed.factory, fed.init, fed.settings, fed.loss_fn, cfg.rounds, cfg.seed,
+                          device=resolve_device(cfg.executor.device, announce=False),
+                          budget=Budget(cfg.evaluation.baseline_budget, len(fed.dataset.clients),
+                                        cfg.simulation.stragglers,
+                                        updates={"fedbuff": cfg.server.buffer_size,
+                                                 "fedasync": 1}.get(cfg.server.mode, 0)))
+    outcome = run_baselines(
+        names, fed.dataset, setup, fed.executor, per_round_clients=fed.per_round,
+        max_clients=cfg.evaluation.baseline_clients, max_examples=cfg.evaluation.pooled_examples,
+        console=console,  # its phases, and a note when a baseline is sampled
+    )
+    return outcome
+
+
+def _summarise(
+    fed: Federation, state: Any, duration_s: float, outcome: Any = None,
+) -> dict[str, Any]:
     """``summary.json``: final metrics, privacy spent, the baselines, and what ran.
 
     With a personalised evaluation (a personalised algorithm, or fine-tuning), ``personalized``
@@ -173,25 +283,16 @@ def _summarise(fed: Federation, state: Any, duration_s: float) -> dict[str, Any]
     ``personalized_<name>`` and ``local_<name>`` (the local-only baseline) where those ran;
     ``client_accuracy`` states the spread of per-client accuracy (mean, worst, p10, std,
     Jain's index) for each of them. With ``data.validation`` every number is on the validation
-    split and ``evaluated_on`` says ``"validation"`` (absent: the test split).
+    split and ``evaluated_on`` says ``"validation"`` (absent: the test split). Each baseline
+    (``outcome``, from :func:`_baselines`) states its ``budget`` (epochs and/or steps,
+    ``wall_s``) and, when trained on a sample, ``sampled`` (server/baselines.py).
     """
     cfg = fed.cfg
-    baselines: dict[str, dict[str, Any]] = {}
-    local_per_client: dict[str, dict[str, float]] = {}
-    confusions: dict[str, Any] = {}
-    for name in cfg.evaluation.baselines:
-        setup = BaselineSetup(fed.factory, fed.init, fed.settings, fed.loss_fn, cfg.rounds, cfg.seed,
-                              device=resolve_device(cfg.executor.device, announce=False))
-        if name == "local":
-            metrics, local_per_client = local_baseline(
-                fed.dataset, setup, confusions=confusions.setdefault(f"baselines/{name}", {})
-            )
-        else:
-            metrics, _ = pooled_baseline(
-                fed.dataset, setup, per_round_clients=fed.per_round,
-                confusions=confusions.setdefault(f"baselines/{name}", {}),
-            )
-        baselines[name] = {k: v for k, v in metrics.items()}
+    if outcome is None:
+        outcome = _baselines(fed, None)
+    baselines: dict[str, dict[str, Any]] = dict(outcome.results)
+    local_per_client: dict[str, dict[str, float]] = outcome.local_per_client
+    confusions: dict[str, Any] = dict(outcome.confusions)
     mine = "personalized_"
     # the spread across clients is under its own key (client_accuracy), not among the metrics
     spread_keys = {f"{p}accuracy_{s}" for p in ("", mine) for s in ("mean", "std", "jain")}
@@ -211,6 +312,10 @@ def _summarise(fed: Federation, state: Any, duration_s: float) -> dict[str, Any]
         "pipeline": fed.pipeline.describe(),
         "clients": len(fed.dataset.clients),
     }
+    if summary["privacy"].get("epsilon") is not None:  # how strong ε is, plainly (issue 20)
+        from consortium.privacy.reading import epsilon_reading
+
+        summary["privacy"]["reading"] = epsilon_reading(summary["privacy"]["epsilon"])
     personalized = {k[len(mine):]: v for k, v in last.items() if k.startswith(mine)}
     if personalized:
         summary["personalized"] = personalized
@@ -245,6 +350,12 @@ def _summarise(fed: Federation, state: Any, duration_s: float) -> dict[str, Any]
     ci = _bootstrap_intervals(cfg.seed, summary, confusions)
     if ci:
         summary["ci"] = ci
+    from consortium.reporting.clinical import add_clinical, class_names
+
+    # prevalence, majority reference, sensitivity ... per site (``clinical``, ``per_client``)
+    add_clinical(summary, confusions, seed=cfg.seed,
+                 scores=getattr(fed.server.evaluator, "final_scores", None),
+                 classes=class_names(fed.dataset.notes, fed.dataset.num_classes))
     if cfg.evaluation.groups and fed.executor.name != "remote":  # a deployment holds no test data
         from consortium.server.groups import group_metrics
 

@@ -438,6 +438,7 @@ CONFORMANCE: dict[str, Part] = {
 NOT_PARTS = {  # builders and helpers, not parts
     "pipeline", "server_optimizer", "make_rule", "check_multiplier", "enforce_norm",
     "frozen_mask", "fairfed_step",
+    "buffer_weight", "buffer_weights", "check_weighting",  # FedBuff's buffer weights (async)
 }
 
 

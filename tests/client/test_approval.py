@@ -86,3 +86,15 @@ def test_consortium_manifest_prints_the_hash_a_site_approves(capsys) -> None:
     assert main(["manifest", "--set", "rounds=7", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["sha256"] == printed and data["manifest"]["rounds"] == 7
+
+
+def test_a_site_that_refuses_contribution_scoring_refuses_the_whole_experiment() -> None:
+    """A one-site coalition model is that site's update, evaluated by the other sites: a site
+    with ``contribution = false`` must not train at all in such a run, or its updates reach
+    them; without ``[contribution]`` the same policy joins."""
+    scored = _cfg(contribution={"method": "leave-one-out"})
+    no = SitePolicy(approve="matching", contribution=False)
+    why = review_experiment(scored, no)
+    assert why is not None and "contribution = false" in why and "leave-one-out" in why
+    assert review_experiment(_cfg(), no) is None
+    assert review_experiment(scored, SitePolicy(approve="matching")) is None

@@ -63,8 +63,14 @@ def test_flags_and_benefit() -> None:
          "seconds": 0.0},
     ]
     out = combine_rounds(rounds, ["a", "b", "c", "d"], Settings("tmc-shapley"))
-    # b: zero; c: negative; d: within 2 standard errors of zero
-    assert out["flagged"] == ["b", "c", "d"] and out["ranking"][0] == "a"
+    # b: zero; c: negative; d: positive but within 2 standard errors of zero (undetermined,
+    # not flagged: its upper bound 0.06 is above 0.1 × the fair share 0.3 / 4)
+    assert out["flagged"] == ["b", "c"] and out["ranking"][0] == "a"
+    assert out["indistinguishable"] == ["d"]
+    # confidently below the fair share: 0.002 + 2 · 0.001 ≤ 0.1 × 0.075
+    rounds[0]["values"]["d"], rounds[0]["standard_error"]["d"] = 0.002, 0.001
+    out = combine_rounds(rounds, ["a", "b", "c", "d"], Settings("tmc-shapley"))
+    assert out["flagged"] == ["b", "c", "d"] and out["indistinguishable"] == []
     assert out["total"] == pytest.approx(0.3)
     ben, basis = benefit({"a": {"global_accuracy": 0.8, "local_accuracy": 0.7},
                           "b": {"global_accuracy": 0.6}})
@@ -218,6 +224,62 @@ def test_leave_one_out_by_retraining_works_under_secure_aggregation(tmp_path: Pa
     without = simulate(cfg.replace(sampling=dc.replace(cfg.sampling, clients_per_round=3)),
                        dataset=dc.replace(ds, clients=rest, groups={}, fitting={}), report=False)
     evaluate = ModelUtility(lambda: copy.deepcopy(run.model), run.params,
-                            validation_data(ds, "sites"))
+                            validation_data(ds, "sites"), utility=cfg.contribution.utility)
     expected = evaluate(run.params.vector) - evaluate(without.params.vector)
     assert out["scores"]["va"] == pytest.approx(expected, abs=1e-12)
+
+
+def _hospitals_plus_shuffled_and_twin() -> object:
+    """The four hospitals, a label-shuffled copy of Budapest's training rows and a twin of
+    Cleveland's (the acceptance case of issue 19; benchmarks/contribution.py builds it too)."""
+    from consortium.config import ExperimentConfig, default_config_dict
+    from consortium.data import load_dataset
+    from consortium.data.base import ClientData, FederatedDataset, Split
+
+    ds = load_dataset(ExperimentConfig.from_dict(default_config_dict()).data, seed=0)
+    clients = {cid: ds.clients[cid] for cid in ds.client_ids}
+    hung, clev = clients["hungarian"], clients["cleveland"]
+    empty = Split(hung.test.x[:0], hung.test.y[:0])
+    order = torch.randperm(len(hung.train), generator=torch.Generator().manual_seed(0))
+    clients["shuffled"] = ClientData(train=Split(hung.train.x.clone(), hung.train.y[order]),
+                                     test=empty)
+    clients["twin"] = ClientData(train=Split(clev.train.x.clone(), clev.train.y.clone()),
+                                 test=empty)
+    return FederatedDataset(name="heart-disease+2", clients=clients, num_classes=ds.num_classes,
+                            input_shape=ds.input_shape, feature_names=ds.feature_names)
+
+
+def test_the_default_utility_meets_the_acceptance() -> None:
+    """``utility = "loss"`` is the default: exact Shapley ranks the shuffled site last with a
+    score ≤ 0 (flagged) and the twin next to Cleveland, whose value it shares."""
+    from consortium.config import ContributionConfig
+
+    assert ContributionConfig().utility == "loss"
+    data = _hospitals_plus_shuffled_and_twin()
+    run = simulate(overrides=["rounds=8", "sampling.clients_per_round=6", "evaluation.baselines=[]",
+                              "contribution.method=exact-shapley"], dataset=data, report=False)
+    c = run.summary["contribution"]
+    assert c["utility"] == "loss"
+    assert c["ranking"][-1] == "shuffled" and c["scores"]["shuffled"] <= 0
+    assert c["flagged"] == ["shuffled"]
+    assert abs(c["scores"]["twin"] - c["scores"]["cleveland"]) < 0.25 * c["scores"]["cleveland"]
+
+
+@pytest.mark.slow
+def test_the_flag_spares_honest_clients_within_the_error_at_100_clients() -> None:
+    """100 digits clients, 10 flipping labels, GTG with a loss utility: the 10 are in the
+    bottom 15 and flagged; no honest client whose score is within 2 standard errors of 0 is
+    flagged (the old rule flagged 34 of them), and an honest client flagged has a score below
+    0 beyond its error (it raised the pooled loss: 8 of 90 in RESULTS.md)."""
+    over = ["rounds=10", "data.dataset=digits", "data.clients=100", "data.partition=iid",
+            "sampling.clients_per_round=100", "evaluation.baselines=[]",
+            "attack.kind=label-flip", "attack.fraction=0.1",
+            "contribution.method=gtg-shapley", "contribution.permutations=30"]
+    res = simulate(overrides=over, report=False)
+    c = res.summary["contribution"]
+    bad = set(res.summary["attack"]["malicious"])
+    assert len(bad) == 10 and bad <= set(c["ranking"][-15:]) and bad <= set(c["flagged"])
+    for cid in set(c["flagged"]) - bad:
+        assert c["scores"][cid] + 2 * c["standard_error"][cid] < 0
+    assert not set(c["flagged"]) & set(c["indistinguishable"])
+    assert len(set(c["flagged"]) - bad) <= 10

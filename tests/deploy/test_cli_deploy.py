@@ -17,7 +17,7 @@ def test_provision_writes_one_folder_per_site_and_revokes(tmp_path, capsys) -> N
     printed = capsys.readouterr().out
     assert "--certs" in printed and "hand over" in printed
     site = out / "sites" / "hungary"
-    assert sorted(p.name for p in site.iterdir()) == ["ca.pem", "client.key", "client.pem", "token"]
+    assert sorted(p.name for p in site.iterdir()) == [".gitignore", "ca.pem", "client.key", "client.pem", "token"]
     assert not (site / "ca.key").exists()  # a site's folder holds only its own secrets
     assert main(["provision", "--sites", "x", "--out", str(out)]) == 2  # refuses to overwrite
     assert "--overwrite" in capsys.readouterr().err

@@ -272,6 +272,11 @@ ATTACKS: tuple[Attack, ...] = (
     Attack("an evaluation in another site's name", "evaluate", 7,
            lambda s, c: [s.push(c.evaluation(c.num_test, {"accuracy": 0.9}, client=VICTIM))],
            (_BAD("not the evaluation asked for"),), answers_task=True),
+    # -- the last evaluation: a site's local-only baseline (issue 20) cannot be pulled anywhere
+    Attack("local_accuracy = 7 in the last evaluation", "evaluate", 8,
+           lambda s, c: [s.push(c.evaluation(c.num_test, {"accuracy": 0.5,
+                                                          "local_accuracy": 7.0}))],
+           (_BAD("metric 'local_accuracy' = 7 is outside [0, 1]"),), answers_task=True),
 )
 
 BY_NAME = {a.name: a for a in ATTACKS}

@@ -71,8 +71,10 @@ def _cert(path: Path) -> x509.Certificate:
 
 def test_layout_gives_each_party_only_its_own_secrets(made: ProvisionedConsortium) -> None:
     root = made.root
-    assert {p.name for p in root.iterdir()} == {"ca.pem", "ca.key", "README.txt", "server", "sites"}
+    assert {p.name for p in root.iterdir()} == {
+        "ca.pem", "ca.key", "README.txt", "server", "sites", ".gitignore"}
     assert {p.name for p in made.server_dir.iterdir()} == {
+        ".gitignore",
         "ca.pem",
         "server.pem",
         "server.key",
@@ -83,6 +85,7 @@ def test_layout_gives_each_party_only_its_own_secrets(made: ProvisionedConsortiu
     for name, site_dir in made.site_dirs.items():
         assert site_dir == root / "sites" / name
         assert {p.name for p in site_dir.iterdir()} == {
+            ".gitignore",
             "ca.pem",
             "client.pem",
             "client.key",

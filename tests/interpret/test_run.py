@@ -56,11 +56,16 @@ def test_bad_interpret_settings_are_refused() -> None:
         simulate(None, overrides=BASE + ["interpret.importance=shapley"], report=False)
 
 
-def test_a_deployment_refuses_interpret(tmp_path: Path) -> None:
-    pytest.importorskip("grpc")
-    from consortium.deploy.server import serve
+def test_a_deployment_runs_interpret_and_contribution_with_the_sites() -> None:
+    """``consortium server`` no longer refuses them (tests/deploy/test_interpret_grpc.py runs
+    them); only what a deployment cannot do is refused: a server-side validation set."""
+    from consortium.config import load_config
+    from consortium.contribution.build import check_contribution
     from consortium.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"\[interpret\] is for simulation only"):
-        serve(None, listen="127.0.0.1:0", certs=None, out=tmp_path / "run",
-              overrides=["interpret.calibration=true"], progress=False)
+    sites = load_config(None, ["contribution.method=leave-one-out"])
+    check_contribution(sites, per_round=4, remote=True)
+    server = load_config(None, ["contribution.method=leave-one-out",
+                                "contribution.validation=server"])
+    with pytest.raises(ConfigError, match="the server holds no test rows"):
+        check_contribution(server, per_round=4, remote=True)

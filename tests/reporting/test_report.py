@@ -107,7 +107,8 @@ def make_run_dir(
 
 
 def image_sources(page: str) -> list[str]:
-    return re.findall(r'<img src="([^"]+)"', page)
+    """The files behind the page's figures (inlined, each keeps its name in data-source)."""
+    return re.findall(r'<img data-source="([^"]+)"', page)
 
 
 def table_row(page: str, first_cell: str) -> list[str]:

@@ -16,6 +16,28 @@ wrapped aggregator sees it, so FedBuff's step is ``Σᵢ wᵢ s(τᵢ) Δᵢ / �
 the update's metrics under :data:`SCALE` (set by the server, never by a client); extras (an
 algorithm's sums, central DP's clipping bit) are not scaled. ``s(τ) ≤ 1``, so a clipped
 update stays within its clip norm and central DP's sensitivity holds.
+
+**Buffer weights** (``server.async_weighting``, :func:`buffer_weight`): the sample weight
+``wᵢ`` of an update in a buffer.
+
+- ``examples`` (the default): ``wᵢ = nᵢ``, the client's training examples, as FedAvg;
+- ``equal``: ``wᵢ = 1``, FedBuff's Algorithm 1 as written (``(1/K) Σᵢ s(τᵢ) Δᵢ``);
+- ``time``: ``wᵢ = nᵢ · Tᵢ / T̄``, with ``Tᵢ`` the update's round trip (dispatch to arrival,
+  which the server observes) and ``T̄`` the buffer's mean round trip. Derivation: when each
+  client trains again as soon as it is done while online (FedBuff's production setting,
+  Nguyen et al. 2022 and Huba et al., "Papaya", MLSys 2022: clients check in when
+  eligible), client ``i``'s updates arrive at a rate ``λᵢ ∝ 1/Tᵢ``, so over a stretch of
+  time the server moves by ``Σᵢ λᵢ wᵢ s(τᵢ) Δᵢ``; ``wᵢ ∝ nᵢ Tᵢ`` makes that
+  ``∝ Σᵢ nᵢ s(τᵢ) Δᵢ``, FedAvg's weighting of the clients, where ``wᵢ = nᵢ`` would weight
+  them by ``nᵢ / Tᵢ`` (with ``Tᵢ`` growing with ``nᵢ``, about equally: the unweighted mean
+  of the clients' losses). That the faster clients' more frequent updates bias
+  asynchronous FL ("heterogeneity amplification") is the analysis of Chang et al.,
+  "Mitigating Participation Imbalance Bias in Asynchronous Federated Learning", 2025
+  (arXiv:2511.19066); weighting by ``1/λᵢ`` is the inverse-frequency correction of that
+  bias. When the server instead dispatches
+  ``server.concurrency`` clients drawn uniformly among the idle ones, every client's
+  updates arrive about equally often and ``time`` over-weights the slow clients (the
+  benchmark measures both; RESULTS.md).
 """
 
 from __future__ import annotations
@@ -28,7 +50,8 @@ from consortium.aggregation.base import RoundContext, WrapsAggregator
 from consortium.errors import ConfigError
 from consortium.types import Update
 
-__all__ = ["SCALE", "Staleness", "StalenessWeighted"]
+__all__ = ["SCALE", "WEIGHTINGS", "Staleness", "StalenessWeighted", "buffer_weight",
+           "buffer_weights", "check_weighting"]
 
 SCALE = "staleness_weight"
 """The metrics key under which the server puts an update's ``s(τ)``."""
@@ -59,6 +82,70 @@ class Staleness:
         if self.kind == "polynomial":
             return float((1.0 + tau) ** -self.a)
         return 1.0 if tau <= self.b else 1.0 / (self.a * (tau - self.b) + 1.0)
+
+
+WEIGHTINGS = ("examples", "equal", "time")
+"""The values of ``server.async_weighting`` (see the module docstring)."""
+
+
+def buffer_weight(kind: str, examples: float, duration: float, mean_duration: float) -> float:
+    """The sample weight of one update in a buffer (see the module docstring).
+
+    Args:
+        kind: ``"examples"``, ``"equal"`` or ``"time"``.
+        examples: the update's weight as sent (its client's training examples).
+        duration: the update's round trip, dispatch to arrival (simulated seconds).
+        mean_duration: the buffer's mean round trip (``> 0``).
+    """
+    if kind == "examples":
+        return float(examples)
+    if kind == "equal":
+        return 1.0
+    if kind == "time":
+        if not mean_duration > 0 or duration < 0:
+            raise ValueError(f"round trip {duration!r} s of a buffer whose mean is "
+                             f"{mean_duration!r} s: durations must be >= 0 with a mean > 0")
+        return float(examples) * float(duration) / float(mean_duration)
+    raise ConfigError(f"server.async_weighting = {kind!r}: use one of {', '.join(WEIGHTINGS)}")
+
+
+def buffer_weights(kind: str, examples: list[float], durations: list[float]) -> list[float]:
+    """:func:`buffer_weight` of each update of a buffer (``T̄`` their mean round trip)."""
+    if kind == "examples":
+        return [float(n) for n in examples]
+    mean = sum(durations) / len(durations) if durations else 0.0
+    if kind == "time" and not mean > 0:  # every round trip 0: nothing to tell them apart
+        return [float(n) for n in examples]
+    return [buffer_weight(kind, n, d, mean) for n, d in zip(examples, durations)]
+
+
+def check_weighting(cfg: Any, *, remote: bool = False) -> None:
+    """Refuse ``server.async_weighting`` where the server cannot set an update's weight.
+
+    Raises:
+        ConfigError: over gRPC (built for the simulated clock in this version), under
+            secure aggregation (the server sees only the buffer's sum, each update already
+            multiplied by its client's own weight) or central DP (each update has weight 1,
+            the noise is calibrated to that sum)."""
+    kind = getattr(cfg.server, "async_weighting", "examples")
+    if kind not in WEIGHTINGS:
+        raise ConfigError(f"server.async_weighting = {kind!r}: use one of {', '.join(WEIGHTINGS)}")
+    if kind == "examples":
+        return
+    if remote:
+        raise ConfigError(
+            f"server.async_weighting = {kind!r} over gRPC: built for the simulated clock "
+            "(consortium run) in this version; use async_weighting = \"examples\"")
+    if cfg.secure_aggregation.enabled:
+        raise ConfigError(
+            f"server.async_weighting = {kind!r} with secure aggregation: the server sees only "
+            "each buffer's sum, whose terms the clients weighted themselves; use "
+            "async_weighting = \"examples\"")
+    if cfg.privacy.mode == "central":
+        raise ConfigError(
+            f"server.async_weighting = {kind!r} with central DP: every update has weight 1 so "
+            "the noise covers the sum of clipped updates; a larger weight would break that "
+            "bound; use async_weighting = \"examples\"")
 
 
 def _scaled(u: Update) -> Update:

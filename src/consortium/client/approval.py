@@ -134,6 +134,41 @@ def leaves_site(cfg: ExperimentConfig) -> list[str]:
            else "")
     out.append(f"every {cfg.evaluation.every} round(s): accuracy, loss, AUC and balanced accuracy "
                f"of the global model{own} on the site's test split, and that split's size")
+    out += _after_the_run(cfg, k, sums)
+    return out
+
+
+def _after_the_run(cfg: ExperimentConfig, k: int, sums: str) -> list[str]:
+    """What ``[interpret]`` and ``[contribution]`` ask of a site after the last round
+    (:mod:`consortium.deploy.interpret_site`); nothing when both are off."""
+    from consortium.interpret.summary import enabled
+
+    out = []
+    it = cfg.interpret
+    if enabled(it) and (it.importance != "none" or it.shap or it.calibration):
+        parts = []
+        if it.importance != "none":
+            parts.append(f"permutation-importance sums per feature ({it.repeats} shuffles drawn "
+                         "from the site's own random generator)")
+        if it.shap:
+            parts.append(f"sums of |SHAP| and SHAP per feature over {it.sample} test rows "
+                         f"against {it.background} training rows, both drawn at the site")
+        if it.calibration:
+            parts.append("per calibration bin (10) the count and the sums of predicted "
+                         "probability and label")
+        out.append(
+            "once, after the last round: on the site's test split, for the final model it "
+            "evaluated, " + "; ".join(parts) + f" ({sums}); nothing over fewer than {k} rows "
+            "(more if its policy's min_count is larger: smaller bins are suppressed), never a "
+            "row or a per-row value; a policy with interpret = false refuses")
+    if cfg.contribution.method != "none":
+        out.append(
+            "once, after the last round: for each coalition model the server rebuilds from "
+            "the round's updates (contribution.method = "
+            f"{cfg.contribution.method!r}), the summed loss and correct count on the site's test "
+            "split and its size; the coalition models come from the server, and a model of a "
+            "coalition holding one site shows that site's update of that round to every site; "
+            "a policy with contribution = false refuses")
     return out
 
 
@@ -199,6 +234,12 @@ def review_experiment(
                 "trust_server_noise = true in the site policy)")
     if rules.require_secure_aggregation and not cfg.secure_aggregation.enabled:
         return "this site's policy requires secure aggregation and the experiment does not use it"
+    if not rules.contribution and cfg.contribution.method != "none":
+        return ("this site's policy refuses contribution scoring (contribution = false) and the "
+                f"experiment scores contributions ({cfg.contribution.method!r}): a coalition model "
+                "of one site is that site's update of a round, which the other sites would "
+                "evaluate; join an experiment without [contribution], or set contribution = true "
+                "in the site policy")
     if rules.min_sites and not (cfg.secure_aggregation.enabled and can_sign):
         return (f"this site's policy requires at least {rules.min_sites} other sites in every "
                 "aggregate, which a site can count only from its peers' signed keys in secure "

@@ -27,11 +27,11 @@ def check_contribution(cfg: Any, *, per_round: int, remote: bool, mode: str = "s
             more than 10 sites, each with the reason and what works instead.
     """
     method = cfg.contribution.method
-    if remote:
+    if remote and cfg.contribution.validation == "server":
         raise ConfigError(
-            f"contribution.method = {method!r} runs in simulation only in this version (the "
-            "server would evaluate coalition models on data it does not hold); remove it to "
-            "deploy, or score a simulated run with `consortium contribution RUN_DIR`"
+            "contribution.validation = \"server\" in a deployment: the server holds no test "
+            "rows; use \"sites\" (the sites evaluate the coalition models on their own test "
+            "splits after the last round)"
         )
     if mode != "sync":
         raise ConfigError(
@@ -61,12 +61,16 @@ def build_contribution(f: Any) -> None:
                        mode=f.cfg.server.mode)
     run_dir = f.given.run_dir
     start = f.state.params if f.state is not None else f.init
+    remote = f.executor.name == "remote"
+    # a deployment holds no test rows: its sites evaluate the coalition models after the
+    # last round (consortium.deploy.interpret.deployed_contribution)
+    evaluate = (_no_local_data if remote else ModelUtility(
+        f.factory, f.init, validation_data(f.dataset, c.validation), utility=c.utility))
     recorder = ContributionRecorder(
-        Settings.of(c, seed=f.cfg.seed),
-        ModelUtility(f.factory, f.init, validation_data(f.dataset, c.validation),
-                     utility=c.utility),
+        Settings.of(c, seed=f.cfg.seed), evaluate,
         start=start.vector.detach().clone(), sites=list(f.dataset.client_ids),
         directory=run_dir / "contribution" if run_dir is not None else None, record=c.record,
+        kept=[] if remote else None,
     )
     if f.state is not None:
         recorder.resume(f.state.round)
@@ -82,3 +86,7 @@ def build_contribution(f: Any) -> None:
     # restarts after round t finds round t's scores in rounds.jsonl
     f.callbacks.callbacks.insert(0, recorder)
     f.contribution = recorder
+
+
+def _no_local_data(vector: Any) -> float:
+    raise AssertionError("a deployment's coalition models are evaluated at the sites")

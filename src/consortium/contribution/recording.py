@@ -59,7 +59,7 @@ class Settings:
     """The ``[contribution]`` parameters an estimator needs (see ``ContributionConfig``)."""
 
     method: str
-    utility: str = "accuracy"
+    utility: str = "loss"
     permutations: int = 50
     truncation: float = 0.0
     between: float = 0.0
@@ -224,9 +224,17 @@ def score_round(rnd: RoundUpdates, evaluate: Callable[[torch.Tensor], float],
 def combine_rounds(rounds: Sequence[Mapping[str, Any]], sites: Sequence[str],
                    settings: Settings) -> dict[str, Any]:
     """Scores over the run: each site's round values summed, standard errors in quadrature,
-    and the free-rider / low-quality flag — a site whose score is ≤ 2 standard errors (for
-    the sampled methods: indistinguishable from zero) or ≤ ``free_rider`` × the fair share
-    ``Σ scores / n`` (negative scores always)."""
+    and the free-rider / low-quality flag.
+
+    A site is ``flagged`` (harmful, or a free rider) when even the upper end of its score's
+    interval, ``score + 2 · standard error``, is at most ``free_rider`` × the fair share
+    ``max(Σ_t v_t(N) − v_t(∅), 0) / n``: its score is then below that share (negative
+    scores included) beyond the method's stated error. A score whose interval
+    ``score ± 2 · SE`` holds 0 but that is not flagged is *undetermined*: listed in
+    ``indistinguishable``, not flagged — a sampled estimate's noise (GTG and TMC with few
+    permutations over many small sites) must not flag honest sites; more permutations
+    separate them. For exact Shapley and leave-one-out (SE 0) the rule is ``score ≤
+    free_rider × share``, so a score ≤ 0 is always flagged."""
     scores = dict.fromkeys(sites, 0.0)
     var = dict.fromkeys(sites, 0.0)
     for r in rounds:
@@ -236,12 +244,14 @@ def combine_rounds(rounds: Sequence[Mapping[str, Any]], sites: Sequence[str],
     se = {c: math.sqrt(v) for c, v in var.items()}
     total = sum(float(r["full"]) - float(r["empty"]) for r in rounds)
     share = max(total, 0.0) / max(len(scores), 1)
-    flagged = sorted(c for c, s in scores.items()
-                     if s <= 0 or s <= 2 * se[c] or s <= settings.free_rider * share)
+    flagged = sorted(c for c, s in scores.items() if s + 2 * se[c] <= settings.free_rider * share)
+    indistinguishable = sorted(c for c, s in scores.items()
+                               if c not in flagged and abs(s) <= 2 * se[c])
     ranking = sorted(scores, key=lambda c: -scores[c])
     return {
         "method": settings.method, "utility": settings.utility, "scores": scores,
-        "standard_error": se, "flagged": flagged, "ranking": ranking,
+        "standard_error": se, "flagged": flagged, "indistinguishable": indistinguishable,
+        "ranking": ranking,
         "total": total, "rounds": len(rounds),
         "evaluations": int(sum(int(r["evaluations"]) for r in rounds)),
         "seconds": float(sum(float(r["seconds"]) for r in rounds)),
@@ -307,11 +317,21 @@ class ContributionRecorder:
     record: bool = False
     rounds: list[dict[str, Any]] = field(default_factory=list)
     pending: list[tuple[str, torch.Tensor, float]] = field(default_factory=list)
+    kept: list[RoundUpdates] | None = None
+    """A deployment's recorder (``None`` in simulation): the rounds' updates, kept for scoring
+    with the sites after the last round (:func:`consortium.deploy.interpret.
+    deployed_contribution`; ``evaluate`` is then unused)."""
 
     def resume(self, round: int) -> None:
         """Keep the scores of rounds up to ``round`` from ``rounds.jsonl`` (a resumed run)."""
         path = self._log
-        if path is None or not path.exists():
+        if path is None or self.directory is None:
+            return
+        if self.kept is None and not path.exists():
+            return
+        if self.kept is not None:  # a deployment: the recorded rounds (contribution.record)
+            self.kept = [r for r in load_rounds(self.directory) if r.round <= round] if any(
+                self.directory.glob("round_*.safetensors")) else []
             return
         kept = [r for r in (json.loads(line) for line in path.read_text().splitlines() if line)
                 if int(r["round"]) <= round]
@@ -338,6 +358,9 @@ class ContributionRecorder:
         )
         if self.record and self.directory is not None:
             rnd.save(self.directory)
+        if self.kept is not None:  # scored with the sites after the last round
+            self.kept.append(rnd)
+            return
         result = score_round(rnd, self.evaluate, self.settings)
         self.rounds.append(result)
         if self._log is not None:
@@ -347,6 +370,9 @@ class ContributionRecorder:
 
     def summary(self, per_client: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         """``summary.json``'s ``contribution``: :func:`combine_rounds` and :func:`benefit`."""
+        if self.kept is not None:
+            return {"method": self.settings.method, "utility": self.settings.utility,
+                    "pending": "scored with the sites after the last round"}
         out = combine_rounds(self.rounds, self.sites, self.settings)
         out["benefit"], out["benefit_basis"] = benefit(per_client)
         out["recorded"] = bool(self.record and self.directory is not None)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,12 +54,22 @@ __all__ = [
 ]
 
 Format = Literal["csv", "parquet"]
+NonNumeric = Literal["error", "missing", "category"]
+
+#: A column whose present values are all numbers but for at most this share is a numeric column
+#: with typos (``data.non_numeric`` says what to do with them); with more it is categorical.
+FEW_NON_NUMBERS = 0.1
+
+# What Python's float() reads, as far as a regular expression says it; the few other cells
+# (``1_000``, ``infinity``) are checked with float() itself, one distinct value at a time.
+_NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 
 
 def load_csv(
     *, path: str, target: str, seed: int, site_column: str = "", test_fraction: float = 0.25,
     harmonize: str | Path | Harmonization | None = None, impute: str = "mean",
     impute_categorical: str = "indicator", min_count: int = DEFAULT_MIN_COUNT,
+    non_numeric: NonNumeric = "error",
 ) -> FederatedDataset:
     """Federated data from CSV files: see :func:`load_parquet`, which reads the same way.
 
@@ -78,6 +89,7 @@ def load_csv(
         impute=impute,
         impute_categorical=impute_categorical,
         min_count=min_count,
+        non_numeric=non_numeric,
     )
 
 
@@ -85,6 +97,7 @@ def load_parquet(
     *, path: str, target: str, seed: int, site_column: str = "", test_fraction: float = 0.25,
     harmonize: str | Path | Harmonization | None = None, impute: str = "mean",
     impute_categorical: str = "indicator", min_count: int = DEFAULT_MIN_COUNT,
+    non_numeric: NonNumeric = "error",
 ) -> FederatedDataset:
     """Federated data from Parquet files (needs ``pyarrow``: ``pip install 'consortium[parquet]'``).
 
@@ -107,7 +120,11 @@ def load_parquet(
         names only the values at least ``min_count`` of its rows hold (train and test), as a
         deployed site does (:func:`~consortium.data.preprocess.category_min_count`); a rarer
         value encodes as all zeros, not as missing. Missing values get an indicator column and
-        are imputed (see :mod:`consortium.data.preprocess`).
+        are imputed (see :mod:`consortium.data.preprocess`). A column of numbers with a few
+        cells that are not (at most :data:`FEW_NON_NUMBERS` of its values, such as the typo
+        ``4O``) is an error naming the file, line and value with ``non_numeric = "error"``;
+        ``"missing"`` reads those cells as missing (a warning on stderr names them) and
+        ``"category"`` makes the column categorical.
 
     Each site holds out ``test_fraction`` of its rows (stratified, seeded by ``seed`` and the
     site's name) as its test split.
@@ -122,7 +139,8 @@ def load_parquet(
         naming both codings, not four silent one-hot columns.
 
     Raises:
-        DataError: no matching file, an unreadable or empty file, files with different columns,
+        DataError: no matching file, an unreadable or empty file, a numeric column with a few
+            cells that are not numbers (``non_numeric = "error"``), files with different columns,
             a missing target or site column (the message lists the columns found), a missing
             label (the message names file and row), fewer than two label values, a column
             coded differently at two sites, or data the harmonisation does not fit.
@@ -140,6 +158,7 @@ def load_parquet(
         impute=impute,
         impute_categorical=impute_categorical,
         min_count=min_count,
+        non_numeric=non_numeric,
     )
 
 
@@ -199,17 +218,19 @@ class SiteTable:
 
 def read_site_table(
     path: str | Path, *, target: str, harmonize: str | Path | Harmonization | None = None,
-    site: str | None = None,
+    site: str | None = None, non_numeric: NonNumeric = "error",
 ) -> SiteTable:
     """Read one site's CSV file for a federated encoding (see :class:`SiteTable`).
 
     ``harmonize`` (a ``harmonize.toml`` or a loaded one) is applied as the file is read, with
     the ``[site.<site>]`` sections of ``site`` (default: the file's stem), as :func:`load_csv`
-    applies it to every file.
+    applies it to every file. ``non_numeric`` treats a numeric column with a few cells that
+    are not numbers as :func:`load_csv` does, judged on this file alone.
 
     Raises:
         DataError: an unreadable file, a missing target or feature columns, a row without
-            a label, or data the harmonisation does not fit.
+            a label, a numeric column with a few cells that are not numbers (``non_numeric =
+            "error"``), or data the harmonisation does not fit.
         ConfigError: an invalid harmonisation file.
     """
     p = Path(path)
@@ -232,8 +253,11 @@ def read_site_table(
             f"{table.path} {table.where(int(np.flatnonzero(codes < 0)[0]))} has no value in the "
             f"target column {target!r}; fill it in or drop the row"
         )
-    numeric = tuple(numbers(table.columns[c]) is not None for c in features)
-    return SiteTable(table.site, features, numeric, frozenset(keys), target, table)
+    found = [numbers(table.columns[c]) is not None for c in features]
+    rows, found = _few_non_numbers(_Rows([table]), _Sites([table.site], np.zeros(table.rows, np.int64)),
+                                   list(features), found, non_numeric)
+    table = rows.tables[0]
+    return SiteTable(table.site, features, tuple(found), frozenset(keys), target, table)
 
 
 def label_order(labels: Iterable[Any]) -> list[Any]:
@@ -245,7 +269,7 @@ def _load(
     fmt: Format, *, path: str, target: str, seed: int, site_column: str, test_fraction: float,
     single: bool = False, harmonize: str | Path | Harmonization | None = None,
     impute: str = "mean", impute_categorical: str = "indicator",
-    min_count: int = DEFAULT_MIN_COUNT,
+    min_count: int = DEFAULT_MIN_COUNT, non_numeric: NonNumeric = "error",
 ) -> FederatedDataset:
     paths = _resolve(path, fmt)
     read = read_csv_table if fmt == "csv" else read_parquet_table
@@ -267,6 +291,7 @@ def _load(
         h.check_sites(sites.names)
     classes, y = _classes(rows, sites, target)
     numeric = _numeric_and_finite(rows, sites, features)
+    rows, numeric = _few_non_numbers(rows, sites, features, numeric, non_numeric)
     if not single:
         profiles = _site_profiles(rows, sites, features, numeric)
         raise_for_errors(check_schemas(profiles, allow=h.allow if h is not None else ()))
@@ -522,6 +547,102 @@ def _numeric_and_finite(rows: _Rows, sites: _Sites, features: list[str]) -> list
             "replace it with a number or leave it empty"
         )
     return numeric
+
+
+def _few_non_numbers(
+    rows: _Rows, sites: _Sites, features: list[str], numeric: list[bool], mode: NonNumeric,
+) -> tuple[_Rows, list[bool]]:
+    """Columns of numbers with a few cells that are not numbers (issue 20: one typo ``4O`` made
+    a column 40 one-hot features without a word). ``mode``: ``"error"`` raises naming the first
+    such cell (file, line, value); ``"missing"`` makes those cells missing, with a warning on
+    stderr, and the column numeric; ``"category"`` leaves the column categorical.
+
+    Raises:
+        DataError: with ``mode = "error"``, for the first such column (in column order).
+    """
+    if mode == "category":
+        return rows, numeric
+    cleaned: dict[str, np.ndarray] = {}
+    for name, num in zip(features, numeric):
+        if num:
+            continue
+        bad, present = _not_numbers(rows, name)
+        count = int(bad.sum())
+        if count == 0 or count > FEW_NON_NUMBERS * present:
+            continue  # mostly text (or not text at all): a categorical column
+        row = _first_by_site(bad, sites)
+        values = sorted({str(v) for v in _cells(rows, name, np.flatnonzero(bad)[:20])})
+        what = (f"column {name!r} holds numbers but for {count} of its {present} values, first "
+                f"{_cell(rows, name, row)!r} at {rows.where(row)}")
+        if mode == "error":
+            raise DataError(
+                f"{what}; correct the value (or leave the cell empty for a missing value), or "
+                "set data.non_numeric = \"missing\" to read such cells as missing or "
+                "\"category\" to treat the column as categories"
+            )
+        print(f"consortium: warning: {what} ({', '.join(map(repr, values[:5]))}"
+              f"{' ...' if len(values) > 5 else ''}); read as missing values "
+              "(data.non_numeric = \"missing\")", file=sys.stderr)
+        cleaned[name] = bad
+    if not cleaned:
+        return rows, numeric
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    tables = []
+    for k, table in enumerate(rows.tables):
+        lo, hi = int(rows.offsets[k]), int(rows.offsets[k + 1])
+        columns = dict(table.columns)
+        for name, bad in cleaned.items():
+            column = columns[name]
+            columns[name] = pc.if_else(pa.array(bad[lo:hi]), pa.scalar(None, column.type), column)
+        tables.append(replace(table, columns=columns))
+    rows = _Rows(tables)
+    changed = [name for name in features if name in cleaned]
+    finite = dict(zip(changed, _numeric_and_finite(rows, sites, changed)))  # "inf" is refused
+    return rows, [num or finite.get(name, False) for name, num in zip(features, numeric)]
+
+
+def _not_numbers(rows: _Rows, name: str) -> tuple[np.ndarray, int]:
+    """Per row (over every file), whether column ``name`` holds a value that is not a number,
+    and how many values it holds (missing cells are neither)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    parts, present = [], 0
+    for table in rows.tables:
+        column = table.columns[name]
+        present += len(column) - column.null_count
+        kind = column.type
+        if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
+            parts.append(np.zeros(len(column), dtype=bool))
+            continue
+        text = texts(column) if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)) \
+            else column
+        text = pc.utf8_trim_whitespace(text)
+        looks = pc.fill_null(pc.match_substring_regex(text, _NUMBER), True)
+        bad = ~np.asarray(looks.to_numpy(zero_copy_only=False), dtype=bool)
+        if 0 < bad.sum() <= FEW_NON_NUMBERS * len(column):  # few: check those with float()
+            cells = np.asarray(pc.take(text, pa.array(np.flatnonzero(bad))).to_pylist(), object)
+            numbers_after_all = {v for v in set(cells.tolist()) if _is_number(v)}
+            if numbers_after_all:
+                bad[np.flatnonzero(bad)[np.isin(cells, list(numbers_after_all))]] = False
+        parts.append(bad)
+    return np.concatenate(parts), present
+
+
+def _is_number(value: str) -> bool:
+    return not _is_text(value)
+
+
+def _cells(rows: _Rows, name: str, where: np.ndarray) -> list[Any]:
+    return [_cell(rows, name, int(r)) for r in where]
+
+
+def _cell(rows: _Rows, name: str, row: int) -> Any:
+    """The value of column ``name`` at row ``row`` (counted over every file), as written."""
+    k = int(np.searchsorted(rows.offsets, row, side="right")) - 1
+    return rows.tables[k].columns[name][row - int(rows.offsets[k])].as_py()
 
 
 def _site_profiles(

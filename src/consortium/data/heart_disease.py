@@ -118,6 +118,7 @@ def load_heart_disease(
         notes={
             "task": "coronary artery disease (num > 0) from 13 clinical attributes",
             "sites": "Cleveland, Budapest, Zurich/Basel, Long Beach",
+            "labels": "0=no disease, 1=disease",
         },
     )
 

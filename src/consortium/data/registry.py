@@ -42,7 +42,8 @@ def load_dataset(
     one distribution per client, so they take only ``partition = "natural"``; ``digits`` and
     ``breast-cancer`` have no sites and take any other partition. Only ``digits`` and
     ``breast-cancer`` have a server test set (``server_test_fraction``). ``clients`` is
-    ignored where the sites are given (heart disease has four, files have theirs). Keys
+    ignored where the sites are given (heart disease has four, files have theirs); the config
+    refuses a ``clients`` other than the default there (``consortium.config``). Keys
     that a data set does not use (``alpha`` for heart disease ...) are ignored. Nothing is
     downloaded. With ``validation`` > 0 the clients are evaluated on a validation split of
     their training rows instead of their test split
@@ -112,6 +113,19 @@ def _load_named(cfg: DataConfig, *, seed: int, min_count: int) -> FederatedDatas
             f"data.impute / data.impute_categorical apply to tables with missing values "
             f"(heart-disease, csv, parquet), not to {name!r}; remove them"
         )
+    if cfg.split != "seeded" and name != "heart-disease":
+        raise DataError(
+            f"data.split = {cfg.split!r} is FLamby's fixed split of heart-disease, not of "
+            f"{name!r}; remove it (set it to \"seeded\")"
+        )
+    if name == "heart-disease" and cfg.split == "flamby":
+        from consortium.data.flamby import load_flamby_heart_disease
+        if (cfg.impute, cfg.impute_categorical) != ("mean", "indicator"):
+            raise DataError(
+                "data.split = \"flamby\" drops every patient with a missing value, as FLamby "
+                "does; remove data.impute and data.impute_categorical"
+            )
+        return load_flamby_heart_disease()
     if name == "heart-disease":
         from consortium.data.heart_disease import load_heart_disease
 
@@ -148,6 +162,7 @@ def _load_named(cfg: DataConfig, *, seed: int, min_count: int) -> FederatedDatas
             impute=cfg.impute,
             impute_categorical=cfg.impute_categorical,
             min_count=min_count,
+            non_numeric=cfg.non_numeric,
         )
     from consortium.data.sklearn_sets import load_breast_cancer, load_digits
 

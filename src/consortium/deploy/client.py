@@ -104,7 +104,9 @@ class SiteRunner:
         target: the label column (default: the experiment's ``data.target``).
         poll_s: how long one pull may wait at the server for work.
         max_backoff_s: the longest pause between reconnection attempts.
-        give_up_after_s: stop retrying after this long without a connection (0: never).
+        give_up_after_s: stop retrying after this long without a connection and exit with
+            an error (default 10 minutes: a server that never came up, or a wrong address;
+            0: retry forever).
         policy: the site's privacy policy file (TOML, ``[default]`` and/or ``[sites.<name>]``
             with ``max_epsilon``, ``delta``, ``min_sites``); the site refuses any task that
             would break it, whatever the server asks.
@@ -128,7 +130,7 @@ class SiteRunner:
     def __init__(
         self, server: str, *, site: str, data: str | Path, certs: str | Path | None,
         target: str = "", poll_s: float = 5.0, max_backoff_s: float = 30.0,
-        give_up_after_s: float = 0.0, policy: str | Path | None = None,
+        give_up_after_s: float = 600.0, policy: str | Path | None = None,
         state_dir: str | Path | None = None, approve: Sequence[str] = (),
         allow_models: Sequence[str] = (), receipts: str | Path | None = None,
         harmonize: str | Path | None = None,
@@ -466,7 +468,8 @@ class SiteRunner:
         if not column:
             raise ConfigError("the label column is unknown: pass --target or set data.target")
         table = read_site_table(self.data, target=column, harmonize=self.harmonize,
-                                site=self.site)
+                                site=self.site,
+                                non_numeric=getattr(cfg.data, "non_numeric", "error"))
         # split with this file's labels first: the merged order keeps their relative order
         mine_labels = label_order(table.labels)
         x_train, y_train, x_test, y_test = table.split(
@@ -498,7 +501,8 @@ class SiteRunner:
             encoder.transform(x_train), [remap[int(v)] for v in y_train],
             encoder.transform(x_test), [remap[int(v)] for v in y_test],
         )
-        return FederatedDataset("csv", {self.site: data}, len(classes), (encoder.num_features,))
+        return FederatedDataset("csv", {self.site: data}, len(classes), (encoder.num_features,),
+                                feature_names=encoder.feature_names)  # [interpret]'s names
 
     def category_min_count(self, cfg: Any) -> int:
         """How many of this site's rows must hold a category before the site names it: the
@@ -524,6 +528,12 @@ class SiteRunner:
                 "a harmonisation file applies to a site's own table file, not to the built-in "
                 "heart-disease data; drop it, or run an experiment with data.dataset = \"csv\""
             )
+        if getattr(cfg.data, "split", "seeded") != "seeded":
+            raise ConfigError(
+                f"data.split = {cfg.data.split!r} (FLamby's fixed split) is for simulation; a "
+                "deployed hospital splits its own file with the run seed: set data.split = "
+                "\"seeded\" to deploy"
+            )
         x_train, y_train, x_test, y_test = site_split(
             self.data, self.site, seed=cfg.seed, test_fraction=cfg.data.test_fraction
         )
@@ -532,7 +542,8 @@ class SiteRunner:
         encoder = fit_encoder(FEATURES, summary_from_pb(merged))
         data = self._client_data(encoder.transform(x_train), y_train,
                                  encoder.transform(x_test), y_test)
-        return FederatedDataset("heart-disease", {self.site: data}, 2, (encoder.num_features,))
+        return FederatedDataset("heart-disease", {self.site: data}, 2, (encoder.num_features,),
+                                feature_names=encoder.feature_names)  # [interpret]'s names
 
     @staticmethod
     def _client_data(x_train: Any, y_train: Any, x_test: Any, y_test: Any) -> Any:
@@ -614,13 +625,15 @@ class SiteRunner:
         grpc = self.grpc
         backoff = 0.5
         answered = 0
-        lost_since = time.monotonic()
+        # since when the server has not answered: the start, or the first failure after a
+        # connection (not the connection's start: a long run must not count against the limit)
+        lost_since: float | None = time.monotonic()
         while True:
             channel = self._channel()
             try:
                 session = self._connect(channel)
                 backoff = 0.5
-                lost_since = time.monotonic()
+                lost_since = None
                 while True:
                     done = self._one(session)
                     if done is None:
@@ -632,12 +645,17 @@ class SiteRunner:
                     raise ConsortiumError(f"the server refused site {self.site!r}: {peer_text(exc.details(), 500)}") from None
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
                     raise ConsortiumError(f"the run cannot use this site's data: {peer_text(exc.details(), 500)}") from None
+                if lost_since is None:
+                    lost_since = time.monotonic()
                 if self.give_up_after_s and time.monotonic() - lost_since > self.give_up_after_s:
                     raise ConsortiumError(
-                        f"no connection to {self.server} for {self.give_up_after_s:.0f} s ({code}: "
-                        f"{exc.details()}); is the server up, and are these the consortium's "
-                        "certificates?"
+                        f"no connection to {self.server} for {self.give_up_after_s:g} s ({code}: "
+                        f"{exc.details()}); gave up (--give-up-after; 0 retries forever). Is the "
+                        "server up at that address, and are these the consortium's certificates?"
                     ) from None
+                if self.give_up_after_s:  # no sleep past the limit
+                    left = self.give_up_after_s - (time.monotonic() - lost_since)
+                    backoff = max(min(backoff, left + 0.01), 0.01)
                 log.warning("connection lost (%s); retrying in %.1f s", code, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
@@ -677,6 +695,9 @@ class SiteRunner:
             with _Heartbeats(session, item.round):
                 try:
                     responder = session.analysis or session.site.client
+                    if (session.analysis is None and item.stage == "interpret"
+                            and session.site.interpreter is not None):
+                        responder = session.site.interpreter  # [interpret]'s secure total
                     reply = responder.respond(item.stage, item.phase, item.message,
                                               round=item.round)
                     out = ExchangeEnvelope(item.stage, item.phase, item.round, self.site, reply)
@@ -719,7 +740,10 @@ class SiteRunner:
         from consortium.deploy.codec import AnalysisResultEnvelope, chunk, encode_upload
 
         with _Heartbeats(session, 1):
-            if session.analysis is None:
+            if session.analysis is None and session.site is not None:
+                # a training run's [interpret] / [contribution] after the last round
+                upload = self._interpreter(session).answer(item)
+            elif session.analysis is None:
                 upload = AnalysisResultEnvelope(item.task_id, item.phase, refused=True,
                                                 error="this site joined a training run")
             else:
@@ -730,6 +754,21 @@ class SiteRunner:
             log.warning("the server refused our %s answer: %s", item.phase,
                         peer_text(ack.reason, 500))
         return 1
+
+    def _interpreter(self, session: _Session) -> Any:
+        """The site's :class:`~consortium.deploy.interpret_site.InterpretSite` for this run
+        (made once), holding the model of its latest evaluation task."""
+        from consortium.deploy.interpret_site import InterpretSite
+
+        site = session.site
+        if site.interpreter is None:
+            site.interpreter = InterpretSite(
+                self.site, site.client, site.feature_names, policy=self.policy,
+                cfg=session.config, identity=self.identity,
+                floor=_secagg_floor(self.policy, can_sign=self.identity is not None))
+        if site.final is not None:
+            site.interpreter.saw(*site.final)
+        return site.interpreter
 
     def _work(self, session: _Session, item: Any) -> Any:
         """Run a task: the ``ResultEnvelope`` or ``EvaluationEnvelope`` to send back."""
@@ -795,6 +834,15 @@ class _Site:
     downlink_chunk: int = 512
     reference: Any = None  # its SiteReference (per-client downlink), made at the first task
     saved_reference: tuple[int, Any] | None = None  # (round, model) read from the state file
+    # server.mode fedbuff/fedasync: several tasks may carry one round (the server's version),
+    # so a repeated round is not a restarted server's and nothing is rolled back
+    asynchronous: bool = False
+    feature_names: Any = None  # the data set's encoded column names ([interpret] after the run)
+    final: tuple[int, Any] | None = None  # (round, model) of the latest evaluation task
+    interpreter: Any = None  # its InterpretSite, made at the first interpret/contribution task
+    local_baseline: bool = False  # evaluation.baselines names "local": train alone at home
+    init_seed: int = 0  # the run's initial model (derive_init_seed), the local-only model's start
+    local_metrics: dict[str, float] | None = None  # its local-only model's, once trained
 
     def attach(self, policy: Any, state_file: Path | None, kept: _Site | None = None) -> None:
         """Enforce ``policy``; take the state from ``kept`` (this process's previous session of
@@ -838,9 +886,12 @@ class _Site:
         """Train on ``task``. A task for the round this site last trained is that round again
         (the server restarted from its checkpoint and lost our result): the algorithm state
         goes back to what it was before that round — the privacy spend does not, the first
-        update did leave the site."""
+        update did leave the site. Not in the asynchronous modes, where several tasks carry
+        the same round (the server's version) and each builds on the state the last left."""
         mine = self.client.state.get(self.client.client_id)
-        if self.before is not None and self.before[0] == task.round:
+        if self.asynchronous:  # each task builds on the last (an uplink EF residual); the
+            self.before = (task.round, {})  # round stays in the state file's metadata
+        elif self.before is not None and self.before[0] == task.round:
             spent = {n: t for n, t in mine.items() if n.startswith(_PRIVACY)}
             mine.clear()
             mine.update({n: t.clone() for n, t in self.before[1].items()})
@@ -952,8 +1003,14 @@ class _Site:
             site.base = (cfg.model.peft.base_sha256, cfg.model.peft.path)
         site.finetune_steps = cfg.personalization.finetune_steps
         site.rounds = cfg.rounds
+        site.asynchronous = cfg.server.mode != "sync"
         site.downlink = cfg.compression.downlink
         site.downlink_bits, site.downlink_chunk = cfg.compression.bits, cfg.compression.chunk
+        site.feature_names = dataset.feature_names
+        from consortium.federation import derive_init_seed
+
+        site.local_baseline = "local" in cfg.evaluation.baselines
+        site.init_seed = derive_init_seed(cfg)
         return site
 
     @property
@@ -988,7 +1045,10 @@ class _Site:
 
         from consortium.deploy.validate import PERSONALIZED
 
+        if self.final is None or task.round >= self.final[0]:  # [interpret] explains it
+            self.final = (task.round, task.parameters)
         evaluation = self.client.evaluate(task)
+        evaluation = self._with_local_baseline(task, evaluation)
         finetune = self.finetune_steps if task.round >= self.rounds else 0
         if not (self.personal or finetune):
             return evaluation
@@ -996,6 +1056,33 @@ class _Site:
         metrics = {**evaluation.metrics,
                    **{PERSONALIZED + k: v for k, v in own.metrics.items()}}
         return dataclasses.replace(evaluation, metrics=metrics)
+
+    def _with_local_baseline(self, task: Any, evaluation: Any) -> Any:
+        """In the last round, with ``evaluation.baselines`` naming ``"local"``: ``evaluation``
+        plus this site's local-only baseline as ``local_<name>`` (a model trained alone here
+        from the run's initial model for ``rounds`` × its local work, evaluated on its test
+        split: :func:`~consortium.server.baselines.train_alone`), each metric only if the
+        site's policy lets it leave (``send_metrics`` names it, e.g. ``"local_accuracy"``)."""
+        import dataclasses
+
+        from consortium.server.baselines import train_alone
+
+        if not self.local_baseline or task.round < self.rounds:
+            return evaluation
+        client = self.client
+        env = client.environment
+        if self.local_metrics is None:  # trained once, even if the evaluation is asked again
+            self.local_metrics = train_alone(
+                client.model_factory, self.init_seed, client.data, client.settings,
+                rounds=self.rounds, loss_fn=client.loss_fn, num_classes=client.num_classes,
+                randomness=env.randomness if env is not None else None,
+            )
+        allowed = env.send_metrics if env is not None else None
+        local = {f"local_{k}": v for k, v in self.local_metrics.items()
+                 if allowed is None or f"local_{k}" in allowed}
+        if not local:
+            return evaluation
+        return dataclasses.replace(evaluation, metrics={**evaluation.metrics, **local})
 
     def describe(self) -> Any:
         from consortium.deploy.proto import consortium_pb2 as pb

@@ -995,6 +995,9 @@ class RemoteExecutor:
         self.round_timeout = round_timeout
         self.phase_timeout = phase_timeout
         self.min_results = min_results
+        self.local_reports: dict[str, tuple[int, dict[str, float]]] = {}
+        """Site → (test examples, its local-only baseline's metrics), as the site reported
+        them (``local_<name>`` in its last evaluation; server/baselines.py)."""
 
     def fit(self, tasks: Sequence[Task], clients: Mapping[str, Any]) -> Iterator[Result]:
         if tasks:
@@ -1045,6 +1048,29 @@ class RemoteExecutor:
                 f"{self.min_results} (--min-results)"
             )
 
+    def start(self, task: Task, clients: Mapping[str, Any]) -> tuple[str, cf.Future[Any]]:
+        """Send one training task now: ``(task id, future)``, the future completed by the
+        site's validated :class:`Result` (checked as :meth:`fit` checks a round's: sender,
+        round, task id, update bound, declared extras, audit entry) or by an error. The
+        asynchronous modes' dispatch (:mod:`consortium.deploy.asynchronous`); the task is
+        open until answered or :meth:`Hub.forget`."""
+        from consortium.compression.stage import Compress
+
+        self.hub.layout = task.parameters.layout
+        stages = getattr(getattr(clients, "pipeline", None), "stages", ())
+        secure = any(getattr(s, "name", "") == "secure_aggregation" for s in stages)
+        task_id = uuid.uuid4().hex
+        expected = ExpectedTask(
+            site=task.client_id, round=task.round, task_id=task_id, secure=secure,
+            max_norm=update_norm_cap(_model_norm(task)), extras=_expected_extras(
+                clients, task.parameters.layout, self.hub.max_weight(task.client_id)),
+            shared=shared_layout(getattr(clients, "algorithm", None), task.parameters.layout),
+            compression=next((s for s in stages if isinstance(s, Compress)), None),
+        )
+        future = self.hub.expect(task.client_id, task.round, task_id, "train", expected)
+        self.hub.send(task.client_id, TaskEnvelope(task_id, dataclasses.replace(task, cohort_size=0)))
+        return task_id, future
+
     def evaluate(self, tasks: Sequence[Task], clients: Mapping[str, Any]) -> Iterator[EvaluationResult]:
         futures: dict[cf.Future[Any], tuple[str, Task]] = {}
         for task in tasks:
@@ -1055,7 +1081,7 @@ class RemoteExecutor:
             self.hub.send(task.client_id, TaskEnvelope(task_id, task, evaluate=True))
         for value in self._collect(futures, lambda t: None):
             if value is not None:
-                yield value
+                yield _keep_local_report(value, self.local_reports)
 
     def _collect(
         self, futures: dict[cf.Future[Any], tuple[str, Task]], missing: Any,
@@ -1165,3 +1191,23 @@ def _expected_extras(clients: Any, layout: Layout, max_weight: float) -> dict[st
     if declare is None or pipeline is None or settings is None:
         return None
     return dict(pipeline.client_extras(declare(layout, settings, max_weight), layout))
+
+
+LOCAL_BASELINE = "local_"
+"""A deployed site's local-only baseline's metrics in its last evaluation (its own model,
+trained alone at home; only the metrics leave)."""
+
+
+def _keep_local_report(
+    value: EvaluationResult, reports: dict[str, tuple[int, dict[str, float]]]
+) -> EvaluationResult:
+    """``value`` without its ``local_<name>`` metrics, which go into ``reports`` (they are a
+    baseline's, not the global model's: they must not enter the federated averages)."""
+    local = {k[len(LOCAL_BASELINE):]: v for k, v in value.metrics.items()
+             if k.startswith(LOCAL_BASELINE)}
+    if not local:
+        return value
+    reports[value.client_id] = (value.num_examples, local)
+    return dataclasses.replace(value, metrics={
+        k: v for k, v in value.metrics.items() if not k.startswith(LOCAL_BASELINE)
+    })

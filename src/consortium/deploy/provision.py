@@ -12,6 +12,8 @@ distribute. The layout of the output folder::
     ├── ca.pem            the consortium CA certificate (public)
     ├── ca.key            the CA private key (0600): keep it offline, only here
     ├── README.txt        what to hand to whom
+    ├── .gitignore        "*": keys and tokens never reach version control (also in server/
+    │                     and each site folder, which travel on their own)
     ├── server/           copy to the server machine: --certs OUT/server
     │   ├── ca.pem  server.pem  server.key (0600)
     │   ├── sites.json    registry: site -> certificate fingerprint, revoked flag
@@ -231,6 +233,8 @@ def provision(
         )
     _save_registry(server_dir, records, token_hashes)
     _write_public(root / "README.txt", _readme(names).encode())
+    for folder in (root, server_dir):
+        write_gitignore(folder)
     return ProvisionedConsortium(
         root=root,
         server_dir=server_dir,
@@ -866,6 +870,7 @@ def _issue_site(
     _write_public(site_dir / "client.pem", _pem(cert))
     _write_secret(site_dir / "client.key", _key_pem(key))
     _write_secret(site_dir / "token", (token + "\n").encode())
+    write_gitignore(site_dir)
     return site_dir, SiteRecord(name, certificate_fingerprint(cert)), hash_token(token)
 
 
@@ -924,6 +929,8 @@ def _prepare_output(root: Path, *, overwrite: bool) -> None:
         # Only what provision writes is removed, never other files the user keeps there.
         for name in ("ca.pem", "ca.key", "README.txt"):
             (root / name).unlink(missing_ok=True)
+        if _our_gitignore(root / ".gitignore"):
+            (root / ".gitignore").unlink()
         for name in ("server", "sites"):
             if (root / name).is_dir():
                 shutil.rmtree(root / name)
@@ -1015,6 +1022,29 @@ def _read(path: Path, *, fix: str, secret: bool = False) -> bytes:
     return data
 
 
+GITIGNORE = (
+    "# Written by `consortium provision`: private keys (ca.key, server.key, client.key) and\n"
+    "# tokens must never reach version control, so git ignores this whole folder.\n"
+    "*\n"
+)
+
+
+def write_gitignore(folder: Path) -> None:
+    """Put a ``.gitignore`` that ignores everything into a credentials folder, so that a
+    ``git add .`` in a project that holds ``certs/`` never commits a key; a ``.gitignore``
+    the user wrote there is kept."""
+    path = folder / ".gitignore"
+    if not path.exists() or _our_gitignore(path):
+        _write_public(path, GITIGNORE.encode())
+
+
+def _our_gitignore(path: Path) -> bool:
+    try:
+        return path.read_text(encoding="utf-8") == GITIGNORE
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _readme(sites: Sequence[str]) -> str:
     lines = [
         "Credentials made by `consortium provision`.",
@@ -1027,5 +1057,6 @@ def _readme(sites: Sequence[str]) -> str:
         f"sites/{name}/  give to site {name} only; its client takes --certs sites/{name}/"
         for name in sites
     ]
-    lines += ["", "Each site folder holds only that site's key and token."]
+    lines += ["", "Each site folder holds only that site's key and token.",
+              "Each folder's .gitignore keeps git from committing any of them."]
     return "\n".join(lines) + "\n"

@@ -75,6 +75,8 @@ def late_sites_allowed(cfg: Any) -> str:
     has an accountant that composes the sampling rate of the round-1 population; a roster
     that grows would change the rate of the rounds already accounted after a ``--resume``."""
     p, s = cfg.privacy, cfg.sampling
+    if cfg.server.mode != "sync":  # each buffer a release without amplification: no rate
+        return ""
     if p.mode == "central" and not (p.sampling == "poisson" and s.fraction):
         return ("central DP's accountant composes the sampling rate of the sites that started "
                 "the run; admit late sites with privacy.sampling = \"poisson\" and "

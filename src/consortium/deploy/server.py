@@ -709,6 +709,7 @@ class _RoundReport:
                if "sites_online" in record else f"{len(self.hub.connected())} sites connected")
             + f", {record['clients']} results"
             + (f", {len(failed)} without an update" if failed else "")
+            + (f", {record['stale']} stale" if record.get("stale") else "")
             + (f", {count} rejected" if count else "")
             + (f", accuracy {acc:.3f}" if isinstance(acc, float) else "")
             + (f" — aborted: {record['aborted']}" if record.get("aborted") else "")
@@ -764,6 +765,13 @@ def _placeholder_dataset(cfg: ExperimentConfig, sites: dict[str, SiteInfo]) -> F
     packed = PackedClients(names, train=train, test=test, train_offsets=train_offsets,
                            test_offsets=test_offsets)
     return FederatedDataset(cfg.data.dataset, packed, num_classes, shape)
+
+
+def _assembled(membership: Any, kept: dict[str, Any], federation: Any) -> None:
+    """``simulate``'s ``on_assembled``: the roster takes the run's parts, and ``kept`` the
+    :class:`~consortium.federation.Federation` ([interpret] and [contribution] after the run)."""
+    membership.attach(federation)
+    kept["fed"] = federation
 
 
 SAMPLING_SECRET = "sampling_secret"
@@ -1045,12 +1053,9 @@ def serve(
         )
     from consortium.interpret import enabled as interpret_enabled
 
-    if interpret_enabled(cfg.interpret):
-        raise ConfigError(
-            "[interpret] is for simulation only so far (`consortium run`): the server holds no "
-            "site's test rows and the sites' side is not on the wire yet; remove [interpret] "
-            "to deploy"
-        )
+    # [interpret] and [contribution] run with the sites after the last round
+    # (deploy/interpret.py); contribution's refusal under secure aggregation is the config's
+    after_run = interpret_enabled(cfg.interpret) or cfg.contribution.method != "none"
     if over_select and cfg.privacy.mode in ("central", "distributed"):
         raise ConfigError(
             f"--over-select with privacy.mode = {cfg.privacy.mode!r}: DP-FedAvg divides the noisy "
@@ -1058,6 +1063,11 @@ def serve(
             "(and the accountant assumes the sample it drew); drop --over-select, or use "
             "--min-results to let a round go on without silent sites"
         )
+    if cfg.server.mode != "sync" and (over_select or min_results > 1):
+        raise ConfigError(
+            f"--over-select / --min-results with server.mode = {cfg.server.mode!r}: those are "
+            "rules of a synchronous round; an asynchronous step waits for server.buffer_size "
+            "updates (and steps on what it has after --round-timeout); drop them")
     if cfg.privacy.site_policies:
         raise ConfigError(
             "privacy.site_policies is for simulation; in a deployment each site enforces its "
@@ -1078,10 +1088,16 @@ def serve(
                 "rounds unless their policy lowers secagg_threshold; set "
                 "secure_aggregation.threshold = 0.67", file=sys.stderr,
             )
-    if cfg.evaluation.baselines:
-        print("consortium server: evaluation.baselines need pooled data; skipped in a deployment",
-              file=sys.stderr)
-        cfg = cfg.replace(evaluation=cfg.evaluation.__class__(baselines=(), every=cfg.evaluation.every))
+    if "pooled" in cfg.evaluation.baselines:
+        print("consortium server: the pooled baseline needs every site's data in one place, "
+              "which a deployment never has; skipped (the local-only baseline, \"local\", "
+              "trains at each site)", file=sys.stderr)
+        cfg = cfg.replace(evaluation=dataclasses.replace(cfg.evaluation, baselines=tuple(
+            b for b in cfg.evaluation.baselines if b != "pooled")))
+    if "local" in cfg.evaluation.baselines:
+        print("consortium server: local-only baseline: each site trains alone at home after "
+              "the last round and reports its metrics, if its policy's send_metrics names them "
+              "(local_accuracy, ...)", file=sys.stderr)
     if certs is None:
         print("consortium server: WARNING --insecure: no TLS, no authentication; any process "
               "that reaches the port can claim to be any site. Local experiments only.",
@@ -1090,6 +1106,10 @@ def serve(
     torch.set_num_threads(1)  # the event loop does the work; idle torch threads only contend
     tune_malloc()
     run_dir = Path(out)
+    if resume is None:  # never over a user's files, nor another run (simulation._load)
+        from consortium.simulation import check_new_run_dir
+
+        check_new_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     saved: dict[str, Any] = {}
     if resume is not None:
@@ -1165,6 +1185,7 @@ def serve(
 
         inner = participation_sampler(cfg, len(hub.roster), secret) or plan_sampler(
             cfg, len(hub.roster))
+        assembled: dict[str, Any] = {}  # the Federation, for [interpret] / [contribution]
         common: dict[str, Any] = {
             "dataset": dataset, "executor": executor, "progress": progress,
             "callbacks": [membership, _RoundReport(hub, cfg.rounds)],
@@ -1172,7 +1193,7 @@ def serve(
             # sampling the offline ones stay in the draw, as its accountant assumes
             "sampler": OnlineSampler(inner, membership, keep_offline=(
                 cfg.privacy.mode == "central" and cfg.privacy.sampling != "poisson")),
-            "on_assembled": membership.attach,
+            "on_assembled": functools.partial(_assembled, membership, assembled),
             "run_id": hub.run_id,  # secure aggregation binds keys to it; kept by --resume
             "checkpoint_extras": lambda: {
                 "registry": hub.registry(), **({SAMPLING_SECRET: secret} if secret else {}),
@@ -1183,6 +1204,11 @@ def serve(
             result = simulate(resume=run_dir, **common)
         else:
             result = simulate(cfg, out=run_dir, **common)
+        if after_run and "fed" in assembled:
+            from consortium.deploy.interpret import finish_deployed_run
+
+            finish_deployed_run(run_dir, hub, executor, cfg, result, assembled["fed"],
+                                timeout=round_timeout)
         hub.finish_all("the run is complete")
         return result
     finally:

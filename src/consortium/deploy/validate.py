@@ -236,7 +236,7 @@ def validate_evaluation(
     # a metric out of its range would pull the federated average anywhere it likes (a site's
     # own model's metrics, ``personalized_<name>``, as much as the global model's)
     for name, value in sorted(result.metrics.items()):
-        base = name.removeprefix(PERSONALIZED)
+        base = name.removeprefix(PERSONALIZED).removeprefix("local_")  # local-only baseline
         if base in _UNIT_METRICS and not 0.0 <= value <= 1.0:
             raise reject(f"metric {name!r} = {value:g} is outside [0, 1]")
         if base == "loss" and value < 0:

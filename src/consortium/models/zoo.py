@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import threading
 from collections.abc import Callable, Collection, Sequence
 from math import prod
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -243,14 +245,68 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
             f"model.name = {spec!r} is not known; expected one of {', '.join(BUILT_IN)} or "
             "'package.module:factory'"
         )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from exc
+    module = _import_model_module(module_name, spec)
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ModelError(f"{module_name!r} has no callable {attr!r} (from model {spec!r})")
     return factory
+
+
+def _import_model_module(module_name: str, spec: str) -> Any:
+    """Import a model's module: from the Python path, else from the folder of the experiment
+    file (or the current folder) when ``module_name``'s top package is found there, as
+    ``python experiment.py`` would; the folder is appended to ``sys.path``, so it never
+    shadows an installed package.
+
+    Raises:
+        ModelError: the module is nowhere, or importing it raised; one line with the cause.
+    """
+    top = module_name.partition(".")[0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != top:  # the module was found; something it imports was not
+            raise ModelError(_import_failure(module_name, spec, exc)) from None
+    except Exception as exc:  # the user's module raised while it was imported
+        raise ModelError(_import_failure(module_name, spec, exc)) from None
+    from consortium.config import experiment_folders
+
+    folders = [*experiment_folders(), Path.cwd()]
+    found = next((f for f in folders if (f / f"{top}.py").is_file() or (f / top).is_dir()), None)
+    if found is None:
+        raise ModelError(
+            f"cannot import {module_name!r} for model {spec!r}: no module {top!r} on the Python "
+            f"path, beside the experiment file or in the current folder "
+            f"({', '.join(dict.fromkeys(str(f) for f in folders))}); put {top}.py beside the "
+            "experiment file, or install it"
+        )
+    if str(found) not in sys.path:
+        sys.path.append(str(found))
+    importlib.invalidate_caches()
+    try:
+        return importlib.import_module(module_name)
+    except Exception as exc:
+        raise ModelError(_import_failure(module_name, spec, exc)) from None
+
+
+def _import_failure(module_name: str, spec: str, exc: BaseException) -> str:
+    """One line: the exception and where in the user's code it was raised."""
+    import traceback
+
+    where = ""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f" ({exc.filename}, line {exc.lineno})"
+    else:
+        library = (sys.prefix, sys.base_prefix, str(Path(importlib.__file__).parent))
+        frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                  if not f.filename.startswith(library) and not f.filename.startswith("<")]
+        if frames:
+            where = f" ({frames[-1].filename}, line {frames[-1].lineno})"
+    message = exc.msg if isinstance(exc, SyntaxError) and exc.msg else str(exc)
+    text = (message.strip().splitlines() or [""])[0]
+    return (f"importing {module_name!r} for model {spec!r} failed: {type(exc).__name__}: "
+            f"{text}{where}; fix the module (`python -c \"import {module_name}\"` in its folder "
+            "shows the whole traceback)")
 
 
 BUILT_IN = ("logistic", "mlp", "cnn", "mlp_bn", "cnn_bn", "minilm-lora")

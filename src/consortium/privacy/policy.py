@@ -64,6 +64,13 @@ class SitePolicy:
     Analytics (``consortium server --analyze``): ``min_count`` is the smallest nonzero count the
     site releases, whatever the query asks (the site applies the larger of the two; 0: the
     query's); ``max_epsilon`` and ``delta`` bound its DP releases (its own ledger).
+
+    After a training run (``[interpret]``, ``[contribution]``; :mod:`consortium.deploy.
+    interpret_site`): ``interpret = false`` refuses to explain the final model (permutation
+    importance, SHAP and calibration sums over its test split, under ``min_count``);
+    ``contribution = false`` refuses to join an experiment with ``[contribution]`` at all (its
+    updates would reach the other sites inside one-site coalition models) and to evaluate
+    coalition models. Both default to true.
     """
 
     max_epsilon: float = float("inf")
@@ -79,6 +86,8 @@ class SitePolicy:
     secagg_threshold: float = 0.0
     secagg_neighbours: int = 0
     min_count: int = 0
+    interpret: bool = True
+    contribution: bool = True
 
     def __post_init__(self) -> None:
         if not self.max_epsilon > 0:

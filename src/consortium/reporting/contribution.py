@@ -42,6 +42,7 @@ def contribution_section(summary: Mapping[str, Any]) -> str:
     se = c.get("standard_error") or {}
     ben = c.get("benefit") or {}
     flagged = set(c.get("flagged") or ())
+    unsure = set(c.get("indistinguishable") or ())
     scale = max(abs(float(v)) for v in scores.values())
     rows = []
     for site in sorted(scores, key=lambda s: -float(scores[s])):
@@ -52,13 +53,16 @@ def contribution_section(summary: Mapping[str, Any]) -> str:
             f"<tr><td>{_e(site)}</td><td class=\"num\">{s:+.4f}</td>"
             f"<td class=\"num\">{'' if not e else f'± {e:.4f}'}</td><td>{_bar(s, scale)}</td>"
             f"<td class=\"num\">{'—' if b is None else f'{b:+.3f}'}</td>"
-            f"<td>{'low / free-rider' if site in flagged else ''}</td></tr>")
+            f"<td>{'low / free-rider' if site in flagged else 'undetermined' if site in unsure else ''}"
+            "</td></tr>")
     basis = c.get("benefit_basis")
     note = (f"Method {_e(c.get('method'))} on the coalition models rebuilt from each round's "
             f"updates (utility: {_e(c.get('utility'))}); {_e(c.get('rounds'))} rounds, "
             f"{_e(c.get('evaluations'))} model evaluations. Scores add up to Σ v(N) − v(∅) = "
-            f"{_num(c.get('total')) or 0.0:.4f} for exact Shapley. Flagged: a score ≤ 0, within "
-            "2 standard errors of 0, or below contribution.free_rider × the fair share. "
+            f"{_num(c.get('total')) or 0.0:.4f} for exact Shapley. Flagged: a score ≤ 0, or one "
+            "whose upper bound (score + 2 standard errors) is below contribution.free_rider × "
+            "the fair share; undetermined: positive but within 2 standard errors of 0 (not "
+            "flagged: more permutations separate it). "
             + ("Benefit: the site's accuracy with the "
                f"{'personalised' if basis == 'personalized' else 'federated'} model minus its "
                "local-only accuracy." if basis else

@@ -187,4 +187,21 @@ def interpret_sections(
                 figure("reliability", "reliability diagram"),
                 _table(["site", "n", "ECE", "mean predicted", "observed rate"], rows,
                        numeric_from=1)]
+        suppressed = _mapping(calibration.get("suppressed"))
+        if suppressed:
+            out.append('<p class="note">Bins under the sites\' min_count stayed at the site '
+                       "(left out of n and ECE): " + "; ".join(
+                           f"{_e(k)}: bin(s) {_e(', '.join(str(b) for b in v or ()))}"
+                           for k, v in suppressed.items()) + "</p>")
+    deployed = _mapping(it.get("deployed"))
+    if deployed and out:
+        excluded = _mapping(deployed.get("excluded"))
+        notes = [str(n) for n in deployed.get("notes") or ()]
+        out.append(
+            '<p class="note">Deployed: computed by sites '
+            f"{_e(', '.join(str(s) for s in deployed.get('sites') or ()))} with their own "
+            "randomness"
+            + ("; left out: " + "; ".join(f"{_e(k)} ({_e(v)})" for k, v in excluded.items())
+               if excluded else "")
+            + ("; " + "; ".join(_e(n) for n in notes) if notes else "") + ".</p>")
     return "\n".join(part for part in out if part)

@@ -10,7 +10,7 @@ from typing import Any
 
 from consortium.errors import MissingExtraError
 
-__all__ = ["CURVE_METRICS", "write_plots"]
+__all__ = ["CURVE_METRICS", "ROC_SITES", "write_plots", "write_roc_plot"]
 
 #: Evaluation metrics that get a learning curve, in the order the report shows them.
 CURVE_METRICS = ("accuracy", "balanced_accuracy", "auc", "loss")
@@ -250,3 +250,55 @@ def _finite(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
+
+
+#: At most this many sites get their own ROC curve (more would be unreadable).
+ROC_SITES = 8
+
+
+def write_roc_plot(run_dir: Path, summary: Mapping[str, Any]) -> Path | None:
+    """Draw ``plots/roc.png``: the federated model's ROC curve over all test cases together
+    and at each site (up to :data:`ROC_SITES`), each with the model's own operating point
+    (class 1 when its log-odds > 0) and its AUC in the legend, from ``summary["clinical"]``
+    (:mod:`consortium.reporting.clinical`). ``None`` (nothing written, matplotlib not
+    imported) when the summary has no ROC curve.
+
+    Raises:
+        MissingExtraError: matplotlib is not installed.
+    """
+    clinical = summary.get("clinical")
+    final = clinical.get("final") if isinstance(clinical, Mapping) else None
+    if not isinstance(final, Mapping):
+        return None
+    curves: list[tuple[str, Mapping[str, Any], float | None]] = []
+    overall = final.get("overall")
+    if isinstance(overall, Mapping) and isinstance(overall.get("roc"), Mapping):
+        curves.append(("all sites", overall["roc"], _finite(overall.get("auc"))))
+    sites = final.get("sites")
+    if isinstance(sites, Mapping) and len(sites) <= ROC_SITES:
+        curves += [(str(site), e["roc"], _finite(e.get("auc"))) for site, e in sites.items()
+                   if isinstance(e, Mapping) and isinstance(e.get("roc"), Mapping)]
+    if not curves:
+        return None
+
+    def draw(axes: Any) -> None:
+        axes.plot([0, 1], [0, 1], linestyle=":", color="tab:gray", linewidth=1, label="chance")
+        for index, (name, roc, auc) in enumerate(curves):
+            fpr, tpr = roc.get("fpr") or [], roc.get("tpr") or []
+            label = name + (f" (AUC {auc:.2f})" if auc is not None else "")
+            (line,) = axes.plot(fpr, tpr, label=label,
+                                linewidth=2.2 if index == 0 else 1.2,
+                                color="black" if index == 0 else None)
+            point = roc.get("operating_point")
+            if isinstance(point, Sequence) and len(point) == 2:
+                axes.plot([point[0]], [point[1]], marker="o", color=line.get_color())
+        axes.set_xlabel("1 − specificity (false-positive rate)")
+        axes.set_ylabel("sensitivity (true-positive rate)")
+        axes.set_xlim(-0.01, 1.01)
+        axes.set_ylim(-0.01, 1.01)
+        axes.set_title("ROC of the federated model (dot: its decisions)")
+
+    pyplot = _pyplot()
+    out_dir = Path(run_dir) / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _render(pyplot, out_dir / "roc.png", draw)

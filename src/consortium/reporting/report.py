@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from consortium.reporting.clinical_report import (
+    brief_section,
+    clinical_section,
+    pooled_note,
+    privacy_section,
+)
 from consortium.reporting.contribution import contribution_section
 from consortium.reporting.interpret import interpret_figures, interpret_sections
-from consortium.reporting.plots import write_plots
+from consortium.reporting.plots import write_plots, write_roc_plot
 
 __all__ = ["format_interval", "format_value", "result_intervals", "results_table_rows", "write_report"]
 
@@ -36,6 +44,9 @@ details { margin: 1em 0; }
 summary { cursor: pointer; font-weight: 600; }
 .scroll { overflow-x: auto; }
 pre { background: #f6f8fa; padding: 1em; overflow-x: auto; }
+table.confusion { margin: 0 0 1em; }
+table.confusion caption { font-weight: 600; text-align: left; }
+table.confusion th { font-weight: normal; color: #555; }
 """
 
 
@@ -46,7 +57,9 @@ def write_report(run_dir: str | Path, *, plots: bool = True) -> Path:
     missing or empty ``metrics.jsonl`` or a missing ``summary.json`` gives a report that says
     so; lines of ``metrics.jsonl`` that are not JSON objects (a run killed mid-write leaves a
     truncated last line) are skipped and counted. Every value read from the files is escaped.
-    Images are referenced relative to the report, so the directory can be moved as a whole.
+    The page is one self-contained file: its figures are drawn into ``plots/`` and inlined
+    as base64 PNG (each ``<img>`` keeps its file's name in ``data-source``), and it links to
+    nothing, so it opens offline and can be sent on its own.
 
     Args:
         run_dir: the run directory written by ``consortium run``.
@@ -67,10 +80,11 @@ def write_report(run_dir: str | Path, *, plots: bool = True) -> Path:
     summary = _read_summary(run_dir / "summary.json")
     config = _read_text(run_dir / "config.toml")
     images = write_plots(run_dir, history, summary) if plots else []
+    roc = write_roc_plot(run_dir, summary) if plots else None
     figures = interpret_figures(run_dir, summary) if plots else {}
     page = _render_page(
         run_dir, history=history, skipped=skipped, summary=summary, config=config, images=images,
-        figures=figures,
+        figures=figures, roc=roc,
     )
     path = run_dir / "report.html"
     path.write_text(page, encoding="utf-8")
@@ -201,14 +215,19 @@ def _render_page(
     config: str | None,
     images: Sequence[Path],
     figures: Mapping[str, Path] | None = None,
+    roc: Path | None = None,
 ) -> str:
     name = str(summary.get("name") or run_dir.name)
     sections = [
         f"<h1>{_e(name)}</h1>",
         f'<p class="meta">{_e(_meta_line(history, summary))}</p>',
+        brief_section(summary),
         _results_section(summary),
+        pooled_note(summary),
         f"<p><strong>Privacy:</strong> {_e(_privacy_line(summary))}</p>",
+        privacy_section(summary, config),
         _rounds_notice(history, skipped),
+        clinical_section(summary, roc_figure=_roc_figure(run_dir, roc)),
         _figures_section(run_dir, images),
         _per_client_section(summary),
         _groups_section(summary),
@@ -217,7 +236,7 @@ def _render_page(
         _rounds_section(history),
         _config_section(config),
     ]
-    body = "\n".join(section for section in sections if section)
+    body = _inline_images(run_dir, "\n".join(section for section in sections if section))
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -236,9 +255,13 @@ def _meta_line(history: Sequence[Mapping[str, Any]], summary: Mapping[str, Any])
 
 
 def _results_section(summary: Mapping[str, Any]) -> str:
-    rows = results_table_rows(summary)
+    # a row without a number (a baseline's budget) is not a result
+    rows = [row for row in results_table_rows(summary) if any(v is not None for v in row[1:])]
     if not rows:
         return '<h2>Results</h2>\n<p class="note">No final results were recorded.</p>'
+    # the spread across sites (worst, 10th percentile, median ...) after the headline metrics
+    spread = [row for row in rows if row[0].endswith(_SPREAD)]
+    rows = [row for row in rows if not row[0].endswith(_SPREAD)]
     personalized = _mapping(summary.get("personalized"))
     intervals = result_intervals(summary)
 
@@ -272,7 +295,39 @@ def _results_section(summary: Mapping[str, Any]) -> str:
             f'\n<p class="note">[low, high]: {_e(level)} confidence interval, '
             f"{_e(ci.get('method') or 'bootstrap')} (Efron &amp; Tibshirani 1993).</p>"
         )
-    return f"<h2>Results</h2>\n{table}{note}"
+    if spread:
+        spread_table = _table(
+            ("metric", "federated", "local only", "pooled"),
+            [[metric, format_value(fed), format_value(local), format_value(pooled)]
+             for metric, fed, local, pooled in spread],
+            numeric_from=1,
+        )
+        note += ("\n<details>\n<summary>Spread across sites (worst, 10th percentile, median "
+                 f"site)</summary>\n{spread_table}\n</details>")
+    return f"<h2>Results</h2>\n{table}{note}{_budget_note(summary)}"
+
+
+def _budget_note(summary: Mapping[str, Any]) -> str:
+    """How long each baseline trained (``baselines.<name>.budget``, server/baselines.py)."""
+    parts = []
+    for name, label in (("local", "local only"), ("pooled", "pooled")):
+        budget = _mapping(_mapping(_mapping(summary.get("baselines")).get(name)).get("budget"))
+        if not budget:
+            continue
+        value = budget.get("epochs", budget.get("steps"))
+        shown = f"{value:g}" if isinstance(value, float) else format_value(value)
+        amount = f"{shown} {'epochs' if 'epochs' in budget else 'steps'}"
+        rule = f" ({budget['rule']})" if isinstance(budget.get("rule"), str) else ""
+        mode = f"{budget['mode']}, " if isinstance(budget.get("mode"), str) else ""
+        parts.append(f"{label}: {mode}{amount}{rule}")
+    if not parts:
+        return ""
+    return ('\n<p class="note">Baselines\' budget (evaluation.baseline_budget): '
+            + _e("; ".join(parts)) + ".</p>")
+
+
+_SPREAD = ("_min", "_p10", "_median", "_se", "_mean", "_std", "_jain")
+"""Suffixes of a metric's spread across sites (``summarise_clients``, ``client_spread``)."""
 
 
 def _privacy_line(summary: Mapping[str, Any]) -> str:
@@ -312,6 +367,37 @@ def _figures_section(run_dir: Path, images: Sequence[Path]) -> str:
             f"<figcaption>{_e(caption)}</figcaption></figure>"
         )
     return '<h2>Curves</h2>\n<div class="figures">\n' + "\n".join(figures) + "\n</div>"
+
+
+def _roc_figure(run_dir: Path, roc: Path | None) -> str:
+    if roc is None:
+        return ""
+    source = roc.relative_to(run_dir).as_posix()
+    return (f'<figure><img src="{_e(source)}" alt="ROC curves of the federated model">'
+            "<figcaption>ROC curves (sensitivity against 1 − specificity)</figcaption></figure>")
+
+
+_IMG_SRC = re.compile(r'<img src="([^"]+)"')
+
+
+def _inline_images(run_dir: Path, body: str) -> str:
+    """Each ``<img src="relative/path.png">`` of a figure inside ``run_dir`` becomes a
+    ``data:`` URI (its file name kept in ``data-source``), so the page is one self-contained
+    file; an image that cannot be read is dropped to its alt text rather than linked."""
+    root = run_dir.resolve()
+
+    def inline(match: re.Match[str]) -> str:
+        source = html.unescape(match.group(1))
+        if source.startswith("data:"):
+            return match.group(0)
+        path = (run_dir / source).resolve()
+        kind = {".png": "image/png", ".svg": "image/svg+xml"}.get(path.suffix.lower())
+        if kind is None or not path.is_relative_to(root) or not path.is_file():
+            return f'<img data-source="{_e(source)}" src="data:," title="missing figure"'
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f'<img data-source="{_e(source)}" src="data:{kind};base64,{data}"'
+
+    return _IMG_SRC.sub(inline, body)
 
 
 _KINDS = (("global", "global"), ("personalized", "personalised"), ("local", "local only"))

@@ -53,8 +53,9 @@ synchronous round's, each client at most once; the server sees the sum only, so 
 version, before the protocol). Refused, with the reason: FedAsync with secure aggregation (a
 step on one update has no sum to hide it in), distributed DP (its accounting assumes a
 sampled cohort), stateful or personalised algorithms (SCAFFOLD, FedNova, ...), downlink
-compression, synchronous policies (a deadline, over-selection), and a deployment (over
-gRPC; see issue 18's third part). The stage payloads (central DP's adaptive clip norm) are
+compression, synchronous policies (a deadline, over-selection). Over gRPC the same step
+runs on the sites' answers as they arrive (:mod:`consortium.deploy.asynchronous`), where
+FedBuff with secure aggregation is refused too (a per-buffer SecAgg+ cohort is not built). The stage payloads (central DP's adaptive clip norm) are
 those of the step that trains a client, not of its dispatch.
 """
 
@@ -65,13 +66,20 @@ import heapq
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from consortium.aggregation.base import Aggregate, Pipeline, RoundContext
-from consortium.aggregation.staleness import SCALE, Staleness, StalenessWeighted
+from consortium.aggregation.staleness import (
+    SCALE,
+    Staleness,
+    StalenessWeighted,
+    buffer_weights,
+    check_weighting,
+)
 from consortium.compression.admit import admit
 from consortium.errors import ClientError, ConfigError, RoundAborted
 from consortium.messages import Result, Task
@@ -80,7 +88,7 @@ from consortium.seeds import derive_seed
 from consortium.server.loop import RunState, Server
 from consortium.server.traces import Diurnal
 from consortium.server.traffic import ExchangeTraffic
-from consortium.types import Parameters
+from consortium.types import Parameters, Update
 
 __all__ = ["ASYNC_ALGORITHMS", "ASYNC_SAMPLE", "AsyncServer", "asynchronous_server",
            "check_asynchronous"]
@@ -103,10 +111,13 @@ def check_asynchronous(cfg: Any, *, algorithm: str, remote: bool) -> None:
         ConfigError: naming the key, the reason and what to do instead.
     """
     mode = cfg.server.mode
-    if remote:
+    if remote and cfg.secure_aggregation.enabled and mode == "fedbuff":
         raise ConfigError(
-            f"server.mode = {mode!r} runs on the simulated clock (consortium run); "
-            "consortium server runs synchronous rounds in this version")
+            "server.mode = \"fedbuff\" with secure aggregation over gRPC: each buffer would "
+            "have to be its own SecAgg+ cohort (its sites re-keyed for every buffer while "
+            "others are still training), which this version does not build; use server.mode "
+            "= \"sync\" with secure aggregation, or fedbuff without it (central DP composes: "
+            "each buffer one release)")
     if cfg.secure_aggregation.enabled and mode == "fedasync":
         raise ConfigError(
             "server.mode = \"fedasync\" with secure aggregation: FedAsync steps on every single "
@@ -149,10 +160,18 @@ class AsyncServer(Server):
     """The round loop of FedBuff and FedAsync (see the module docstring): each call of
     :meth:`run_round` plays the simulated clock's events until one server step."""
 
+    deployed = False
+    """Whether the clients are sites over gRPC (real time, no simulated clock:
+    :class:`consortium.deploy.asynchronous.DeployedAsyncServer`)."""
+
+    weighting = "examples"
+    """``server.async_weighting``: an update's weight in its buffer
+    (:func:`consortium.aggregation.staleness.buffer_weights`)."""
+
     def __init__(self, *, mode: str, concurrency: int, buffer_size: int, max_staleness: int,
                  staleness: Staleness, mixing: float = 0.6, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if self.clock is None:
+        if self.clock is None and not self.deployed:
             raise ConfigError(f"server.mode = {mode!r} needs the simulated clock (simulation)")
         if mode not in ("fedbuff", "fedasync"):
             raise ConfigError(f"server.mode = {mode!r} is not asynchronous")
@@ -164,7 +183,7 @@ class AsyncServer(Server):
         self.mode = mode
         self.buffer_size = 1 if mode == "fedasync" else int(buffer_size)
         self.concurrency = int(concurrency)
-        if self.concurrency < 1:
+        if self.concurrency < (0 if self.deployed else 1):  # deployed 0: every online site
             raise ConfigError(f"server.concurrency = {concurrency!r}: at least one client "
                               "must train at a time")
         self.max_staleness = int(max_staleness)
@@ -352,45 +371,106 @@ class AsyncServer(Server):
                 pass
         updates = []
         taus: list[int] = []
+        trips: list[float] = []  # each update's round trip, dispatch to arrival
         for f in accepted:  # in arrival order: the sum's order is the clock's, not the executor's
             got = by_client.get(f["client_id"])
             if got is None or got.update is None:
                 failed[f["client_id"]] = (got.error if got is not None else None) or "no update"
                 continue
-            s = self.staleness(int(f["tau"]))
             taus.append(int(f["tau"]))
-            updates.append(dataclasses.replace(got.update,
-                                               metrics={**got.update.metrics, SCALE: s}))
+            updates.append(got.update)
+            trips.append(float(f["finish"]) - float(f["start"]))
+        if self.weighting != "examples":  # server.async_weighting (aggregation/staleness.py)
+            weights = buffer_weights(self.weighting, [u.weight for u in updates], trips)
+            updates = [dataclasses.replace(u, weight=w) for u, w in zip(updates, weights)]
+        start = (models[str(accepted[0]["version"])]
+                 if self.mode == "fedasync" and accepted else None)
+        stepped = self.buffer_step(state, updates, taus, start=start, population=len(ids),
+                                   sampled=len(accepted))
+        record = self.step_record(state, stepped, up=up, down=down, failed=failed, last=last,
+                                  online=None if last else self._online(t))
+        record["sim_time_s"] = t
+        if not self.clock.availability.always:
+            record["online"] = len(self.clock.online(ids, t))
+        self.staleness_fields(record, stepped.taus, stale=stale, in_flight=len(flights),
+                              began=began)
+        # the models the clients in flight started from (within the staleness bound)
+        keep = {str(f[2]["version"]) for f in flights if not f[2].get("error") and (
+            not self.max_staleness or rnd - int(f[2]["version"]) <= self.max_staleness)}
+        new_state = self.step_state(state, stepped, sim_time_s=t, asynchronous={
+            "flights": [f for _, _, f in sorted(flights, key=lambda e: (e[0], e[1]))],
+            "models": {k: models[k] for k in sorted(keep, key=int)}, "seq": seq})
+        return new_state, record
+
+    # -- the buffer's step, shared with the deployment (deploy/asynchronous.py) ------------
+
+    def buffer_step(self, state: RunState, updates: list[Update], taus: list[int], *,
+                    start: torch.Tensor | None, population: int, sampled: int) -> BufferStep:
+        """One server step on a full buffer: each update weighted by ``s(τ)`` (under
+        :data:`SCALE`, set here from the server's own record of ``τ``), then the pipeline's
+        aggregator, the algorithm's server step, FedAsync's mixing towards ``start`` (the
+        model the update started from) and the server optimiser, exactly as in a synchronous
+        round. Errors an executor says come from its clients' messages (``round_errors``: a
+        deployment) abort the step (the model and every state stay), never the run."""
+        rnd = state.round + 1
+        weighted = [dataclasses.replace(u, metrics={**u.metrics, SCALE: self.staleness(tau)})
+                    for u, tau in zip(updates, taus)]
+
         def exchange(stage: str, phase: str, messages: Mapping[str, Any]):  # type: ignore[no-untyped-def]
             return self.executor.exchange(stage, phase, messages, self.clients, round=rnd)
 
         traffic = ExchangeTraffic()  # SecAgg+'s protocol phases among the buffer's clients
         ctx = RoundContext(
-            round=rnd, seed=derive_seed(self.seed, "server", rnd), population=len(ids),
-            sampled=len(accepted), layout=state.params.layout,
+            round=rnd, seed=derive_seed(self.seed, "server", rnd), population=population,
+            sampled=sampled, layout=state.params.layout,
             expected_clients=float(self.buffer_size), global_params=state.params,
             exchange=traffic.wrap(self.dropouts.wrap(exchange, round=rnd, seed=self.seed)),
         )
+        contained: tuple[type[BaseException], ...] = tuple(
+            getattr(self.executor, "round_errors", ()))
         aborted = None
         try:
-            aggregate, pipeline_state = self.pipeline.aggregate(iter(updates), state.pipeline,
+            aggregate, pipeline_state = self.pipeline.aggregate(iter(weighted), state.pipeline,
                                                                 ctx)
         except RoundAborted as exc:  # SecAgg+ lost too many of the buffer's clients
             aggregate, aborted = None, str(exc)
+        except contained as exc:
+            aggregate = None
+            aborted = f"step {rnd}: aggregation failed ({type(exc).__name__}: {exc})"
+        params, algorithm_state = state.params, state.algorithm
         if aggregate is None:
-            params, algorithm_state = state.params, state.algorithm
             pipeline_state = state.pipeline
             aggregate = Aggregate(torch.zeros(0), 0.0, 0)
             aborted = aborted or f"step {rnd}: no update in the buffer (every client failed)"
         else:
-            delta, algorithm_state = self.algorithm.server_step(aggregate, state.algorithm, ctx)
-            if self.mode == "fedasync":  # x + α(s(τ)(x_{v0} − x) + s(τ)Δ')
-                s = self.staleness(taus[0])
-                start = models[str(accepted[0]["version"])]
-                delta = self.mixing * (s * (start - state.params.vector) + delta)
-            new_vector, pipeline_state = self.pipeline.step(state.params.vector, delta,
-                                                            pipeline_state)
-            params = state.params.replace(new_vector)
+            try:
+                delta, algorithm_state = self.algorithm.server_step(aggregate, state.algorithm,
+                                                                    ctx)
+                if self.mode == "fedasync":  # x + α(s(τ)(x_{v0} − x) + s(τ)Δ')
+                    assert start is not None
+                    s = self.staleness(taus[0])
+                    delta = self.mixing * (s * (start - state.params.vector) + delta)
+                new_vector, pipeline_state = self.pipeline.step(state.params.vector, delta,
+                                                                pipeline_state)
+                if contained and not bool(torch.isfinite(new_vector).all()):
+                    raise ArithmeticError("the new model is not finite")
+                params = state.params.replace(new_vector)
+            except contained as exc:
+                algorithm_state, pipeline_state = state.algorithm, state.pipeline
+                aborted = f"step {rnd}: the server step failed ({type(exc).__name__}: {exc})"
+                aggregate = Aggregate(torch.zeros(0), 0.0, 0)
+        return BufferStep(params=params, algorithm_state=algorithm_state,
+                          pipeline_state=pipeline_state, aggregate=aggregate, aborted=aborted,
+                          updates=weighted, taus=list(taus), traffic=traffic)
+
+    def step_record(self, state: RunState, stepped: BufferStep, *, up: int, down: int,
+                    failed: dict[str, str], last: bool,
+                    online: list[str] | None) -> dict[str, Any]:
+        """The step's ``metrics.jsonl`` record up to the aggregate's info (evaluating the new
+        model every ``evaluation.every`` steps, on the ``online`` clients); fills
+        ``stepped.per_client`` and ``stepped.evaluated``."""
+        rnd = state.round + 1
+        updates = stepped.updates
         reporting = [u for u in updates if "train_loss" in u.metrics]
         total_w = sum(u.weight for u in reporting)
         record: dict[str, Any] = {
@@ -398,43 +478,63 @@ class AsyncServer(Server):
             "train_loss": (sum(u.metrics["train_loss"] * u.weight for u in reporting) / total_w
                            if total_w else None),
         }
-        per_client, evaluated = state.per_client, state.last_metrics
+        stepped.per_client, stepped.evaluated = state.per_client, state.last_metrics
         if rnd % self.eval_every == 0 or last:
-            metrics, per_client = self.evaluator.evaluate(
-                rnd, params, executor=self.executor, clients=self.clients,
-                online=None if last else self._online(t))
+            metrics, stepped.per_client = self.evaluator.evaluate(
+                rnd, stepped.params, executor=self.executor, clients=self.clients,
+                online=online)
             record.update(metrics)
-            evaluated = dict(metrics)
-        record["bytes_up"] = up + traffic.up
-        record["bytes_down"] = down + traffic.down
+            stepped.evaluated = dict(metrics)
+        record["bytes_up"] = up + stepped.traffic.up
+        record["bytes_down"] = down + stepped.traffic.down
         record["epsilon"] = None
         if failed:
             record["failed"] = failed
-        if aborted is not None:
-            record["aborted"] = aborted
-        record.update(aggregate.info)
-        record["sim_time_s"] = t
-        if not self.clock.availability.always:
-            record["online"] = len(self.clock.online(ids, t))
+        if stepped.aborted is not None:
+            record["aborted"] = stepped.aborted
+        record.update(stepped.aggregate.info)
+        return record
+
+    @staticmethod
+    def staleness_fields(record: dict[str, Any], taus: list[int], *, stale: int,
+                         in_flight: int, began: float) -> None:
+        """The record's ``staleness_mean``/``staleness_max``, ``stale``, ``in_flight`` and
+        ``wall_s``."""
         record["staleness_mean"] = float(np.mean(taus)) if taus else None
         record["staleness_max"] = max(taus) if taus else None
         record["stale"] = stale
-        record["in_flight"] = len(flights)
+        record["in_flight"] = in_flight
         record["wall_s"] = time.perf_counter() - began
-        # the models the clients in flight started from (within the staleness bound)
-        keep = {str(f[2]["version"]) for f in flights if not f[2].get("error") and (
-            not self.max_staleness or rnd - int(f[2]["version"]) <= self.max_staleness)}
-        new_state = RunState(
-            round=rnd, params=params, pipeline=pipeline_state, algorithm=algorithm_state,
+
+    def step_state(self, state: RunState, stepped: BufferStep, *, sim_time_s: float,
+                   asynchronous: dict[str, Any]) -> RunState:
+        """The run's state after the step (what is checkpointed)."""
+        updates = stepped.updates
+        return RunState(
+            round=state.round + 1, params=stepped.params, pipeline=stepped.pipeline_state,
+            algorithm=stepped.algorithm_state,
             participants=[u.client_id for u in updates],
             participant_steps={u.client_id: int(u.metrics.get("steps", 0)) for u in updates},
-            last_metrics=evaluated, per_client=per_client, downlink=state.downlink,
-            sim_time_s=t,
-            asynchronous={
-                "flights": [f for _, _, f in sorted(flights, key=lambda e: (e[0], e[1]))],
-                "models": {k: models[k] for k in sorted(keep, key=int)}, "seq": seq},
+            last_metrics=stepped.evaluated, per_client=stepped.per_client,
+            downlink=state.downlink, sim_time_s=sim_time_s, asynchronous=asynchronous,
         )
-        return new_state, record
+
+
+@dataclass
+class BufferStep:
+    """What one server step on a buffer produced (:meth:`AsyncServer.buffer_step`)."""
+
+    params: Parameters
+    algorithm_state: Any
+    pipeline_state: Any
+    aggregate: Aggregate
+    aborted: str | None
+    updates: list[Update]
+    taus: list[int]
+    traffic: ExchangeTraffic
+    per_client: dict[str, dict[str, float]] = field(default_factory=dict)
+    evaluated: dict[str, Any] = field(default_factory=dict)
+
 
 
 def asynchronous_server(f: Any) -> AsyncServer:
@@ -444,6 +544,7 @@ def asynchronous_server(f: Any) -> AsyncServer:
     amplification by sampling (:data:`ASYNC_SAMPLE`)."""
     cfg, old = f.cfg, f.server
     check_asynchronous(cfg, algorithm=f.algorithm.name, remote=f.executor.name == "remote")
+    check_weighting(cfg, remote=f.executor.name == "remote")
     s = cfg.server
     k = 1 if s.mode == "fedasync" else s.buffer_size
     check_clients = getattr(f.pipeline.aggregator, "check_clients", None)
@@ -451,6 +552,7 @@ def asynchronous_server(f: Any) -> AsyncServer:
         check_clients(k)
     if f.ledger is not None and hasattr(f.ledger, "sample"):
         f.ledger.sample = ASYNC_SAMPLE
+    remote = f.executor.name == "remote"
     parts: Mapping[str, Any] = {
         "clients": old.clients, "algorithm": old.algorithm, "pipeline": old.pipeline,
         "sampler": old.sampler, "executor": old.executor, "evaluator": old.evaluator,
@@ -458,9 +560,20 @@ def asynchronous_server(f: Any) -> AsyncServer:
         "callbacks": old.callbacks, "eval_every": old.eval_every, "downlink": old.downlink,
         "clock": old.clock,
     }
-    return AsyncServer(
+    if remote:  # sites over gRPC: arrivals in real time (deploy/asynchronous.py)
+        from consortium.deploy.asynchronous import DeployedAsyncServer
+
+        return DeployedAsyncServer(
+            mode=s.mode, concurrency=s.concurrency, buffer_size=k,
+            max_staleness=s.max_staleness,
+            staleness=Staleness(s.staleness, s.staleness_a, s.staleness_b), mixing=s.mixing,
+            **parts,
+        )
+    server = AsyncServer(
         mode=s.mode, concurrency=s.concurrency or f.per_round, buffer_size=k,
         max_staleness=s.max_staleness,
         staleness=Staleness(s.staleness, s.staleness_a, s.staleness_b), mixing=s.mixing,
         **parts,
     )
+    server.weighting = s.async_weighting
+    return server

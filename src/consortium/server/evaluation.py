@@ -14,6 +14,7 @@ from consortium.client.evaluation import (
     client_spread,
     confusion_matrix,
     evaluate_model,
+    model_outputs,
     summarise_clients,
 )
 from consortium.data.base import Split
@@ -78,6 +79,11 @@ class Evaluator:
     personal: bool = False
     finetune_steps: int = 0
     final_confusion: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    final_scores: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    """The last evaluation's ``(scores, labels)`` of the global model at each client in this
+    process, for a binary model with two outputs: the log-odds of class 1, as its ``auc``
+    ranks them; what a ROC curve and the AUC's bootstrap interval need
+    (:mod:`consortium.reporting.clinical`). Empty otherwise and in a deployment."""
     device: torch.device = torch.device("cpu")
     """Where the evaluation's models run (``executor.device``); metrics come back as floats."""
 
@@ -192,10 +198,17 @@ class Evaluator:
         with torch.random.fork_rng(devices=[]):  # building a model draws from torch's RNG
             module = self.model_factory().to(self.device)
         params.load_into(module)
-        return {
-            cid: confusion_matrix(module, test, num_classes=self.num_classes)
-            for cid, test in tests.items() if test is not None
-        }
+        module.eval()
+        confusions: dict[str, np.ndarray] = {}
+        self.final_scores = {}
+        with torch.no_grad():
+            for cid, test in tests.items():
+                if test is None:
+                    continue
+                confusions[cid], scores = _confusion_and_scores(module, test, self.num_classes)
+                if scores is not None:
+                    self.final_scores[cid] = scores
+        return confusions
 
     def _draws(
         self, round: int, eligible: list[str], test_sizes: Mapping[str, int]
@@ -210,6 +223,24 @@ class Evaluator:
             [test_sizes[c] for c in eligible], k, seed=derive_seed(self.seed, "evaluation", round)
         )
         return [eligible[i] for i in picks]
+
+
+def _confusion_and_scores(
+    module: torch.nn.Module, test: Split, num_classes: int
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """:func:`confusion_matrix` of ``module`` on ``test`` and, for a binary model with two
+    outputs, each example's log-odds of class 1 with its label (one forward pass for both)."""
+    if len(test) == 0:
+        return np.zeros((num_classes, num_classes), dtype=np.int64), None
+    outputs = model_outputs(module, test.x)
+    y = test.y.long()
+    cells = y * num_classes + outputs.argmax(dim=1)
+    counts = torch.bincount(cells, minlength=num_classes * num_classes)
+    confusion = counts.numpy().astype(np.int64).reshape(num_classes, num_classes)
+    if num_classes != 2 or outputs.ndim != 2 or outputs.shape[1] != 2:
+        return confusion, None
+    score = (outputs[:, 1] - outputs[:, 0]).double().numpy()  # as evaluate_model's auc
+    return confusion, (score, y.numpy().astype(np.int64))
 
 
 def _local_test(client: object) -> Split | None:
