@@ -27,7 +27,7 @@ import math
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,35 @@ class AnalysisExpectation:
             f"rejected {self.phase} answer from site {self.site!r} (task {self.task_id}): {why}",
             site=self.site, round=ANALYSIS_ROUND, task_id=self.task_id,
         )
+
+
+def gather_answers(hub: Any, executor: Any, futures: Mapping[Any, str], task_ids: list[str], *,
+                   phase: str, timeout: float, excluded: Container[str],
+                   exclude: Callable[[str, str], Any], hint: str = "") -> dict[str, Any]:
+    """The checked answers to one ``phase`` of analysis tasks, by site, as they arrive until
+    ``timeout``: a site whose answer the checks refused, that refused or failed, that left, or
+    that did not answer in time is handed to ``exclude`` with why (shared by the analytics and
+    by :mod:`consortium.deploy.interpret`)."""
+    out: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout
+    for future in executor._completed(futures, deadline):
+        site, value = futures[future], future.result()
+        if isinstance(value, RejectedResult):
+            exclude(site, f"its {phase} answer was refused: {value.reason}")
+        elif isinstance(value, SiteRefusal):
+            exclude(site, ("refused" if value.refused else "failed") +
+                    f" the {phase}: {value.reason}")
+        elif value is None:
+            exclude(site, f"left before answering the {phase}")
+        else:
+            out[site] = value
+    hub.forget(task_ids)
+    for future, site in futures.items():
+        if not future.done() and site not in excluded:
+            exclude(site, f"no {phase} answer in {timeout:.0f} s{hint}")
+    if hub.audit is not None:
+        hub.audit.sync()
+    return out
 
 
 @dataclass
@@ -221,25 +250,9 @@ class RemoteAnalysis:
             futures[self.hub.expect(site, ANALYSIS_ROUND, task_id, "analysis", expected)] = site
             task_ids.append(task_id)
             self.hub.send(site, AnalysisTaskEnvelope(task_id, phase, request))
-        out: dict[str, Any] = {}
-        deadline = time.monotonic() + self.timeout
-        for future in self.executor._completed(futures, deadline):
-            site, value = futures[future], future.result()
-            if isinstance(value, RejectedResult):
-                self._exclude(site, f"its {phase} answer was refused: {value.reason}")
-            elif isinstance(value, SiteRefusal):
-                self._exclude(site, ("refused" if value.refused else "failed") +
-                              f" the {phase}: {value.reason}")
-            elif value is None:
-                self._exclude(site, f"left before answering the {phase}")
-            else:
-                out[site] = value
-        self.hub.forget(task_ids)
-        for future, site in futures.items():
-            if not future.done() and site not in self.excluded:
-                self._exclude(site, f"no {phase} answer in {self.timeout:.0f} s (--round-timeout)")
-        if self.hub.audit is not None:
-            self.hub.audit.sync()
+        out = gather_answers(self.hub, self.executor, futures, task_ids, phase=phase,
+                             timeout=self.timeout, excluded=self.excluded, exclude=self._exclude,
+                             hint=" (--round-timeout)")
         least = 2 if self.cfg.secure_aggregation.enabled else 1
         if len(out) < least:
             raise DataError(

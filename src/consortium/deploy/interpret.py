@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import math
 import sys
-import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -276,26 +275,10 @@ class _Asker:
                                     expect(site, task_id))] = site
             task_ids.append(task_id)
             self.hub.send(site, AnalysisTaskEnvelope(task_id, phase, request))
-        out: dict[str, Any] = {}
-        deadline = time.monotonic() + self.timeout
-        for future in self.executor._completed(futures, deadline):
-            site, value = futures[future], future.result()
-            if isinstance(value, RejectedResult):
-                self.exclude(site, f"its {phase} answer was refused: {value.reason}")
-            elif isinstance(value, SiteRefusal):
-                self.exclude(site, ("refused" if value.refused else "failed") +
-                             f" the {phase}: {value.reason}")
-            elif value is None:
-                self.exclude(site, f"left before answering the {phase}")
-            else:
-                out[site] = value
-        self.hub.forget(task_ids)
-        for future, site in futures.items():
-            if not future.done() and site not in self.excluded:
-                self.exclude(site, f"no {phase} answer in {self.timeout:.0f} s")
-        if self.hub.audit is not None:
-            self.hub.audit.sync()
-        return out
+        from consortium.deploy.analytics import gather_answers
+
+        return gather_answers(self.hub, self.executor, futures, task_ids, phase=phase,
+                              timeout=self.timeout, excluded=self.excluded, exclude=self.exclude)
 
     def exclude(self, site: str, why: str) -> None:
         self.excluded[site] = why
