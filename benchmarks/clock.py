@@ -36,6 +36,10 @@ server.async_weighting=time``, ``--async-set algorithm.local_steps=20``: FedBuff
 trains a fixed number of local steps). ``--out DIR`` writes each policy's run directory with
 its report (accuracy against simulated time).
 
+``--period`` sets ``simulation.period_s``: issue 18's diurnal day is 3,600 s here; a short
+period (``--period 120``: each client 60 s on, 60 s off, its own phase) makes the online half a
+fair sample of the clients at every moment of a run (RESULTS.md, "a short availability period").
+
 Run:  OMP_NUM_THREADS=1 python benchmarks/clock.py [--n 1000] [--target 0.4] [--out DIR]
 """
 
@@ -180,7 +184,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=20000.0, help="simulated seconds")
     parser.add_argument("--target", type=float, default=0.4)
     parser.add_argument("--deadline", default="1,5", help="deadlines (s), comma-separated")
-    parser.add_argument("--period", type=float, default=3600.0)
+    parser.add_argument("--period", type=float, default=3600.0,
+                        help="simulation.period_s: the diurnal on/off period (simulated s)")
     parser.add_argument("--speed", type=float, default=1000.0)
     parser.add_argument("--eval-every", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)

@@ -1187,7 +1187,9 @@ def serve(
             cfg, len(hub.roster))
         assembled: dict[str, Any] = {}  # the Federation, for [interpret] / [contribution]
         common: dict[str, Any] = {
-            "dataset": dataset, "executor": executor, "progress": progress,
+            # without a terminal the operator's line (_RoundReport) is the round's one line
+            "dataset": dataset, "executor": executor,
+            "progress": progress and sys.stderr.isatty(),
             "callbacks": [membership, _RoundReport(hub, cfg.rounds)],
             # the round's online sites only (deploy/roster.py); under central DP with uniform
             # sampling the offline ones stay in the draw, as its accountant assumes
