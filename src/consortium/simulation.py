@@ -272,9 +272,7 @@ def _baselines(fed: Federation, console: Any) -> Any:
     return outcome
 
 
-def _summarise(
-    fed: Federation, state: Any, duration_s: float, outcome: Any = None,
-) -> dict[str, Any]:
+def _summarise(fed: Federation, state: Any, duration_s: float, outcome: Any) -> dict[str, Any]:
     """``summary.json``: final metrics, privacy spent, the baselines, and what ran.
 
     With a personalised evaluation (a personalised algorithm, or fine-tuning), ``personalized``
@@ -288,8 +286,6 @@ def _summarise(
     ``wall_s``) and, when trained on a sample, ``sampled`` (server/baselines.py).
     """
     cfg = fed.cfg
-    if outcome is None:
-        outcome = _baselines(fed, None)
     baselines: dict[str, dict[str, Any]] = dict(outcome.results)
     local_per_client: dict[str, dict[str, float]] = outcome.local_per_client
     confusions: dict[str, Any] = dict(outcome.confusions)

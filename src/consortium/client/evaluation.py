@@ -12,7 +12,7 @@ from consortium.client.training import module_device
 from consortium.data.base import Split
 
 __all__ = [
-    "auc_binary", "client_spread", "confusion_matrix", "evaluate_model", "model_outputs",
+    "auc_binary", "client_spread", "confusion_from_outputs", "confusion_matrix", "evaluate_model", "model_outputs",
     "summarise_clients",
 ]
 
@@ -99,8 +99,13 @@ def confusion_matrix(
     n = len(data)
     if n == 0:
         return np.zeros((num_classes, num_classes), dtype=np.int64)
-    outputs = model_outputs(module, data.x, batch_size)
-    cells = data.y.long() * num_classes + outputs.argmax(dim=1)
+    return confusion_from_outputs(model_outputs(module, data.x, batch_size), data.y,
+                                  num_classes=num_classes)
+
+
+def confusion_from_outputs(outputs: torch.Tensor, y: torch.Tensor, *, num_classes: int) -> np.ndarray:
+    """:func:`confusion_matrix`'s counts from a model's outputs already computed."""
+    cells = y.long() * num_classes + outputs.argmax(dim=1)
     counts = torch.bincount(cells, minlength=num_classes * num_classes)
     return counts.numpy().astype(np.int64).reshape(num_classes, num_classes)
 

@@ -38,7 +38,6 @@ from consortium.deploy.logsafe import MAX_REASON_CHARS, RejectionLimiter, peer_t
 from consortium.deploy.shared import expand, shared_layout
 from consortium.deploy.validate import (
     DEFAULT_MAX_WEIGHT,
-    MAX_UPDATE_NORM,
     ExpectedTask,
     RejectedResult,
     update_norm_cap,
@@ -999,38 +998,48 @@ class RemoteExecutor:
         """Site → (test examples, its local-only baseline's metrics), as the site reported
         them (``local_<name>`` in its last evaluation; server/baselines.py)."""
 
-    def fit(self, tasks: Sequence[Task], clients: Mapping[str, Any]) -> Iterator[Result]:
-        if tasks:
-            self.hub.layout = tasks[0].parameters.layout
-        futures: dict[cf.Future[Any], tuple[str, Task]] = {}
-        # behind secure aggregation an update's values come through the protocol, not the result
-        stages = getattr(getattr(clients, "pipeline", None), "stages", ())
-        secure = any(getattr(s, "name", "") == "secure_aggregation" for s in stages)
-        max_norm = update_norm_cap(_model_norm(tasks[0])) if tasks else MAX_UPDATE_NORM
-        # a personalised algorithm's sites send only the shared tensors (deploy/shared.py)
-        shared = shared_layout(getattr(clients, "algorithm", None),
-                               tasks[0].parameters.layout) if tasks else None
-        # under uplink compression the sites send encodings, decoded while validated
+    def _checks(self, task: Task, clients: Mapping[str, Any]) -> dict[str, Any]:
+        """What every training task of a round is checked against, computed once from one of
+        its tasks (they share the model): secure aggregation, the update-norm cap, the shared
+        layout of a personalised algorithm, the uplink compression."""
         from consortium.compression.stage import Compress
 
-        compression = next((s for s in stages if isinstance(s, Compress)), None)
+        self.hub.layout = task.parameters.layout
+        # behind secure aggregation an update's values come through the protocol, not the result
+        stages = getattr(getattr(clients, "pipeline", None), "stages", ())
+        return {
+            "secure": any(getattr(s, "name", "") == "secure_aggregation" for s in stages),
+            "max_norm": update_norm_cap(_model_norm(task)),
+            # a personalised algorithm's sites send only the shared tensors (deploy/shared.py)
+            "shared": shared_layout(getattr(clients, "algorithm", None), task.parameters.layout),
+            # under uplink compression the sites send encodings, decoded while validated
+            "compression": next((s for s in stages if isinstance(s, Compress)), None),
+        }
+
+    def _send(self, task: Task, clients: Mapping[str, Any],
+              checks: Mapping[str, Any]) -> tuple[str, cf.Future[Any]]:
+        task_id = uuid.uuid4().hex
+        expected = ExpectedTask(
+            site=task.client_id, round=task.round, task_id=task_id, extras=_expected_extras(
+                clients, task.parameters.layout, self.hub.max_weight(task.client_id)),
+            **checks,
+        )
+        future = self.hub.expect(task.client_id, task.round, task_id, "train", expected)
+        # the cohort's size stays at the server: a deployed site counts its peers from
+        # signed secure-aggregation keys, and the realised size of a secret sample is
+        # itself something the sites should not learn
+        if task.downlink is not None:  # the whole model, should the site not rebuild it
+            self.hub.offer_full(task_id, TaskEnvelope(task_id, dataclasses.replace(
+                task, cohort_size=0, downlink=None, model_nbytes=None)))
+        self.hub.send(task.client_id, TaskEnvelope(task_id, dataclasses.replace(task, cohort_size=0)))
+        return task_id, future
+
+    def fit(self, tasks: Sequence[Task], clients: Mapping[str, Any]) -> Iterator[Result]:
+        futures: dict[cf.Future[Any], tuple[str, Task]] = {}
+        checks = self._checks(tasks[0], clients) if tasks else {}
         for task in tasks:
-            task_id = uuid.uuid4().hex
-            expected = ExpectedTask(
-                site=task.client_id, round=task.round, task_id=task_id, secure=secure,
-                max_norm=max_norm, extras=_expected_extras(
-                    clients, task.parameters.layout, self.hub.max_weight(task.client_id)),
-                shared=shared, compression=compression,
-            )
-            future = self.hub.expect(task.client_id, task.round, task_id, "train", expected)
+            task_id, future = self._send(task, clients, checks)
             futures[future] = (task_id, task)
-            # the cohort's size stays at the server: a deployed site counts its peers from
-            # signed secure-aggregation keys, and the realised size of a secret sample is
-            # itself something the sites should not learn
-            if task.downlink is not None:  # the whole model, should the site not rebuild it
-                self.hub.offer_full(task_id, TaskEnvelope(task_id, dataclasses.replace(
-                    task, cohort_size=0, downlink=None, model_nbytes=None)))
-            self.hub.send(task.client_id, TaskEnvelope(task_id, dataclasses.replace(task, cohort_size=0)))
         enough = math.ceil(len(tasks) / (1 + self.over_select)) if self.over_select else 0
         good = 0
         for result in self._collect(futures, lambda t: Result(
@@ -1054,22 +1063,7 @@ class RemoteExecutor:
         round, task id, update bound, declared extras, audit entry) or by an error. The
         asynchronous modes' dispatch (:mod:`consortium.deploy.asynchronous`); the task is
         open until answered or :meth:`Hub.forget`."""
-        from consortium.compression.stage import Compress
-
-        self.hub.layout = task.parameters.layout
-        stages = getattr(getattr(clients, "pipeline", None), "stages", ())
-        secure = any(getattr(s, "name", "") == "secure_aggregation" for s in stages)
-        task_id = uuid.uuid4().hex
-        expected = ExpectedTask(
-            site=task.client_id, round=task.round, task_id=task_id, secure=secure,
-            max_norm=update_norm_cap(_model_norm(task)), extras=_expected_extras(
-                clients, task.parameters.layout, self.hub.max_weight(task.client_id)),
-            shared=shared_layout(getattr(clients, "algorithm", None), task.parameters.layout),
-            compression=next((s for s in stages if isinstance(s, Compress)), None),
-        )
-        future = self.hub.expect(task.client_id, task.round, task_id, "train", expected)
-        self.hub.send(task.client_id, TaskEnvelope(task_id, dataclasses.replace(task, cohort_size=0)))
-        return task_id, future
+        return self._send(task, clients, self._checks(task, clients))
 
     def evaluate(self, tasks: Sequence[Task], clients: Mapping[str, Any]) -> Iterator[EvaluationResult]:
         futures: dict[cf.Future[Any], tuple[str, Task]] = {}

@@ -12,6 +12,7 @@ import torch
 from consortium.client.app import SiteClient
 from consortium.client.evaluation import (
     client_spread,
+    confusion_from_outputs,
     confusion_matrix,
     evaluate_model,
     model_outputs,
@@ -234,9 +235,7 @@ def _confusion_and_scores(
         return np.zeros((num_classes, num_classes), dtype=np.int64), None
     outputs = model_outputs(module, test.x)
     y = test.y.long()
-    cells = y * num_classes + outputs.argmax(dim=1)
-    counts = torch.bincount(cells, minlength=num_classes * num_classes)
-    confusion = counts.numpy().astype(np.int64).reshape(num_classes, num_classes)
+    confusion = confusion_from_outputs(outputs, y, num_classes=num_classes)
     if num_classes != 2 or outputs.ndim != 2 or outputs.shape[1] != 2:
         return confusion, None
     score = (outputs[:, 1] - outputs[:, 0]).double().numpy()  # as evaluate_model's auc
