@@ -8,6 +8,7 @@ import torch
 from consortium.algorithms import FedAvg, TrainContext
 from consortium.client.training import (
     LocalTraining,
+    PlainSGD,
     batch_indices,
     make_optimizer,
     planned_steps,
@@ -97,10 +98,9 @@ def test_weight_decay_reaches_the_optimizer() -> None:
 
 def test_settings_reach_torch_optimizers() -> None:
     params = list(linear().parameters())
-    group = make_optimizer(
-        params, LocalTraining(lr=0.3, momentum=0.7, weight_decay=0.01)
-    ).param_groups[0]
-    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.3, 0.7, 0.01)
+    sgd = make_optimizer(params, LocalTraining(lr=0.3, momentum=0.7, weight_decay=0.01))
+    assert isinstance(sgd, PlainSGD)
+    assert (sgd.lr, sgd.momentum, sgd.weight_decay) == (0.3, 0.7, 0.01)
     adam = make_optimizer(params, LocalTraining(optimizer="adam", lr=0.02, weight_decay=0.1))
     assert isinstance(adam, torch.optim.Adam)
     assert (adam.param_groups[0]["lr"], adam.param_groups[0]["weight_decay"]) == (0.02, 0.1)
@@ -196,3 +196,49 @@ def test_a_loss_that_blows_up_later_names_the_step() -> None:
             seed=0,
             steps=50,
         )
+
+
+@pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 0.0), (0.0, 1e-3), (0.5, 1e-2)])
+def test_plain_sgd_is_torch_sgd_bit_for_bit(momentum: float, weight_decay: float) -> None:
+    """PlainSGD replaces torch.optim.SGD in local training: 60 steps of a CNN (one parameter
+    without a gradient on some steps) end in exactly the same tensors."""
+    from consortium.models.zoo import cnn
+
+    torch.manual_seed(0)
+    a = cnn((1, 8, 8), 10)
+    b = cnn((1, 8, 8), 10)
+    b.load_state_dict(a.state_dict())
+    ours = PlainSGD(list(a.parameters()), lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    theirs = torch.optim.SGD(list(b.parameters()), lr=0.05, momentum=momentum,
+                             weight_decay=weight_decay)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    for step in range(60):
+        idx = torch.randperm(64, generator=torch.Generator().manual_seed(step))[:16]
+        for module, opt in ((a, ours), (b, theirs)):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(module(x[idx]), y[idx]).backward()
+            if step % 7 == 3:  # the last layer's bias gets no gradient this step
+                list(module.parameters())[-1].grad = None
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_local_sgd_does_not_import_torch_dynamo() -> None:
+    """torch.optim's first optimiser imports torch._dynamo (about a second); plain SGD, the
+    default, must not, or every one-model-at-a-time training pays it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from consortium.client.training import LocalTraining, train_locally\n"
+        "from consortium.data.base import Split\n"
+        "m = torch.nn.Linear(2, 2)\n"
+        "data = Split(torch.randn(8, 2), torch.randint(0, 2, (8,)))\n"
+        "train_locally(m, data, LocalTraining(momentum=0.9), loss_fn=torch.nn.functional.cross_entropy,"
+        " seed=0, steps=3)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -145,11 +145,48 @@ def local_steps(num_examples: int, settings: LocalTraining, work: float = 1.0,
     return steps_for_work(planned, work)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], settings: LocalTraining) -> torch.optim.Optimizer:
+class PlainSGD:
+    """``torch.optim.SGD``'s single-tensor update (no dampening, no Nesterov), step for step
+    and bit for bit (tests/client/test_training.py compares both on momentum and weight
+    decay), without ``torch.optim.Optimizer``: its first constructor in a process imports
+    ``torch._dynamo`` (about a second here), which every run that trains one model at a time
+    paid (the pooled baseline, the sequential executor's first client)."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], *, lr: float, momentum: float,
+                 weight_decay: float) -> None:
+        self.params = list(params)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, p in enumerate(self.params):
+            grad = p.grad
+            if grad is None:  # torch.optim skips a parameter without a gradient
+                continue
+            if self.weight_decay != 0:
+                grad = grad.add(p, alpha=self.weight_decay)
+            if self.momentum != 0:
+                buf = self.buffers[i]
+                if buf is None:
+                    buf = self.buffers[i] = torch.clone(grad).detach()
+                else:
+                    buf.mul_(self.momentum).add_(grad, alpha=1.0)
+                grad = buf
+            p.add_(grad, alpha=-self.lr)
+
+
+Optimizer = PlainSGD | torch.optim.Optimizer
+
+
+def make_optimizer(params: list[torch.nn.Parameter], settings: LocalTraining) -> Optimizer:
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
-        )
+        return PlainSGD(params, lr=settings.lr, momentum=settings.momentum,
+                        weight_decay=settings.weight_decay)
     if settings.optimizer == "adam":
         return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
     raise ClientError(f"unknown local optimizer {settings.optimizer!r}; expected 'sgd' or 'adam'")
@@ -253,7 +290,7 @@ def _sgd_steps(
     module: torch.nn.Module,
     data: Split,
     batches: Sequence[torch.Tensor],
-    opt: torch.optim.Optimizer,
+    opt: Optimizer,
     all_params: list[torch.nn.Parameter],
     *,
     loss_fn: LossFn,
@@ -345,7 +382,7 @@ def _train_private(
     module: torch.nn.Module,
     data: Split,
     settings: LocalTraining,
-    opt: torch.optim.Optimizer,
+    opt: Optimizer,
     all_params: list[torch.nn.Parameter],
     *,
     loss_fn: LossFn,
