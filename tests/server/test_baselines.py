@@ -239,7 +239,8 @@ def test_one_model_outside_the_linear_stack_trains_on_the_plain_path() -> None:
     setup = BaselineSetup(factory, Parameters.from_module(seeded_model(factory, 3)), settings,
                           F.cross_entropy, 3, seed=2)
     ex = VectorizedExecutor()
-    assert _one_model_runner(ex, setup) is ex._sequential
+    runner = _one_model_runner(ex, setup)
+    assert runner.name == "sequential" and runner is not ex._sequential  # its own
     assert _one_model_runner(ex, _setup(settings)) is ex  # an MLP: hand-batched
     reference, _ = pooled_baseline(ds, setup, per_round_clients=2)
     seen: list[tuple[int, int]] = []
@@ -253,6 +254,137 @@ def test_one_model_outside_the_linear_stack_trains_on_the_plain_path() -> None:
     for name, value in reference.items():
         assert out.results["pooled"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
     assert seen[-1] == (3, 3) and (1, 3) in seen and (2, 3) in seen  # 4 steps an epoch
+
+
+def _tanh_setup() -> BaselineSetup:
+    """A model the vectorised executor cannot hand-batch: pooled trains on a plain path."""
+    def factory() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+
+    settings = LocalTraining(epochs=2, batch_size=8, lr=0.1, momentum=0.9)
+    return BaselineSetup(factory, Parameters.from_module(seeded_model(factory, 3)), settings,
+                         F.cross_entropy, 4, seed=5)
+
+
+@pytest.fixture
+def one_thread():  # type: ignore[no-untyped-def]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # both runs at one torch thread: the same float arithmetic
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_both_baselines_together_equal_one_after_the_other(monkeypatch, one_thread) -> None:
+    """Pooled training in a second thread beside local-only gives exactly what one after the
+    other gives (metrics, per-client results, confusion matrices, results in the order asked),
+    leaves torch's global RNG where the sequential run leaves it, restores the thread count,
+    and both phases reach the console."""
+    import consortium.server.baselines as baselines
+
+    ds = make_toy(6, n_train=40)
+    setup = _tanh_setup()
+    outcomes, states = {}, {}
+    for together in (False, True):
+        monkeypatch.setattr(baselines, "_two_cores", lambda together=together: together)
+        seen: list[str] = []
+
+        class Recorder(Console):
+            def _begin(self, phase):  # type: ignore[no-untyped-def]
+                seen.append(phase.label)
+
+            def _end(self, phase, *, failed):  # type: ignore[no-untyped-def]
+                seen.append(f"end {phase.label}")
+
+        torch.manual_seed(123)
+        outcomes[together] = run_baselines(
+            ["pooled", "local"], ds, setup, VectorizedExecutor(), per_round_clients=3,
+            console=Recorder(stream=io.StringIO(), tty=False))
+        states[together] = torch.random.get_rng_state()
+        assert torch.get_num_threads() == 1
+        assert len(seen) == 4 and sorted(x for x in seen if x.startswith("end")) == [
+            "end " + x for x in sorted(x for x in seen if not x.startswith("end"))]
+    apart, together = outcomes[False], outcomes[True]
+    assert list(together.results) == ["pooled", "local"]
+    for name in ("pooled", "local"):
+        got = {k: v for k, v in together.results[name].items() if k != "budget"}
+        assert got == {k: v for k, v in apart.results[name].items() if k != "budget"}, name
+        assert together.results[name]["budget"].keys() == apart.results[name]["budget"].keys()
+    assert together.local_per_client == apart.local_per_client
+    for key, tables in apart.confusions.items():
+        assert tables.keys() == together.confusions[key].keys()
+        for cid, table in tables.items():
+            assert (table == together.confusions[key][cid]).all()
+    assert torch.equal(states[False], states[True])
+
+
+def test_a_local_failure_stops_pooled_in_its_thread(monkeypatch) -> None:
+    """Local-only fails (or the user presses Ctrl-C) while pooled trains in its thread: the
+    pooled training stops at its next step instead of running on, and the error reaches the
+    caller at once."""
+    import time
+
+    import consortium.server.baselines as baselines
+
+    steps: list[int] = []
+    real = baselines._train_pooled
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        progress = kwargs["on_progress"]
+
+        def on_progress(done: int, total: int) -> None:
+            steps.append(done)
+            progress(done, total)
+
+        return real(*args, **{**kwargs, "on_progress": on_progress})
+
+    def failing_local(*args, **kwargs):  # type: ignore[no-untyped-def]
+        while len(steps) < 3:  # pooled is under way
+            time.sleep(0.001)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(baselines, "_two_cores", lambda: True)
+    monkeypatch.setattr(baselines, "_train_pooled", counting)
+    monkeypatch.setattr(baselines, "local_through_executor", failing_local)
+    setup = dataclasses.replace(_tanh_setup(), rounds=400)  # 400 × 2 epochs: thousands of steps
+    with pytest.raises(KeyboardInterrupt):
+        run_baselines(["local", "pooled"], make_toy(4, n_train=40), setup, VectorizedExecutor(),
+                      per_round_clients=4)
+    assert 3 <= len(steps) < 100
+
+
+def test_a_model_that_draws_randomness_trains_its_baselines_one_after_the_other() -> None:
+    """Dropout draws from torch's global RNG: two threads would interleave its draws."""
+    from consortium.server.baselines import _draws_randomness
+
+    def dropout() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Dropout(0.5),
+                                   torch.nn.Linear(6, 2))
+
+    ds = make_toy(2, n_train=16)
+    assert _draws_randomness(dataclasses.replace(_tanh_setup(), model_factory=dropout), ds)
+    assert not _draws_randomness(_tanh_setup(), ds)
+
+
+def test_a_pooled_failure_in_its_thread_reaches_the_caller(monkeypatch) -> None:
+    """Pooled training fails in its thread while local-only trains: the caller gets that
+    error, and torch's thread count is restored."""
+    import threading
+
+    import consortium.server.baselines as baselines
+
+    where: list[str] = []
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        where.append(threading.current_thread().name)
+        raise RuntimeError("the pooled baseline failed: the local loss became nan")
+
+    monkeypatch.setattr(baselines, "_two_cores", lambda: True)
+    monkeypatch.setattr(baselines, "_train_pooled", failing)
+    threads = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="pooled baseline failed"):
+        run_baselines(["local", "pooled"], make_toy(4, n_train=40), _tanh_setup(),
+                      VectorizedExecutor(), per_round_clients=2)
+    assert where == ["pooled-baseline"] and torch.get_num_threads() == threads
 
 
 # -- evaluation.baseline_budget: "matched" (what the federation trained) or "full" --------------

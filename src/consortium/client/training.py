@@ -306,16 +306,17 @@ def _sgd_steps(
         if device.type != "cpu":  # seeded CPU indices, the batch moved (executor.device)
             x, y = x.to(device), y.to(device)
         loss = loss_fn(module(x), y)
-        if not torch.isfinite(loss):
+        value = float(loss.detach())
+        if not math.isfinite(value):
             raise ClientError(
-                f"the local loss became {loss.item()} after {step} steps; lower "
+                f"the local loss became {value} after {step} steps; lower "
                 "algorithm.lr or check the data for extreme values"
             )
         loss.backward()
         if terms is not None and terms.active:
             apply_terms(all_params, terms)
         opt.step()
-        total += float(loss.detach())
+        total += value
     return total
 
 

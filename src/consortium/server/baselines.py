@@ -50,7 +50,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -411,6 +413,17 @@ def pooled_through_executor(
     :func:`pooled_budget` on the pooled data (a seeded sample of ``max_examples`` of it when
     larger; 0: all), evaluated on every client's test split. Returns the metrics and the
     budget (with ``sampled`` when the data were sampled)."""
+    params, budget = _train_pooled(dataset, setup, executor, per_round_clients=per_round_clients,
+                                   max_examples=max_examples, on_progress=on_progress)
+    return _evaluate_batched(params, dataset, setup, executor, confusions), budget
+
+
+def _train_pooled(
+    dataset: FederatedDataset, setup: BaselineSetup, executor: Any, *,
+    per_round_clients: int, max_examples: int = 0, on_progress: Progress | None = None,
+) -> tuple[Parameters, dict[str, Any]]:
+    """The pooled model's training (:func:`pooled_through_executor` without the evaluation):
+    its parameters and budget."""
     pooled = dataset.pooled_train()
     total = len(pooled)
     if 0 < max_examples < total:
@@ -444,8 +457,7 @@ def pooled_through_executor(
         raise RuntimeError(f"the pooled baseline failed: {result.error}")
     if on_progress is not None:
         on_progress(budget["steps"], budget["steps"])
-    params = setup.init.replace(setup.init.vector + result.update.delta)
-    return _evaluate_batched(params, dataset, setup, executor, confusions), budget
+    return setup.init.replace(setup.init.vector + result.update.delta), budget
 
 
 def _one_model_runner(executor: Any, setup: BaselineSetup) -> Any:
@@ -453,17 +465,18 @@ def _one_model_runner(executor: Any, setup: BaselineSetup) -> Any:
     executor's batching brings nothing to a single model and its per-step ``vmap`` costs more
     than a plain step unless its hand-batched Linear/ReLU path applies (README digits CNN,
     pooled: 13.7 s batched against 8.8 s plain; logistic on synthetic: 3.6 s against 5.5 s), so
-    there it goes through that executor's own sequential path. Same batches, same result."""
-    sequential = getattr(executor, "_sequential", None)
-    if getattr(executor, "name", "") != "vectorized" or sequential is None:
+    there it trains on a sequential executor of its own. Same batches, same result."""
+    if getattr(executor, "name", "") != "vectorized":
         return executor
     from consortium.executors._linear_stack import LinearStack
+    from consortium.executors.sequential import SequentialExecutor
 
     with torch.random.fork_rng(devices=[]):
         module = setup.model_factory()
     if LinearStack.match(module, setup.init.layout) is not None:
         return executor
-    return sequential
+    # its own (not the executor's fallback, whose scratch model local-only may be using)
+    return SequentialExecutor(device=executor.device)
 
 
 def _counting(
@@ -534,6 +547,15 @@ def run_baselines(
 ) -> BaselineOutcome:
     """The baselines ``names`` (``"local"``, ``"pooled"``) through ``executor``.
 
+    When both run, the vectorised executor batches local-only and the pooled model trains one
+    step at a time on a plain path of its own (a model the executor cannot hand-batch, such
+    as the CNN) and the machine has two cores or more, the pooled model trains in a second
+    thread while local-only trains in this one, each with half of torch's threads (the
+    restored count afterwards): its small sequential steps leave most of a core idle, and
+    torch releases the GIL inside its kernels (README digits example, 2 cores: 4.4 s one
+    after the other, 2.5 s together; benchmarks/baselines.py). Same batches, same seeds: the
+    same results (tests/server/test_baselines.py), evaluated here after the join.
+
     Args:
         max_clients: ``evaluation.baseline_clients``: the local-only baseline of a larger
             federation trains a seeded sample of this many clients (0: every client).
@@ -546,63 +568,166 @@ def run_baselines(
         RuntimeError: a baseline's training failed (a NaN loss: lower ``algorithm.lr``).
     """
     out = BaselineOutcome()
-    for name in names:
-        started = time.perf_counter()
-        confusions = out.confusions.setdefault(f"baselines/{name}", {})
-        if name == "local":
-            chosen = sample_clients(dataset.client_ids, max_clients, seed=setup.seed)
-            budget = local_budget(setup.settings, setup.rounds, budget=setup.budget,
-                                  per_round_clients=per_round_clients)
-            if len(chosen) < len(dataset.clients):
-                _note(out, console,
-                      f"local-only baseline on a seeded sample of {len(chosen):,} of "
-                      f"{len(dataset.clients):,} clients (evaluation.baseline_clients = "
-                      f"{max_clients}; 0 trains every client)")
-            label = f"baselines: local, {_budget_text(budget)} each"
-            with _phase(console, label, len(chosen), "clients") as advance:
-                metrics, per_client = local_through_executor(
-                    dataset, setup, executor, clients=chosen,
-                    per_round_clients=per_round_clients, on_progress=advance,
-                    confusions=confusions,
-                )
-            budget["wall_s"] = time.perf_counter() - started
-            result: dict[str, Any] = {**metrics, "budget": budget}
-            if len(chosen) < len(dataset.clients):
-                result["sampled"] = {"clients": len(chosen), "of": len(dataset.clients)}
-            out.results[name] = result
-            out.local_per_client = per_client
-        else:
-            planned = pooled_budget(
-                setup.settings, setup.rounds, per_round_clients=per_round_clients,
-                examples=min(len(dataset.pooled_train()), max_examples) if max_examples
-                else len(dataset.pooled_train()), budget=setup.budget,
-            )
-            total = len(dataset.pooled_train())
-            if planned["examples"] < total:
-                _note(out, console,
-                      f"pooled baseline on a seeded sample of {planned['examples']:,} of "
-                      f"{total:,} training examples (evaluation.pooled_examples = "
-                      f"{max_examples}; 0 pools every example)")
-            label = f"baselines: pooled, {_budget_text(planned)}"
-            steps = int(planned["steps"])
-            # shown in epochs where the budget is in epochs ("pooled epoch 3/30")
-            per_epoch = math.ceil(planned["examples"] / setup.settings.batch_size)
-            epochs = math.ceil(steps / per_epoch) if "epochs" in planned and per_epoch else 0
-            with _phase(console, label, epochs or steps, "epochs" if epochs else "steps") as advance:
+    pooled: _PooledJob | None = None
+    if "pooled" in names:
+        pooled = _PooledJob(dataset, setup, executor, per_round_clients=per_round_clients,
+                            max_examples=max_examples, console=console, out=out)
+    together = pooled is not None and "local" in names and _two_cores() and (
+        _one_model_runner(executor, setup) is not executor) and not _draws_randomness(
+        setup, dataset)
+    threads = torch.get_num_threads()
+    background: threading.Thread | None = None
+    # the baselines leave torch's global RNG as they found it (building models draws from it,
+    # in either thread, in an order the second thread would make vary)
+    with torch.random.fork_rng(devices=[]):
+        try:
+            if together and pooled is not None:
+                dataset.packed()  # built once, here, before a second thread reads the data
+                torch.set_num_threads(max(1, threads // 2))
+                background = threading.Thread(target=pooled.train, name="pooled-baseline",
+                                              daemon=True)
+                background.start()
+            for name in sorted(names, key=lambda n: n != "local") if together else names:
+                if name == "local":
+                    _local_job(dataset, setup, executor, per_round_clients=per_round_clients,
+                               max_clients=max_clients, console=console, out=out)
+                elif pooled is not None:
+                    if background is not None:
+                        background.join()
+                        torch.set_num_threads(threads)
+                    else:
+                        pooled.train()
+                    out.results[name] = pooled.finish()
+        except BaseException:
+            if pooled is not None:  # an interrupt or a failure here: pooled stops at its next step
+                pooled.stop.set()
+            raise
+        finally:
+            if background is not None:
+                background.join()
+                torch.set_num_threads(threads)
+    out.results = {name: out.results[name] for name in names if name in out.results}
+    return out
+
+
+def _draws_randomness(setup: BaselineSetup, dataset: FederatedDataset) -> bool:
+    """Whether the model draws from torch's global RNG in a training forward pass (dropout, or
+    any random op): two threads would then interleave its draws, so such a model's baselines
+    run one after the other, as reproducible as before."""
+    pooled = dataset.pooled_train()
+    if len(pooled) == 0:
+        return True
+    with torch.random.fork_rng(devices=[]):
+        module = setup.model_factory().to(setup.device).train()
+        before = torch.random.get_rng_state()
+        with torch.no_grad():
+            module(pooled.x[:2].to(setup.device))
+        return not torch.equal(before, torch.random.get_rng_state())
+
+
+def _two_cores() -> bool:
+    try:
+        return len(os.sched_getaffinity(0)) >= 2
+    except AttributeError:  # not Linux
+        return (os.cpu_count() or 1) >= 2
+
+
+def _local_job(
+    dataset: FederatedDataset, setup: BaselineSetup, executor: Any, *,
+    per_round_clients: int, max_clients: int, console: Any, out: BaselineOutcome,
+) -> None:
+    started = time.perf_counter()
+    chosen = sample_clients(dataset.client_ids, max_clients, seed=setup.seed)
+    budget = local_budget(setup.settings, setup.rounds, budget=setup.budget,
+                          per_round_clients=per_round_clients)
+    if len(chosen) < len(dataset.clients):
+        _note(out, console,
+              f"local-only baseline on a seeded sample of {len(chosen):,} of "
+              f"{len(dataset.clients):,} clients (evaluation.baseline_clients = "
+              f"{max_clients}; 0 trains every client)")
+    label = f"baselines: local, {_budget_text(budget)} each"
+    with _phase(console, label, len(chosen), "clients") as advance:
+        metrics, per_client = local_through_executor(
+            dataset, setup, executor, clients=chosen,
+            per_round_clients=per_round_clients, on_progress=advance,
+            confusions=out.confusions.setdefault("baselines/local", {}),
+        )
+    budget["wall_s"] = time.perf_counter() - started
+    result: dict[str, Any] = {**metrics, "budget": budget}
+    if len(chosen) < len(dataset.clients):
+        result["sampled"] = {"clients": len(chosen), "of": len(dataset.clients)}
+    out.results["local"] = result
+    out.local_per_client = per_client
+
+
+class _PooledJob:
+    """The pooled baseline in two parts: :meth:`train` (in its console phase; safe in a
+    second thread: it touches only its own pool and sequential executor) and :meth:`finish`
+    (the evaluation through the run's executor, in the calling thread)."""
+
+    def __init__(self, dataset: FederatedDataset, setup: BaselineSetup, executor: Any, *,
+                 per_round_clients: int, max_examples: int, console: Any,
+                 out: BaselineOutcome) -> None:
+        self.dataset, self.setup, self.executor = dataset, setup, executor
+        self.per_round, self.max_examples, self.console = per_round_clients, max_examples, console
+        self.started = time.perf_counter()
+        total = len(dataset.pooled_train())
+        self.planned = pooled_budget(
+            setup.settings, setup.rounds, per_round_clients=per_round_clients,
+            examples=min(total, max_examples) if max_examples else total, budget=setup.budget,
+        )
+        if self.planned["examples"] < total:
+            _note(out, console,
+                  f"pooled baseline on a seeded sample of {self.planned['examples']:,} of "
+                  f"{total:,} training examples (evaluation.pooled_examples = "
+                  f"{max_examples}; 0 pools every example)")
+        self.confusions = out.confusions.setdefault("baselines/pooled", {})
+        self.trained: tuple[Parameters, dict[str, Any]] | None = None
+        self.trained_s = 0.0
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        """Set when the caller fails or is interrupted: training ends at its next step."""
+
+    def train(self) -> None:
+        self.started = time.perf_counter()
+        planned, settings = self.planned, self.setup.settings
+        steps = int(planned["steps"])
+        # shown in epochs where the budget is in epochs ("pooled epoch 3/30")
+        per_epoch = math.ceil(planned["examples"] / settings.batch_size)
+        epochs = math.ceil(steps / per_epoch) if "epochs" in planned and per_epoch else 0
+        label = f"baselines: pooled, {_budget_text(planned)}"
+        try:
+            with _phase(self.console, label, epochs or steps,
+                        "epochs" if epochs else "steps") as advance:
                 def steps_done(done: int, total: int, advance: Any = advance) -> None:
+                    if self.stop.is_set():
+                        raise RuntimeError("the pooled baseline was stopped")
                     if advance is not None:
                         advance(done // per_epoch if epochs else done, epochs or total)
 
-                metrics, budget = pooled_through_executor(
-                    dataset, setup, executor, per_round_clients=per_round_clients,
-                    max_examples=max_examples, on_progress=steps_done, confusions=confusions,
+                self.trained = _train_pooled(
+                    self.dataset, self.setup, self.executor, per_round_clients=self.per_round,
+                    max_examples=self.max_examples, on_progress=steps_done,
                 )
-            result = {**metrics, "budget": {k: v for k, v in budget.items() if k != "sampled"}}
-            result["budget"]["wall_s"] = time.perf_counter() - started
-            if "sampled" in budget:
-                result["sampled"] = budget["sampled"]
-            out.results[name] = result
-    return out
+        except BaseException as e:  # re-raised in the calling thread by finish()
+            self.error = e
+        self.trained_s = time.perf_counter() - self.started
+
+    def finish(self) -> dict[str, Any]:
+        if self.error is not None:
+            raise self.error
+        assert self.trained is not None
+        params, budget = self.trained
+        started = time.perf_counter()
+        metrics = _evaluate_batched(params, self.dataset, self.setup, self.executor,
+                                    self.confusions)
+        result: dict[str, Any] = {
+            **metrics, "budget": {k: v for k, v in budget.items() if k != "sampled"}}
+        # its own time: training and evaluation, not the wait for local-only beside it
+        result["budget"]["wall_s"] = self.trained_s + time.perf_counter() - started
+        if "sampled" in budget:
+            result["sampled"] = budget["sampled"]
+        return result
 
 
 def _note(out: BaselineOutcome, console: Any, text: str) -> None:
