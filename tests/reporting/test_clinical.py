@@ -337,3 +337,19 @@ def test_the_brief_names_sites_below_their_majority_and_the_dp_unit() -> None:
     assert "cleveland" not in text
     assert "protects one site at ε = 0.70, strong" in text
     assert brief_section({}) == ""
+
+
+def test_a_site_balanced_accuracy_interval_holds_its_value_with_a_rare_missed_class() -> None:
+    """A site with one example each of two classes the model misses: its balanced accuracy
+    interval (drawn within each class) holds the reported value; resampling the site's
+    examples alone would drop those classes from a third of the replicates and lift them."""
+    site = np.zeros((4, 4), dtype=np.int64)
+    site[0, 0], site[0, 1], site[1, 1], site[1, 0] = 30, 10, 25, 5
+    site[2, 0] = site[3, 1] = 1
+    entry = clinical_summary({"final": {"a": site}}, seed=0)["final"]["sites"]["a"]
+    low, high = entry["ci"]["balanced_accuracy"]
+    value = entry["balanced_accuracy"]
+    # about ±2 sd of (Binomial(40, .75)/40 + Binomial(30, .83)/30) / 4 around the value; the
+    # site-stratified draw gave about [0.33, 0.80], centred far above it
+    assert low < value < high and abs((low + high) / 2 - value) < 0.03 and high - low < 0.15
+    assert entry["balanced_accuracy"] == pytest.approx((0.75 + 25 / 30) / 4)

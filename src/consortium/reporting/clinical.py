@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from consortium.intervals import BOOTSTRAP_METHOD
+
 __all__ = [
     "POSITIVE", "RATES", "SITE_LIMIT", "add_clinical", "class_names", "clinical_summary",
     "confusion_rates", "roc_curve",
@@ -37,7 +39,7 @@ take minutes."""
 RESAMPLES = 1000
 POISSON_METHOD = ("Poisson bootstrap over test examples (Hanley & MacGibbon 2006), B=1000: "
                   f"more than {SITE_LIMIT} sites")
-METHOD = "percentile bootstrap over test examples, stratified by site, B=1000"
+METHOD = BOOTSTRAP_METHOD
 
 # per_client keys: the model kinds of ``summary["clinical"]`` and their prefixes
 _PREFIXES = {"final": ("", "global_"), "personalized": ("personalized_",),
@@ -245,10 +247,12 @@ def _kind_block(
     total: np.ndarray | None = None
     sites: dict[str, dict[str, Any]] = {}
     if detailed:  # a site at a time, as ``ci`` draws: the same replicates
-        for site, replicates in resample_confusions(per_site, seed=seed, resamples=resamples):
+        for i, (site, replicates) in enumerate(
+                resample_confusions(per_site, seed=seed, resamples=resamples)):
             total = replicates if total is None else total + replicates
             sites[site] = _entry(per_site[site], replicates, scores.get(site), classes=classes,
-                                 confidence=confidence)
+                                 confidence=confidence,
+                                 balanced_rng=np.random.default_rng((seed, 2, i)))
     else:  # hundreds of sites and more: the pooled matrix drawn at once, overall only
         total = resample_pooled_confusion(per_site, seed=seed, resamples=resamples)
     counts = sum(np.asarray(c, dtype=np.int64) for c in per_site.values())
@@ -282,9 +286,13 @@ def _entry(
     *,
     classes: list[str] | None,
     confidence: float,
+    balanced_rng: np.random.Generator | None = None,
 ) -> dict[str, Any]:
-    """One site's (or all sites') numbers, with intervals from ``replicates`` ``[B, K, K]``."""
-    from consortium.intervals import percentile_interval, weighted_auc
+    """One site's (or all sites') numbers, with intervals from ``replicates`` ``[B, K, K]``;
+    balanced accuracy's from ``balanced_rng``'s draws within each class
+    (:func:`~consortium.intervals.balanced_replicates`: a rare class missing from a resample
+    would otherwise lift the replicates above the reported value)."""
+    from consortium.intervals import balanced_replicates, percentile_interval, weighted_auc
 
     c = np.asarray(counts, dtype=np.int64)
     n = int(c.sum())
@@ -307,6 +315,8 @@ def _entry(
     ci: dict[str, list[float] | None] = {}
     if replicates is not None:
         reps = confusion_rates(replicates)
+        if balanced_rng is not None:
+            reps["balanced_accuracy"] = balanced_replicates(c[None], balanced_rng, len(replicates))
         ci = {name: percentile_interval(values, confidence=confidence) for name, values in reps.items()}
         b_n = replicates.sum(axis=(1, 2))
         share = replicates[:, majority, :].sum(axis=1) / b_n
