@@ -254,7 +254,8 @@ def _baselines(fed: Federation, console: Any) -> Any:
         if "local" not in names:
             return BaselineOutcome()
         outcome = site_reports(getattr(fed.executor, "local_reports", {}), settings=fed.settings,
-                               rounds=cfg.rounds, sites=len(fed.dataset.clients))
+                               rounds=cfg.rounds, sites=len(fed.dataset.clients),
+                               budget_mode=cfg.evaluation.baseline_budget)
         for note in outcome.notes:
             print(f"consortium server: {note}", file=sys.stderr, flush=True)
         return outcome

@@ -66,6 +66,20 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         overrides=OVERRIDES, register_timeout=60, round_timeout=60, heartbeat_s=10,
     )
     real = hub_module._keep_local_report
+    import consortium.server.baselines as baselines
+    from consortium.deploy import client as client_module
+
+    real_alone, real_fit = baselines.train_alone, client_module._Site.fit
+
+    def alone(*args: Any, **kwargs: Any) -> Any:  # the steps each site's own model trained
+        out.setdefault("alone", {})[threading.current_thread().name] = kwargs.get("steps")
+        return real_alone(*args, **kwargs)
+
+    def fit(self: Any, task: Any) -> Any:  # the steps each site trained in the federation
+        result = real_fit(self, task)
+        fits = out.setdefault("fits", {}).setdefault(threading.current_thread().name, [])
+        fits.append(int(result.update.metrics["steps"]))
+        return result
 
     def recording(value: Any, reports: Any) -> Any:  # what each site's evaluation carried
         out["evaluations"].append((value.client_id, value.round, dict(value.metrics)))
@@ -74,6 +88,8 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(hub_module, "_keep_local_report", recording)
+        patch.setattr(baselines, "train_alone", alone)
+        patch.setattr(client_module._Site, "fit", fit)
         server = threading.Thread(target=serve, daemon=True)
         server.start()
         port = ports.get(timeout=60)
@@ -84,8 +100,8 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                              poll_s=1, give_up_after_s=30)
             for name in HOSPITALS
         }
-        threads = [threading.Thread(target=result_into(out["sites"], n, r.run), daemon=True)
-                   for n, r in runners.items()]
+        threads = [threading.Thread(target=result_into(out["sites"], n, r.run), daemon=True,
+                                    name=n) for n, r in runners.items()]
         for t in threads:
             t.start()
         server.join(timeout=300)
@@ -103,7 +119,13 @@ def test_the_sites_report_their_local_baseline_and_the_summary_keeps_it(
     assert set(baselines) == {"local"}  # pooled: skipped, no empty entry
     local = baselines["local"]
     assert local["reported"] == {"sites": 3, "of": 4}
-    assert local["budget"]["epochs"] == ROUNDS and "site" in local["budget"]["where"]
+    # evaluation.baseline_budget = "matched" (the default): each site's own model trained the
+    # steps that site trained in the federation (here every round: rounds × its steps)
+    assert local["budget"]["mode"] == "matched" and "site" in local["budget"]["where"]
+    assert set(deployed["alone"]) == set(HOSPITALS)
+    for site, steps in deployed["alone"].items():
+        fits = deployed["fits"][site]
+        assert len(fits) == ROUNDS and steps == sum(fits) > 0, (site, steps, fits)
     assert 0.0 <= local["accuracy"] <= 1.0 and local["loss"] > 0
     for site in HOSPITALS:
         entry = summary["per_client"][site]

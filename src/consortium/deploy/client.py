@@ -9,13 +9,14 @@ with exponential backoff; a lost session (the server restarted) registers again.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -843,6 +844,10 @@ class _Site:
     local_baseline: bool = False  # evaluation.baselines names "local": train alone at home
     init_seed: int = 0  # the run's initial model (derive_init_seed), the local-only model's start
     local_metrics: dict[str, float] | None = None  # its local-only model's, once trained
+    # evaluation.baseline_budget: "matched" trains the local-only model for the steps this
+    # site trained in the federation (its own count, per round; several a round when async)
+    baseline_budget: str = "full"
+    steps_trained: dict[str, int] = field(default_factory=dict)
 
     def attach(self, policy: Any, state_file: Path | None, kept: _Site | None = None) -> None:
         """Enforce ``policy``; take the state from ``kept`` (this process's previous session of
@@ -852,6 +857,7 @@ class _Site:
         if kept is not None:
             self.client.state, self.before = kept.client.state, kept.before
             self.reference, self.saved_reference = kept.reference, kept.saved_reference
+            self.steps_trained = kept.steps_trained
         elif state_file is not None and state_file.exists():
             self._load(state_file)
 
@@ -880,6 +886,8 @@ class _Site:
             self.saved_reference = (int(meta["downlink_round"]), flat[_DOWNLINK + "model"])
         if "before_round" in meta:
             self.before = (int(meta["before_round"]), snapshot)
+        if "steps_trained" in meta:
+            self.steps_trained = _steps_record(meta["steps_trained"], state_file)
         log.info("site state restored from %s", state_file)
 
     def fit(self, task: Any) -> Any:
@@ -902,6 +910,10 @@ class _Site:
                                         if not n.startswith(_PRIVACY)})
         result = self.client.fit(task)
         self.check_base_unchanged()
+        update = getattr(result, "update", None)
+        if update is not None:  # a repeated round (restarted server) replaces its count
+            key = f"{task.round}.{len(self.steps_trained)}" if self.asynchronous else str(task.round)
+            self.steps_trained[key] = int(update.metrics.get("steps", 0))
         return result
 
     def check_base_unchanged(self) -> None:
@@ -964,6 +976,8 @@ class _Site:
         if self.before is not None:
             meta["before_round"] = str(self.before[0])
             flat.update({_BEFORE + k: v.contiguous() for k, v in self.before[1].items()})
+        if self.steps_trained:
+            meta["steps_trained"] = json.dumps(self.steps_trained, sort_keys=True)
         ref = self.reference
         if ref is not None and ref.vector is not None:  # a restarted site continues from it
             meta["downlink_round"] = str(ref.round)
@@ -1010,6 +1024,7 @@ class _Site:
         from consortium.federation import derive_init_seed
 
         site.local_baseline = "local" in cfg.evaluation.baselines
+        site.baseline_budget = cfg.evaluation.baseline_budget
         site.init_seed = derive_init_seed(cfg)
         return site
 
@@ -1072,10 +1087,11 @@ class _Site:
         client = self.client
         env = client.environment
         if self.local_metrics is None:  # trained once, even if the evaluation is asked again
-            self.local_metrics = train_alone(
+            steps = sum(self.steps_trained.values()) if self.baseline_budget == "matched" else None
+            self.local_metrics = {} if steps == 0 else train_alone(  # 0: nothing to match
                 client.model_factory, self.init_seed, client.data, client.settings,
                 rounds=self.rounds, loss_fn=client.loss_fn, num_classes=client.num_classes,
-                randomness=env.randomness if env is not None else None,
+                randomness=env.randomness if env is not None else None, steps=steps,
             )
         allowed = env.send_metrics if env is not None else None
         local = {f"local_{k}": v for k, v in self.local_metrics.items()
@@ -1090,6 +1106,21 @@ class _Site:
         shape, classes, n_train, n_test = self.info
         return pb.SiteInfo(input_shape=list(shape), num_classes=classes, num_train=n_train,
                            num_test=n_test)
+
+
+def _steps_record(text: str, state_file: Path) -> dict[str, int]:
+    """The steps-per-round record in a site's state file (its matched local-only budget)."""
+    try:
+        record = json.loads(text)
+        if isinstance(record, dict) and all(
+                isinstance(k, str) and type(v) is int and v >= 0 for k, v in record.items()):
+            return record
+    except ValueError:
+        pass
+    raise ConfigError(
+        f"the site's saved state {str(state_file)!r} has an unreadable steps record; restore "
+        "the file from a backup, or move it away to start the site's record afresh"
+    )
 
 
 def _sent_delta(update: Any, layout: Any = None) -> Any:

@@ -31,8 +31,9 @@ budget stated in ``summary.json`` (``baselines.<name>.budget``: ``mode``, epochs
 - **local only**: each client trains alone, from the federation's initial model, with the
   run's local optimiser, and is evaluated on its own test split. A federation larger than
   ``evaluation.baseline_clients`` trains a seeded sample of that many clients
-  (``baselines.local.sampled``). In a deployment each site trains the ``"full"`` budget at
-  home (:func:`train_alone`).
+  (``baselines.local.sampled``). In a deployment each site trains at home
+  (:func:`train_alone`): ``"matched"`` there is exact, the local steps the site trained in the
+  federation by its own count (deploy/client.py), and ``"full"`` as above.
 - **pooled**: one model on the union of the clients' training data (the reference a data
   lake would give, not a private option), evaluated on every client's test split like the
   federated model. Pooled data larger than ``evaluation.pooled_examples`` is a seeded
@@ -762,12 +763,13 @@ def _phase(console: Any, label: str, total: int, unit: str) -> Any:
 def train_alone(
     model_factory: Callable[[], torch.nn.Module], init_seed: int, data: ClientData,
     settings: LocalTraining, *, rounds: int, loss_fn: LossFn, num_classes: int,
-    randomness: Any = None,
+    randomness: Any = None, steps: int | None = None,
 ) -> dict[str, float]:
     """A deployed site's local-only baseline: its own model, from the run's initial model
     (``seeded_model(factory, init_seed)``, as the server builds it), trained alone on its
-    training split for :func:`local_budget` (the run's local settings × ``rounds``) and
-    evaluated on its test split. Only these metrics may leave the site. The batch order is
+    training split for ``steps`` (``evaluation.baseline_budget = "matched"``: the steps the
+    site trained in the federation, its own count) or, with ``None``, :func:`local_budget`'s
+    full budget (the run's local settings × ``rounds``), and evaluated on its test split. Only these metrics may leave the site. The batch order is
     drawn from the OS CSPRNG (never a seed another party sent), and under local DP-SGD the
     batches and noise from ``randomness`` (the site's own generator)."""
     import secrets
@@ -775,7 +777,8 @@ def train_alone(
     from consortium.models.zoo import seeded_model
 
     module = seeded_model(model_factory, init_seed)
-    steps = FULL.client_steps(planned_steps(len(data.train), settings), rounds, 0)
+    if steps is None:
+        steps = FULL.client_steps(planned_steps(len(data.train), settings), rounds, 0)
     train_locally(module, data.train, settings, loss_fn=loss_fn, seed=secrets.randbits(63),
                   steps=steps, randomness=randomness)
     if len(data.test) == 0:
@@ -785,15 +788,22 @@ def train_alone(
 
 def site_reports(
     reports: Mapping[str, tuple[int, Mapping[str, float]]], *, settings: LocalTraining,
-    rounds: int, sites: int,
+    rounds: int, sites: int, budget_mode: str = "full",
 ) -> BaselineOutcome:
     """``summary.json``'s ``baselines.local`` of a deployment, from the sites' own reports
-    (site → (test examples, metrics)): weighted as the federated metrics are, with its budget,
-    where it trained, and how many sites reported (a site's policy may keep them)."""
+    (site → (test examples, metrics)): weighted as the federated metrics are, with its budget
+    (``budget_mode``: ``evaluation.baseline_budget``), where it trained, and how many sites
+    reported (a site's policy may keep them)."""
     out = BaselineOutcome()
     per_client = {cid: dict(m) for cid, (_, m) in sorted(reports.items()) if m}
     sizes = {cid: int(reports[cid][0]) for cid in per_client}
-    budget = {**local_budget(settings, rounds), "where": "at each site, on its own data"}
+    if budget_mode == "matched":
+        budget = {"mode": "matched", "rule": (
+            "each site alone: the local steps it trained in the federation, counted at the "
+            "site (a site that trained none reports no local-only metrics)")}
+    else:
+        budget = local_budget(settings, rounds)
+    budget["where"] = "at each site, on its own data"
     result: dict[str, Any] = {**summarise_clients(per_client, sizes), "budget": budget,
                               "reported": {"sites": len(per_client), "of": sites}}
     out.results["local"] = result
