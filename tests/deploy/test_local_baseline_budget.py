@@ -101,3 +101,34 @@ def test_the_count_survives_a_site_restart_and_a_tampered_one_is_refused(
               metadata={"steps_trained": '{"1": -4}'})
     with pytest.raises(ConfigError, match="steps record"):
         _site([], "matched").attach(None, site.state_file)
+
+
+def test_matched_never_trains_more_than_the_full_budget() -> None:
+    """A server that sent a site more tasks than the run has rounds (or a tampered count)
+    cannot make its local-only model train beyond rounds × its planned steps."""
+    import torch.nn.functional as F
+
+    from consortium.client.training import LocalTraining
+    from consortium.data.base import ClientData, Split
+    from consortium.server import baselines
+
+    seen: list[int] = []
+    real = baselines.train_locally
+
+    def counting(*args: Any, steps: int, **kwargs: Any) -> Any:
+        seen.append(steps)
+        return real(*args, steps=steps, **kwargs)
+
+    data = ClientData(train=Split(torch.randn(20, 3), torch.randint(0, 2, (20,))),
+                      test=Split(torch.randn(4, 3), torch.randint(0, 2, (4,))))
+    settings = LocalTraining(epochs=1, batch_size=8)  # 3 steps a round
+
+    def factory() -> torch.nn.Module:
+        return torch.nn.Linear(3, 2)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(baselines, "train_locally", counting)
+        for asked in (5, 10_000, None):
+            baselines.train_alone(factory, 0, data, settings, rounds=4, loss_fn=F.cross_entropy,
+                                  num_classes=2, steps=asked)
+    assert seen == [5, 12, 12]

@@ -582,7 +582,8 @@ def run_baselines(
     # in either thread, in an order the second thread would make vary)
     with torch.random.fork_rng(devices=[]):
         try:
-            if together and pooled is not None:
+            if together:
+                assert pooled is not None
                 dataset.packed()  # built once, here, before a second thread reads the data
                 torch.set_num_threads(max(1, threads // 2))
                 background = threading.Thread(target=pooled.train, name="pooled-baseline",
@@ -671,7 +672,7 @@ class _PooledJob:
                  out: BaselineOutcome) -> None:
         self.dataset, self.setup, self.executor = dataset, setup, executor
         self.per_round, self.max_examples, self.console = per_round_clients, max_examples, console
-        self.started = time.perf_counter()
+        self.started = 0.0  # when train() began
         total = len(dataset.pooled_train())
         self.planned = pooled_budget(
             setup.settings, setup.rounds, per_round_clients=per_round_clients,
@@ -768,17 +769,19 @@ def train_alone(
     """A deployed site's local-only baseline: its own model, from the run's initial model
     (``seeded_model(factory, init_seed)``, as the server builds it), trained alone on its
     training split for ``steps`` (``evaluation.baseline_budget = "matched"``: the steps the
-    site trained in the federation, its own count) or, with ``None``, :func:`local_budget`'s
-    full budget (the run's local settings × ``rounds``), and evaluated on its test split. Only these metrics may leave the site. The batch order is
-    drawn from the OS CSPRNG (never a seed another party sent), and under local DP-SGD the
-    batches and noise from ``randomness`` (the site's own generator)."""
+    site trained in the federation, its own count, never more than the full budget however
+    many tasks a server sent) or, with ``None``, :func:`local_budget`'s full budget (the run's
+    local settings × ``rounds``), and evaluated on its test split. Only these metrics may
+    leave the site. The batch order is drawn from the OS CSPRNG (never a seed another party
+    sent), and under local DP-SGD the batches and noise from ``randomness`` (the site's own
+    generator)."""
     import secrets
 
     from consortium.models.zoo import seeded_model
 
     module = seeded_model(model_factory, init_seed)
-    if steps is None:
-        steps = FULL.client_steps(planned_steps(len(data.train), settings), rounds, 0)
+    full = FULL.client_steps(planned_steps(len(data.train), settings), rounds, 0)
+    steps = full if steps is None else min(steps, full)
     train_locally(module, data.train, settings, loss_fn=loss_fn, seed=secrets.randbits(63),
                   steps=steps, randomness=randomness)
     if len(data.test) == 0:
